@@ -1,0 +1,373 @@
+"""Diagnostics and the evaluation protocol of task arithmetic.
+
+* `taujp_matrix`: the τJp indicator of Yoshida et al. (ICLR 2025, Sec. 4): M[t, t'] =
+  E_{x' ∼ D_t'} ‖J_θ f(x'; θ0)·τ_t‖₂ (unsquared L2 over the output, mean over examples / valid tokens).
+  Off-diagonal entries small ⇔ τ_t barely moves the outputs on other tasks' inputs.
+* `disentanglement_error`: ξ(α1, α2) of Ortiz-Jimenez et al. (NeurIPS 2023, Eq. 5):
+  ξ = Σ_{t=1,2} E_{x ∼ D_t} [ 1{ pred(x; θ0 + α_t τ_t) ≠ pred(x; θ0 + α1 τ1 + α2 τ2) } ].
+* `evaluate_task_addition`: θ0 + α Σ_t τ_t, α on a grid (default 0.00…1.00 step 0.05) chosen on
+  validation by the mean normalized accuracy, and one-shot α = 1; normalized accuracy =
+  acc_merged(t) / acc_single(t) (same fine-tuning mode), averaged (Ilharco et al. 2023; Ortiz-Jimenez
+  et al. 2023 protocol).
+* `evaluate_task_negation`: θ0 − α τ_target, α minimising target accuracy subject to control accuracy
+  ≥ 0.95 × the base model's control accuracy.
+
+Results are plain dicts (JSON-serialisable); `format_table` prints them without pandas, `save_json`
+writes them atomically, `plot_alpha_curves` draws normalized accuracy against α (matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .hub import HfTaujpError, atomic_write_text
+from .linearize import linearized_forward
+
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "accuracy",
+    "taujp_matrix",
+    "disentanglement_error",
+    "evaluate_task_addition",
+    "evaluate_task_negation",
+    "format_table",
+    "save_json",
+    "plot_alpha_curves",
+]
+
+DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
+_LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+def _collate(rows: Sequence[Mapping]) -> dict:
+    from transformers import default_data_collator
+
+    return default_data_collator(list(rows))
+
+
+def _batches(dataset, batch_size: int, collate_fn: Callable | None):
+    """Yield collated batches from a sequence of example dicts (a list, a torch or HF Dataset)."""
+    if len(dataset) == 0:
+        raise HfTaujpError("evaluation dataset is empty")
+    collate = collate_fn or _collate
+    for i in range(0, len(dataset), batch_size):
+        rows = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
+        yield collate(rows)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _default_predict(model, batch: dict) -> torch.Tensor:
+    out = model(**batch)
+    logits = out["logits"] if isinstance(out, Mapping) else (out.logits if hasattr(out, "logits") else out)
+    return logits.argmax(-1)
+
+
+@torch.no_grad()
+def predictions(model: torch.nn.Module, dataset, *, batch_size: int = 32, collate_fn: Callable | None = None,
+                predict_fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(predicted labels, gold labels or None) over `dataset`; predict_fn(model, batch) -> (B,) labels."""
+    was = model.training
+    model.eval()
+    preds, golds = [], []
+    dev = _device_of(model)
+    try:
+        for batch in _batches(dataset, batch_size, collate_fn):
+            labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+            inputs = _to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, dev)
+            preds.append((predict_fn or _default_predict)(model, inputs).cpu())
+            if labels is not None:
+                golds.append(torch.as_tensor(labels).cpu())
+    finally:
+        model.train(was)
+    return torch.cat(preds), (torch.cat(golds) if golds else None)
+
+
+def accuracy(model: torch.nn.Module, dataset, *, batch_size: int = 32, collate_fn: Callable | None = None,
+             predict_fn: Callable | None = None) -> float:
+    """Top-1 accuracy: mean 1{pred(x) = y} over `dataset` (examples with a `labels`/`label` field)."""
+    pred, gold = predictions(model, dataset, batch_size=batch_size, collate_fn=collate_fn, predict_fn=predict_fn)
+    if gold is None:
+        raise HfTaujpError("accuracy needs labels ('labels' or 'label') in the evaluation dataset")
+    return float((pred == gold).float().mean())
+
+
+# ------------------------------------------------------------------------------------ τJp matrix
+def _select(out, output: str | Callable, batch):
+    if callable(output):
+        return output(out, batch)
+    from .trainer.penalty import select_output
+
+    return select_output(out, output)
+
+
+@torch.no_grad()
+def taujp_matrix(
+    base: torch.nn.Module,
+    task_vectors: Mapping[str, object] | Sequence[object],
+    datasets: Mapping[str, object] | Sequence[object],
+    *,
+    output: str | Callable = "logits",
+    batch_size: int = 32,
+    collate_fn: Callable | None = None,
+    max_examples: int | None = None,
+    norm: str = "l2",
+    method: str | Callable | None = None,
+) -> dict:
+    """The T×T τJp indicator: M[t][t'] = mean_{x' ∈ D_t'} ‖J_θ f(x'; θ0)·τ_t‖ (Yoshida et al. 2025).
+
+    Args:
+        base: θ0 (its parameters are read, never changed).
+        task_vectors: `{name: TaskVector}` (or a list, named by `.task` / position); tensors keyed by
+            base parameter names. Works for both kinds: J at θ0 applied to τ.
+        datasets: `{name: examples}` in the same order as the task vectors (row t' = inputs of task t').
+        output: output field penalised (default "logits"), or `fn(outputs, batch) -> Tensor`,
+            applied to the tangent output (must be linear: selection / pooling).
+        max_examples: use at most this many examples per dataset.
+        norm: "l2" (the paper) or "sq_l2".
+    Returns:
+        `{"tasks": [...], "datasets": [...], "matrix": [[M[t][t'] for t'] for t]}` (rows: task vectors).
+    """
+    tvs = dict(task_vectors) if isinstance(task_vectors, Mapping) else {
+        (getattr(tv, "task", None) or f"task{i}"): tv for i, tv in enumerate(task_vectors)}
+    dss = dict(datasets) if isinstance(datasets, Mapping) else {f"data{i}": d for i, d in enumerate(datasets)}
+    params = dict(base.named_parameters())
+    was = base.training
+    base.eval()
+    matrix = []
+    try:
+        for tname, tv in tqdm(tvs.items(), desc="τJp matrix", leave=False):
+            missing = [k for k in tv.keys() if k not in params]
+            if missing:
+                raise HfTaujpError(f"task vector {tname!r} has parameters the base lacks: {missing[:5]}")
+            primals = {k: params[k] for k in tv.keys()}
+            tangents = {k: tv[k] for k in tv.keys()}
+            row = []
+            for dname, ds in dss.items():
+                ds = ds if max_examples is None else [ds[i] for i in range(min(max_examples, len(ds)))]
+                total, count = 0.0, 0.0
+                for batch in _batches(ds, batch_size, collate_fn):
+                    batch = _to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, _device_of(base))
+                    _, tan = linearized_forward(base, primals, tangents, (), batch, method=method)
+                    t = _select(tan, output, batch).double()
+                    per = t.pow(2).sum(-1)
+                    per = per.sqrt() if norm == "l2" else per
+                    mask = batch.get("attention_mask")
+                    if per.dim() == 2 and mask is not None and tuple(mask.shape) == tuple(per.shape):
+                        total += float((per * mask).sum())
+                        count += float(mask.sum())
+                    else:
+                        total += float(per.sum())
+                        count += per.numel()
+                row.append(total / max(count, 1.0))
+            matrix.append(row)
+    finally:
+        base.train(was)
+    return {"tasks": list(tvs), "datasets": list(dss), "norm": norm, "matrix": matrix}
+
+
+# ------------------------------------------------------------------------ disentanglement error
+def disentanglement_error(
+    base: torch.nn.Module,
+    tv1,
+    tv2,
+    data1,
+    data2,
+    *,
+    alphas: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    alphas2: Sequence[float] | None = None,
+    linear: bool = False,
+    batch_size: int = 32,
+    collate_fn: Callable | None = None,
+    predict_fn: Callable | None = None,
+    predict_fn2: Callable | None = None,
+) -> dict:
+    """ξ(α1, α2) = Σ_{t=1,2} E_{x ∼ D_t} 1{pred_t(x; θ0 + α_t τ_t) ≠ pred_t(x; θ0 + α1 τ1 + α2 τ2)}
+    (Ortiz-Jimenez et al. 2023, Eq. 5, with the prediction error as the distance).
+
+    `linear=True` reads the vectors as tangents of the linearized model (f_lin). `predict_fn` /
+    `predict_fn2` map (model, batch) to labels of task 1 / 2 (e.g. with per-task heads); default argmax of
+    logits. Returns `{"alphas1", "alphas2", "xi": [[ξ(a1, a2) for a2] for a1], "mean"}`.
+    """
+    alphas2 = list(alphas if alphas2 is None else alphas2)
+    alphas1 = list(alphas)
+    kw = dict(batch_size=batch_size, collate_fn=collate_fn)
+
+    def preds(tv, a, data, fn):
+        return predictions(tv.apply_to(base, a, linear=linear), data, predict_fn=fn, **kw)[0]
+
+    single1 = {a: preds(tv1, a, data1, predict_fn) for a in alphas1}
+    single2 = {a: preds(tv2, a, data2, predict_fn2) for a in alphas2}
+    xi = []
+    for a1 in tqdm(alphas1, desc="ξ(α1, α2)", leave=False):
+        row = []
+        for a2 in alphas2:
+            both = tv1 * a1 + tv2 * a2
+            m = both.apply_to(base, 1.0, linear=linear)
+            p1 = predictions(m, data1, predict_fn=predict_fn, **kw)[0]
+            p2 = predictions(m, data2, predict_fn=predict_fn2, **kw)[0]
+            row.append(float((p1 != single1[a1]).float().mean() + (p2 != single2[a2]).float().mean()))
+        xi.append(row)
+    flat = [v for r in xi for v in r]
+    return {"alphas1": alphas1, "alphas2": alphas2, "linear": linear, "xi": xi, "mean": sum(flat) / len(flat)}
+
+
+# ---------------------------------------------------------------------------- task addition
+def _sum_vectors(vectors: Sequence):
+    total = vectors[0]
+    for v in vectors[1:]:
+        total = total + v
+    return total
+
+
+def evaluate_task_addition(
+    base: torch.nn.Module,
+    task_vectors: Mapping[str, object],
+    eval_fn: Callable[[torch.nn.Module, str, str], float],
+    *,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    linear: bool = False,
+    single: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict:
+    """Task addition θ0 + α Σ_t τ_t (Ilharco et al. 2023), α chosen on validation.
+
+    Args:
+        task_vectors: `{task: TaskVector}`.
+        eval_fn: `eval_fn(model, task, split) -> accuracy` with split in {"val", "test"}.
+        alphas: the grid (default 0.00…1.00 step 0.05); α = 1 ("one-shot") is always evaluated.
+        linear: read the vectors with the linearized model (f_lin at θ0 + α Σ τ).
+        single: precomputed `{"val": {task: acc}, "test": {task: acc}}` of θ0 + τ_t alone; computed if None.
+    Returns a dict: "single" (fine-tuned accuracies), "curve" (per α: val abs / normalized per task and
+    mean), "best_alpha", "best" and "one_shot" (test: "abs", "norm" per task, "avg_abs", "avg_norm").
+    normalized(t) = acc_merged(t) / acc_single(t).
+    """
+    if not task_vectors:
+        raise HfTaujpError("evaluate_task_addition needs at least one task vector")
+    tasks = list(task_vectors)
+    if single is None:
+        single = {"val": {}, "test": {}}
+        for t in tqdm(tasks, desc="single-task accuracy", leave=False):
+            m = task_vectors[t].apply_to(base, 1.0, linear=linear)
+            single["val"][t] = eval_fn(m, t, "val")
+            single["test"][t] = eval_fn(m, t, "test")
+    total = _sum_vectors([task_vectors[t] for t in tasks])
+
+    def score(alpha: float, split: str) -> dict:
+        m = total.apply_to(base, alpha, linear=linear)
+        abs_ = {t: eval_fn(m, t, split) for t in tasks}
+        norm = {t: abs_[t] / single[split][t] if single[split][t] > 0 else 0.0 for t in tasks}
+        return {"alpha": alpha, "abs": abs_, "norm": norm,
+                "avg_abs": sum(abs_.values()) / len(tasks), "avg_norm": sum(norm.values()) / len(tasks)}
+
+    curve = [score(float(a), "val") for a in tqdm(list(alphas), desc="α grid", leave=False)]
+    best = max(curve, key=lambda r: (r["avg_norm"], -abs(r["alpha"] - 1.0)))
+    return {
+        "linear": linear,
+        "tasks": tasks,
+        "single": {k: dict(v) for k, v in single.items()},
+        "curve": curve,
+        "best_alpha": best["alpha"],
+        "best": score(best["alpha"], "test"),
+        "one_shot": score(1.0, "test"),
+    }
+
+
+def evaluate_task_negation(
+    base: torch.nn.Module,
+    task_vector,
+    eval_fn: Callable[[torch.nn.Module, str, str], float],
+    *,
+    target: str = "target",
+    control: str = "control",
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    linear: bool = False,
+    control_threshold: float = 0.95,
+) -> dict:
+    """Task negation θ0 − α τ_target (Ilharco et al. 2023): on validation, α minimising target accuracy
+    subject to control accuracy ≥ control_threshold × base control accuracy; then both on test.
+
+    eval_fn(model, task, split) with task in {target, control}. Returns base / chosen "alpha" / test
+    "target" and "control" accuracies and the validation "curve".
+    """
+    base_val = {"target": eval_fn(base, target, "val"), "control": eval_fn(base, control, "val")}
+    base_test = {"target": eval_fn(base, target, "test"), "control": eval_fn(base, control, "test")}
+    neg = -task_vector
+    curve = []
+    for a in tqdm(list(alphas), desc="negation α", leave=False):
+        m = neg.apply_to(base, float(a), linear=linear)
+        curve.append({"alpha": float(a), "target": eval_fn(m, target, "val"), "control": eval_fn(m, control, "val")})
+    ok = [r for r in curve if r["control"] >= control_threshold * base_val["control"]]
+    chosen = min(ok, key=lambda r: (r["target"], r["alpha"])) if ok else {"alpha": 0.0}
+    m = neg.apply_to(base, chosen["alpha"], linear=linear)
+    return {
+        "linear": linear,
+        "alpha": chosen["alpha"],
+        "base": {"val": base_val, "test": base_test},
+        "target": eval_fn(m, target, "test"),
+        "control": eval_fn(m, control, "test"),
+        "curve": curve,
+    }
+
+
+# ------------------------------------------------------------------------------------ output
+def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, floatfmt: str = ".3f") -> str:
+    """A plain-text table (no pandas): one row per dict, columns in order (default: keys of the first)."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+
+    def cell(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def save_json(obj, path) -> None:
+    """Write `obj` as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
+
+
+def plot_alpha_curves(results: Mapping[str, Mapping], path, title: str = "Task addition") -> str:
+    """PNG of mean normalized (validation) accuracy against α, one line per method.
+
+    `results`: `{method: evaluate_task_addition(...) result}`. Needs matplotlib (optional extra).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover
+        raise HfTaujpError("plot_alpha_curves needs matplotlib: pip install matplotlib") from e
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, res in results.items():
+        xs = [r["alpha"] for r in res["curve"]]
+        ys = [r["avg_norm"] for r in res["curve"]]
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{method} (best α={res['best_alpha']:.2f})")
+    ax.set_xlabel("α  (θ0 + α Σ τ_t)")
+    ax.set_ylabel("mean normalized accuracy (val)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+    return str(path)

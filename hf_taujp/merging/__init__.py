@@ -1,0 +1,21 @@
+"""Merge library: methods registry, merge(), statistics (issue 4)."""
+from .methods import (
+    MERGE_METHODS,
+    MergeConfigError,
+    MissingStatisticsError,
+    dare_linear,
+    dare_ties,
+    fisher_average,
+    get_merge_method,
+    gradient_matching,
+    magnitude_prune,
+    register_merge_method,
+    task_arithmetic,
+    ties,
+)
+from .merge import merge
+from .fisher import estimate_fisher
+from .recipe import cli_merge, load_recipe, merge_from_config
+from .search import search_coefficients
+from .statistics import FisherStatistics, GramStatistics, Statistics
+from .streaming import merge_streaming

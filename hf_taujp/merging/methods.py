@@ -1,0 +1,322 @@
+"""Merge methods: one small pure function per method, over the tensors of ONE parameter name.
+
+mergekit style: every method sees, for a single parameter, the base tensor θ0 (shape S) and the
+task vectors τ_1..τ_T (each shape S), plus optional per-task statistics (diagonal Fisher /
+curvature, same shape S), and returns the merged *task vector* Δ (shape S); the merged weight is
+θ0 + Δ.  Methods are looked up by name in :data:`MERGE_METHODS`, so :func:`hf_taujp.merging.merge`
+and streaming merges can call them tensor by tensor.
+
+Parameter names follow PEFT / mergekit: ``weights`` (one per vector, negative allowed),
+``density``, ``majority_sign_method`` ("total" | "frequency"), ``lambda_``, ``seed``.
+All arithmetic runs in float32 (or float64 if the inputs are float64); the caller casts the result.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from ..hub import HfTaujpError
+
+
+class MergeConfigError(HfTaujpError):
+    """Bad merge parameters (unknown method, density outside (0, 1], wrong number of weights, ...)."""
+
+
+class MissingStatisticsError(HfTaujpError):
+    """A method needs a per-task statistic (Fisher / Gram matrix) that was not given."""
+
+
+MERGE_METHODS: dict[str, Callable[..., torch.Tensor]] = {}
+# methods that need per-task statistics, and which kind
+REQUIRES_STATISTICS: dict[str, str] = {}
+
+
+def register_merge_method(name: str, needs: str | None = None):
+    """Decorator: register ``fn`` under ``name`` in :data:`MERGE_METHODS`."""
+
+    def deco(fn):
+        MERGE_METHODS[name] = fn
+        if needs:
+            REQUIRES_STATISTICS[name] = needs
+        return fn
+
+    return deco
+
+
+def get_merge_method(name: str) -> Callable[..., torch.Tensor]:
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise MergeConfigError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}") from None
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _stack(vectors: Sequence[torch.Tensor], name: str = "") -> torch.Tensor:
+    if len(vectors) == 0:
+        raise MergeConfigError("empty list of task vectors: nothing to merge")
+    shapes = {tuple(v.shape) for v in vectors}
+    if len(shapes) != 1:
+        raise MergeConfigError(f"task vectors for {name or 'a parameter'} have different shapes: {sorted(shapes)}")
+    dt = torch.float64 if any(v.dtype == torch.float64 for v in vectors) else torch.float32
+    return torch.stack([v.to(dt) for v in vectors], dim=0)
+
+
+def _weights(weights, n: int, like: torch.Tensor) -> torch.Tensor:
+    """Weights as a tensor of shape (T, 1, ..., 1) broadcasting against the (T, *S) stack."""
+    if weights is None:
+        w = torch.ones(n, dtype=like.dtype)
+    elif isinstance(weights, (int, float)):
+        w = torch.full((n,), float(weights), dtype=like.dtype)
+    else:
+        w = torch.as_tensor(weights, dtype=like.dtype).reshape(-1)
+        if w.numel() == 1:
+            w = w.expand(n).clone()
+        if w.numel() != n:
+            raise MergeConfigError(f"got {w.numel()} weights for {n} task vectors")
+    return w.reshape((n,) + (1,) * (like.dim() - 1))
+
+
+def check_density(density: float, what: str = "density") -> float:
+    density = float(density)
+    if not (0.0 < density <= 1.0):
+        raise MergeConfigError(f"{what} must be in (0, 1], got {density}")
+    return density
+
+
+def _magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = int(density·numel) largest |t| entries over the whole tensor (PEFT's rule)."""
+    if density >= 1.0:
+        return torch.ones_like(t, dtype=torch.bool)
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = True
+    return mask.reshape(t.shape)
+
+
+def _magnitude_mask_mergekit(t: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's rule: k = max(1, floor(density·numel)) entries by argsort(|t|, descending)."""
+    if density >= 1.0:
+        return torch.ones_like(t, dtype=torch.bool)
+    k = max(1, int(density * t.numel()))
+    idx = torch.argsort(t.abs().reshape(-1), descending=True)[:k]
+    mask = torch.zeros(t.numel(), dtype=torch.bool)
+    mask[idx] = True
+    return mask.reshape(t.shape)
+
+
+def _generator(seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+def _random_prune(stack: torch.Tensor, density: float, seed: int | None) -> torch.Tensor:
+    """DARE (Yu et al. 2024, Eq. 2): keep each entry with prob. density, rescale by 1/density.
+
+    Drop probability p = 1 − density. With ``seed``, masks are drawn from a generator seeded once
+    and used for τ_1, τ_2, … in order — the same stream as PEFT's ``torch.manual_seed(seed)`` and
+    then ``merge_utils.dare_*``.
+    """
+    if density >= 1.0:
+        return stack
+    g = _generator(seed)
+    out = []
+    for t in stack:
+        mask = torch.bernoulli(torch.full_like(t, density), generator=g)
+        out.append(t * mask / density)
+    return torch.stack(out, 0)
+
+
+def _majority_sign(stack: torch.Tensor, method: str) -> torch.Tensor:
+    if method == "total":
+        mag = stack.sum(0)
+    elif method == "frequency":
+        mag = stack.sign().sum(0)
+    else:
+        raise MergeConfigError(f'majority_sign_method must be "total" or "frequency", got {method!r}')
+    return torch.where(mag >= 0, 1.0, -1.0).to(stack.dtype)
+
+
+def _disjoint_mean(weighted: torch.Tensor, sign_mask: torch.Tensor) -> torch.Tensor:
+    return (weighted * sign_mask).sum(0) / sign_mask.sum(0).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------- methods
+@register_merge_method("task_arithmetic")
+def task_arithmetic(base, vectors, *, weights=None, lambda_: float = 1.0, **_) -> torch.Tensor:
+    """Task arithmetic (Ilharco et al., ICLR 2023, Eq. 1): Δ = λ Σ_t α_t τ_t.
+
+    ``weights`` = α (one per vector or one shared; negative α negates a task). Same as PEFT's
+    ``merge_utils.task_arithmetic`` and mergekit's ``task_arithmetic`` (normalize: false).
+    """
+    s = _stack(vectors)
+    return lambda_ * (s * _weights(weights, len(s), s)).sum(0)
+
+
+@register_merge_method("magnitude_prune")
+def magnitude_prune(base, vectors, *, weights=None, density: float = 1.0, lambda_: float = 1.0, **_) -> torch.Tensor:
+    """Magnitude pruning then task arithmetic: Δ = λ Σ_t α_t · top_k(τ_t), k = int(density·numel).
+
+    Follows PEFT's ``merge_utils.magnitude_prune`` (trim over each whole tensor).
+    """
+    density = check_density(density)
+    s = _stack(vectors)
+    pruned = torch.stack([t * _magnitude_mask(t, density) for t in s], 0)
+    return lambda_ * (pruned * _weights(weights, len(s), s)).sum(0)
+
+
+@register_merge_method("ties")
+def ties(
+    base,
+    vectors,
+    *,
+    weights=None,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    lambda_: float = 1.0,
+    definition: str = "peft",
+    normalize: bool = True,
+    **_,
+) -> torch.Tensor:
+    """TIES-merging (Yadav et al., NeurIPS 2023): trim → elect sign → disjoint mean, × λ.
+
+    ``definition="peft"`` (default) follows PEFT's ``merge_utils.ties``: trim each τ_t to its
+    k = int(density·numel) largest |entries| over the tensor; the sign is elected on the
+    *unweighted* trimmed τ̂ (``total``: sign Σ_t τ̂_t, ≥ 0 → +; ``frequency``: sign Σ_t sign τ̂_t);
+    Δ = Σ_t α_t τ̂_t m_t / max(1, Σ_t m_t) with m_t = [sign τ̂_t = elected sign].
+    (With α = 1 this is the official TIES code, except that the official code trims over the whole
+    flattened model vector instead of tensor by tensor.)
+
+    ``definition="mergekit"`` follows mergekit 0.1.5: k = max(1, floor(density·numel)) by
+    argsort; δ_t = α_t τ̂_t; sign = + where Σ δ_t ≥ 0; Δ = Σ δ_t m_t / Σ α_t m_t if ``normalize``
+    (zero denominator → 1) else Σ δ_t m_t.
+    """
+    density = check_density(density)
+    s = _stack(vectors)
+    w = _weights(weights, len(s), s)
+    if definition == "peft":
+        trimmed = torch.stack([t * _magnitude_mask(t, density) for t in s], 0)
+        sign = _majority_sign(trimmed, majority_sign_method)
+        mask = (trimmed.sign() == sign).to(s.dtype)
+        return lambda_ * _disjoint_mean(trimmed * w, mask)
+    if definition == "mergekit":
+        trimmed = torch.stack([t * _magnitude_mask_mergekit(t, density) for t in s], 0)
+        delta = trimmed * w
+        sign = _majority_sign(delta, majority_sign_method)
+        mask = (delta.sign() == sign).to(s.dtype)
+        out = (delta * mask).sum(0)
+        if normalize:
+            div = (w * mask).sum(0)
+            div = torch.where(div == 0, torch.ones_like(div), div)
+            out = out / div
+        return lambda_ * out
+    raise MergeConfigError(f'ties definition must be "peft" or "mergekit", got {definition!r}')
+
+
+@register_merge_method("dare_linear")
+def dare_linear(base, vectors, *, weights=None, density: float = 1.0, seed: int | None = None,
+                lambda_: float = 1.0, **_) -> torch.Tensor:
+    """DARE (Yu et al., ICML 2024) + task arithmetic: Δ = λ Σ_t α_t (m_t ⊙ τ_t)/density,
+    m_t ~ Bernoulli(density) (drop rate p = 1 − density).  Follows PEFT's ``merge_utils.dare_linear``."""
+    density = check_density(density)
+    s = _stack(vectors)
+    pruned = _random_prune(s, density, seed)
+    return lambda_ * (pruned * _weights(weights, len(s), s)).sum(0)
+
+
+@register_merge_method("dare_ties")
+def dare_ties(base, vectors, *, weights=None, density: float = 1.0, majority_sign_method: str = "total",
+              seed: int | None = None, lambda_: float = 1.0, **_) -> torch.Tensor:
+    """DARE drop-and-rescale, then TIES sign election and disjoint mean (PEFT's
+    ``merge_utils.dare_ties``): τ̂_t = m_t ⊙ τ_t / density, sign elected on τ̂, Δ = λ·disjoint mean
+    of α_t τ̂_t.  (mergekit's dare_ties rescales to keep each tensor's L1 norm and sums instead.)"""
+    density = check_density(density)
+    s = _stack(vectors)
+    pruned = _random_prune(s, density, seed)
+    sign = _majority_sign(pruned, majority_sign_method)
+    mask = (pruned.sign() == sign).to(s.dtype)
+    return lambda_ * _disjoint_mean(pruned * _weights(weights, len(s), s), mask)
+
+
+def _check_stats(stats, n: int, name: str, what: str = "fisher"):
+    if stats is None or len(stats) == 0:
+        raise MissingStatisticsError(f"method needs a {what} per task vector, none given for {name or 'parameter'}")
+    if len(stats) != n:
+        raise MissingStatisticsError(f"got {len(stats)} {what} tensors for {n} task vectors ({name})")
+    for i, f in enumerate(stats):
+        if f is None:
+            raise MissingStatisticsError(f"{what} of task vector {i} missing for {name or 'parameter'}")
+        if not torch.isfinite(f).all():
+            raise HfTaujpError(f"{what} of task vector {i} has NaN/inf entries for {name or 'parameter'}")
+        if (f < 0).any():
+            raise HfTaujpError(f"{what} of task vector {i} has negative entries for {name or 'parameter'}")
+
+
+@register_merge_method("fisher_average", needs="fisher")
+def fisher_average(base, vectors, *, fishers=None, weights=None, fisher_floor: float = 1e-6,
+                   name: str = "", **_) -> torch.Tensor:
+    """Fisher merging (Matena & Raffel, NeurIPS 2022, Eq. 3), diagonal Fisher:
+
+        θ = Σ_t α_t F̃_t ⊙ θ_t / Σ_t α_t F̃_t,   θ_t = θ0 + τ_t,   F̃_t = max(F_t, fisher_floor)
+
+    returned as Δ = θ − θ0 = Σ_t α_t F̃_t ⊙ τ_t / Σ_t α_t F̃_t. ``weights`` = α (the paper's λ_t,
+    default 1). The floor keeps entries where every Fisher is 0 at the plain weighted average
+    (mergekit-style "epsilon"); an all-zero Fisher warns.
+    """
+    s = _stack(vectors, name)
+    _check_stats(fishers, len(s), name)
+    F = torch.stack([f.to(s.dtype) for f in fishers], 0)
+    if F.shape != s.shape:
+        raise MergeConfigError(f"fisher shape {tuple(F.shape[1:])} != parameter shape {tuple(s.shape[1:])} ({name})")
+    for i, f in enumerate(F):
+        if not (f > 0).any():
+            warnings.warn(f"Fisher of task vector {i} is all zero for {name or 'a parameter'}; using the floor {fisher_floor}")
+    F = F.clamp(min=fisher_floor)
+    w = _weights(weights, len(s), s)
+    return (w * F * s).sum(0) / (w * F).sum(0)
+
+
+@register_merge_method("gradient_matching", needs="fisher")
+def gradient_matching(base, vectors, *, fishers=None, num_examples=None, base_fisher=None,
+                      base_num_examples: float = 1.0, lambda_: float = 1.0, delta: float = 1e-12,
+                      name: str = "", **_) -> torch.Tensor:
+    """Uncertainty-based gradient matching (Daheim et al., ICLR 2024, Eq. 11 with diagonal Fisher;
+    as in UKPLab/iclr2024-model-merging):
+
+        Δ = α Σ_t [(s0·H0 + δ + α Σ_s s_s·H_s)⁻¹ ⊙ (s0·H0 + δ + s_t·H_t)] ⊙ τ_t
+
+    α = ``lambda_`` (one global scale), H_t = ``fishers[t]`` (mean squared gradients),
+    s_t = ``num_examples[t]`` (turns means into sums; default 1), H0 = ``base_fisher`` (optional;
+    absent → 0, δ alone), s0 = ``base_num_examples``, δ = ``delta``. With H_t = H0 = c constant and
+    equal s it reduces to task arithmetic with a rescaled α (the paper's remark).
+    """
+    s = _stack(vectors, name)
+    _check_stats(fishers, len(s), name)
+    H = torch.stack([f.to(s.dtype) for f in fishers], 0)
+    if H.shape != s.shape:
+        raise MergeConfigError(f"fisher shape {tuple(H.shape[1:])} != parameter shape {tuple(s.shape[1:])} ({name})")
+    n = len(s)
+    if num_examples is None:
+        num_examples = [1.0] * n
+    if len(num_examples) != n:
+        raise MergeConfigError(f"got {len(num_examples)} num_examples for {n} task vectors")
+    st = torch.as_tensor([float(x) for x in num_examples], dtype=s.dtype).reshape((n,) + (1,) * (s.dim() - 1))
+    if base_fisher is not None:
+        _check_stats([base_fisher], 1, name, "base fisher")
+        prior = base_num_examples * base_fisher.to(s.dtype) + delta
+    else:
+        prior = torch.full(s.shape[1:], float(delta), dtype=s.dtype)
+    sH = st * H
+    denom = prior + lambda_ * sH.sum(0)
+    if (denom == 0).any():
+        raise HfTaujpError(f"gradient_matching: zero curvature with delta=0 for {name or 'a parameter'}; use delta > 0")
+    return lambda_ * ((prior + sH) / denom * s).sum(0)

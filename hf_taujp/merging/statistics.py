@@ -1,0 +1,80 @@
+"""Per-task statistics (diagonal Fisher, RegMean Gram matrices) as shareable Hub artifacts.
+
+Folder layout = the TaskVector layout (docs/design.md) with prefix ``fisher`` or ``gram``:
+``config.json`` ({"format": "hf-taujp/fisher" | "hf-taujp/gram", "format_version": 1, "num_examples",
+"base_model", "base_fingerprint", "task", "empirical"}), ``fisher.safetensors`` (or shards + index),
+``README.md``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import torch
+
+from .. import hub
+
+_PREFIX = {"fisher": "fisher", "gram": "gram"}
+
+
+class Statistics:
+    """Per-parameter statistics of one task: ``tensors[name]`` has the parameter's shape (Fisher)
+    or (in, in) (Gram of a linear layer's inputs, keyed ``<module>.weight``); ``num_examples`` = s_t."""
+
+    kind = "fisher"
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], *, num_examples: int, base_model: str | None = None,
+                 base_fingerprint: str | None = None, task: str | None = None, extra: dict | None = None):
+        bad = hub.check_finite(tensors, what=f"{self.kind} statistics", raise_error=False)
+        if bad:
+            raise hub.HfTaujpError(f"{self.kind} statistics have NaN/inf in {bad[:5]}")
+        self.tensors = dict(tensors)
+        self.num_examples = int(num_examples)
+        self.base_model, self.base_fingerprint, self.task = base_model, base_fingerprint, task
+        self.extra = dict(extra or {})
+
+    def config(self) -> dict:
+        return {"format": f"hf-taujp/{self.kind}", "format_version": 1, "num_examples": self.num_examples,
+                "base_model": self.base_model, "base_fingerprint": self.base_fingerprint, "task": self.task,
+                **self.extra}
+
+    def save_pretrained(self, save_directory, max_shard_size="5GB") -> None:
+        with hub.atomic_dir(save_directory) as tmp:
+            hub.save_safetensors_sharded({k: v.contiguous() for k, v in self.tensors.items()}, tmp,
+                                         prefix=_PREFIX[self.kind], max_shard_size=max_shard_size)
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.config(), f, indent=2)
+            card = (f"---\nlibrary_name: hf-taujp\ntags: [hf-taujp, {self.kind}]\n"
+                    + (f"base_model: {self.base_model}\n" if self.base_model else "")
+                    + f"---\n# {self.kind} statistics\n\nDiagonal {self.kind} of task `{self.task}` "
+                    f"over {self.num_examples} examples, for merging with hf-taujp (fisher_average, gradient_matching).\n")
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(card)
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_dir, **kw) -> "Statistics":
+        d = hub.resolve_pretrained_dir(repo_id_or_dir, **kw)
+        cfg = hub.read_json(os.path.join(d, "config.json"), f"{cls.kind} config")
+        if cfg.get("format") != f"hf-taujp/{cls.kind}":
+            raise hub.CorruptFileError(f"{repo_id_or_dir!r} is not a {cls.kind} folder (format {cfg.get('format')!r})")
+        tensors = hub.load_safetensors(d, _PREFIX[cls.kind])
+        extra = {k: v for k, v in cfg.items() if k not in ("format", "format_version", "num_examples", "base_model",
+                                                          "base_fingerprint", "task")}
+        return cls(tensors, num_examples=cfg["num_examples"], base_model=cfg.get("base_model"),
+                   base_fingerprint=cfg.get("base_fingerprint"), task=cfg.get("task"), extra=extra)
+
+    def push_to_hub(self, repo_id: str, **kw):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as t:
+            self.save_pretrained(os.path.join(t, "out"))
+            return hub.push_folder_to_hub(os.path.join(t, "out"), repo_id, **kw)
+
+
+class FisherStatistics(Statistics):
+    kind = "fisher"
+
+
+class GramStatistics(Statistics):
+    kind = "gram"

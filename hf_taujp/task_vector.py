@@ -1,0 +1,701 @@
+"""Task vectors τ = θ_ft − θ0 (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023, Eq. 1)
+and their linearized counterpart (Ortiz-Jiménez et al., "Task Arithmetic in the Tangent Space", 2023):
+a tangent τ applied as f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0)·τ.
+
+Keys are the base model's parameter names (``named_parameters()``; tied weights once). A task vector is
+a Hub artifact: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` with the folder layout of
+docs/design.md (``config.json`` + ``task_vector*.safetensors`` + model card), never pickles.
+
+Rules (documented choices):
+- Arithmetic between vectors of different bases (fingerprint or base model id differ) raises
+  ``BaseModelMismatchError``; use ``a.add(b, check_base=False)`` to override. Vectors of different
+  kinds ("linear" vs "nonlinear") never combine: they live in different spaces (weights vs tangents).
+- Keys present in only one operand count as zero there (union of keys); a shape mismatch on a shared
+  key raises. The result dtype is ``torch.promote_types`` of the operands.
+- ``apply_to`` computes θ0 + α·τ in float32 and casts back to each base parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from . import hub
+from .hub import BaseModelMismatchError, CorruptFileError, HfTaujpError
+
+__all__ = ["TaskVector", "fingerprint", "cosine_matrix", "FORMAT", "FORMAT_VERSION", "PREFIX"]
+
+FORMAT = "hf-taujp/task_vector"
+FORMAT_VERSION = 1
+PREFIX = "task_vector"
+KINDS = ("nonlinear", "linear")
+_SAMPLES_PER_TENSOR = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint
+# --------------------------------------------------------------------------------------------
+def _state_of(model_or_state_dict) -> dict[str, torch.Tensor]:
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        return model_or_state_dict.state_dict()
+    if isinstance(model_or_state_dict, Mapping):
+        return dict(model_or_state_dict)
+    raise HfTaujpError(f"Expected a torch.nn.Module or a state dict, got {type(model_or_state_dict).__name__}.")
+
+
+def fingerprint(model_or_state_dict) -> str:
+    """A short identifier of a set of base weights, equal for fp32 / bf16 / fp16 loads of them.
+
+    Hashes (SHA-256, first 32 hex digits, prefixed ``"tjp1-"``), in sorted name order: every tensor's
+    name, shape and, for floating tensors, the *signs* (x > 0) of up to 256 entries at deterministic
+    evenly spaced flat positions. Signs survive rounding to any of these dtypes (only |x| < 3e-8
+    can flush to zero in fp16), whereas rounded values do not (double rounding fp32→fp16→bf16 differs
+    from fp32→bf16 for about 1 value in 16). A tensor repeating an earlier one's shape and (non-constant)
+    sign sample counts once, so tied weights count once and a model, its ``state_dict()`` and a
+    re-cast copy agree. It tells different checkpoints apart (another pretraining,
+    another seed, another architecture); it is not meant to tell θ0 from a slightly fine-tuned θ0.
+    """
+    state = _state_of(model_or_state_dict)
+    h = hashlib.sha256()
+    seen: set[tuple] = set()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        signs = b""
+        if t.is_floating_point() and t.numel() and t.device.type != "meta":
+            flat = t.detach().reshape(-1)
+            n = flat.numel()
+            k = min(n, _SAMPLES_PER_TENSOR)
+            idx = torch.div(torch.arange(k, dtype=torch.int64) * n, k, rounding_mode="floor").to(flat.device)
+            signs = bytes((flat[idx] > 0).to("cpu", torch.uint8).tolist())
+            # Tied weights (e.g. lm_head / wte) count once, whether or not they still share storage
+            # (a dtype cast unties them): skip a repeat of shape + non-constant sign pattern.
+            key = (tuple(t.shape), signs)
+            if len(set(signs)) > 1:
+                if key in seen:
+                    continue
+                seen.add(key)
+        h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(signs)
+    return "tjp1-" + h.hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def _few(names: Iterable[str], n: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # named_parameters() lists tied weights once, under their first name (docs/design.md).
+    return dict(model.named_parameters())
+
+
+def _name_of(model) -> str | None:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
+
+
+# --------------------------------------------------------------------------------------------
+# TaskVector
+# --------------------------------------------------------------------------------------------
+class TaskVector:
+    """τ keyed by base parameter name, with the metadata needed to apply and share it.
+
+    ``kind="nonlinear"``: τ = θ_ft − θ0 applied as weights θ0 + α·τ (Ilharco et al. 2023, Eq. 1–2).
+    ``kind="linear"``: τ is the tangent of a linearized model, applied as
+    f(x; θ0) + α·J f(x; θ0)·τ (Ortiz-Jiménez et al. 2023, Eq. 4).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        base_model: str | None = None,
+        base_model_revision: str | None = None,
+        base_fingerprint: str | None = None,
+        kind: str = "nonlinear",
+        task: str | None = None,
+        training: Mapping[str, Any] | None = None,
+    ):
+        if kind not in KINDS:
+            raise HfTaujpError(f"kind must be one of {KINDS}, got {kind!r}.")
+        if not isinstance(tensors, Mapping):
+            raise HfTaujpError(f"tensors must be a mapping name -> tensor, got {type(tensors).__name__}.")
+        out = {}
+        for k, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise HfTaujpError(f"Task vector entry {k!r} is a {type(t).__name__}, not a tensor.")
+            if not t.is_floating_point():
+                raise HfTaujpError(f"Task vector entry {k!r} has non-floating dtype {t.dtype}.")
+            out[k] = t.detach()
+        self.tensors: dict[str, torch.Tensor] = out
+        self.base_model = base_model
+        self.base_model_revision = base_model_revision
+        self.base_fingerprint = base_fingerprint
+        self.kind = kind
+        self.task = task
+        self.training: dict = dict(training or {})
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_state_dicts(
+        cls,
+        base_sd: Mapping[str, torch.Tensor],
+        ft_sd: Mapping[str, torch.Tensor],
+        *,
+        keys: Iterable[str] | None = None,
+        **meta,
+    ) -> TaskVector:
+        """τ[k] = ft_sd[k] − base_sd[k] for every floating key (or the given ``keys``), computed in the
+        promoted dtype of the two. Keys in only one dict and shape mismatches raise ``HfTaujpError``."""
+        names = list(keys) if keys is not None else [k for k, t in base_sd.items() if torch.is_tensor(t) and t.is_floating_point()]
+        if keys is None:
+            ft_float = {k for k, t in ft_sd.items() if torch.is_tensor(t) and t.is_floating_point()}
+            extra = sorted(ft_float - set(names))
+            if extra:
+                raise HfTaujpError(f"Fine-tuned weights have {len(extra)} parameter(s) the base lacks: {_few(extra)}.")
+        missing = [k for k in names if k not in ft_sd]
+        if missing:
+            raise HfTaujpError(f"Fine-tuned weights lack {len(missing)} base parameter(s): {_few(missing)}.")
+        tensors = {}
+        for k in names:
+            b, f = base_sd[k], ft_sd[k]
+            if tuple(b.shape) != tuple(f.shape):
+                raise HfTaujpError(f"Shape mismatch for {k!r}: base {tuple(b.shape)} vs fine-tuned {tuple(f.shape)}.")
+            dt = torch.promote_types(b.dtype, f.dtype)
+            tensors[k] = f.detach().to(dt) - b.detach().to(device=f.device, dtype=dt)
+        meta.setdefault("base_fingerprint", fingerprint(base_sd))
+        return cls(tensors, **meta)
+
+    @classmethod
+    def from_models(cls, base: torch.nn.Module, finetuned: torch.nn.Module, **meta) -> TaskVector:
+        """τ = θ_ft − θ0 over the base's ``named_parameters()`` (buffers are not part of τ)."""
+        bp, fp = _params_of(base), dict(finetuned.named_parameters())
+        meta.setdefault("base_model", _name_of(base))
+        meta.setdefault("base_fingerprint", fingerprint(base))
+        extra = sorted(set(fp) - set(bp))
+        if extra:
+            raise HfTaujpError(f"Fine-tuned model has {len(extra)} parameter(s) the base lacks: {_few(extra)}.")
+        return cls.from_state_dicts(bp, fp, keys=list(bp), **meta)
+
+    @classmethod
+    def from_peft(cls, peft_model_or_adapter_dir, base: torch.nn.Module | None = None, *, adapter_name: str = "default", **meta) -> TaskVector:
+        """τ from a PEFT adapter (model in memory or saved folder).
+
+        - peft_type ``"LINEARIZED"``: saved keys ``base_model.model.<module>.linearized_tau.<p>`` →
+          ``<module>.<p>``, ``kind="linear"``.
+        - LoRA: ΔW = B·A·s with s = lora_alpha / r (or lora_alpha / √r with ``use_rslora``;
+          Hu et al. 2021, Eq. 3; Kalajievic 2023), transposed when ``fan_in_fan_out``; key
+          ``<module>.weight``, ``kind="nonlinear"``.
+        ``base`` (optional) gives the fingerprint and checks names and shapes.
+        """
+        from .hub import read_json
+
+        obj = peft_model_or_adapter_dir
+        if isinstance(obj, (str, os.PathLike)):
+            directory = hub.resolve_pretrained_dir(obj, revision=meta.pop("revision", None), token=meta.pop("token", None))
+            config = read_json(os.path.join(directory, "adapter_config.json"), what="adapter config")
+            sd = hub.load_safetensors(directory, "adapter_model")
+        elif isinstance(obj, torch.nn.Module) and hasattr(obj, "peft_config"):
+            if adapter_name not in obj.peft_config:
+                raise HfTaujpError(f"Adapter {adapter_name!r} not in the PEFT model (has {sorted(obj.peft_config)}).")
+            pc = obj.peft_config[adapter_name]
+            config = pc.to_dict() if hasattr(pc, "to_dict") else dict(vars(pc))
+            sd = cls._peft_state(obj, config, adapter_name)
+        else:
+            raise HfTaujpError(f"from_peft expects a PeftModel or an adapter folder / repo id, got {type(obj).__name__}.")
+        peft_type = str(config.get("peft_type", "")).split(".")[-1].upper()
+        meta.setdefault("base_model", config.get("base_model_name_or_path"))
+        meta.setdefault("base_model_revision", config.get("revision"))
+        if peft_type == "LINEARIZED":
+            tensors, kind = _linearized_from_state(sd), "linear"
+        elif peft_type == "LORA":
+            tensors, kind = _lora_from_state(sd, config), "nonlinear"
+        else:
+            raise HfTaujpError(f"Unsupported PEFT type {peft_type!r}: from_peft handles LINEARIZED and LORA adapters.")
+        if not tensors:
+            raise HfTaujpError("The adapter holds no tensors to turn into a task vector.")
+        tv = cls(tensors, kind=kind, **meta)
+        if base is not None:
+            tv._check_against(_params_of(base), what="base model")
+            if tv.base_fingerprint is None:
+                tv.base_fingerprint = fingerprint(base)
+        return tv
+
+    @staticmethod
+    def _peft_state(model, config, adapter_name) -> dict[str, torch.Tensor]:
+        # Reproduce the saved key format (adapter name stripped) from the live parameters, so that
+        # the in-memory and the saved adapter follow one conversion path.
+        peft_type = str(config.get("peft_type", "")).split(".")[-1].upper()
+        marker = {"LINEARIZED": "linearized_tau", "LORA": None}.get(peft_type)
+        out = {}
+        if marker is None:
+            from peft.utils import get_peft_model_state_dict
+
+            return {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+        for name, p in model.named_parameters():
+            token = f".{marker}.{adapter_name}."
+            if token in name:
+                out[name.replace(token, f".{marker}.")] = p.detach()
+        return out
+
+    # ---------------------------------------------------------------- mapping protocol
+    def keys(self):
+        return self.tensors.keys()
+
+    def items(self):
+        return self.tensors.items()
+
+    def values(self):
+        return self.tensors.values()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        dts = {t.dtype for t in self.tensors.values()}
+        return dts.pop() if len(dts) == 1 else (None if not dts else torch.float32)
+
+    def metadata(self) -> dict:
+        return {
+            "base_model": self.base_model,
+            "base_model_revision": self.base_model_revision,
+            "base_fingerprint": self.base_fingerprint,
+            "kind": self.kind,
+            "task": self.task,
+            "training": dict(self.training),
+        }
+
+    def _with(self, tensors, **changes) -> TaskVector:
+        meta = self.metadata()
+        meta.update(changes)
+        return TaskVector(tensors, **meta)
+
+    def to(self, *args, **kwargs) -> TaskVector:
+        """Cast / move every tensor (same arguments as ``torch.Tensor.to``)."""
+        return self._with({k: t.to(*args, **kwargs) for k, t in self.tensors.items()})
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskVector(kind={self.kind!r}, task={self.task!r}, base_model={self.base_model!r}, "
+            f"tensors={len(self)}, params={self.num_parameters})"
+        )
+
+    # ---------------------------------------------------------------- compatibility
+    def check_compatible(self, other) -> None:
+        """Raise ``BaseModelMismatchError`` when ``other`` (TaskVector or model / state dict) has a different base.
+
+        For vectors: fingerprints (when both known) and base model ids (when both known) must match,
+        and kinds must be equal. For a model: its fingerprint must equal ``base_fingerprint``.
+        """
+        if isinstance(other, TaskVector):
+            if self.kind != other.kind:
+                raise HfTaujpError(
+                    f"Cannot combine a {self.kind!r} task vector with a {other.kind!r} one: "
+                    "weights and tangents of a linearized model live in different spaces."
+                )
+            if self.base_fingerprint and other.base_fingerprint and self.base_fingerprint != other.base_fingerprint:
+                raise BaseModelMismatchError(
+                    f"Task vectors have different bases: {self.base_model!r} (fingerprint {self.base_fingerprint}) "
+                    f"vs {other.base_model!r} (fingerprint {other.base_fingerprint}). Pass check_base=False to override."
+                )
+            if self.base_model and other.base_model and self.base_model != other.base_model:
+                raise BaseModelMismatchError(
+                    f"Task vectors have different base models: {self.base_model!r} vs {other.base_model!r}. "
+                    "Pass check_base=False to override."
+                )
+            return
+        fp = fingerprint(other)
+        if self.base_fingerprint and fp != self.base_fingerprint:
+            raise BaseModelMismatchError(
+                f"Task vector was made from base {self.base_model!r} (fingerprint {self.base_fingerprint}), "
+                f"but the given model {_name_of(other) if isinstance(other, torch.nn.Module) else 'state dict'!r} "
+                f"has fingerprint {fp}. Pass check_base=False to override."
+            )
+
+    def _check_against(self, params: Mapping[str, torch.Tensor], what: str) -> None:
+        missing = [k for k in self.tensors if k not in params]
+        if missing:
+            raise HfTaujpError(
+                f"{len(missing)} task vector key(s) are not parameters of the {what}: {_few(missing)}."
+            )
+        for k, t in self.tensors.items():
+            if tuple(params[k].shape) != tuple(t.shape):
+                raise HfTaujpError(
+                    f"Shape mismatch for {k!r}: task vector {tuple(t.shape)} vs {what} {tuple(params[k].shape)}."
+                )
+
+    # ---------------------------------------------------------------- arithmetic
+    def _merged_meta(self, other: TaskVector) -> dict:
+        return {
+            "task": self.task if self.task == other.task else None,
+            "training": self.training if self.training == other.training else {},
+            "base_fingerprint": self.base_fingerprint or other.base_fingerprint,
+            "base_model": self.base_model or other.base_model,
+            "base_model_revision": self.base_model_revision or other.base_model_revision,
+        }
+
+    def add(self, other: TaskVector, *, check_base: bool = True) -> TaskVector:
+        """τ_a + τ_b over the union of keys (a missing key counts as 0); ``check_base=False`` skips the
+        base comparison (not the kind comparison)."""
+        if not isinstance(other, TaskVector):
+            raise HfTaujpError(f"Can only add a TaskVector, got {type(other).__name__}.")
+        if check_base:
+            self.check_compatible(other)
+        elif self.kind != other.kind:
+            raise HfTaujpError(f"Cannot combine a {self.kind!r} task vector with a {other.kind!r} one.")
+        out = {}
+        for k in list(self.tensors) + [k for k in other.tensors if k not in self.tensors]:
+            a, b = self.tensors.get(k), other.tensors.get(k)
+            if a is None or b is None:
+                out[k] = (a if b is None else b).clone()
+                continue
+            if a.shape != b.shape:
+                raise HfTaujpError(f"Shape mismatch for {k!r}: {tuple(a.shape)} vs {tuple(b.shape)}.")
+            dt = torch.promote_types(a.dtype, b.dtype)
+            out[k] = a.to(dt) + b.to(device=a.device, dtype=dt)
+        return self._with(out, **self._merged_meta(other))
+
+    def __add__(self, other):
+        if isinstance(other, (int, float)) and other == 0:
+            return self._with({k: t.clone() for k, t in self.tensors.items()})
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        return self.add(other)
+
+    def __radd__(self, other):
+        # sum([...]) starts from 0.
+        return self.__add__(other)
+
+    def __neg__(self) -> TaskVector:
+        return self._with({k: -t for k, t in self.tensors.items()})
+
+    def __sub__(self, other):
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        return self.add(-other)
+
+    def __mul__(self, scalar):
+        if isinstance(scalar, torch.Tensor) and scalar.numel() == 1:
+            scalar = scalar.item()
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        return self._with({k: t * scalar for k, t in self.tensors.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar):
+        return self * (1.0 / scalar)
+
+    def dot(self, other: TaskVector) -> float:
+        """⟨τ_a, τ_b⟩ = Σ_k Σ τ_a[k]·τ_b[k] over shared keys, accumulated in float64."""
+        self.check_compatible(other)
+        s = 0.0
+        for k, a in self.tensors.items():
+            b = other.tensors.get(k)
+            if b is not None:
+                if a.shape != b.shape:
+                    raise HfTaujpError(f"Shape mismatch for {k!r}: {tuple(a.shape)} vs {tuple(b.shape)}.")
+                s += float((a.double() * b.double().to(a.device)).sum())
+        return s
+
+    def norm(self) -> float:
+        """‖τ‖₂ = sqrt(Σ_k ‖τ[k]‖²) over all tensors, accumulated in float64."""
+        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in self.tensors.values()))
+
+    def cosine(self, other: TaskVector) -> float:
+        """⟨τ_a, τ_b⟩ / (‖τ_a‖‖τ_b‖) (0 when either is zero)."""
+        na, nb = self.norm(), other.norm()
+        if na == 0 or nb == 0:
+            return 0.0
+        return self.dot(other) / (na * nb)
+
+    # ---------------------------------------------------------------- application
+    def apply_to(
+        self,
+        base: torch.nn.Module,
+        alpha: float = 1.0,
+        *,
+        linear: bool = False,
+        inplace: bool = False,
+        check_base: bool = True,
+    ) -> torch.nn.Module:
+        """The model θ0 + α·τ.
+
+        ``linear=False`` (for ``kind="nonlinear"``): a deep copy of ``base`` (``base`` itself when
+        ``inplace=True``) whose parameters are θ0 + α·τ, computed in float32 and cast to each
+        parameter's dtype. ``linear=True`` (for ``kind="linear"``): ``hf_taujp.linearize(copy,
+        parameter_names=keys, tangents={k: α·τ[k]})``, i.e. f(x; θ0) + α·J f(x; θ0)·τ. The caller's
+        ``base`` is never modified unless ``inplace=True``. Raises on a different base (fingerprint),
+        keys that are not base parameters, shape mismatches and NaN / inf entries.
+        """
+        if not isinstance(base, torch.nn.Module):
+            raise HfTaujpError(f"apply_to expects a torch.nn.Module, got {type(base).__name__}.")
+        if linear and self.kind != "linear":
+            raise HfTaujpError("linear=True needs a 'linear' task vector (a tangent); this one is 'nonlinear'.")
+        if not linear and self.kind == "linear":
+            raise HfTaujpError(
+                "This task vector is a tangent of a linearized model (kind 'linear'): apply it with linear=True."
+            )
+        hub.check_finite(self.tensors, what=f"Task vector ({self.task or 'untitled'})")
+        if check_base:
+            self.check_compatible(base)
+        params = _params_of(base)
+        self._check_against(params, what="base model")
+        model = base if inplace else copy.deepcopy(base)
+        if linear:
+            from .linearize import linearize
+
+            tangents = {}
+            mparams = _params_of(model)
+            for k, t in self.tensors.items():
+                p = mparams[k]
+                tangents[k] = (alpha * t.to(device=p.device, dtype=torch.float32)).to(p.dtype)
+            return linearize(model, parameter_names=list(self.tensors), tangents=tangents)
+        mparams = _params_of(model)
+        with torch.no_grad():
+            for k, t in self.tensors.items():
+                p = mparams[k]
+                new = p.detach().to(torch.float32) + alpha * t.to(device=p.device, dtype=torch.float32)
+                p.copy_(new.to(p.dtype))
+        return model
+
+    # ---------------------------------------------------------------- Hub
+    def _config(self) -> dict:
+        dts = sorted({str(t.dtype).replace("torch.", "") for t in self.tensors.values()})
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base_model": self.base_model,
+            "base_model_revision": self.base_model_revision,
+            "base_fingerprint": self.base_fingerprint,
+            "kind": self.kind,
+            "task": self.task,
+            "training": self.training,
+            "dtype": dts[0] if len(dts) == 1 else dts,
+            "num_parameters": self.num_parameters,
+        }
+
+    def model_card(self):
+        """A ``huggingface_hub.ModelCard`` describing the vector (base_model link, tags, summary)."""
+        from huggingface_hub import ModelCard, ModelCardData
+
+        tags = ["task-vector", "task-arithmetic"]
+        lam = self.training.get("taujp_lambda", self.training.get("lambda"))
+        if isinstance(lam, (int, float)) and lam > 0:
+            tags.append("taujp")
+        if self.kind == "linear":
+            tags.append("linearized")
+        modules = sorted({k.rsplit(".", 1)[0] for k in self.tensors})
+        shown = ", ".join(f"`{m}`" for m in modules[:20]) + (f" and {len(modules) - 20} more" if len(modules) > 20 else "")
+        base_model = self.base_model if self.base_model and not os.path.isabs(self.base_model) else None
+        data = ModelCardData(library_name="hf-taujp", tags=tags, base_model=base_model)
+        training = "\n".join(f"- `{k}`: {v}" for k, v in sorted(self.training.items())) or "- (not recorded)"
+        apply = "tv.apply_to(base, alpha=1.0, linear=True)" if self.kind == "linear" else "tv.apply_to(base, alpha=1.0)"
+        content = f"""---
+{data.to_yaml()}
+---
+
+# Task vector{f": {self.task}" if self.task else ""}
+
+A {"linearized (tangent-space)" if self.kind == "linear" else "weight-space"} task vector
+τ for base model `{self.base_model}`{f" (revision `{self.base_model_revision}`)" if self.base_model_revision else ""}, made with
+hf-taujp (task arithmetic{", τJp-regularized" if "taujp" in tags else ""}).
+
+- kind: `{self.kind}`
+- norm ‖τ‖₂: {self.norm():.6g}
+- parameters: {self.num_parameters:,} in {len(self)} tensors
+- base fingerprint: `{self.base_fingerprint}`
+- covered modules ({len(modules)}): {shown}
+
+## Training settings
+{training}
+
+## Use
+```python
+from hf_taujp import TaskVector
+tv = TaskVector.from_pretrained("<this repo>")
+model = {apply}
+```
+"""
+        return ModelCard(content)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
+        """Write config.json, task_vector[-0000i-of-0000n].safetensors (+ index) and README.md atomically."""
+        hub.check_finite(self.tensors, what=f"Task vector ({self.task or 'untitled'})")
+        if not self.tensors:
+            raise HfTaujpError("Refusing to save an empty task vector.")
+        import json
+
+        save_directory = os.fspath(save_directory)
+        with hub.atomic_dir(save_directory) as tmp:
+            hub.save_safetensors_sharded(self.tensors, tmp, PREFIX, max_shard_size=max_shard_size)
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(self._config(), f, indent=2, sort_keys=True)
+            self.model_card().save(os.path.join(tmp, "README.md"))
+        return save_directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | os.PathLike,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        *,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        device: str = "cpu",
+    ) -> TaskVector:
+        """Load a task vector from a folder or a Hub repo (only JSON / safetensors / card files are fetched)."""
+        directory = hub.resolve_pretrained_dir(
+            repo_id_or_dir, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        cfg_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(cfg_path):
+            hub._refuse_pickles(directory, "Task vector")
+            raise CorruptFileError(f"{os.fspath(repo_id_or_dir)!r} has no config.json: not an hf-taujp task vector.")
+        cfg = hub.read_json(cfg_path, what="task vector config")
+        if cfg.get("format") != FORMAT:
+            raise HfTaujpError(
+                f"{cfg_path!r} declares format {cfg.get('format')!r}, expected {FORMAT!r}: not an hf-taujp task vector."
+            )
+        if int(cfg.get("format_version", 1)) > FORMAT_VERSION:
+            raise HfTaujpError(f"Task vector format_version {cfg['format_version']} is newer than this hf-taujp ({FORMAT_VERSION}).")
+        tensors = hub.load_safetensors(directory, PREFIX, device=device)
+        n = sum(t.numel() for t in tensors.values())
+        if cfg.get("num_parameters") is not None and int(cfg["num_parameters"]) != n:
+            raise CorruptFileError(f"config.json says {cfg['num_parameters']} parameters, the files hold {n}.")
+        return cls(
+            tensors,
+            base_model=cfg.get("base_model"),
+            base_model_revision=cfg.get("base_model_revision"),
+            base_fingerprint=cfg.get("base_fingerprint"),
+            kind=cfg.get("kind", "nonlinear"),
+            task=cfg.get("task"),
+            training=cfg.get("training") or {},
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload task vector with hf-taujp",
+        revision: str | None = None,
+        max_shard_size: int | str = "5GB",
+    ):
+        """Save into a temporary folder and upload it (``hub.push_folder_to_hub``); returns the CommitInfo."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "task_vector")
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            return hub.push_folder_to_hub(
+                folder, repo_id, private=private, token=token, commit_message=commit_message, revision=revision
+            )
+
+
+def cosine_matrix(vectors: Iterable[TaskVector]) -> torch.Tensor:
+    """C[i, j] = cos(τ_i, τ_j), a float64 T×T tensor (ones on the diagonal for nonzero vectors)."""
+    vs = list(vectors)
+    n = len(vs)
+    norms = [v.norm() for v in vs]
+    c = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            d = vs[i].dot(vs[j]) if i != j else norms[i] ** 2
+            val = d / (norms[i] * norms[j]) if norms[i] and norms[j] else 0.0
+            c[i, j] = c[j, i] = val
+    return c
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT conversion
+# --------------------------------------------------------------------------------------------
+_PEFT_PREFIX = "base_model.model."
+
+
+def _strip(key: str) -> str:
+    return key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+
+
+def _linearized_from_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, t in sd.items():
+        if ".linearized_tau." not in k:
+            raise HfTaujpError(f"Unexpected key {k!r} in a LINEARIZED adapter (expected '<module>.linearized_tau.<param>').")
+        module, pname = _strip(k).split(".linearized_tau.", 1)
+        out[f"{module}.{pname}" if module else pname] = t.detach().clone()
+    return out
+
+
+def _pattern_value(module: str, patterns: Mapping[str, Any] | None, default):
+    # PEFT's get_pattern_key: a pattern matches a module path by full regex match on a suffix.
+    for pat, val in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pat})$", module):
+            return val
+    return default
+
+
+def _lora_from_state(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if config.get("use_dora"):
+        raise HfTaujpError("DoRA adapters are not supported by from_peft (ΔW is not B·A·scale).")
+    a_keys = {}
+    b_keys = {}
+    for k in sd:
+        stripped = _strip(k)
+        if ".lora_A." in stripped:
+            a_keys[stripped.split(".lora_A.")[0]] = k
+        elif ".lora_B." in stripped:
+            b_keys[stripped.split(".lora_B.")[0]] = k
+        elif "lora_embedding" in stripped or "lora_magnitude" in stripped:
+            raise HfTaujpError(f"LoRA key {k!r}: embedding / DoRA LoRA layers are not supported by from_peft.")
+        else:
+            raise HfTaujpError(
+                f"LoRA adapter key {k!r} is not a lora_A / lora_B weight (modules_to_save or bias training "
+                "are full weights, not deltas, and are not supported)."
+            )
+    if set(a_keys) != set(b_keys):
+        raise CorruptFileError(f"LoRA modules without both A and B: {_few(sorted(set(a_keys) ^ set(b_keys)))}.")
+    out = {}
+    for module in a_keys:
+        a, b = sd[a_keys[module]], sd[b_keys[module]]
+        if a.dim() != 2 or b.dim() != 2:
+            raise HfTaujpError(f"LoRA module {module!r}: only Linear / Conv1D layers are supported (got A {tuple(a.shape)}).")
+        r = _pattern_value(module, config.get("rank_pattern"), config.get("r"))
+        alpha = _pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha"))
+        if r != a.shape[0]:
+            raise CorruptFileError(f"LoRA module {module!r}: config rank {r} but A has shape {tuple(a.shape)}.")
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        delta = (b.double() @ a.double()) * scale
+        if config.get("fan_in_fan_out"):
+            delta = delta.T
+        out[f"{module}.weight"] = delta.to(torch.promote_types(a.dtype, b.dtype)).contiguous()
+    return out

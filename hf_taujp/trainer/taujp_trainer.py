@@ -1,0 +1,321 @@
+"""`TauJpTrainer`: a `transformers.Trainer` whose loss adds the τJp penalty (Yoshida et al., ICLR 2025).
+
+    loss = L_task(θ) + λ · R,   R = mean_{x' ∼ other tasks} ‖ J_θ f(x'; θ0) · (θ − θ0) ‖      (Eq. 10 / 11)
+
+Two ways to obtain J f(x'; θ0)·τ:
+
+* **Linearized models** (`hf_taujp.linearize(...)` or a PEFT model with `LinearizedConfig`): the model
+  already is f_lin(x; θ0 + τ) = f(x; θ0) + J f(x; θ0)·τ, and J·τ is the tangent output of the same
+  forward-mode pass it uses for its forward: `model.jvp(**x')` → (primal, tangent). No copy of θ0.
+* **Non-linear models**: `torch.func.jvp` over `functional_call` at θ0 (a frozen copy of the trainable
+  parameters taken when the trainer is built) with tangent θ − θ0. Memory cost: one extra copy of the
+  *trainable* parameters (θ0), plus one forward-mode pass (≈ 2–3× the activations of a plain forward)
+  per regularization batch. The copy is taken in `__init__`: when resuming from a checkpoint, build
+  the trainer from the *base* model, as for a fresh run.
+
+The penalty is computed on `accelerator.unwrap_model(model)` (jvp cannot go through the DDP wrapper) and
+shares the backward with the task loss, so DDP keeps ranks in sync. FSDP / DeepSpeed ZeRO shard the
+parameters and are refused with `TauJpUnsupportedError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from torch.func import functional_call
+from torch.utils.data import DataLoader, RandomSampler
+from transformers import Trainer
+
+from ..attention import forward_ad_attention
+from ..hub import HfTaujpError
+from .penalty import select_output, taujp_penalty
+from .taujp_config import TauJpConfig, TauJpConfigError
+
+__all__ = [
+    "TauJpTrainer",
+    "TauJpUnsupportedError",
+    "MissingRegularizationDataError",
+    "RegularizationInputError",
+]
+
+_LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions", "num_items_in_batch")
+
+
+class TauJpUnsupportedError(HfTaujpError):
+    """The training setup cannot run the τJp penalty (FSDP, DeepSpeed ZeRO)."""
+
+
+class MissingRegularizationDataError(HfTaujpError):
+    """taujp_lambda > 0 but no (or an empty) regularization dataset was given."""
+
+
+class RegularizationInputError(HfTaujpError):
+    """A regularization dataset's inputs do not fit the model (checked on one batch before training)."""
+
+
+def _linearized_jvp(model: torch.nn.Module) -> Callable | None:
+    """The `.jvp` of a linearized model (LinearizedModule, or a PeftModel around a LinearizedModel)."""
+    if callable(getattr(model, "jvp", None)):
+        return model.jvp
+    inner = getattr(model, "base_model", None)
+    if inner is not None and inner is not model and callable(getattr(inner, "jvp", None)):
+        return inner.jvp
+    return None
+
+
+@contextlib.contextmanager
+def _checkpointing_off(model: torch.nn.Module) -> Iterator[None]:
+    """Switch activation checkpointing (and the input-require-grads hook) off inside the block.
+
+    Both break forward-mode AD (RESEARCH.md): checkpoint recomputation does not replay dual tensors,
+    and the hook calls requires_grad_ on a dual tensor.
+    """
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    hooked = [m for m in model.modules() if getattr(m, "_require_grads_hook", None) is not None]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    for m in hooked:
+        m._require_grads_hook.remove()
+        m._require_grads_hook = None
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+        for m in hooked:
+            m.enable_input_require_grads()
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+class TauJpTrainer(Trainer):
+    """`Trainer` + τJp regularization on the inputs of other tasks.
+
+    Args:
+        *args, **kwargs: every `transformers.Trainer` argument, unchanged; `args` must be a `TauJpConfig`.
+        regularization_datasets: `{"task name": dataset}` of *other* tasks' inputs (labels ignored).
+        regularization_collators: optional `{"task name": collator}`; default: the trainer's data collator.
+        taujp_output_fn: optional callable `(model_outputs, batch) -> Tensor` choosing what is penalised
+            (e.g. a pooled representation). It is applied to the *tangent* outputs of linearized models,
+            so it must be linear in the outputs (selection, pooling, fixed projection); for non-linear
+            models it runs inside the jvp and may be any function. Default: `args.taujp_output`.
+
+    Logged (in `state.log_history`): `taujp_penalty` (R, mean over the logging window, averaged over
+    processes) and `task_loss`. `taujp_visits` lists the reg task(s) used at each step.
+    """
+
+    def __init__(
+        self,
+        *args,
+        regularization_datasets: Mapping[str, object] | None = None,
+        regularization_collators: Mapping[str, Callable] | None = None,
+        taujp_output_fn: Callable | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, TauJpConfig):
+            raise TauJpConfigError(f"TauJpTrainer needs args=TauJpConfig(...), got {type(self.args).__name__}")
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise TauJpUnsupportedError(
+                "τJp is not supported with FSDP or DeepSpeed yet: they shard the parameters, and the jvp at θ0 "
+                "needs full weights (functional_call by name). Use DDP (accelerate launch --num_processes N)."
+            )
+        self.taujp_output_fn = taujp_output_fn
+        self.regularization_datasets = dict(regularization_datasets or {})
+        self.regularization_collators = dict(regularization_collators or {})
+        unknown = set(self.regularization_collators) - set(self.regularization_datasets)
+        if unknown:
+            raise MissingRegularizationDataError(f"collators given for unknown regularization datasets {sorted(unknown)}")
+        if self.args.taujp_lambda > 0:
+            if not self.regularization_datasets:
+                raise MissingRegularizationDataError(
+                    f"taujp_lambda={self.args.taujp_lambda} > 0 but no regularization_datasets were given "
+                    "(pass {'other task': dataset, ...}, or set taujp_lambda=0)"
+                )
+            for name, ds in self.regularization_datasets.items():
+                if ds is None or len(ds) == 0:
+                    raise MissingRegularizationDataError(f"regularization dataset {name!r} is empty")
+        self._taujp_names = list(self.regularization_datasets)
+        self._taujp_loaders: dict[str, DataLoader] | None = None
+        self._taujp_iters: dict[str, Iterator] = {}
+        self._taujp_epochs: dict[str, int] = {}
+        self._taujp_log: dict[str, list[float]] = {"taujp_penalty": [], "task_loss": []}
+        self.taujp_visits: list[tuple[str, ...]] = []
+        self._theta0: dict[str, torch.Tensor] | None = None
+        if self.args.taujp_lambda > 0:
+            base = self.accelerator.unwrap_model(self.model)
+            if _linearized_jvp(base) is None:
+                # Frozen θ0 of the trainable parameters (the non-linear path's memory cost).
+                self._theta0 = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
+            self._taujp_check_inputs()
+
+    # ---------------------------------------------------------------- data
+    def _set_signature_columns_if_needed(self) -> None:
+        """A plain `LinearizedModule.forward(*args, **kwargs)` hides the base model's input names, and the
+        Trainer would drop every column: read them from the wrapped base model instead."""
+        inner = getattr(self.model, "base_model", None)
+        if self._signature_columns is None and callable(getattr(self.model, "jvp", None)) and inner is not None:
+            if not _is_peft(self.model):
+                names = list(inspect.signature(inner.forward).parameters)
+                self._signature_columns = names + list({"label", "label_ids", *self.label_names})
+                return
+        super()._set_signature_columns_if_needed()
+
+    def _taujp_dataloader(self, name: str, prepare: bool) -> DataLoader:
+        ds = self.regularization_datasets[name]
+        collator = self.regularization_collators.get(name, self.data_collator)
+        try:
+            import datasets as hf_datasets
+
+            if isinstance(ds, hf_datasets.Dataset) and self.args.remove_unused_columns and name not in self.regularization_collators:
+                ds = self._remove_unused_columns(ds, description=f"regularization[{name}]")
+        except ImportError:  # pragma: no cover - datasets is a transformers dependency
+            pass
+        gen = torch.Generator().manual_seed(self.args.seed + 1 + self._taujp_names.index(name))
+        loader = DataLoader(
+            ds,
+            batch_size=self.args.taujp_reg_batch_size,
+            sampler=RandomSampler(ds, generator=gen),
+            collate_fn=collator,
+            drop_last=False,
+            num_workers=0,
+        )
+        return self.accelerator.prepare(loader) if prepare else loader
+
+    def _taujp_next(self, name: str) -> dict:
+        if self._taujp_loaders is None:
+            self._taujp_loaders = {n: self._taujp_dataloader(n, prepare=True) for n in self._taujp_names}
+        if name not in self._taujp_iters:
+            self._taujp_iters[name] = iter(self._taujp_loaders[name])
+        try:
+            batch = next(self._taujp_iters[name])
+        except StopIteration:  # a new pass over a (small) reg set
+            self._taujp_epochs[name] = self._taujp_epochs.get(name, 0) + 1
+            self._taujp_iters[name] = iter(self._taujp_loaders[name])
+            batch = next(self._taujp_iters[name])
+        return self._taujp_clean(batch)
+
+    def _taujp_clean(self, batch) -> dict:
+        if not isinstance(batch, Mapping):
+            raise RegularizationInputError(f"regularization batches must be dicts of tensors, got {type(batch).__name__}")
+        batch = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+        return self._prepare_inputs(batch)
+
+    def _taujp_check_inputs(self) -> None:
+        """Run one reg batch of every dataset through the model (no grad) before training."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            for name in self._taujp_names:
+                try:
+                    batch = self._taujp_clean(next(iter(self._taujp_dataloader(name, prepare=False))))
+                    with torch.no_grad():
+                        out = model(**self._with_no_cache(model, batch))
+                        self._taujp_select(out, batch)
+                except Exception as e:  # noqa: BLE001 - re-raised with the dataset named
+                    raise RegularizationInputError(
+                        f"regularization dataset {name!r} does not fit the model: {type(e).__name__}: {e}"
+                    ) from e
+        finally:
+            model.train(was_training)
+
+    @staticmethod
+    def _with_no_cache(model, batch: dict) -> dict:
+        # DynamicCache is not a tensor output: forward AD cannot carry it (RESEARCH.md).
+        return {**batch, "use_cache": False} if _accepts(model, "use_cache") else batch
+
+    # ---------------------------------------------------------------- penalty
+    def _taujp_select(self, outputs, batch) -> torch.Tensor:
+        if self.taujp_output_fn is not None:
+            return self.taujp_output_fn(outputs, batch)
+        return select_output(outputs, self.args.taujp_output)
+
+    def _taujp_tangent(self, base: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """J f(x'; θ0)·τ for one reg batch, as a tensor of the selected output's shape."""
+        kwargs = self._with_no_cache(base, batch)
+        jvp = _linearized_jvp(base)
+        with _checkpointing_off(base), forward_ad_attention(base), self.accelerator.autocast():
+            if jvp is not None:
+                _, tangent_out = jvp(**kwargs)
+                return self._taujp_select(tangent_out, batch)
+            params = dict(base.named_parameters())
+            primals = {n: t for n, t in self._theta0.items()}
+            tangents = {n: (params[n] - t).to(t.dtype) for n, t in self._theta0.items()}
+
+            def f(p):
+                return self._taujp_select(functional_call(base, p, args=(), kwargs=kwargs, strict=False), batch)
+
+            _, tangent = torch.func.jvp(f, (primals,), (tangents,))
+            return tangent
+
+    def taujp_penalty_on(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """R on one (clean) reg batch: mean ‖J f(x'; θ0)·τ‖ (see `hf_taujp.trainer.penalty.taujp_penalty`)."""
+        base = self.accelerator.unwrap_model(model)
+        tangent = self._taujp_tangent(base, batch)
+        mask = batch.get("decoder_attention_mask") if tangent.dim() >= 3 and "decoder_input_ids" in batch else None
+        if mask is None:
+            mask = batch.get("attention_mask")
+        return taujp_penalty(tangent, mask, self.args.taujp_norm)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Task loss (the stock `Trainer.compute_loss`) + λ·R while training."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        a = self.args
+        if model.training and a.taujp_lambda > 0 and self.state.global_step >= a.taujp_start_step and self._taujp_names:
+            n = len(self._taujp_names)
+            if a.taujp_mode == "cyclic":  # Eq. 11: one other task per step, in turn
+                names = (self._taujp_names[self.state.global_step % n],)
+            else:  # Eq. 10: every other task each step, penalties averaged
+                names = tuple(self._taujp_names)
+            self.taujp_visits.append(names)
+            penalty = torch.stack([self.taujp_penalty_on(model, self._taujp_next(t)) for t in names]).mean()
+            if self._loss_scaled_for_ga(num_items_in_batch):
+                # The Trainer will not divide this loss by the GA steps; R is a per-batch mean, so we do.
+                ga_penalty = penalty / self.current_gradient_accumulation_steps
+            else:
+                ga_penalty = penalty
+            self._taujp_log["taujp_penalty"].append(penalty.detach().float().item())
+            self._taujp_log["task_loss"].append(loss.detach().float().item())
+            loss = loss + a.taujp_lambda * ga_penalty.to(loss.dtype)
+        elif model.training:
+            self._taujp_log["task_loss"].append(loss.detach().float().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """transformers 5's rule (Trainer.training_step) for 'the loss is already scaled for GA'."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+
+    # ---------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the mean `taujp_penalty` / `task_loss` since the last log (averaged over processes)."""
+        if "loss" in logs:  # training logs only, not eval
+            for key, values in self._taujp_log.items():
+                has = torch.tensor([float(len(values) > 0)], device=self.args.device)
+                mean = torch.tensor([sum(values) / len(values) if values else 0.0], device=self.args.device)
+                if self.accelerator.num_processes > 1:
+                    has = self.accelerator.reduce(has, "mean")
+                    mean = self.accelerator.reduce(mean, "mean")
+                if has.item() > 0:
+                    logs[key] = round(mean.item() / has.item(), 6)
+                values.clear()
+        super().log(logs, *args, **kwargs)

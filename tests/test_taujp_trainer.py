@@ -1,0 +1,272 @@
+"""τJp trainer: the penalty equals ‖J f(x'; θ0)·τ‖ (finite differences), it shrinks τJp on other tasks,
+cyclic / strict scheduling, gradient accumulation, and named errors before training."""
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from hf_taujp.linearize import linearize
+from hf_taujp.trainer import (
+    MissingRegularizationDataError,
+    RegularizationInputError,
+    TauJpConfig,
+    TauJpConfigError,
+    TauJpTrainer,
+    taujp_penalty,
+)
+
+VOCAB = 60
+
+
+def tiny_bert(seed=0, labels=3):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32, num_labels=labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def make_ds(n, seed, lo=0, hi=VOCAB, length=8, labels=3, pad_last=True):
+    """Token-id 'task': ids from [lo, hi); label = first id mod labels; last example padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(lo, hi, (length,), generator=g)
+        mask = torch.ones(length, dtype=torch.long)
+        if pad_last and i == n - 1:
+            mask[length // 2:] = 0
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids[0] % labels})
+    return rows
+
+
+def cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-3,
+                max_steps=3, report_to="none", logging_steps=1, save_strategy="no", use_cpu=True,
+                disable_tqdm=True, seed=0, taujp_batch_ratio=1.0)
+    base.update(kw)
+    return TauJpConfig(**base)
+
+
+def fd_taujp(base_model, tau, batch, h=1e-4):
+    """Independent reference: float64 central finite differences of the logits along τ, then
+    mean over examples of the unsquared L2 norm."""
+    m = base_model.double().eval()
+    p0 = {n: p.detach() for n, p in m.named_parameters()}
+    plus = {n: p0[n] + h * tau[n].double() if n in tau else p0[n] for n in p0}
+    minus = {n: p0[n] - h * tau[n].double() if n in tau else p0[n] for n in p0}
+    with torch.no_grad():
+        lp = functional_call(m, plus, args=(), kwargs=batch).logits
+        lm = functional_call(m, minus, args=(), kwargs=batch).logits
+    d = (lp - lm) / (2 * h)
+    norms = d.norm(dim=-1)
+    mask = batch.get("attention_mask")
+    if norms.dim() == 2 and mask is not None:
+        return float((norms * mask).sum() / mask.sum())
+    return float(norms.mean())
+
+
+def random_tau(model, names, scale=0.05, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return {n: scale * torch.randn(params[n].shape, generator=g) for n in names}
+
+
+def batch_of(rows):
+    return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
+
+
+# ------------------------------------------------------------------ config / bad input
+@pytest.mark.parametrize("kw", [dict(taujp_lambda=-0.1), dict(taujp_mode="round_robin"), dict(taujp_norm="l1"),
+                                dict(taujp_batch_ratio=0.0), dict(taujp_batch_ratio=1.5)])
+def test_config_rejects_bad_values(tmp_path, kw):
+    with pytest.raises(TauJpConfigError):
+        cfg(tmp_path, **kw)
+
+
+def test_config_defaults_are_the_papers(tmp_path):
+    c = TauJpConfig(output_dir=str(tmp_path), per_device_train_batch_size=128, report_to="none")
+    assert (c.taujp_lambda, c.taujp_mode, c.taujp_norm, c.taujp_start_step) == (0.1, "cyclic", "l2", 0)
+    assert c.taujp_reg_batch_size == 16  # ceil(128 / 8)
+    c.per_device_train_batch_size = 9
+    assert c.taujp_reg_batch_size == 2  # ceil(9 / 8)
+
+
+def test_missing_or_empty_reg_data_raise_before_training(tmp_path):
+    model, train = tiny_bert(), make_ds(8, 0)
+    with pytest.raises(MissingRegularizationDataError, match="no regularization_datasets"):
+        TauJpTrainer(model=model, args=cfg(tmp_path), train_dataset=train)
+    with pytest.raises(MissingRegularizationDataError, match="'b' is empty"):
+        TauJpTrainer(model=model, args=cfg(tmp_path), train_dataset=train, regularization_datasets={"b": []})
+    # λ = 0 needs none
+    TauJpTrainer(model=model, args=cfg(tmp_path, taujp_lambda=0.0), train_dataset=train)
+
+
+def test_reg_inputs_that_do_not_fit_raise_before_training(tmp_path):
+    model, train = tiny_bert(), make_ds(8, 0)
+    too_big = make_ds(4, 1, lo=VOCAB, hi=VOCAB + 50)  # ids outside the vocabulary
+    with pytest.raises(RegularizationInputError, match="'other'"):
+        TauJpTrainer(model=model, args=cfg(tmp_path), train_dataset=train, regularization_datasets={"other": too_big})
+    wrong_keys = [{"pixel_values": torch.zeros(3, 4, 4)} for _ in range(4)]
+    with pytest.raises(RegularizationInputError, match="'img'"):
+        TauJpTrainer(model=model, args=cfg(tmp_path), train_dataset=train, regularization_datasets={"img": wrong_keys})
+
+
+def test_unknown_output_name_is_a_named_error(tmp_path):
+    with pytest.raises(RegularizationInputError, match="image_embeds"):
+        TauJpTrainer(model=tiny_bert(), args=cfg(tmp_path, taujp_output="image_embeds"), train_dataset=make_ds(8, 0),
+                     regularization_datasets={"b": make_ds(4, 1)})
+
+
+# ------------------------------------------------------------------ the penalty itself
+def test_penalty_helper_matches_hand_computation_with_mask():
+    t = torch.tensor([[[3.0, 4.0], [1.0, 0.0]], [[0.0, 2.0], [6.0, 8.0]]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert math.isclose(float(taujp_penalty(t, mask)), (5 + 1 + 2) / 3, rel_tol=1e-9)
+    assert math.isclose(float(taujp_penalty(t, mask, "sq_l2")), (25 + 1 + 4) / 3, rel_tol=1e-9)
+    assert math.isclose(float(taujp_penalty(t)), (5 + 1 + 2 + 10) / 4, rel_tol=1e-9)
+
+
+def test_linearized_penalty_equals_finite_difference_jtau(tmp_path):
+    """Linearized model: penalty = mean ‖f_lin(x') − f(x'; θ0)‖ = mean ‖J f(x'; θ0)·τ‖ (FD reference)."""
+    base = tiny_bert()
+    names = [n for n, _ in base.named_parameters() if "encoder.layer.1" in n or "classifier" in n]
+    tau = random_tau(base, names)
+    ref_model = tiny_bert()
+    lin = linearize(base, parameter_names=names, tangents=tau)
+    reg = make_ds(6, 3)
+    tr = TauJpTrainer(model=lin, args=cfg(tmp_path), train_dataset=make_ds(8, 0), regularization_datasets={"b": reg})
+    batch = batch_of(reg)
+    got = float(tr.taujp_penalty_on(lin, batch))
+    want = fd_taujp(ref_model, tau, batch)
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_nonlinear_penalty_equals_finite_difference_jtau(tmp_path):
+    """Non-linear model at θ = θ0 + τ: J f(x'; θ0)·(θ − θ0) from the frozen θ0 copy (FD reference)."""
+    model = tiny_bert()
+    tau = random_tau(model, [n for n, _ in model.named_parameters()], scale=0.02)
+    reg = make_ds(6, 3)
+    tr = TauJpTrainer(model=model, args=cfg(tmp_path, taujp_norm="sq_l2"), train_dataset=make_ds(8, 0),
+                      regularization_datasets={"b": reg})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(tau[n])
+    batch = batch_of(reg)
+    got = float(tr.taujp_penalty_on(model, batch))
+    # sq_l2 reference
+    m = tiny_bert().double().eval()
+    p0 = {n: p.detach() for n, p in m.named_parameters()}
+    h = 1e-4
+    with torch.no_grad():
+        lp = functional_call(m, {n: p0[n] + h * tau[n].double() for n in p0}, args=(), kwargs=batch).logits
+        lm = functional_call(m, {n: p0[n] - h * tau[n].double() for n in p0}, args=(), kwargs=batch).logits
+    want = float(((lp - lm) / (2 * h)).pow(2).sum(-1).mean())
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_token_level_penalty_uses_valid_tokens_only(tmp_path):
+    base = tiny_gpt2()
+    names = [n for n, _ in base.named_parameters() if ".h.1." in n]
+    tau = random_tau(base, names)
+    ref = tiny_gpt2()
+    lin = linearize(base, parameter_names=names, tangents=tau)
+    reg = [{k: v for k, v in r.items() if k != "labels"} for r in make_ds(4, 5)]
+    tr = TauJpTrainer(model=lin, args=cfg(tmp_path), train_dataset=[dict(r, labels=r["input_ids"]) for r in make_ds(8, 0)],
+                      regularization_datasets={"b": reg})
+    batch = batch_of(reg)
+    assert float(tr.taujp_penalty_on(lin, batch)) == pytest.approx(fd_taujp(ref, tau, batch), rel=1e-4)
+
+
+# ------------------------------------------------------------------ scheduling
+def _lin_trainer(tmp_path, mode, n_tasks=3, **kw):
+    base = tiny_bert()
+    names = [n for n, _ in base.named_parameters() if "classifier" in n or "layer.1.output" in n]
+    tau = random_tau(base, names)
+    lin = linearize(base, parameter_names=names, tangents=tau)
+    regs = {f"t{i}": make_ds(4, 10 + i, pad_last=False) for i in range(n_tasks)}
+    args = cfg(tmp_path, taujp_mode=mode, per_device_train_batch_size=4, taujp_lambda=0.5, **kw)
+    return TauJpTrainer(model=lin, args=args, train_dataset=make_ds(8, 0), regularization_datasets=regs), regs, tau
+
+
+def test_cyclic_mode_visits_every_other_task_in_turn(tmp_path):
+    tr, regs, _ = _lin_trainer(tmp_path, "cyclic", max_steps=6)
+    tr.train()
+    assert tr.taujp_visits == [("t0",), ("t1",), ("t2",), ("t0",), ("t1",), ("t2",)]
+    logged = [h["taujp_penalty"] for h in tr.state.log_history if "taujp_penalty" in h]
+    assert len(logged) == 6 and all(v > 0 for v in logged)
+
+
+def test_strict_mode_averages_all_tasks(tmp_path):
+    tr, regs, tau = _lin_trainer(tmp_path, "strict")
+    model = tr.model
+    model.train()
+    inputs = {k: torch.stack([r[k] for r in make_ds(4, 0)]) for k in ("input_ids", "attention_mask", "labels")}
+    task = float(super(TauJpTrainer, tr).compute_loss(model, dict(inputs)))
+    total = float(tr.compute_loss(model, dict(inputs)))
+    assert tr.taujp_visits == [("t0", "t1", "t2")]
+    want = sum(fd_taujp(tiny_bert(), tau, batch_of(regs[t])) for t in regs) / 3
+    assert (total - task) / 0.5 == pytest.approx(want, rel=1e-4)
+
+
+def test_start_step_delays_the_penalty(tmp_path):
+    tr, _, _ = _lin_trainer(tmp_path, "cyclic", max_steps=3, taujp_start_step=2)
+    tr.train()
+    assert len(tr.taujp_visits) == 1
+    assert [("taujp_penalty" in h) for h in tr.state.log_history if "loss" in h] == [False, False, True]
+
+
+# ------------------------------------------------------------------ gradient accumulation
+def _ga_run(tmp_path, bs, ga, lam):
+    base = tiny_gpt2()
+    names = [n for n, _ in base.named_parameters() if ".h.1." in n or "ln_f" in n]
+    lin = linearize(base, parameter_names=names, tangents=random_tau(base, names))
+    train = [{"input_ids": r["input_ids"], "attention_mask": torch.ones(8, dtype=torch.long), "labels": r["input_ids"]}
+             for r in make_ds(8, 0, pad_last=False)]
+    reg = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in make_ds(8, 7, pad_last=False)]
+    args = cfg(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1,
+               taujp_lambda=lam, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0)
+    tr = TauJpTrainer(model=lin, args=args, train_dataset=train,
+                      regularization_datasets={"b": reg} if lam > 0 else None)
+    tr.train()
+    return lin.get_tangents()
+
+
+def test_gradient_accumulation_is_equivalent_to_a_big_batch(tmp_path):
+    """GPT-2 accepts loss kwargs, so transformers 5 does not divide the loss by the GA steps: the
+    per-batch-mean penalty must be divided by us (2 × 4 with GA == 1 × 8)."""
+    big = _ga_run(tmp_path, 8, 1, 1.0)
+    acc = _ga_run(tmp_path, 4, 2, 1.0)
+    no_pen = _ga_run(tmp_path, 8, 1, 0.0)
+    for n in big:
+        torch.testing.assert_close(acc[n], big[n], rtol=1e-4, atol=1e-6)
+    assert max(float((big[n] - no_pen[n]).abs().max()) for n in big) > 1e-4  # the penalty did act
+
+
+# ------------------------------------------------------------------ the point of τJp
+def test_lambda_shrinks_taujp_on_other_tasks(tmp_path):
+    """Same seed and data: fine-tuning on task A with λ > 0 yields a τ with a smaller ‖J f(x'; θ0)·τ‖ on
+    another task's inputs than λ = 0 (measured independently by float64 finite differences)."""
+    train = make_ds(32, 0, lo=0, hi=30)
+    other = make_ds(16, 1, lo=30, hi=VOCAB)
+    results = {}
+    for lam in (0.0, 1.0):
+        model = tiny_bert()
+        args = cfg(tmp_path, taujp_lambda=lam, max_steps=25, per_device_train_batch_size=8, learning_rate=3e-3,
+                   logging_steps=5)
+        tr = TauJpTrainer(model=model, args=args, train_dataset=train,
+                          regularization_datasets={"other": other} if lam > 0 else None)
+        tr.train()
+        theta0 = dict(tiny_bert().named_parameters())
+        tau = {n: (p.detach() - theta0[n].detach()) for n, p in model.named_parameters()}
+        results[lam] = fd_taujp(tiny_bert(), tau, batch_of(other))
+    assert results[1.0] < 0.7 * results[0.0], results
