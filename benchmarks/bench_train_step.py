@@ -1,0 +1,118 @@
+"""Per-step time and peak memory of one training step, side by side, same model and batch:
+
+  non-linear FT | linear FT | linear FT + τJp (cyclic) | linear FT + τJp (strict) | non-linear FT + τJp (cyclic)
+
+Each method runs in its own subprocess (so peak RSS is per method), through TauJpTrainer, on a
+randomly initialised GPT-2-shaped causal LM; reg sets = 3 other "tasks", reg batch = ceil(ratio × batch).
+
+    python benchmarks/bench_train_step.py [--layers 4 --hidden 256 --seq 128 --batch 8 --steps 8]
+
+Reports the median step time after 2 warm-up steps, peak RSS (CPU) or peak CUDA memory, and the
+ratio to non-linear FT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+METHODS = {
+    "non-linear FT": ("nonlinear", 0.0, "cyclic"),
+    "linear FT": ("linear", 0.0, "cyclic"),
+    "linear + τJp cyclic": ("linear", 0.1, "cyclic"),
+    "linear + τJp strict": ("linear", 0.1, "strict"),
+    "non-linear + τJp cyclic": ("nonlinear", 0.1, "cyclic"),
+}
+
+
+def child(a) -> dict:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+
+    from hf_taujp.linearize import linearize
+    from hf_taujp.trainer import TauJpConfig, TauJpTrainer
+
+    kind, lam, mode = METHODS[a.method]
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=a.layers, n_embd=a.hidden, n_head=max(1, a.hidden // 64), vocab_size=a.vocab,
+                     n_positions=a.seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg)
+    if kind == "linear":
+        model = linearize(model)  # every parameter
+    g = torch.Generator().manual_seed(0)
+    n = a.batch * (a.steps + 2)
+    train = [{"input_ids": (x := torch.randint(0, a.vocab, (a.seq,), generator=g)), "labels": x} for _ in range(n)]
+    regs = {f"task{i}": [{"input_ids": torch.randint(0, a.vocab, (a.seq,), generator=g)} for _ in range(64)]
+            for i in range(3)} if lam > 0 else None
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    with tempfile.TemporaryDirectory() as d:
+        args = TauJpConfig(output_dir=d, max_steps=a.steps + 2, per_device_train_batch_size=a.batch,
+                           learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True,
+                           logging_steps=10_000, taujp_lambda=lam, taujp_mode=mode, taujp_batch_ratio=a.ratio,
+                           use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
+        tr = TauJpTrainer(model=model, args=args, train_dataset=train, regularization_datasets=regs,
+                          callbacks=[Timer()])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        tr.train()
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"method": a.method, "step_s": statistics.median(times[2:]), "peak_mib": peak, "params": n_params}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--ratio", type=float, default=1 / 8)
+    p.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.method:
+        print("RESULT " + json.dumps(child(a)))
+        return
+    rows = []
+    for method in METHODS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--method", method] + [
+            f"--{k}={v}" for k, v in vars(a).items() if k != "method"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{method}: failed\n{out.stderr[-2000:]}")
+            continue
+        rows.append(json.loads(line[7:]))
+        print(f"done: {method}", file=sys.stderr)
+    from hf_taujp.evaluation import format_table
+
+    ref = next((r for r in rows if r["method"] == "non-linear FT"), rows[0])
+    table = [{"method": r["method"], "step ms": round(1000 * r["step_s"], 1), "× non-linear": r["step_s"] / ref["step_s"],
+              "peak MiB": round(r["peak_mib"]), "× mem": r["peak_mib"] / ref["peak_mib"]} for r in rows]
+    import torch
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"GPT-2-shaped LM: {a.layers} layers, hidden {a.hidden}, seq {a.seq}, batch {a.batch}, reg ratio "
+          f"{a.ratio:g} (3 reg tasks), {rows[0]['params'] / 1e6:.1f}M params, {dev}; median of {a.steps} steps")
+    print(format_table(table, floatfmt=".2f"))
+
+
+if __name__ == "__main__":
+    main()

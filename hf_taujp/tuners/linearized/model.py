@@ -1,0 +1,323 @@
+"""``LinearizedModel``: the PEFT tuner that evaluates f_lin(x; θ0 + τ) = f(x; θ0) + J f(x; θ0)·τ.
+
+Unlike LoRA-style tuners nothing is computed layer by layer: the forward is one forward-mode pass
+of the whole model (:func:`hf_taujp.linearize.linearized_forward`) with θ0 as primal and τ as
+tangent. τ is stored beside each base parameter (see ``layer.py``); PEFT's key-based machinery
+(save / load, trainable parameters, adapter switching) is implemented here for that layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ...hub import HfTaujpError
+from ...linearize import (
+    _generate,
+    _set_tangents,
+    add_outputs,
+    linearized_forward,
+    match_parameter_names,
+    prepare_linearized_inputs,
+    with_loss,
+)
+from . import layer
+from .config import LinearizedConfig
+from .layer import TAU_ATTR
+
+_TASK_TYPES = "CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS or FEATURE_EXTRACTION"
+
+
+class LinearizedModel(BaseTuner):
+    """PEFT tuner for :class:`LinearizedConfig`: f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0)·τ.
+
+    Build it through ``peft.get_peft_model(model, LinearizedConfig(task_type=...))``. θ0 is frozen;
+    τ (zero at creation, so the model starts equal to the base model) is the adapter. The forward
+    returns the base model's output class with every floating output replaced by primal + tangent;
+    with ``labels`` (or CLIP's ``return_loss``) ``loss`` is the task loss *of the linearized
+    outputs*. Cost ≈ 5/3 of an ordinary training step when everything is linearized.
+
+    Keys of :meth:`get_tangents` / :meth:`set_tangents` are base parameter names
+    (``base.named_parameters()``, tied weights once under their first name).
+    """
+
+    prefix: str = TAU_ATTR
+    tuner_layer_cls = BaseTunerLayer  # no layer is replaced; τ containers are found by name
+    target_module_mapping: dict = {}
+    # The linearization lives on this tuner, not in the model's modules: refusing shared-state tuners
+    # is how PEFT's `inject_adapter_in_model` (used by transformers' `model.load_adapter`) avoids
+    # returning a model that would silently run the plain, non-linearized forward.
+    uses_shared_state: bool = True
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None, **kwargs) -> None:
+        self._linearized_names: dict[str, list[str]] = {}
+        self._linearized_disabled = False
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict, **kwargs)
+
+    # ------------------------------------------------------------------ injection
+    def _create_and_replace(self, *args, **kwargs):  # required by BaseTuner; injection is done in inject_adapter
+        raise NotImplementedError("LinearizedModel does not replace modules.")
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, LinearizedConfig):
+            raise HfTaujpError(f"LinearizedModel needs a LinearizedConfig, got {type(config).__name__}.")
+        if config.task_type is None:
+            raise HfTaujpError(
+                "LinearizedConfig needs a task_type (" + _TASK_TYPES + "): with task_type=None PEFT's generic "
+                "PeftModel.forward calls the base model directly and the linearization would be silently skipped."
+            )
+        if adapter_name in self._linearized_names:
+            raise HfTaujpError(f"Adapter {adapter_name!r} already exists.")
+        names = [n for n in match_parameter_names(model, config.target_modules, config.exclude_modules) if not layer.is_tau_name(n)]
+        if not names:
+            raise HfTaujpError(f"target_modules={config.target_modules!r} matches no base parameter.")
+        layer.attach(model, adapter_name, names, device="meta" if low_cpu_mem_usage else None)
+        self._linearized_names[adapter_name] = names
+        self.targeted_parameter_names.extend(n for n in names if n not in self.targeted_parameter_names)
+        self.targeted_module_names.extend(
+            m for m in dict.fromkeys(layer.split_param_name(n)[0] for n in names) if m not in self.targeted_module_names
+        )
+        self._mark_only_adapters_as_trainable(model)
+        if config.inference_mode:
+            for n in names:
+                layer.tau_of(model, n, adapter_name).requires_grad_(False)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if not layer.is_tau_name(n):
+                p.requires_grad_(False)
+        active = set(self.active_adapters)
+        for _, _, c in layer.containers(model):
+            for adapter, tau in c.items():
+                for p in tau.values():
+                    p.requires_grad_(adapter in active and not self.peft_config[adapter].inference_mode)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Like PEFT: keep fp16 / bf16 adapters in fp32 for the optimiser; linearized_forward casts τ
+        # to the primal dtype for the jvp.
+        if not autocast_adapter_dtype:
+            return
+        for _, _, c in layer.containers(self.model):
+            if adapter_name in c:
+                for p in c[adapter_name].values():
+                    if p.dtype in (torch.float16, torch.bfloat16):
+                        p.data = p.data.float()
+
+    # ------------------------------------------------------------------ adapters
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self._linearized_names]
+
+    def _resolve(self, adapter_name: str | None) -> str:
+        if adapter_name is None:
+            active = self._active()
+            if len(active) != 1:
+                raise HfTaujpError(f"Give adapter_name: {len(active)} active adapters ({active}).")
+            return active[0]
+        if adapter_name not in self._linearized_names:
+            raise HfTaujpError(f"Unknown adapter {adapter_name!r} (have {sorted(self._linearized_names)}).")
+        return adapter_name
+
+    def parameter_names(self, adapter_name: str | None = None) -> list[str]:
+        """Base parameter names linearized by ``adapter_name`` (the active one by default)."""
+        return list(self._linearized_names[self._resolve(adapter_name)])
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for a in names:
+            self._resolve(a)
+        self.active_adapter = adapter_name
+        for _, _, c in layer.containers(self.model):
+            c._active_adapter = adapter_name
+            for a, tau in c.items():
+                for p in tau.values():
+                    p.requires_grad_(a in names and not inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._resolve(adapter_name)
+        del self.peft_config[adapter_name]
+        del self._linearized_names[adapter_name]
+        layer.remove_adapter(self.model, adapter_name)
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self._linearized_names:
+            remaining = [next(iter(self._linearized_names))]
+        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        self._linearized_disabled = not enabled
+        for _, _, c in layer.containers(self.model):  # per-layer flags only feed PEFT's get_model_status
+            c._disable_adapters = not enabled
+
+    def disable_adapter_layers(self) -> None:
+        """Forward = the plain base model f(x; θ0) until :meth:`enable_adapter_layers`."""
+        self._enable_adapter_layers(False)
+
+    def enable_adapter_layers(self) -> None:
+        self._enable_adapter_layers(True)
+
+    def merge_adapter(self, *args, **kwargs):
+        raise HfTaujpError(
+            "merge_adapter is not supported by the linearized method: writing τ into θ0 would move the "
+            "linearization point. Use merge_and_unload() (the non-linear reading f(x; θ0 + τ))."
+        )
+
+    def unmerge_adapter(self):
+        raise HfTaujpError("The linearized method never merges adapters in place; nothing to unmerge.")
+
+    # ------------------------------------------------------------------ τ access
+    def _primals_tangents(self, adapters: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        primals: dict[str, torch.Tensor] = {}
+        tangents: dict[str, torch.Tensor] = {}
+        for a in adapters:
+            for n in self._linearized_names[a]:
+                t = layer.tau_of(self.model, n, a)
+                if n in tangents:  # several active adapters: their τ add (task addition in the tangent space)
+                    tangents[n] = tangents[n] + t
+                else:
+                    primals[n] = self.model.get_parameter(n)
+                    tangents[n] = t
+        return primals, tangents
+
+    def get_tangents(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """``{base param name: τ}`` (detached copies) of ``adapter_name`` (default: the active adapter)."""
+        a = self._resolve(adapter_name)
+        return {n: layer.tau_of(self.model, n, a).detach().clone() for n in self._linearized_names[a]}
+
+    def set_tangents(self, tangents: Mapping[str, torch.Tensor], adapter_name: str | None = None, strict: bool = True) -> None:
+        """Copy ``tangents`` (``{base param name: tensor}``, e.g. α·task vector) into τ of ``adapter_name``.
+
+        ``strict`` requires exactly the linearized names; unknown names are always an error.
+        """
+        a = self._resolve(adapter_name)
+        names = self._linearized_names[a]
+        _set_tangents(names, [layer.tau_of(self.model, n, a) for n in names], tangents, strict)
+
+    # ------------------------------------------------------------------ forward
+    def jvp(self, *args, method: str | Callable | None = None, **kwargs) -> tuple[Any, Any]:
+        """``(f(x; θ0), J_θ f(x; θ0)·τ)`` with τ = sum of the active adapters' tangents.
+
+        ``method``: another method of the base model to linearize, e.g. ``"get_image_features"`` on
+        CLIP (image embedding, shape (batch, projection_dim)). Gradients flow from the tangent to τ.
+        """
+        adapters = self._active()
+        if not adapters:
+            raise HfTaujpError("No active linearized adapter.")
+        primals, tangents = self._primals_tangents(adapters)
+        fn = getattr(self.model, method) if isinstance(method, str) else (method or self.model.forward)
+        return linearized_forward(self.model, primals, tangents, args, _drop_unknown_none(fn, kwargs), method=method)
+
+    def forward(self, *args, **kwargs):
+        """f_lin(x) = f(x; θ0) + J f(x; θ0)·τ (base output class); plain f(x; θ0) when adapters are disabled."""
+        if self._linearized_disabled or not self._active():
+            return self.model(*args, **kwargs)
+        kwargs, loss_args = prepare_linearized_inputs(self.model, kwargs)
+        primal, tangent = self.jvp(*args, **kwargs)
+        return with_loss(self.model, add_outputs(primal, tangent), loss_args)
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """Decoding of a causal LM through f_lin (greedy or sampled, no KV cache: O(n²) in length).
+
+        Supported kwargs: ``input_ids``, ``attention_mask``, ``max_new_tokens`` (20), ``do_sample``,
+        ``temperature``, ``top_k``, ``eos_token_id``. With adapters disabled this is the base model's
+        ``generate``.
+        """
+        if self._linearized_disabled or not self._active():
+            return self.model.generate(*args, **kwargs)
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            raise HfTaujpError("generate() through the linearized model supports decoder-only models only.")
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise HfTaujpError("generate() needs input_ids.")
+        allowed = {"attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "eos_token_id"}
+        ignored_none = {k for k, v in kwargs.items() if v is None}
+        unknown = sorted(set(kwargs) - allowed - ignored_none)
+        if unknown:
+            raise HfTaujpError(f"generate() through the linearized model does not support {unknown}; supported: {sorted(allowed)}.")
+        return _generate(self, input_ids, kwargs.get("max_new_tokens") or 20, bool(kwargs.get("do_sample", False)),
+                         kwargs.get("temperature") or 1.0, kwargs.get("top_k"), kwargs.get("eos_token_id"),
+                         kwargs.get("attention_mask"))
+
+    # ------------------------------------------------------------------ unloading
+    @torch.no_grad()
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """The ordinary base model with weights θ0 + Σ τ (active adapters, or ``adapter_names``); τ removed.
+
+        This is the *non-linear* reading f(x; θ0 + τ) of the learned τ; it differs from f_lin(x; θ0 + τ)
+        at second order in τ (Ortiz-Jiménez et al. 2023 evaluate linearized task vectors with f_lin).
+        """
+        adapters = adapter_names if adapter_names is not None else self._active()
+        _, tangents = self._primals_tangents([self._resolve(a) for a in adapters])
+        for n, t in tangents.items():
+            p = self.model.get_parameter(n)
+            if safe_merge and not torch.isfinite(t).all():
+                raise HfTaujpError(f"τ of {n!r} has non-finite values; not merged.")
+            p.add_(t.to(dtype=p.dtype, device=p.device))
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """The base model with θ0 unchanged and every τ container removed."""
+        for a in list(self._linearized_names):
+            layer.remove_adapter(self.model, a)
+        self._linearized_names.clear()
+        return self.model
+
+    # ------------------------------------------------------------------ PEFT state-dict hooks
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # τ keys are found by their container name (no BaseTunerLayer holds them).
+        token = f"{TAU_ATTR}.{adapter_name}."
+        return {k: v for k, v in state_dict.items() if k.startswith(token) or f".{token}" in k}
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        return re.sub(rf"(^|\.){TAU_ATTR}\.{re.escape(adapter_name)}\.", rf"\g<1>{TAU_ATTR}.", key, count=1)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        token = f"{TAU_ATTR}.{adapter_name}."
+        model_keys = [k for k in model.state_dict() if k.startswith(token) or f".{token}" in k]
+        to_model = {}
+        for mk in model_keys:
+            ck = cls._remove_adapter_name_from_key(mk, adapter_name)
+            to_model[ck] = mk
+            if not ck.startswith("base_model.model."):
+                to_model["base_model.model." + ck] = mk
+        out = {}
+        unexpected = []
+        for k, v in state_dict.items():
+            if k in to_model:
+                out[to_model[k]] = v
+            elif layer.is_tau_name(k):
+                unexpected.append(k)
+            else:
+                out[k] = v
+        missing = sorted(set(to_model.values()) - set(out))
+        if unexpected or missing:
+            raise HfTaujpError(
+                f"The LINEARIZED adapter does not fit this model: {len(unexpected)} saved τ without a matching "
+                f"parameter (e.g. {unexpected[:3]}), {len(missing)} linearized parameters without a saved τ "
+                f"(e.g. {missing[:3]}). Was it trained on another base model or with other target_modules?"
+            )
+        return out
+
+
+def _drop_unknown_none(fn: Callable, kwargs: dict) -> dict:
+    """Drop ``None`` keyword arguments the callable does not name (PEFT's task wrappers pass e.g.
+    ``inputs_embeds=None`` to every model, and CLIP's forward has no such argument)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if v is not None or k in params}
