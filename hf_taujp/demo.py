@@ -218,7 +218,7 @@ def run_demo(
     model: str | None = None,
     tasks=("sentiment", "topic", "animal", "place"),
     output_dir: str = "hf_taujp_demo",
-    steps: int = 60,
+    steps: int = 40,
     quick: bool = False,
     taujp_lambda: float = 0.1,
     learning_rate: float = 1e-4,
@@ -234,7 +234,7 @@ def run_demo(
     if quick:
         sizes, steps, max_len, alphas, n_layers = (24, 12, 12), min(steps, 3), 16, (0.0, 0.5, 1.0), 1
     else:
-        sizes, max_len, alphas, n_layers = (192, 48, 96), 24, DEFAULT_ALPHAS, 2
+        sizes, max_len, alphas, n_layers = (192, 48, 96), 20, DEFAULT_ALPHAS, 2
     data = build_tasks(tasks, *sizes, seed=seed)
     all_texts = [t for d in data.values() for s in ("train", "val", "test") for t, _ in d[s]]
     all_texts += [x for d in data.values() for x in d["labels"]]
@@ -344,7 +344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="'minilm' (default when installed), 'random', or an HF folder / id")
     p.add_argument("--tasks", default="sentiment,topic,animal,place", help=f"comma list from {sorted(TASKS)}")
     p.add_argument("--output-dir", default="hf_taujp_demo")
-    p.add_argument("--steps", type=int, default=60, help="training steps per task and method")
+    p.add_argument("--steps", type=int, default=40, help="training steps per task and method")
     p.add_argument("--lambda", dest="taujp_lambda", type=float, default=0.1, help="τJp weight λ")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the task vectors folder to REPO")

@@ -8,12 +8,23 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_taujp import hub
 from hf_taujp.merging import merge
+from hf_taujp.task_vector import TaskVector
 from hf_taujp.merging.methods import MergeConfigError, MissingStatisticsError
 
 
 def _model(seed=0):
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+
+
+def _finetuned(base, seed):
+    ft = GPT2LMHeadModel(base.config)
+    ft.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return ft
 
 
 def _taus(model, seed):
@@ -76,13 +87,56 @@ def test_bad_inputs():
     with pytest.raises(MergeConfigError, match="density"):
         merge(base, [t1], "dare_ties", density=0.0, progress=False)
 
-    class TV:
-        def __init__(self, tensors, fp):
-            self.tensors, self.base_fingerprint, self.base_model, self.kind = tensors, fp, fp, "nonlinear"
-
-    with pytest.raises(hub.BaseModelMismatchError, match="different base"):
-        merge(base, [TV(t1, "aaa"), TV(t1, "bbb")], progress=False)
     bad = dict(t1)
     bad["transformer.wpe.weight"] = torch.zeros(3, 3)
     with pytest.raises(hub.BaseModelMismatchError, match="shape"):
         merge(base, [bad], progress=False)
+
+
+def test_vectors_of_different_bases_raise(tmp_path):
+    base, other = _model(0), _model(1)
+    tv_a = TaskVector.from_models(base, _finetuned(base, 1))
+    tv_b = TaskVector.from_models(other, _finetuned(other, 2))
+    with pytest.raises(hub.BaseModelMismatchError, match="different base models"):
+        merge(base, [tv_a, tv_b], progress=False)
+    tv_b.save_pretrained(tmp_path / "b")  # same through a folder, checked against the given base
+    with pytest.raises(hub.BaseModelMismatchError, match="fingerprint"):
+        merge(base, [str(tmp_path / "b")], progress=False)
+    out = merge(other, [str(tmp_path / "b")], progress=False)  # its own base is fine
+    n = "transformer.h.0.attn.c_attn.weight"
+    torch.testing.assert_close(out.state_dict()[n], _finetuned(other, 2).state_dict()[n])
+    lin = TaskVector(dict(tv_a.tensors), kind="linear")
+    with pytest.raises(MergeConfigError, match="linear"):
+        merge(base, [lin], progress=False)
+
+
+def test_return_task_vector_metadata_and_roundtrip(tmp_path):
+    base = _model()
+    tv1 = TaskVector.from_models(base, _finetuned(base, 3), task="a")
+    tv1.save_pretrained(tmp_path / "a")
+    tv2 = TaskVector.from_models(base, _finetuned(base, 4), task="b")
+    out = merge(base, [str(tmp_path / "a"), tv2], "task_arithmetic", weights=[0.3, 0.6], return_task_vector=True,
+                progress=False)
+    assert isinstance(out, TaskVector) and out.kind == "nonlinear" and out.task == "merge:task_arithmetic"
+    assert out.base_fingerprint == tv1.base_fingerprint and out.training["merge"]["sources"] == ["a", "b"]
+    n = "transformer.h.1.mlp.c_proj.weight"
+    torch.testing.assert_close(out[n], 0.3 * tv1[n] + 0.6 * tv2[n])
+    model = out.apply_to(base)  # the merged vector applies to its base
+    torch.testing.assert_close(dict(model.named_parameters())[n], dict(base.named_parameters())[n] + out[n])
+
+
+def test_seed_reproduces_dare_merges():
+    base = _model()
+    t1, t2 = _taus(base, 8), _taus(base, 9)
+    kw = dict(density=0.5, weights=[1.0, 1.0], progress=False)
+    a = merge(base, [t1, t2], "dare_ties", seed=7, **kw).state_dict()
+    torch.manual_seed(123)  # the global RNG plays no part once a seed is given
+    b = merge(base, [t1, t2], "dare_ties", seed=7, **kw).state_dict()
+    c = merge(base, [t1, t2], "dare_ties", seed=8, **kw).state_dict()
+    n = "transformer.h.0.mlp.c_fc.weight"
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[n], c[n])
+    # each parameter draws its own mask: kept entries of τ1 differ between two same-shape parameters
+    m1 = merge(base, [t1], "dare_linear", seed=7, **{**kw, "weights": [1.0]}, return_task_vector=True)
+    k1, k2 = "transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"
+    assert not torch.equal(m1[k1] != 0, m1[k2] != 0)

@@ -270,3 +270,45 @@ def test_lambda_shrinks_taujp_on_other_tasks(tmp_path):
         tau = {n: (p.detach() - theta0[n].detach()) for n, p in model.named_parameters()}
         results[lam] = fd_taujp(tiny_bert(), tau, batch_of(other))
     assert results[1.0] < 0.7 * results[0.0], results
+
+
+# ------------------------------------------------------------------ checkpointing, resume, bf16
+def _bert_run(tmp_path, sub, **kw):
+    model = tiny_bert()
+    kw = {"max_steps": 4, **kw}
+    args = cfg(tmp_path / sub, per_device_train_batch_size=4, taujp_lambda=1.0, optim="sgd",
+               learning_rate=0.1, lr_scheduler_type="constant", **kw)
+    tr = TauJpTrainer(model=model, args=args, train_dataset=make_ds(16, 0),
+                      regularization_datasets={"b": make_ds(4, 1), "c": make_ds(4, 2)})
+    return model, tr
+
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path):
+    """Checkpointing is switched off around the jvp; the result equals a run without it."""
+    plain, tr = _bert_run(tmp_path, "a")
+    tr.train()
+    ckpt, tr2 = _bert_run(tmp_path, "b", gradient_checkpointing=True)
+    tr2.train()
+    assert ckpt.is_gradient_checkpointing  # restored after each jvp
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+    """θ0 is the model given to the trainer (the base), so a resumed run reproduces the full run
+    (reg sets of exactly one reg batch make the penalty batches order-independent)."""
+    full, tr = _bert_run(tmp_path, "full")
+    tr.train()
+    part, tr2 = _bert_run(tmp_path, "part", save_strategy="steps", save_steps=2)
+    tr2.args.max_steps = 2
+    tr2.train()
+    resumed, tr3 = _bert_run(tmp_path, "part", save_strategy="steps", save_steps=2)
+    tr3.train(resume_from_checkpoint=str(tmp_path / "part" / "out" / "checkpoint-2"))
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_runs_and_logs(tmp_path):
+    model, tr = _bert_run(tmp_path, "bf16", bf16=True, max_steps=2)
+    tr.train()
+    assert all(math.isfinite(h["taujp_penalty"]) for h in tr.state.log_history if "taujp_penalty" in h)

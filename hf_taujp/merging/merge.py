@@ -8,8 +8,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..hub import BaseModelMismatchError, HfTaujpError, load_safetensors, read_json, resolve_pretrained_dir
-from .methods import REQUIRES_STATISTICS, MergeConfigError, MissingStatisticsError, get_merge_method
+from ..hub import BaseModelMismatchError, HfTaujpError, read_json, resolve_pretrained_dir
+from ..task_vector import TaskVector, fingerprint
+from .methods import REQUIRES_STATISTICS, parameter_seed, MergeConfigError, MissingStatisticsError, get_merge_method
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -23,20 +24,63 @@ def _as_dtype(dtype) -> torch.dtype | None:
         raise MergeConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
-def _load_vector(v: Any) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) of a TaskVector, a plain dict of tensors, or a TaskVector folder / repo id."""
+def _load_vector(v: Any) -> TaskVector:
+    """A :class:`TaskVector` from a TaskVector, a plain dict name -> τ (no metadata), or a TaskVector
+    folder / Hub repo id (``TaskVector.from_pretrained`` layout, tensor prefix ``task_vector``)."""
+    if isinstance(v, TaskVector):
+        return v
     if isinstance(v, Mapping):
-        return dict(v), {}
-    if hasattr(v, "tensors"):
-        meta = {k: getattr(v, k, None) for k in ("base_model", "base_fingerprint", "kind")}
-        return dict(v.tensors), meta
+        return TaskVector(v)
     if isinstance(v, (str, os.PathLike)):
-        d = resolve_pretrained_dir(v)
-        cfg = read_json(os.path.join(d, "config.json"), "task vector config")
-        if cfg.get("format") != "hf-taujp/task_vector":
-            raise HfTaujpError(f"{v!r} is not a task vector folder (config format {cfg.get('format')!r})")
-        return load_safetensors(d, "task_vector"), cfg
-    raise MergeConfigError(f"cannot use {type(v).__name__} as a task vector")
+        return TaskVector.from_pretrained(v)
+    raise MergeConfigError(f"cannot use {type(v).__name__} as a task vector (need a TaskVector, a dict of "
+                           "tensors, or a TaskVector folder / repo id)")
+
+
+def check_vectors_compatible(metas: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None) -> None:
+    """Raise ``BaseModelMismatchError`` when task vectors (their metadata: base_fingerprint, base_model,
+    kind) come from different bases, and ``MergeConfigError`` for linear (tangent) vectors.
+
+    Fingerprints decide when both are known (a Hub id and a local path of the same weights agree);
+    otherwise differing ``base_model`` ids raise, as ``TaskVector.check_compatible`` does.
+    """
+    labels = list(labels) if labels is not None else [f"vector {i}" for i in range(len(metas))]
+    for lab, m in zip(labels, metas):
+        if m.get("kind") == "linear":
+            raise MergeConfigError(f"{lab} is a linear (tangent) task vector: it lives in the tangent space of a "
+                                   "linearized model and cannot be merged into the weights; merge tangents with "
+                                   "TaskVector arithmetic and apply with apply_to(..., linear=True)")
+    m0, l0 = metas[0], labels[0]
+    for lab, m in zip(labels[1:], metas[1:]):
+        f0, f1 = m0.get("base_fingerprint"), m.get("base_fingerprint")
+        b0, b1 = m0.get("base_model"), m.get("base_model")
+        if (f0 and f1 and f0 != f1) or (not (f0 and f1) and b0 and b1 and b0 != b1):
+            raise BaseModelMismatchError(
+                f"task vectors were made from different base models: {l0} from {b0!r} (fingerprint {f0}) vs "
+                f"{lab} from {b1!r} (fingerprint {f1})")
+
+
+def base_fingerprints(state: Mapping[str, torch.Tensor], module: torch.nn.Module | None = None) -> set[str]:
+    """Fingerprints under which ``state`` (a model's weights) may have been recorded: of the module, of its
+    ``named_parameters()`` and of the state dict as given (``fingerprint`` hashes names, and tied weights
+    such as GPT-2's lm_head / wte appear under either name depending on the source)."""
+    out = {fingerprint(state)}
+    if module is not None:
+        out.add(fingerprint(module))
+        out.add(fingerprint(dict(module.named_parameters())))
+    return out
+
+
+def check_base(metas: Sequence[Mapping[str, Any]], fps: set[str], base_label: str,
+               labels: Sequence[str] | None = None) -> None:
+    """``BaseModelMismatchError`` when a vector's recorded base fingerprint is not one of ``fps``."""
+    labels = list(labels) if labels is not None else [f"vector {i}" for i in range(len(metas))]
+    for lab, m in zip(labels, metas):
+        f = m.get("base_fingerprint")
+        if f and f not in fps:
+            raise BaseModelMismatchError(
+                f"{lab} was made from base {m.get('base_model')!r} (fingerprint {f}), but the given base "
+                f"{base_label} has fingerprint {sorted(fps)[0]}; merge it into the base it was made from")
 
 
 def _load_stat(s: Any) -> tuple[dict[str, torch.Tensor], float | None]:
@@ -78,6 +122,7 @@ def merge(
     num_examples: Sequence[float] | None = None,
     return_task_vector: bool = False,
     dtype=None,
+    check_base_model: bool = True,
     progress: bool = True,
     **params,
 ):
@@ -95,8 +140,17 @@ def merge(
         weights: one α per vector (or one shared); negative α negates.
         fishers / base_fisher / num_examples: per-task diagonal Fisher (Statistics or dicts), the base
             model's Fisher and the dataset sizes s_t (taken from Statistics.num_examples when omitted).
-        return_task_vector: return the merged Δ as a TaskVector (dict if TaskVector is unavailable).
+        return_task_vector: return the merged Δ = θ − θ0 as a :class:`TaskVector` (kind "nonlinear",
+            base_model / base_fingerprint from the vectors or the base, task ``"merge:<method>"``,
+            ``training={"merge": {method, weights, params, sources}}``).
+        check_base_model: compare each vector's recorded ``base_fingerprint`` with the base
+            (``BaseModelMismatchError`` on a mismatch); vectors of different bases always raise.
         params: method parameters (``density``, ``majority_sign_method``, ``lambda_``, ``seed``, ...).
+
+    DARE methods draw their masks from one generator per parameter, seeded with
+    ``methods.parameter_seed(seed, name)`` (derived from the seed and the parameter *name*, not its
+    position), so a given ``seed`` reproduces a whole merge, in memory and streaming alike, whatever
+    order the tensors are read in (without ``seed`` the global torch RNG is used).
 
     Returns a merged deep copy of the base module (or a state dict if ``base`` was one).
     """
@@ -104,22 +158,14 @@ def merge(
         raise MergeConfigError("empty list of task vectors: nothing to merge")
     fn = get_merge_method(method)
     out_dtype = _as_dtype(dtype)
-    loaded = [_load_vector(v) for v in vectors]
-    fps = {m.get("base_fingerprint") for _, m in loaded if m.get("base_fingerprint")}
-    if len(fps) > 1:
-        bases = [m.get("base_model") or m.get("base_fingerprint") for _, m in loaded]
-        raise BaseModelMismatchError(f"task vectors were made from different base models: {bases}")
-    kinds = {m.get("kind") for _, m in loaded if m.get("kind")}
-    if "linear" in kinds:
-        raise MergeConfigError("linear (tangent) task vectors cannot be merged into the weights; merge them in the linearized model")
+    tvs = [_load_vector(v) for v in vectors]
+    labels = [f"vector {i}" + (f" ({v!r})" if isinstance(v, (str, os.PathLike)) else "") for i, v in enumerate(vectors)]
+    metas = [tv.metadata() for tv in tvs]
+    check_vectors_compatible(metas, labels)
     base_sd, module = _base_state(base)
-    if fps and module is not None:
-        try:
-            from ..task_vector import fingerprint
-        except ImportError:  # TaskVector module not available: skip the check
-            fingerprint = None
-        if fingerprint is not None and fingerprint(module) not in fps:
-            raise BaseModelMismatchError(f"task vectors were made from base fingerprint {fps.pop()}, not from the given base")
+    if check_base_model and any(m.get("base_fingerprint") for m in metas):
+        check_base(metas, base_fingerprints(base_sd, module), "model" if module is not None else "state dict", labels)
+    loaded = [(tv.tensors, m) for tv, m in zip(tvs, metas)]
 
     needs = REQUIRES_STATISTICS.get(method)
     stats, stat_n = None, None
@@ -160,7 +206,7 @@ def merge(
             taus.append(tau.float() if tau.dtype != torch.float64 else tau)
         kw = dict(params)
         if seed is not None:
-            kw["seed"] = int(seed) + i  # one stream per parameter, reproducible in streaming order
+            kw["seed"] = parameter_seed(seed, name)  # by name: same masks in memory and streaming
         if stats is not None:
             fs = []
             for k, s in enumerate(stats):
@@ -177,13 +223,16 @@ def merge(
     target = {n: (out_dtype or base_sd[n].dtype) for n in merged}
     if return_task_vector:
         tensors = {n: d.to(target[n]) for n, d in merged.items()}
-        try:
-            from ..task_vector import TaskVector
-        except ImportError:
-            return tensors
-        meta = loaded[0][1]
-        return TaskVector(tensors, base_model=meta.get("base_model"), base_fingerprint=meta.get("base_fingerprint"),
-                          kind="nonlinear", task=f"merge:{method}")
+        known = [m for m in metas if m.get("base_fingerprint") or m.get("base_model")]
+        m0 = known[0] if known else {}
+        base_name = m0.get("base_model") or (getattr(getattr(module, "config", None), "_name_or_path", None) or None)
+        recipe = {"method": method, "weights": weights if not torch.is_tensor(weights) else weights.tolist(),
+                  "params": {k: v for k, v in {**params, "seed": seed}.items()
+                             if v is not None and isinstance(v, (int, float, str, bool, list))},
+                  "sources": [m.get("task") or lab for m, lab in zip(metas, labels)]}
+        return TaskVector(tensors, base_model=base_name, base_model_revision=m0.get("base_model_revision"),
+                          base_fingerprint=m0.get("base_fingerprint") or (fingerprint(module) if module is not None else None),
+                          kind="nonlinear", task=f"merge:{method}", training={"merge": recipe})
     new_sd = {}
     for n, b in base_sd.items():
         if n in merged:

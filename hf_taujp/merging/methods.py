@@ -13,6 +13,7 @@ All arithmetic runs in float32 (or float64 if the inputs are float64); the calle
 from __future__ import annotations
 
 import warnings
+import zlib
 from typing import Callable, Sequence
 
 import torch
@@ -117,6 +118,13 @@ def _generator(seed: int | None) -> torch.Generator | None:
     g = torch.Generator()
     g.manual_seed(int(seed))
     return g
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """Seed of parameter ``name``'s own random stream in a seeded merge: 1_000_003·seed + crc32(name)
+    modulo 2⁶³. Name-based, so reading tensors in another order (streaming, sharded files) draws the
+    same DARE masks."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63)
 
 
 def _random_prune(stack: torch.Tensor, density: float, seed: int | None) -> torch.Tensor:

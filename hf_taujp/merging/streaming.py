@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import hub
 from .merge import _as_dtype
-from .methods import REQUIRES_STATISTICS, MergeConfigError, MissingStatisticsError, get_merge_method
+from .methods import REQUIRES_STATISTICS, parameter_seed, MergeConfigError, MissingStatisticsError, get_merge_method
 
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
          "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model", "tokenizer.model",
@@ -133,7 +133,7 @@ def merge_streaming(
                             taus.append(torch.zeros(b.shape, dtype=torch.float32))
                     kw = dict(params)
                     if seed is not None:
-                        kw["seed"] = int(seed) + i
+                        kw["seed"] = parameter_seed(seed, name)
                     if needs:
                         fs = []
                         for k, r in enumerate(stat_readers):
