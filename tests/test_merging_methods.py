@@ -158,3 +158,43 @@ def test_empty_and_missing_stats_and_nan():
         M.fisher_average(None, _rand(0, n=2), fishers=[bad, torch.ones(6, 7)])
     with pytest.raises(HfTaujpError, match="unknown merge method"):
         M.get_merge_method("nope")
+
+
+def test_kth_largest_and_mergekit_mask_match_a_sort():
+    g = torch.Generator().manual_seed(5)
+    for n in (7, 3000, (1 << 20) + 12345):  # the last one takes the sampled-bracket path
+        a = torch.randn(n, generator=g).abs()
+        srt = torch.sort(a, descending=True).values
+        for k in (1, n // 5, n // 2, n):
+            k = max(1, k)
+            assert M.kth_largest(a, k).item() == srt[k - 1].item()
+    # mergekit's rule: the k = max(1, int(density·n)) entries first in argsort(|t|, descending)
+    t = torch.randn(1100, 1000, generator=g)
+    k = max(1, int(0.2 * t.numel()))
+    want = torch.zeros(t.numel(), dtype=torch.bool)
+    want[torch.argsort(t.abs().reshape(-1), descending=True)[:k]] = True
+    assert torch.equal(M._magnitude_mask_mergekit(t, 0.2), want.reshape(t.shape))
+    # ties at the threshold keep every tied entry (documented difference from argsort's arbitrary pick)
+    assert int(M._magnitude_mask_mergekit(torch.tensor([3.0, 1.0, 1.0, 1.0]), 0.5).sum()) == 4
+
+
+def test_ties_mergekit_loop_equals_stacked_formula():
+    taus = _rand(4, n=4, shape=(30, 20))
+    w = [0.5, 1.0, -0.7, 2.0]
+    for msm in ("total", "frequency"):
+        out = M.ties(None, taus, weights=w, density=0.3, majority_sign_method=msm, definition="mergekit")
+        # mergekit's formula written with (T, *S) stacks, argsort trim
+        k = int(0.3 * 600)
+        tr = []
+        for t in taus:
+            m = torch.zeros(600)
+            m[torch.argsort(t.abs().reshape(-1), descending=True)[:k]] = 1
+            tr.append(t * m.reshape(t.shape))
+        wt = torch.tensor(w).reshape(4, 1, 1)
+        d = torch.stack(tr) * wt
+        el = d.sum(0) if msm == "total" else d.sign().sum(0)
+        sign = (el >= 0).float() * 2 - 1
+        mask = d.sign() == sign
+        div = (wt * mask).sum(0)
+        div[div == 0] = 1
+        torch.testing.assert_close(out, (d * mask).sum(0) / div)

@@ -115,6 +115,24 @@ def test_gpt2_causal_lm_equals_finite_difference_linearization_and_its_loss():
         plain = pm(input_ids=x).logits
     assert_close(plain, base(input_ids=x).logits, 1e-6)
     assert_close(pm(input_ids=x).logits, ref)  # re-enabled
+    nxt = pm.generate(input_ids=x, max_new_tokens=1)[:, -1]  # decoding reads f_lin too
+    assert torch.equal(nxt, ref[:, -1].argmax(-1))
+
+
+def test_generate_with_zero_tau_is_base_greedy_and_bf16_keeps_fp32_tau():
+    base = gpt2()
+    pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="CAUSAL_LM"))
+    x = torch.randint(1, 100, (2, 5))
+    want = base.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(pm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4), want)
+    with pytest.raises(HfTaujpError, match="num_beams"):
+        pm.generate(input_ids=x, num_beams=2)
+    pmb = peft.get_peft_model(copy.deepcopy(base).to(torch.bfloat16), LinearizedConfig(task_type="CAUSAL_LM"))
+    assert {p.dtype for p in pmb.parameters() if p.requires_grad} == {torch.float32}
+    out = pmb(input_ids=x, labels=x)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in pmb.parameters() if p.requires_grad)
 
 
 def test_t5_seq2seq_with_labels(monkeypatch):

@@ -9,12 +9,15 @@ from .methods import (
     get_merge_method,
     gradient_matching,
     magnitude_prune,
+    parameter_seed,
+    regmean,
     register_merge_method,
     task_arithmetic,
     ties,
 )
 from .merge import merge
 from .fisher import estimate_fisher
+from .regmean import estimate_gram
 from .recipe import cli_merge, load_recipe, merge_from_config
 from .search import search_coefficients
 from .statistics import FisherStatistics, GramStatistics, Statistics

@@ -73,6 +73,7 @@ def estimate_fisher(
     parameters: Iterable[str] | None = None,
     progress: bool = True,
     task: str | None = None,
+    chunk_size: int | None = None,
 ) -> FisherStatistics:
     """Diagonal Fisher of ``model`` over ``data`` (a DataLoader / list / iterable of dict batches, or a
     ``datasets.Dataset`` / torch ``Dataset`` of dict examples batched here with ``collate_fn``,
@@ -80,6 +81,8 @@ def estimate_fisher(
 
     Per-example gradients come from ``vmap(grad(log p(ŷ_n | x_n)))`` over the batch, so one forward /
     backward per batch instead of a batch-size-1 loop. The model runs in eval mode (no dropout).
+    ``chunk_size``: examples per vmap call inside a batch (``torch.func.vmap(chunk_size=...)``) to bound
+    the memory of the per-example gradients, B × the trainable parameters (default: the whole batch).
     Returns a :class:`FisherStatistics` with ``tensors[name]`` (parameter shape) = mean squared
     gradient and ``num_examples`` = N (s_t in gradient matching).
     """
@@ -126,7 +129,7 @@ def estimate_fisher(
                 out = functional_call(model, ({**p, **frozen}, buffers), args=(), kwargs={**inp, **kw})
                 return _log_lik(out.logits[0], yy, mm, kind)
 
-            grads = vmap(grad(loglik), in_dims=(None, 0, 0, 0))(params, inputs, y, mask)
+            grads = vmap(grad(loglik), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(params, inputs, y, mask)
             for n, gr in grads.items():
                 sums[n] += (gr.to(sums[n].dtype) ** 2).sum(0)
             n_b = y.shape[0]

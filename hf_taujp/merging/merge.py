@@ -83,14 +83,21 @@ def check_base(metas: Sequence[Mapping[str, Any]], fps: set[str], base_label: st
                 f"{base_label} has fingerprint {sorted(fps)[0]}; merge it into the base it was made from")
 
 
-def _load_stat(s: Any) -> tuple[dict[str, torch.Tensor], float | None]:
+def _load_stat(s: Any, kind: str) -> tuple[dict[str, torch.Tensor] | None, float | None]:
+    """(tensors, num_examples) of a Statistics object, a dict of tensors, or a statistics folder / repo id."""
     if s is None:
         return None, None
     if isinstance(s, Mapping):
         return dict(s), None
+    if isinstance(s, (str, os.PathLike)):
+        from .statistics import FisherStatistics, GramStatistics
+
+        s = (FisherStatistics if kind == "fisher" else GramStatistics).from_pretrained(s)
     if hasattr(s, "tensors"):
+        if getattr(s, "kind", kind) != kind:
+            raise MergeConfigError(f"got {s.kind} statistics where {kind} statistics are needed")
         return dict(s.tensors), getattr(s, "num_examples", None)
-    raise MergeConfigError(f"cannot use {type(s).__name__} as a statistic (need a dict of tensors or a Statistics)")
+    raise MergeConfigError(f"cannot use {type(s).__name__} as a statistic (need a dict of tensors, a Statistics or a folder)")
 
 
 def _base_state(base: Any):
@@ -118,6 +125,7 @@ def merge(
     *,
     weights=None,
     fishers: Sequence[Any] | None = None,
+    grams: Sequence[Any] | None = None,
     base_fisher: Any = None,
     num_examples: Sequence[float] | None = None,
     return_task_vector: bool = False,
@@ -138,6 +146,8 @@ def merge(
         method: registry name (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
             ``magnitude_prune``, ``fisher_average``, ``gradient_matching``).
         weights: one α per vector (or one shared); negative α negates.
+        grams: per-task Gram statistics for ``regmean`` (GramStatistics from ``estimate_gram``, folders
+            / repo ids, or dicts ``"<module>.weight" -> (in, in)``); weights without a Gram are averaged.
         fishers / base_fisher / num_examples: per-task diagonal Fisher (Statistics or dicts), the base
             model's Fisher and the dataset sizes s_t (taken from Statistics.num_examples when omitted).
         return_task_vector: return the merged Δ = θ − θ0 as a :class:`TaskVector` (kind "nonlinear",
@@ -168,18 +178,21 @@ def merge(
     loaded = [(tv.tensors, m) for tv, m in zip(tvs, metas)]
 
     needs = REQUIRES_STATISTICS.get(method)
-    stats, stat_n = None, None
+    stats, stat_n, layouts = None, None, {}
     if needs:
-        if not fishers:
-            raise MissingStatisticsError(f"method {method!r} needs one {needs} statistic per task vector (fishers=...)")
-        if len(fishers) != len(vectors):
-            raise MissingStatisticsError(f"got {len(fishers)} {needs} statistics for {len(vectors)} task vectors")
-        pairs = [_load_stat(f) for f in fishers]
+        given, arg = (fishers, "fishers") if needs == "fisher" else (grams, "grams")
+        if not given:
+            raise MissingStatisticsError(f"method {method!r} needs one {needs} statistic per task vector ({arg}=...)")
+        if len(given) != len(vectors):
+            raise MissingStatisticsError(f"got {len(given)} {needs} statistics for {len(vectors)} task vectors")
+        pairs = [_load_stat(f, needs) for f in given]
+        for f in given:
+            layouts.update((getattr(f, "extra", None) or {}).get("weight_layout") or {})
         stats = [p[0] for p in pairs]
         stat_n = [p[1] for p in pairs]
         if num_examples is None and all(n is not None for n in stat_n):
             num_examples = stat_n
-        bf, bn = _load_stat(base_fisher)
+        bf, bn = _load_stat(base_fisher, "fisher")
         if bf is not None:
             params.setdefault("base_num_examples", bn if bn is not None else 1.0)
         params["base_fisher_dict"] = bf
@@ -207,7 +220,14 @@ def merge(
         kw = dict(params)
         if seed is not None:
             kw["seed"] = parameter_seed(seed, name)  # by name: same masks in memory and streaming
-        if stats is not None:
+        if stats is not None and needs == "gram":
+            have = [name in st for st in stats]
+            if any(have):
+                if not all(have):
+                    raise MissingStatisticsError(f"gram of task vector {have.index(False)} has no entry for {name} (others do)")
+                kw["grams"] = [st[name] for st in stats]
+                kw["layout"] = layouts.get(name, "out_in")
+        elif stats is not None:
             fs = []
             for k, s in enumerate(stats):
                 if name not in s:

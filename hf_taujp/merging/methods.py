@@ -32,6 +32,9 @@ class MissingStatisticsError(HfTaujpError):
 MERGE_METHODS: dict[str, Callable[..., torch.Tensor]] = {}
 # methods that need per-task statistics, and which kind
 REQUIRES_STATISTICS: dict[str, str] = {}
+# methods whose output entry depends only on the same entry of the inputs (no per-tensor threshold,
+# no random stream): streaming merges may run them on slices of a tensor
+ELEMENTWISE_METHODS: set[str] = {"task_arithmetic", "fisher_average", "gradient_matching"}
 
 
 def register_merge_method(name: str, needs: str | None = None):
@@ -101,15 +104,47 @@ def _magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     return mask.reshape(t.shape)
 
 
+def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the 1-D tensor ``a`` (exact), without sorting it.
+
+    Large tensors: a fixed-seed sample of 2¹⁶ entries brackets the answer between two sample
+    quantiles; one pass counts the entries above the bracket and keeps those inside it, and
+    ``kthvalue`` runs on that small band. Falls back to ``kthvalue`` on everything if the bracket
+    misses (never wrong, only slower). Uses its own generator: the global RNG is untouched.
+    """
+    n = a.numel()
+    if not 1 <= k <= n:
+        raise MergeConfigError(f"k={k} outside [1, {n}]")
+    if n <= 1 << 20:
+        return torch.kthvalue(a, n - k + 1).values
+    g = torch.Generator().manual_seed(n)
+    sample = a[torch.randint(n, (1 << 16,), generator=g)].to(torch.float64)
+    q = 1.0 - k / n
+    margin = 6.0 * (max(q * (1 - q), 1e-6) / (1 << 16)) ** 0.5 + 1e-4
+    lo, hi = torch.quantile(sample, torch.tensor([max(0.0, q - margin), min(1.0, q + margin)], dtype=torch.float64))
+    lo, hi = lo.to(a.dtype), hi.to(a.dtype)
+    above = int((a > hi).sum())
+    if above < k:
+        band = a[(a >= lo) & (a <= hi)]
+        need = k - above
+        if band.numel() >= need:
+            return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(a, n - k + 1).values
+
+
 def _magnitude_mask_mergekit(t: torch.Tensor, density: float) -> torch.Tensor:
-    """mergekit's rule: k = max(1, floor(density·numel)) entries by argsort(|t|, descending)."""
+    """mergekit 0.1.5's ``sparsify.magnitude`` mask: the k = max(1, int(density·numel)) largest |t|.
+
+    mergekit picks them with ``argsort(|t|, descending)[:k]``; here |t| ≥ (k-th largest |t|), found
+    by :func:`kth_largest` (O(numel) instead of a sort). Identical whenever the k-th and (k+1)-th
+    largest |t| differ; when several entries tie at the threshold all of them are kept (mergekit
+    keeps an arbitrary k of them, the order argsort happens to leave).
+    """
     if density >= 1.0:
         return torch.ones_like(t, dtype=torch.bool)
+    a = t.abs()
     k = max(1, int(density * t.numel()))
-    idx = torch.argsort(t.abs().reshape(-1), descending=True)[:k]
-    mask = torch.zeros(t.numel(), dtype=torch.bool)
-    mask[idx] = True
-    return mask.reshape(t.shape)
+    return a >= kth_largest(a.reshape(-1), k)
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -166,8 +201,16 @@ def task_arithmetic(base, vectors, *, weights=None, lambda_: float = 1.0, **_) -
     ``weights`` = α (one per vector or one shared; negative α negates a task). Same as PEFT's
     ``merge_utils.task_arithmetic`` and mergekit's ``task_arithmetic`` (normalize: false).
     """
-    s = _stack(vectors)
-    return lambda_ * (s * _weights(weights, len(s), s)).sum(0)
+    if len(vectors) == 0:
+        raise MergeConfigError("empty list of task vectors: nothing to merge")
+    w = _weights(weights, len(vectors), torch.empty(len(vectors), dtype=_compute_dtype(vectors[0]))).reshape(-1)
+    # accumulate instead of stacking: one output-sized buffer, not T of them
+    out = None
+    for t, a in zip(vectors, w.tolist()):
+        if tuple(t.shape) != tuple(vectors[0].shape):
+            raise MergeConfigError(f"task vectors have different shapes: {tuple(vectors[0].shape)} vs {tuple(t.shape)}")
+        out = t.to(w.dtype) * a if out is None else out.add_(t.to(w.dtype), alpha=a)
+    return out if lambda_ == 1 else out.mul_(lambda_)
 
 
 @register_merge_method("magnitude_prune")
@@ -204,29 +247,55 @@ def ties(
     (With α = 1 this is the official TIES code, except that the official code trims over the whole
     flattened model vector instead of tensor by tensor.)
 
-    ``definition="mergekit"`` follows mergekit 0.1.5: k = max(1, floor(density·numel)) by
-    argsort; δ_t = α_t τ̂_t; sign = + where Σ δ_t ≥ 0; Δ = Σ δ_t m_t / Σ α_t m_t if ``normalize``
+    ``definition="mergekit"`` follows mergekit 0.1.5: keep the k = max(1, floor(density·numel))
+    largest |τ_t| (by a linear-time threshold, see :func:`_magnitude_mask_mergekit` for the tie
+    case); δ_t = α_t τ̂_t; sign = + where Σ δ_t ≥ 0; Δ = Σ δ_t m_t / Σ α_t m_t if ``normalize``
     (zero denominator → 1) else Σ δ_t m_t.
     """
     density = check_density(density)
-    s = _stack(vectors)
-    w = _weights(weights, len(s), s)
     if definition == "peft":
+        s = _stack(vectors)
+        w = _weights(weights, len(s), s)
         trimmed = torch.stack([t * _magnitude_mask(t, density) for t in s], 0)
         sign = _majority_sign(trimmed, majority_sign_method)
         mask = (trimmed.sign() == sign).to(s.dtype)
         return lambda_ * _disjoint_mean(trimmed * w, mask)
     if definition == "mergekit":
-        trimmed = torch.stack([t * _magnitude_mask_mergekit(t, density) for t in s], 0)
-        delta = trimmed * w
-        sign = _majority_sign(delta, majority_sign_method)
-        mask = (delta.sign() == sign).to(s.dtype)
-        out = (delta * mask).sum(0)
+        # loop over vectors instead of materialising (T, *S) stacks of masks and products:
+        # peak ≈ T deltas + 3 buffers rather than ~5 T.
+        if len(vectors) == 0:
+            raise MergeConfigError("empty list of task vectors: nothing to merge")
+        if len({tuple(v.shape) for v in vectors}) != 1:
+            raise MergeConfigError(f"task vectors have different shapes: {sorted({tuple(v.shape) for v in vectors})}")
+        dt = torch.float64 if any(v.dtype == torch.float64 for v in vectors) else torch.float32
+        ws = _weights(weights, len(vectors), torch.empty(len(vectors), dtype=dt)).reshape(-1).tolist()
+        deltas = []
+        for t, a in zip(vectors, ws):
+            t = t.to(dt)
+            deltas.append(t.mul(_magnitude_mask_mergekit(t, density)).mul_(a))
+        if majority_sign_method == "total":
+            elect = deltas[0].clone()
+            for d in deltas[1:]:
+                elect.add_(d)
+        elif majority_sign_method == "frequency":
+            elect = deltas[0].sign()
+            for d in deltas[1:]:
+                elect.add_(d.sign())
+        else:
+            raise MergeConfigError(f'majority_sign_method must be "total" or "frequency", got {majority_sign_method!r}')
+        positive = elect >= 0
+        del elect
+        out = torch.zeros_like(deltas[0])
+        div = torch.zeros_like(deltas[0]) if normalize else None
+        for d, a in zip(deltas, ws):
+            agree = torch.where(positive, d > 0, d < 0)  # sign(δ) == elected sign (zeros never agree)
+            out.add_(d * agree)
+            if normalize:
+                div.add_(agree, alpha=a)
         if normalize:
-            div = (w * mask).sum(0)
-            div = torch.where(div == 0, torch.ones_like(div), div)
-            out = out / div
-        return lambda_ * out
+            div[div == 0] = 1.0
+            out.div_(div)
+        return out.mul_(lambda_) if lambda_ != 1 else out
     raise MergeConfigError(f'ties definition must be "peft" or "mergekit", got {definition!r}')
 
 
@@ -328,3 +397,66 @@ def gradient_matching(base, vectors, *, fishers=None, num_examples=None, base_fi
     if (denom == 0).any():
         raise HfTaujpError(f"gradient_matching: zero curvature with delta=0 for {name or 'a parameter'}; use delta > 0")
     return lambda_ * ((prior + sH) / denom * s).sum(0)
+
+
+@register_merge_method("regmean", needs="gram")
+def regmean(base, vectors, *, grams=None, weights=None, reduce_non_diagonal_ratio: float = 0.9,
+            layout: str = "out_in", nonlinear: str = "average", name: str = "", **_) -> torch.Tensor:
+    """RegMean (Jin et al., ICLR 2023, Eq. 2 with the off-diagonal scaling of §3.3).
+
+    Linear weight with per-task input Grams G_t (in × in): G̃_t = α_t·(a·G_t + (1 − a)·diag(G_t)),
+    a = ``reduce_non_diagonal_ratio`` (the paper's α; 1 = exact least squares, 0 = diagonal only),
+    α_t = ``weights`` (default 1). With W = θ0 + τ, the merged W* = (Σ_t G̃_t)⁻¹ Σ_t G̃_t W_t gives
+    Δ = W* − θ0 = (Σ_t G̃_t)⁻¹ Σ_t G̃_t τ_t for ``layout="in_out"`` (Conv1D, y = xW) and
+    Δ = (Σ_t τ_t G̃_t)(Σ_t G̃_t)⁻¹ for ``layout="out_in"`` (nn.Linear, y = xWᵀ). Solved in float64.
+
+    Weights without a Gram (``grams=None``: biases, embeddings, norms) follow ``nonlinear``:
+    ``"average"`` (the paper: Δ = Σ α_t τ_t / Σ α_t) or ``"task_arithmetic"`` (Δ = Σ α_t τ_t).
+    """
+    if not 0.0 <= float(reduce_non_diagonal_ratio) <= 1.0:
+        raise MergeConfigError(f"reduce_non_diagonal_ratio must be in [0, 1], got {reduce_non_diagonal_ratio}")
+    s = _stack(vectors, name)
+    w = _weights(weights, len(s), s)
+    if grams is None:
+        if nonlinear == "average":
+            return (s * w).sum(0) / w.sum()
+        if nonlinear == "task_arithmetic":
+            return (s * w).sum(0)
+        raise MergeConfigError(f'nonlinear must be "average" or "task_arithmetic", got {nonlinear!r}')
+    _check_stats_gram(grams, len(s), name)
+    if s.dim() != 3:
+        raise MergeConfigError(f"regmean: {name} has a Gram matrix but is not a 2-D weight ({tuple(s.shape[1:])})")
+    if layout not in ("out_in", "in_out"):
+        raise MergeConfigError(f'layout must be "out_in" (nn.Linear) or "in_out" (Conv1D), got {layout!r}')
+    d_in = s.shape[2] if layout == "out_in" else s.shape[1]
+    a = float(reduce_non_diagonal_ratio)
+    total, rhs = None, None
+    for t, G, alpha in zip(s, grams, w.reshape(-1).tolist()):
+        G = G.to(torch.float64)
+        if tuple(G.shape) != (d_in, d_in):
+            raise MergeConfigError(f"regmean: Gram of {name} has shape {tuple(G.shape)}, expected {(d_in, d_in)} "
+                                   f"for a {layout} weight of shape {tuple(s.shape[1:])}")
+        Gt = alpha * (a * G + (1.0 - a) * torch.diag(torch.diagonal(G)))
+        term = Gt @ t.to(torch.float64) if layout == "in_out" else t.to(torch.float64) @ Gt
+        total = Gt if total is None else total + Gt
+        rhs = term if rhs is None else rhs + term
+    try:
+        if layout == "in_out":
+            delta = torch.linalg.solve(total, rhs)
+        else:  # X Σ = R  ⇔  Σᵀ Xᵀ = Rᵀ, Σ symmetric
+            delta = torch.linalg.solve(total, rhs.T).T
+    except RuntimeError:
+        warnings.warn(f"regmean: singular Gram sum for {name or 'a weight'}; using the pseudo-inverse")
+        pinv = torch.linalg.pinv(total)
+        delta = pinv @ rhs if layout == "in_out" else rhs @ pinv
+    return delta.to(s.dtype)
+
+
+def _check_stats_gram(grams, n: int, name: str) -> None:
+    if len(grams) != n:
+        raise MissingStatisticsError(f"got {len(grams)} Gram matrices for {n} task vectors ({name})")
+    for i, g in enumerate(grams):
+        if g is None:
+            raise MissingStatisticsError(f"Gram matrix of task vector {i} missing for {name or 'a weight'}")
+        if not torch.isfinite(g).all():
+            raise HfTaujpError(f"Gram matrix of task vector {i} has NaN/inf entries for {name or 'a weight'}")

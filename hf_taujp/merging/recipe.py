@@ -7,6 +7,7 @@ vectors:                               # mergekit's "models" accepted
   - path: me/gpt2-tv-sst2              # TaskVector folder or repo id
     weight: 1.0
     fisher: me/gpt2-tv-sst2-fisher     # needed by fisher_average / gradient_matching
+    gram: me/gpt2-tv-sst2-gram         # needed by regmean
   - path: me/gpt2-tv-cola
     weight: 0.5
 parameters: {density: 0.2, lambda_: 1.0, majority_sign_method: total, seed: 0}
@@ -77,11 +78,15 @@ def merge_from_config(path_or_dict: str | os.PathLike | dict, output: str | None
     fishers = fishers if any(f is not None for f in fishers) else None
     if fishers is not None and any(f is None for f in fishers):
         raise MergeConfigError("give a `fisher:` for every vector or for none")
+    grams = [v.get("gram") for v in vecs]
+    grams = grams if any(g is not None for g in grams) else None
+    if grams is not None and any(g is None for g in grams):
+        raise MergeConfigError("give a `gram:` for every vector or for none")
     params = dict(rec.get("parameters") or {})
     if "lambda" in params:
         params["lambda_"] = params.pop("lambda")
     merge_streaming(rec["base_model"], [v["path"] for v in vecs], output, rec["method"], weights=weights,
-                    fishers=fishers, base_fisher=rec.get("base_fisher"), dtype=rec.get("dtype"),
+                    fishers=fishers, grams=grams, base_fisher=rec.get("base_fisher"), dtype=rec.get("dtype"),
                     output_kind=rec.get("output_kind", "model"), max_shard_size=rec.get("max_shard_size", "2GB"),
                     recipe={k: v for k, v in rec.items() if k != "push_to_hub"}, progress=progress, **params)
     if rec.get("push_to_hub"):

@@ -93,6 +93,26 @@ class _File:
             done += got
         return buf.view(dtype).reshape(e["shape"])
 
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Read elements [start, start + out.numel()) of the flattened tensor ``name`` into ``out``
+        (1-D, same dtype): no allocation, so a reused buffer never page-faults again."""
+        e = self.entries[name]
+        if _DTYPES[e["dtype"]] != out.dtype:
+            raise hub.HfTaujpError(f"{name}: stored as {e['dtype']}, buffer is {out.dtype}")
+        size = out.element_size()
+        a = e["data_offsets"][0] + start * size
+        nbytes = out.numel() * size
+        if a + nbytes > e["data_offsets"][1]:
+            raise hub.HfTaujpError(f"{name}: range beyond the tensor")
+        view = memoryview(out.view(torch.uint8).numpy())
+        done, fd = 0, self._fileno()
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:done + _MAX_IO]], self.data_start + a + done)
+            if got <= 0:
+                raise hub.CorruptFileError(f"{self.path!r}: unexpected end of file reading {name!r}.")
+            done += got
+        return out
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -154,6 +174,10 @@ class StreamReader:
     def get(self, name: str) -> torch.Tensor:
         self._entry(name)
         return self.files[self.weight_map[name]].get(name)
+
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        self._entry(name)
+        return self.files[self.weight_map[name]].read_into(name, start, out)
 
     def sampled_state(self) -> tuple[dict[str, torch.Tensor], list]:
         """All tensors as zero-copy views of private memory maps, for ``task_vector.fingerprint``, which
@@ -242,10 +266,28 @@ class ShardedWriter:
             done += os.pwrite(self.fds[j], view[done:done + _MAX_IO], off + done)
         self.pending.discard(name)
 
-    def close(self) -> list[str]:
+    def write_range(self, name: str, start: int, chunk: torch.Tensor) -> None:
+        """Write a 1-D ``chunk`` as elements [start, start + numel) of the flattened tensor ``name``
+        (the caller writes every element of the tensor exactly once across its ranges)."""
+        j, off, nbytes, shape, dtype = self.where[name]
+        if chunk.dtype != dtype:
+            raise hub.HfTaujpError(f"{name}: writing {chunk.dtype}, laid out as {dtype}.")
+        size = chunk.element_size()
+        if (start + chunk.numel()) * size > nbytes:
+            raise hub.HfTaujpError(f"{name}: range beyond the tensor")
+        view = _as_bytes(chunk)
+        done, base = 0, off + start * size
+        while done < len(view):
+            done += os.pwrite(self.fds[j], view[done:done + _MAX_IO], base + done)
+        if start + chunk.numel() == math.prod(shape):
+            self.pending.discard(name)
+
+    def close(self, check: bool = True) -> list[str]:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        if not check:
+            return []
         if self.pending:
             raise hub.HfTaujpError(f"{len(self.pending)} output tensors were never written (e.g. {sorted(self.pending)[0]!r}).")
         if len(self.fnames) > 1:

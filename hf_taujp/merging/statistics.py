@@ -47,8 +47,10 @@ class Statistics:
                 json.dump(self.config(), f, indent=2)
             card = (f"---\nlibrary_name: hf-taujp\ntags: [hf-taujp, {self.kind}]\n"
                     + (f"base_model: {self.base_model}\n" if self.base_model else "")
-                    + f"---\n# {self.kind} statistics\n\nDiagonal {self.kind} of task `{self.task}` "
-                    f"over {self.num_examples} examples, for merging with hf-taujp (fisher_average, gradient_matching).\n")
+                    + f"---\n# {self.kind} statistics\n\n"
+                    + ("Diagonal Fisher" if self.kind == "fisher" else "Input Gram matrices (RegMean)")
+                    + f" of task `{self.task}` over {self.num_examples} examples, for merging with hf-taujp ("
+                    + ("fisher_average, gradient_matching" if self.kind == "fisher" else "regmean") + ").\n")
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write(card)
 

@@ -1,22 +1,29 @@
 """Out-of-core merges: read base, vectors and statistics tensor by tensor from (sharded) safetensors
 folders (local or Hub), write sharded safetensors + index into an atomic output folder.
 
-Peak memory ≈ (K + 2) × the largest tensor + one output shard, not K × the model.
+Peak memory ≈ (K + 1) input tensors of the current and of the next parameter (read ahead by a
+thread while the current one is merged) plus the method's working set: a few × the largest tensor,
+never K × the model. Inputs are read with ``pread`` and the output written with ``pwrite`` at
+precomputed offsets (``safetensors_io``), so neither memory-mapped input pages nor output shards
+accumulate in memory.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import hub
-from .merge import _as_dtype
-from .methods import REQUIRES_STATISTICS, parameter_seed, MergeConfigError, MissingStatisticsError, get_merge_method
+from ..task_vector import FORMAT as TV_FORMAT, fingerprint
+from .merge import _as_dtype, check_base, check_vectors_compatible
+from .methods import ELEMENTWISE_METHODS, REQUIRES_STATISTICS, MergeConfigError, MissingStatisticsError, get_merge_method, parameter_seed
+from .safetensors_io import ShardedWriter, StreamReader
 
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
          "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model", "tokenizer.model",
@@ -27,7 +34,56 @@ def _model_prefix(d: str) -> str:
     for p in ("model", "pytorch_model"):
         if os.path.exists(os.path.join(d, p + ".safetensors")) or os.path.exists(os.path.join(d, p + ".safetensors.index.json")):
             return p
+    hub._refuse_pickles(d, "Base model")
     raise hub.CorruptFileError(f"no model.safetensors (or index) in base folder {d!r}")
+
+
+def _folder_fingerprints(base_dir: str, reader: StreamReader) -> set[str]:
+    """Fingerprints the base folder's weights may have been recorded under: of the tensors as saved, and
+    with tied weights (dropped by ``save_pretrained``, e.g. GPT-2's lm_head) restored under their names
+    as ``model.state_dict()`` lists them. Reads ~256 entries per tensor through memory maps."""
+    state, maps = reader.sampled_state()
+    try:
+        out = {fingerprint(state)}
+        tied = _tied_aliases(base_dir)
+        extra = {t: state[s] for t, s in tied.items() if s in state and t not in state}
+        if extra:
+            out.add(fingerprint({**state, **extra}))
+        return out
+    finally:
+        del state
+        for mm in maps:
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive somewhere: leave the map to the GC
+                pass
+
+
+def _tied_aliases(base_dir: str) -> dict[str, str]:
+    """{tied name: source name} of the base's architecture, from a model built on the meta device."""
+    try:
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(base_dir)
+        arch = (getattr(cfg, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            return {}
+        with torch.device("meta"):
+            model = cls(cfg)
+        tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+        return dict(tied) if isinstance(tied, dict) else {}
+    except Exception:  # unknown architecture / config: no aliases, the plain fingerprint still applies
+        return {}
+
+
+def _stat_reader(folder: str, label: str) -> tuple[StreamReader, dict]:
+    d = hub.resolve_pretrained_dir(folder)
+    cfg = hub.read_json(os.path.join(d, "config.json"), "statistics config")
+    fmt = str(cfg.get("format", ""))
+    if fmt not in ("hf-taujp/fisher", "hf-taujp/gram"):
+        raise hub.HfTaujpError(f"{label} {folder!r} is not an hf-taujp statistics folder (format {fmt!r})")
+    return StreamReader(d, fmt.split("/")[1]), cfg
 
 
 def merge_streaming(
@@ -38,11 +94,14 @@ def merge_streaming(
     *,
     weights=None,
     fishers: Sequence[str] | None = None,
+    grams: Sequence[str] | None = None,
     base_fisher: str | None = None,
     dtype=None,
     output_kind: str = "model",
     max_shard_size: int | str = "2GB",
     recipe: dict | None = None,
+    check_base_model: bool = True,
+    chunk_elements: int = 1 << 22,
     progress: bool = True,
     **params,
 ) -> str:
@@ -51,8 +110,12 @@ def merge_streaming(
     θ_p = θ0_p + method(θ0_p, [τ_t,p], **params) in float32, cast to ``dtype`` (default: the base
     tensor's dtype). ``output_kind="model"`` writes a ``save_pretrained``-loadable folder (model
     shards + index, config and tokenizer files copied from the base); ``"task_vector"`` writes the
-    merged Δ as a TaskVector folder. Statistics (``fishers``: Fisher folders, one per vector) are
-    read the same way. Returns ``output``.
+    merged Δ as a TaskVector folder. Statistics (``fishers`` for fisher_average / gradient_matching,
+    ``grams`` for regmean: folders or repo ids, one per vector) are read the same way.
+    Vectors of different bases, or made from another base than ``base`` (recorded fingerprint),
+    raise ``BaseModelMismatchError`` before anything is written. Elementwise methods
+    (``methods.ELEMENTWISE_METHODS``) run on slices of ``chunk_elements`` entries of tensors larger
+    than that, read into reused buffers (0 disables). Returns ``output``.
     """
     if not vectors:
         raise MergeConfigError("empty list of task vectors: nothing to merge")
@@ -62,135 +125,185 @@ def merge_streaming(
     out_dtype = _as_dtype(dtype)
     base_dir = hub.resolve_pretrained_dir(base)
     vdirs = [hub.resolve_pretrained_dir(v) for v in vectors]
+    labels = [f"vector {i} ({v!r})" for i, v in enumerate(vectors)]
     cfgs = [hub.read_json(os.path.join(d, "config.json"), "task vector config") for d in vdirs]
-    for v, c in zip(vectors, cfgs):
-        if c.get("format") != "hf-taujp/task_vector":
-            raise hub.HfTaujpError(f"{v!r} is not a task vector folder (format {c.get('format')!r})")
-        if c.get("kind") == "linear":
-            raise MergeConfigError(f"{v!r} is a linear (tangent) task vector; it cannot be merged into the weights")
-    fps = {c.get("base_fingerprint") for c in cfgs if c.get("base_fingerprint")}
-    if len(fps) > 1:
-        raise hub.BaseModelMismatchError(
-            f"task vectors were made from different base models: {[c.get('base_model') or c.get('base_fingerprint') for c in cfgs]}")
+    for lab, c in zip(labels, cfgs):
+        if c.get("format") != TV_FORMAT:
+            raise hub.HfTaujpError(f"{lab} is not a task vector folder (format {c.get('format')!r})")
+    check_vectors_compatible(cfgs, labels)
     needs = REQUIRES_STATISTICS.get(method)
-    stat_readers, stat_n = None, None
-    if needs:
-        if not fishers or len(fishers) != len(vectors):
-            raise MissingStatisticsError(f"method {method!r} needs one {needs} folder per task vector (fishers=...)")
-    readers = []
+    stat_paths = {"fisher": fishers, "gram": grams}.get(needs) if needs else None
+    if needs and (not stat_paths or len(stat_paths) != len(vectors)):
+        arg = "fishers" if needs == "fisher" else "grams"
+        raise MissingStatisticsError(f"method {method!r} needs one {needs} folder per task vector ({arg}=...)")
+    readers: list[StreamReader] = []
     try:
-        base_r = hub.SafetensorsReader(base_dir, _model_prefix(base_dir))
+        base_r = StreamReader(base_dir, _model_prefix(base_dir))
         readers.append(base_r)
-        vec_r = [hub.SafetensorsReader(d, "task_vector") for d in vdirs]
+        if check_base_model and any(c.get("base_fingerprint") for c in cfgs):
+            check_base(cfgs, _folder_fingerprints(base_dir, base_r), f"{base!r}", labels)
+        vec_r = [StreamReader(d, "task_vector") for d in vdirs]
         readers += vec_r
+        stat_readers, bfr, stat_cfgs = None, None, []
         if needs:
-            sdirs = [hub.resolve_pretrained_dir(f) for f in fishers]
-            stat_n = [hub.read_json(os.path.join(d, "config.json"), "fisher config").get("num_examples") for d in sdirs]
-            stat_readers = [hub.SafetensorsReader(d, "fisher") for d in sdirs]
+            pairs = [_stat_reader(f, f"{needs} of {lab}") for f, lab in zip(stat_paths, labels)]
+            stat_readers = [r for r, _ in pairs]
+            stat_cfgs = [c for _, c in pairs]
             readers += stat_readers
+            stat_n = [c.get("num_examples") for c in stat_cfgs]
             if all(n is not None for n in stat_n):
                 params.setdefault("num_examples", stat_n)
             if base_fisher is not None:
-                bd = hub.resolve_pretrained_dir(base_fisher)
-                params.setdefault("base_num_examples", hub.read_json(os.path.join(bd, "config.json"), "fisher config").get("num_examples", 1.0))
-                bfr = hub.SafetensorsReader(bd, "fisher")
+                bfr, bcfg = _stat_reader(base_fisher, "base fisher")
                 readers.append(bfr)
-            else:
-                bfr = None
+                params.setdefault("base_num_examples", bcfg.get("num_examples", 1.0))
         base_keys = base_r.keys()
-        for v, r in zip(vectors, vec_r):
-            extra = set(r.keys()) - set(base_keys)
+        base_set = set(base_keys)
+        for lab, r in zip(labels, vec_r):
+            extra = [k for k in r.keys() if k not in base_set]
             if extra:
-                raise hub.BaseModelMismatchError(f"task vector {v!r} has parameters missing from the base: {sorted(extra)[:5]}")
+                raise hub.BaseModelMismatchError(f"{lab} has parameters missing from the base: {sorted(extra)[:5]}")
+            for k in r.keys():
+                if r.shape(k) != base_r.shape(k):
+                    raise hub.BaseModelMismatchError(f"{k}: {lab} has shape {r.shape(k)}, base {base_r.shape(k)}")
+        layouts = {}
+        for c in stat_cfgs:
+            layouts.update(c.get("weight_layout") or {})
         seed = params.pop("seed", None)
-        limit = hub.parse_size(max_shard_size)
         prefix = "model" if output_kind == "model" else "task_vector"
-        with hub.atomic_dir(output) as tmp:
-            shards: list[tuple[str, list[str]]] = []
-            buf: dict[str, torch.Tensor] = {}
-            size = total = 0
+        in_vec = {n for r in vec_r for n in r.keys()}
+        names = [n for n in base_keys if output_kind == "model" or n in in_vec]
 
-            def flush():
-                nonlocal buf, size
-                if buf:
-                    fname = f"shard-{len(shards):05d}.tmp"
-                    save_file(buf, os.path.join(tmp, fname), metadata={"format": "pt"})
-                    shards.append((fname, list(buf)))
-                    buf, size = {}, 0
+        def merged_here(n):
+            return n in in_vec and base_r.dtype(n).is_floating_point
 
-            names = [n for n in base_keys if output_kind == "model" or any(n in r for r in vec_r)]
-            for i, name in enumerate(tqdm(names, desc=f"merge ({method})", disable=not progress)):
-                b = base_r.get(name)
-                if any(name in r for r in vec_r) and b.is_floating_point():
-                    taus = []
-                    for k, r in enumerate(vec_r):
-                        if name in r:
-                            t = r.get(name)
-                            if tuple(t.shape) != tuple(b.shape):
-                                raise hub.BaseModelMismatchError(f"{name}: vector {k} shape {tuple(t.shape)} != base {tuple(b.shape)}")
-                            taus.append(t.float() if t.dtype != torch.float64 else t)
-                        else:
-                            taus.append(torch.zeros(b.shape, dtype=torch.float32))
-                    kw = dict(params)
-                    if seed is not None:
-                        kw["seed"] = parameter_seed(seed, name)
-                    if needs:
-                        fs = []
-                        for k, r in enumerate(stat_readers):
-                            if name not in r:
-                                raise MissingStatisticsError(f"fisher of vector {k} ({fishers[k]!r}) has no entry for {name}")
-                            fs.append(r.get(name))
-                        kw["fishers"] = fs
-                        if bfr is not None:
-                            kw["base_fisher"] = bfr.get(name)
-                    delta = fn(b, taus, weights=weights, name=name, **kw)
-                    target = out_dtype or b.dtype
-                    res = (b.to(delta.dtype) + delta) if output_kind == "model" else delta
-                    res = res.to(target)
-                    if not torch.isfinite(res).all():
-                        raise hub.HfTaujpError(f"merge produced NaN/inf in {name}")
+        def out_dt(n):
+            bd = base_r.dtype(n)
+            return (out_dtype or bd) if bd.is_floating_point else bd
+
+        chunk = int(chunk_elements)
+        sliced = method in ELEMENTWISE_METHODS and chunk > 0
+        buffers: dict[tuple, torch.Tensor] = {}
+
+        def by_slices(name):
+            return sliced and merged_here(name) and math.prod(base_r.shape(name)) > chunk
+
+        def buf(slot, dtype, n):  # reused per input slot: no fresh pages (page faults) per tensor
+            t = buffers.get((slot, dtype))
+            if t is None:
+                t = buffers[(slot, dtype)] = torch.empty(chunk, dtype=dtype)
+            return t[:n]
+
+        def merge_slices(name):
+            """Elementwise methods on big tensors: slice by slice, straight from the inputs to the output."""
+            total = math.prod(base_r.shape(name))
+            for start in range(0, total, chunk):
+                n = min(chunk, total - start)
+                b = base_r.read_into(name, start, buf("base", base_r.dtype(name), n))
+                taus = [r.read_into(name, start, buf(("tau", k), r.dtype(name), n)) if name in r else None
+                        for k, r in enumerate(vec_r)]
+                stats = None
+                if stat_readers is not None:
+                    stats = [r.read_into(name, start, buf(("stat", k), r.dtype(name), n)) if name in r else None
+                             for k, r in enumerate(stat_readers)]
+                bf = bfr.read_into(name, start, buf("bf", bfr.dtype(name), n)) if (bfr is not None and name in bfr) else None
+                writer.write_range(name, start, compute(name, b, taus, stats, bf))
+
+        def load(name):  # runs in the read-ahead thread: pread releases the GIL
+            if by_slices(name):
+                return None
+            b = base_r.get(name)
+            if not merged_here(name):
+                return b, None, None, None
+            taus = [r.get(name) if name in r else None for r in vec_r]
+            stats = None
+            if stat_readers is not None:
+                stats = [r.get(name) if name in r else None for r in stat_readers]
+            bf = bfr.get(name) if (bfr is not None and name in bfr) else None
+            return b, taus, stats, bf
+
+        def compute(name, b, taus, stats, bf):
+            if taus is None:
+                return b.to(out_dt(name)) if b.is_floating_point() else b
+            taus = [torch.zeros(b.shape, dtype=torch.float32) if t is None else
+                    (t if t.dtype in (torch.float32, torch.float64) else t.float()) for t in taus]
+            kw = dict(params)
+            if seed is not None:
+                kw["seed"] = parameter_seed(seed, name)
+            if stats is not None:
+                if needs == "gram":
+                    if any(s is not None for s in stats):
+                        missing = [labels[k] for k, s in enumerate(stats) if s is None]
+                        if missing:
+                            raise MissingStatisticsError(f"gram of {missing[0]} has no entry for {name} (others do)")
+                        kw["grams"] = stats
+                        kw["layout"] = layouts.get(name, "out_in")
                 else:
-                    res = b.to(out_dtype) if (out_dtype is not None and b.is_floating_point()) else b
-                res = res.contiguous()
-                nbytes = res.numel() * res.element_size()
-                if buf and size + nbytes > limit:
-                    flush()
-                buf[name] = res
-                size += nbytes
-                total += nbytes
-            flush()
-            n = len(shards)
-            if n == 1:
-                os.replace(os.path.join(tmp, shards[0][0]), os.path.join(tmp, f"{prefix}.safetensors"))
+                    for k, st in enumerate(stats):
+                        if st is None:
+                            raise MissingStatisticsError(f"{needs} of {labels[k]} ({stat_paths[k]!r}) has no entry for {name}")
+                    kw["fishers"] = stats
+                if bf is not None:
+                    kw["base_fisher"] = bf
+            delta = fn(b, taus, weights=weights, name=name, **kw)
+            if output_kind == "model":
+                fresh = delta.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in taus}
+                res = delta.add_(b) if fresh else delta + b  # in place: no second model-sized buffer
             else:
-                wm = {}
-                for j, (fname, keys) in enumerate(shards):
-                    final = f"{prefix}-{j + 1:05d}-of-{n:05d}.safetensors"
-                    os.replace(os.path.join(tmp, fname), os.path.join(tmp, final))
-                    wm.update({k: final for k in keys})
-                with open(os.path.join(tmp, f"{prefix}.safetensors.index.json"), "w") as f:
-                    json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2)
+                res = delta
+            res = res.to(out_dt(name))
+            # one reduction instead of an isfinite() mask: NaN / ±inf anywhere make the sum non-finite
+            if not bool(torch.isfinite(res.sum(dtype=torch.float64))):
+                raise hub.HfTaujpError(f"merge produced NaN/inf in {name}")
+            return res
+
+        with hub.atomic_dir(output) as tmp:
+            writer = ShardedWriter(tmp, prefix, [(n, base_r.shape(n), out_dt(n)) for n in names], max_shard_size)
+            try:
+                with ThreadPoolExecutor(1) as reader_pool, ThreadPoolExecutor(1) as writer_pool:
+                    nxt = reader_pool.submit(load, names[0]) if names else None
+                    wrote = None
+                    for j, name in enumerate(tqdm(names, desc=f"merge ({method})", disable=not progress)):
+                        data = nxt.result()
+                        nxt = reader_pool.submit(load, names[j + 1]) if j + 1 < len(names) else None
+                        if data is None:
+                            merge_slices(name)
+                            continue
+                        res = compute(name, *data)
+                        del data
+                        if wrote is not None:
+                            wrote.result()  # at most one write in flight: bounded memory
+                        wrote = writer_pool.submit(writer.write, name, res)
+                        del res
+                    if wrote is not None:
+                        wrote.result()
+            except BaseException:
+                writer.close(check=False)
+                raise
+            writer.close()
             if output_kind == "model":
                 for fname in _COPY:
                     src = os.path.join(base_dir, fname)
                     if os.path.isfile(src):
                         shutil.copy2(src, os.path.join(tmp, fname))
-                if out_dtype is not None:
+                if out_dtype is not None and os.path.isfile(os.path.join(tmp, "config.json")):
                     cfg = hub.read_json(os.path.join(tmp, "config.json"))
                     cfg["dtype"] = str(out_dtype).replace("torch.", "")
                     with open(os.path.join(tmp, "config.json"), "w") as f:
                         json.dump(cfg, f, indent=2)
             else:
-                c0 = cfgs[0]
+                c0 = next((c for c in cfgs if c.get("base_fingerprint")), cfgs[0])
+                num = sum(int(torch.Size(base_r.shape(n)).numel()) for n in names)
                 with open(os.path.join(tmp, "config.json"), "w") as f:
-                    json.dump({"format": "hf-taujp/task_vector", "format_version": 1, "base_model": c0.get("base_model"),
+                    json.dump({"format": TV_FORMAT, "format_version": 1, "base_model": c0.get("base_model"),
                                "base_model_revision": c0.get("base_model_revision"),
                                "base_fingerprint": c0.get("base_fingerprint"), "kind": "nonlinear",
                                "task": f"merge:{method}", "training": {"merge_recipe": recipe or {}},
-                               "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None}, f, indent=2)
+                               "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
+                               "num_parameters": num}, f, indent=2)
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write("---\nlibrary_name: hf-taujp\ntags: [hf-taujp, merge]\n"
-                        + (f"base_model: {base}\n" if isinstance(base, str) else "")
+                        + (f"base_model: {base}\n" if isinstance(base, str) and not os.path.isabs(base) else "")
                         + f"---\n# Merged with hf-taujp ({method})\n\n```json\n"
                         + json.dumps(recipe or {"method": method, "vectors": list(map(str, vectors)),
                                                "weights": weights, **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}},
