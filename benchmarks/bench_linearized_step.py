@@ -1,12 +1,32 @@
-"""Time and peak memory of one forward+backward step: ordinary vs linearized GPT-2-small (random init, CPU).
+"""Cost of one linearized forward+backward step vs an ordinary one: GPT-2 small (124M), random init, CPU.
 
-Memory = peak RSS of a fresh subprocess per mode (``resource.getrusage(RUSAGE_SELF).ru_maxrss``),
-minus the RSS right after the model is built, so it measures the step's activations and gradients.
-Usage: python benchmarks/bench_linearized_step.py [--batch 4] [--seq 128] [--steps 3]
+Command (the closing note's numbers):
+    python benchmarks/bench_linearized_step.py                       # batch 4 x 128 tokens, 3 timed steps, 2 rounds
+    python benchmarks/bench_linearized_step.py --threads 1 --plain   # one thread; add a bare torch.func.jvp reference
+
+Modes (each step = forward, task loss, backward, zero_grad; the model in train mode, dropout 0):
+- ``normal``: every parameter trainable, ``model(input_ids, labels=input_ids).loss.backward()``.
+- ``linearized``: ``hf_taujp.linearize(model)`` (every parameter linearized, τ trainable), the loss is the
+  causal-LM cross-entropy of f(x; θ0) + J f(x; θ0)·τ.
+- ``plain-jvp`` (``--plain``): the same linearized loss written directly with ``torch.func.jvp`` over
+  ``torch.func.functional_call`` and the math SDPA kernel: what hf_taujp's wrapper costs on top.
+
+Each (mode, round) runs in a fresh subprocess, rounds interleaved (normal, linearized, normal, …) so that a
+change in machine load hits both modes alike. Per mode: median wall seconds per step and median process
+CPU seconds per step (all threads; with several threads it includes OpenMP spin-waiting, so it is the
+cleanest cost measure at ``--threads 1``) over every timed step of every round; peak RSS of the process
+(``ru_maxrss``) and "step RSS" = peak minus the RSS right after the model was built (activations,
+gradients, optimiser-free). The machine load (``os.getloadavg``) is printed before and after: on a loaded
+machine OpenMP threads wait for each other at every kernel, which hurts the many small element-wise kernels
+of forward-mode AD far more than large matmuls; compare ``--threads 1`` there.
+
+FLOP floor (docs, RESEARCH.md): per linear layer the ordinary step costs 3 matmuls (forward, dX, dW), the
+linearized one 5 (primal W·x, tangent τ·x + W·ẋ, backward dτ and dẋ): ≈ 5/3 = 1.67×.
 """
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -14,52 +34,115 @@ import sys
 import time
 
 
-def run_mode(mode: str, batch: int, seq: int, steps: int) -> dict:
+def _build(mode: str, batch: int, seq: int):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from hf_taujp.linearize import linearize
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg).train()
-    if mode == "linearized":
-        model = linearize(model)
     x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    if mode == "normal":
+        def step():
+            model(input_ids=x, labels=x).loss.backward()
+            model.zero_grad(set_to_none=True)
+    elif mode == "linearized":
+        from hf_taujp.linearize import linearize
+
+        lin = linearize(model)
+
+        def step():
+            lin(input_ids=x, labels=x).loss.backward()
+            lin.zero_grad(set_to_none=True)
+    elif mode == "plain-jvp":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        primals = dict(model.named_parameters())
+        tau = {n: torch.zeros_like(p, requires_grad=True) for n, p in primals.items()}
+
+        def f(params):
+            return torch.func.functional_call(model, params, (), {"input_ids": x, "use_cache": False}).logits
+
+        def step():
+            with sdpa_kernel([SDPBackend.MATH]):
+                p, t = torch.func.jvp(f, (primals,), (tau,))
+            logits = p + t
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            loss.backward()
+            for v in tau.values():
+                v.grad = None
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    return step
+
+
+def run_mode(mode: str, batch: int, seq: int, steps: int, threads: int | None) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    step = _build(mode, batch, seq)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(steps + 1):  # first step is warm-up
-        t0 = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+    wall, cpu = [], []
+    for i in range(steps + 1):  # the first step is a warm-up (allocator, lazy init)
+        w0, c0 = time.perf_counter(), time.process_time()
+        step()
+        if i:
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mode": mode, "median_s": statistics.median(times[1:]), "peak_rss_mib": peak / 1024,
-            "step_rss_mib": (peak - rss0) / 1024}
+    return {"mode": mode, "wall": wall, "cpu": cpu, "peak_rss_mib": peak / 1024, "step_rss_mib": (peak - rss0) / 1024,
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round (after one warm-up step)")
+    ap.add_argument("--rounds", type=int, default=2, help="fresh subprocesses per mode, interleaved")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--plain", action="store_true", help="also time a bare torch.func.jvp implementation")
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.mode:
-        print(json.dumps(run_mode(a.mode, a.batch, a.seq, a.steps)))
+        print(json.dumps(run_mode(a.mode, a.batch, a.seq, a.steps, a.threads)))
         return
-    rows = []
-    for mode in ("normal", "linearized"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--batch", str(a.batch), "--seq", str(a.seq),
-                              "--steps", str(a.steps)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"GPT-2 small (124M), batch {a.batch}x{a.seq}, CPU, median of {a.steps} steps")
-    print(f"{'mode':<12}{'step s':>10}{'peak RSS MiB':>15}{'step RSS MiB':>15}")
-    for r in rows:
-        print(f"{r['mode']:<12}{r['median_s']:>10.3f}{r['peak_rss_mib']:>15.0f}{r['step_rss_mib']:>15.0f}")
-    print(f"ratio linearized/normal: time {rows[1]['median_s'] / rows[0]['median_s']:.2f}x, "
-          f"step RSS {rows[1]['step_rss_mib'] / max(rows[0]['step_rss_mib'], 1):.2f}x")
+    modes = ["normal", "linearized"] + (["plain-jvp"] if a.plain else [])
+    load0 = os.getloadavg()
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(a.rounds):
+        for mode in modes:
+            cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--batch", str(a.batch), "--seq", str(a.seq),
+                   "--steps", str(a.steps)] + (["--threads", str(a.threads)] if a.threads else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{a.rounds} {mode}: {statistics.median(results[mode][-1]['wall']):.2f} s/step",
+                  file=sys.stderr, flush=True)
+    load1 = os.getloadavg()
+    rows = {}
+    for m, rs in results.items():
+        rows[m] = {
+            "wall": statistics.median([w for r in rs for w in r["wall"]]),
+            "cpu": statistics.median([c for r in rs for c in r["cpu"]]),
+            "peak": max(r["peak_rss_mib"] for r in rs),
+            "step": max(r["step_rss_mib"] for r in rs),
+            "threads": rs[0]["threads"],
+        }
+    n = rows["normal"]
+    print(f"GPT-2 small (124M, random init), batch {a.batch}x{a.seq}, CPU, {rows['normal']['threads']} thread(s), "
+          f"median of {a.rounds}x{a.steps} steps; load average before {load0[0]:.2f}, after {load1[0]:.2f} "
+          f"({os.cpu_count()} cores)")
+    print(f"| {'mode':<11}| {'s/step (wall)':>13} | {'CPU s/step':>10} | {'peak RSS MiB':>12} | {'step RSS MiB':>12} |"
+          f" {'time ratio':>10} | {'step RSS ratio':>14} |")
+    print("|" + "|".join("-" * w for w in (12, 15, 12, 14, 14, 12, 16)) + "|")
+    for m, r in rows.items():
+        print(f"| {m:<11}| {r['wall']:>13.2f} | {r['cpu']:>10.2f} | {r['peak']:>12.0f} | {r['step']:>12.0f} |"
+              f" {r['wall'] / n['wall']:>9.2f}x | {r['step'] / max(n['step'], 1):>13.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Forward-AD-safe attention routing for jvp through Hugging Face models.
 
 PyTorch has no forward-mode AD rule for the fused SDPA kernels (flash / memory-efficient, the CPU
-flash kernel included; pytorch#98164, #117629), and FlashAttention-2 / flex attention have no JVP.
-Inside :func:`forward_ad_attention` attention runs on a path forward AD can differentiate: the
-math SDPA backend, and models loaded with a non-sdpa implementation are switched to ``"sdpa"``
-(math) for the duration of the block. Every config touched is restored afterwards, also on error.
+flash kernel included; pytorch#98164, #117629), and FlashAttention-2/3, flex attention, paged and
+Hub-kernel implementations have no JVP. Inside :func:`forward_ad_attention` attention runs on a path
+forward AD can differentiate: the math SDPA backend, and models loaded with any other implementation
+(``flash_attention_2``, ``flex_attention``, ``paged|…``, a kernel repo, one registered with
+``transformers.AttentionInterface``) are switched to ``"sdpa"`` (math) for the duration of the block,
+or to ``"eager"`` for a model class that does not support SDPA. Both compute the same softmax
+attention, so only rounding changes. Every config touched is restored afterwards, also on error.
+
+Cost: the math kernel materialises the (batch, heads, L, L) score matrix that fused kernels avoid;
+irrelevant at L ≲ 1k, quadratic memory beyond.
 """
 
 from __future__ import annotations
@@ -49,16 +55,23 @@ def forward_ad_attention(module: torch.nn.Module | None = None) -> Iterator[None
     changed: list[tuple[object, str]] = []
     try:
         if module is not None:
+            target = "sdpa" if _supports_sdpa(module) else "eager"
             for cfg in _configs(module):
                 impl = getattr(cfg, "_attn_implementation", None)
                 if impl is not None and impl not in SAFE_ATTN_IMPLEMENTATIONS:
                     changed.append((cfg, impl))
-                    _set_impl(cfg, "sdpa")
+                    _set_impl(cfg, target)
         with sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
         for cfg, impl in reversed(changed):
             _set_impl(cfg, impl)
+
+
+def _supports_sdpa(module: torch.nn.Module) -> bool:
+    """False when a transformers model class inside ``module`` declares ``_supports_sdpa = False``."""
+    return all(getattr(type(m), "_supports_sdpa", True) is not False for m in module.modules()
+               if hasattr(type(m), "_supports_sdpa"))
 
 
 def _set_impl(cfg, impl: str) -> None:

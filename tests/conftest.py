@@ -7,7 +7,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the test models are tiny, and on a 2-core machine a second thread only adds
+# synchronisation cost (35-85x slower steps when another process shares the cores).
+torch.set_num_threads(1)
 
 SHARED_DATA = os.environ.get(
     "HF_TAUJP_DATA", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))

@@ -32,7 +32,8 @@ WORKER = textwrap.dedent('''
     tr.train()
     rank = tr.accelerator.process_index
     torch.save({"tau": model.get_tangents(), "n": tr.accelerator.num_processes, "log": tr.state.log_history,
-                "visits": tr.taujp_visits}, os.path.join(out, f"rank{rank}.pt"))
+                "visits": tr.taujp_visits, "backend": torch.distributed.get_backend(),
+                "wrapped": type(tr.model_wrapped).__name__}, os.path.join(out, f"rank{rank}.pt"))
 ''')
 
 
@@ -46,6 +47,7 @@ def test_ddp_two_processes_agree(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
     assert r0["n"] == r1["n"] == 2
+    assert r0["backend"] == "gloo" and r0["wrapped"] == "DistributedDataParallel"
     assert r0["visits"] == r1["visits"] == [("a",), ("b",), ("a",), ("b",)]
     moved = 0.0
     for name, t in r0["tau"].items():

@@ -150,3 +150,23 @@ def test_table_json_and_plot(tmp_path):
     curve = [{"alpha": a, "avg_norm": a} for a in (0.0, 0.5, 1.0)]
     out = plot_alpha_curves({"m": {"curve": curve, "best_alpha": 1.0}}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and out.endswith("c.png")
+
+
+def test_linear_task_addition_from_cached_logits_equals_the_model_path():
+    """f_lin(θ0 + α Σ τ) = f(θ0) + α·J·Στ: the cached-logits path (datasets=) gives the same accuracies as
+    building the linearized model for every α (eval_fn path)."""
+    base = tiny_bert()
+    tvs = {}
+    for i, t in enumerate(("a", "b")):
+        tv = rand_tv(base, 10 + i, scale=0.3)
+        tvs[t] = TaskVector(dict(tv.items()), kind="linear", task=t)
+    data = {"a": {"val": rows(10, 1), "test": rows(12, 2)}, "b": {"val": rows(10, 3), "test": rows(12, 4)}}
+    grid = (0.0, 0.3, 0.7, 1.0)
+    fast = evaluate_task_addition(base, tvs, datasets=data, alphas=grid, linear=True, batch_size=4)
+    slow = evaluate_task_addition(base, tvs, lambda m, t, s: accuracy(m, data[t][s]), alphas=grid, linear=True)
+    assert fast["single"] == slow["single"]
+    assert [c["abs"] for c in fast["curve"]] == [c["abs"] for c in slow["curve"]]
+    assert fast["best_alpha"] == slow["best_alpha"] and fast["one_shot"] == slow["one_shot"]
+    assert len({round(c["avg_abs"], 6) for c in fast["curve"]}) > 1  # α actually changes predictions
+    with pytest.raises(Exception, match="eval_fn or datasets"):
+        evaluate_task_addition(base, tvs)

@@ -63,7 +63,7 @@ def test_push_intercepted_then_pulled(server, vectors, tmp_path, monkeypatch):
     calls = {}
 
     def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **kw):
-        calls["create_repo"] = dict(repo_id=repo_id, private=private, exist_ok=exist_ok, repo_type=repo_type)
+        calls["create_repo"] = dict(repo_id=repo_id, private=private, exist_ok=exist_ok, repo_type=repo_type, token=self.token)
         return f"{server.endpoint}/{repo_id}"
 
     def upload_folder(self, *, repo_id, folder_path, commit_message=None, revision=None, repo_type=None, **kw):
@@ -74,8 +74,9 @@ def test_push_intercepted_then_pulled(server, vectors, tmp_path, monkeypatch):
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    v1.push_to_hub("org/pushed", private=True, commit_message="first vector")
-    assert calls["create_repo"] == dict(repo_id="org/pushed", private=True, exist_ok=True, repo_type="model")
+    v1.push_to_hub("org/pushed", private=True, token="hf_not_a_real_token", commit_message="first vector")
+    assert calls["create_repo"] == dict(repo_id="org/pushed", private=True, exist_ok=True, repo_type="model",
+                                        token="hf_not_a_real_token")
     up = calls["upload_folder"]
     assert up["repo_id"] == "org/pushed" and up["message"] == "first vector"
     assert up["files"] == ["README.md", "config.json", "task_vector.safetensors"]
@@ -88,3 +89,18 @@ def test_push_intercepted_then_pulled(server, vectors, tmp_path, monkeypatch):
 def test_missing_repo_is_an_error(server, tmp_path):
     with pytest.raises(AssertionError, match="RepositoryNotFound|404"):
         _pull(server, tmp_path, "org/does-not-exist")
+
+
+def test_repo_without_config_is_refused_and_pickles_are_never_downloaded(server, vectors, tmp_path):
+    v1, _ = vectors
+    folder = tmp_path / "noconfig"
+    v1.save_pretrained(folder)
+    os.remove(folder / "config.json")
+    torch.save({"w": torch.ones(300)}, folder / "pytorch_model.bin")  # a pickle next to the tensors
+    server.commit_folder("org/noconfig", str(folder))
+    hf_home = tmp_path / "hf-noconfig"
+    with pytest.raises(AssertionError, match="no config.json: not an hf-taujp task vector"):
+        server.run_client(CLIENT.format(repo="org/noconfig", rev=None, out=str(tmp_path / "x.safetensors")),
+                          hf_home=str(hf_home))
+    fetched = [f for _, _, files in os.walk(hf_home) for f in files]
+    assert "task_vector.safetensors" in fetched and not any(f.endswith(".bin") for f in fetched)

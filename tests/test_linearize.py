@@ -220,8 +220,91 @@ def test_clip_image_features_method_and_contrastive_loss():
     get = lambda o: o.pooler_output if hasattr(o, "pooler_output") else o  # noqa: E731
     torch.testing.assert_close(get(primal).double(), feats(0.0), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(get(tangent).double(), (feats(1e-4) - feats(-1e-4)) / 2e-4, atol=1e-4, rtol=1e-4)
+    def text_feats(eps):
+        with torch.no_grad():
+            for n, t in tau.items():
+                p64[n].add_(eps * t.double())
+            out = m64.get_text_features(input_ids=ids)
+            for n, t in tau.items():
+                p64[n].sub_(eps * t.double())
+        return get(out)
+
+    tp, tt = lin.jvp(input_ids=ids, method="get_text_features")
+    torch.testing.assert_close(get(tp).double() + get(tt).double(),
+                               text_feats(0.0) + (text_feats(1e-4) - text_feats(-1e-4)) / 2e-4, atol=1e-4, rtol=1e-4)
     out = lin(input_ids=ids, pixel_values=pix, return_loss=True)
+    assert type(out) is type(model(input_ids=ids, pixel_values=pix))
     lt = out.logits_per_text.detach().double()
     target = torch.arange(3)
     by_hand = (torch.nn.functional.cross_entropy(lt, target) + torch.nn.functional.cross_entropy(lt.t(), target)) / 2
     torch.testing.assert_close(out.loss.double(), by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_pytorch_module_matches_closed_form_and_gradient():
+    # f(x) = W2·tanh(W1·x + b1) + b2, so J·τ = W2·((1 − a²) ⊙ (τ_W1·x + τ_b1)) + τ_W2·a + τ_b2 by hand.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    w1, b1, w2, b2 = (p.detach().clone() for p in net.parameters())
+    lin = linearize(net)
+    assert lin.base_model is net and all(torch.count_nonzero(t) == 0 for t in lin.tau)  # τ = 0, θ0 not copied
+    assert torch.equal(lin(x), net(x).detach())
+    tau = {n: 0.1 * torch.randn_like(p) for n, p in net.named_parameters()}
+    lin.set_tangents(tau)
+    a = torch.tanh(x @ w1.T + b1)
+    dh = x @ tau["0.weight"].T + tau["0.bias"]
+    expected = a @ w2.T + b2 + (dh * (1 - a**2)) @ w2.T + a @ tau["2.weight"].T + tau["2.bias"]
+    out = lin(x)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    g = torch.randn(4, 3, dtype=torch.float64)
+    (out * g).sum().backward()
+    # d/dτ_W2 ⟨g, f_lin⟩ = gᵀ·a and d/dτ_b1 = Σ_batch (1 − a²) ⊙ (g·W2): f_lin is linear in τ
+    torch.testing.assert_close(lin.tau[2].grad, g.T @ a)
+    torch.testing.assert_close(lin.tau[1].grad, ((g @ w2) * (1 - a**2)).sum(0))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def _cpu_flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A user-registered fused attention: the CPU flash kernel, which has no forward-AD formula."""
+    _cpu_flash_attention.calls += 1
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+_cpu_flash_attention.calls = 0
+
+
+def test_any_attn_implementation_is_routed_for_jvp():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("hf_taujp_test_fused_cpu", _cpu_flash_attention)
+    model = tiny_gpt2(attn="hf_taujp_test_fused_cpu").eval()
+    x = torch.randint(0, 100, (2, 7))
+    before = _cpu_flash_attention.calls
+    with torch.no_grad():
+        plain = model(input_ids=x).logits
+    assert _cpu_flash_attention.calls == before + 2  # the model really runs the fused kernel
+    params = dict(model.named_parameters())
+    with pytest.raises(NotImplementedError, match="forward AD"):  # without routing, jvp cannot go through it
+        torch.func.jvp(lambda p: torch.func.functional_call(model, p, (x,)).logits, (params,),
+                       ({k: torch.zeros_like(v) for k, v in params.items()},))
+    tau = random_tau(model.named_parameters())
+    base64, dir64 = fd_reference(model, tau, {"input_ids": x})
+    torch.testing.assert_close(plain.double(), base64, atol=1e-5, rtol=1e-5)
+    calls = _cpu_flash_attention.calls
+    out = linearize(model, tangents=tau)(input_ids=x)
+    assert _cpu_flash_attention.calls == calls  # routed to a forward-AD-capable path inside the jvp
+    torch.testing.assert_close(out.logits.double(), base64 + dir64, atol=1e-4, rtol=1e-4)
+    assert model.config._attn_implementation == "hf_taujp_test_fused_cpu"
+
+
+@pytest.mark.parametrize("supports_sdpa, expected", [(True, "sdpa"), (False, "eager")])
+def test_routing_falls_back_to_eager_for_models_without_sdpa(supports_sdpa, expected):
+    cls = type("GPT2NoSdpa" if not supports_sdpa else "GPT2Sdpa", (GPT2LMHeadModel,), {"_supports_sdpa": supports_sdpa})
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    model = cls._from_config(cfg, attn_implementation="eager").eval()
+    model.config._attn_implementation_internal = "flash_attention_2"  # as if loaded with it on a GPU
+    seen = []
+    model.transformer.h[0].attn.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    linearize(model)(input_ids=torch.randint(0, 50, (1, 5)))
+    assert seen == [expected] and model.config._attn_implementation_internal == "flash_attention_2"

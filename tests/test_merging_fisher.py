@@ -1,5 +1,7 @@
 """Diagonal Fisher via vmap equals a per-example autograd loop (float64), padding masked;
 the Fisher artifact round-trips; gradient matching runs end to end on it."""
+import warnings
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -82,6 +84,11 @@ def test_statistics_roundtrip_and_nan(tmp_path):
     assert (tmp_path / "f" / "fisher.safetensors").exists() and (tmp_path / "f" / "README.md").exists()
     with pytest.raises(hub.HfTaujpError, match="NaN"):
         FisherStatistics({"a": torch.tensor([float("nan")])}, num_examples=1)
+    big = FisherStatistics({f"l{i}.weight": torch.rand(40, 40) for i in range(4)}, num_examples=3)
+    big.save_pretrained(tmp_path / "sharded", max_shard_size="10KB")  # sharded like a task vector
+    assert (tmp_path / "sharded" / "fisher.safetensors.index.json").exists()
+    back = FisherStatistics.from_pretrained(str(tmp_path / "sharded"))
+    assert all(torch.equal(back.tensors[k], v) for k, v in big.tensors.items())
 
 
 def test_gradient_matching_end_to_end():
@@ -99,3 +106,46 @@ def test_gradient_matching_end_to_end():
     den = 1e-12 + 0.5 * (s1 * H1 + s2 * H2)
     want = m.state_dict()[n] + 0.5 * ((1e-12 + s1 * H1) / den * t1[n] + (1e-12 + s2 * H2) / den * t2[n])
     torch.testing.assert_close(out.state_dict()[n], want)
+
+
+def test_sub_batches_and_seeded_sampling_are_consistent():
+    torch.manual_seed(3)
+    m = GPT2LMHeadModel(GPT2Config(**CFG)).double().eval()
+    ids = torch.randint(1, 20, (6, 5))
+    data = [{"input_ids": ids}]
+    whole = estimate_fisher(m, data, progress=False, seed=4)
+    # one example per vmap call: the same labels (uniforms drawn per batch) and the same sums
+    ones = estimate_fisher(m, data, progress=False, seed=4, chunk_size=1)
+    for n in whole.tensors:
+        torch.testing.assert_close(ones.tensors[n], whole.tensors[n], rtol=1e-12, atol=1e-15)
+    other = estimate_fisher(m, data, progress=False, seed=5)
+    assert any(not torch.equal(other.tensors[n], whole.tensors[n]) for n in whole.tensors)
+    assert not whole.extra["empirical"] and whole.num_examples == 6
+
+
+def test_seq2seq_t5_with_sdpa_and_padding_matches_loop():
+    # default (SDPA) attention and padded encoder inputs: the mask fast paths and the fused kernel
+    # must not break vmap; -100 labels and padded source tokens do not count
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(4)
+    m = T5ForConditionalGeneration(T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                                            decoder_start_token_id=0, pad_token_id=0)).double().eval()
+    ids = torch.randint(1, 20, (3, 5))
+    am = torch.ones_like(ids)
+    am[2, 3:] = 0
+    labels = torch.randint(1, 20, (3, 4))
+    labels[1, 2:] = -100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "batching rule not implemented" fallback
+        f = estimate_fisher(m, [{"input_ids": ids, "attention_mask": am, "labels": labels}], empirical=True,
+                            progress=False)
+
+    def loglik(i):  # the example alone, without its padding or ignored labels
+        lab = labels[i:i + 1, labels[i] != -100]
+        out = m(input_ids=ids[i:i + 1, :int(am[i].sum())], labels=lab)
+        return torch.log_softmax(out.logits[0], -1).gather(-1, lab[0, :, None]).sum()
+
+    ref = _loop_fisher(m, range(3), loglik)
+    for n in ref:
+        torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)

@@ -198,3 +198,23 @@ def test_ties_mergekit_loop_equals_stacked_formula():
         div = (wt * mask).sum(0)
         div[div == 0] = 1
         torch.testing.assert_close(out, (d * mask).sum(0) / div)
+
+
+def test_ties_mergekit_blocked_kernel_on_a_large_tensor():
+    # 300k entries: many blocks of methods.BLOCK and the sampled-bracket threshold of kth_largest
+    g = torch.Generator().manual_seed(11)
+    taus = [torch.randn(600, 500, generator=g) * s for s in (1.0, 0.5, 2.0)]
+    w = [1.0, -0.5, 0.8]
+    out = M.ties(None, taus, weights=w, density=0.2, lambda_=0.7, definition="mergekit")
+    n, k = 300_000, int(0.2 * 300_000)
+    d = []
+    for t, a in zip(taus, w):
+        m = torch.zeros(n)
+        m[torch.argsort(t.abs().reshape(-1), descending=True)[:k]] = 1
+        d.append(a * t.reshape(-1) * m)
+    d = torch.stack(d)
+    sign = (d.sum(0) >= 0).float() * 2 - 1
+    mask = d.sign() == sign
+    div = (torch.tensor(w)[:, None] * mask).sum(0)
+    div[div == 0] = 1
+    torch.testing.assert_close(out.reshape(-1), 0.7 * (d * mask).sum(0) / div)

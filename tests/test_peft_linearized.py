@@ -82,6 +82,45 @@ def test_registered_with_installed_peft_idempotently():
     assert isinstance(again, LinearizedConfig) and again.target_modules == ["c_attn"]
 
 
+def test_tau_is_the_only_trainable_tensor_zero_init_and_theta0_is_not_copied(tmp_path, capsys):
+    base = gpt2()
+    targeted = [n for n, _ in base.named_parameters() if n.split(".")[-2] in ("c_attn", "c_fc")]
+    n_base = sum(p.numel() for p in base.parameters())
+    n_tau = sum(base.get_parameter(n).numel() for n in targeted)
+    model = copy.deepcopy(base)
+    storage = {n: p.data_ptr() for n, p in model.named_parameters()}
+    pm = peft.get_peft_model(model, LinearizedConfig(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"]))
+    # all params = θ0 + τ: the only new storage is τ, one tensor per targeted parameter
+    assert pm.get_nb_trainable_parameters() == (n_tau, n_base + n_tau)
+    pm.print_trainable_parameters()
+    assert f"trainable params: {n_tau:,d} || all params: {n_base + n_tau:,d}" in capsys.readouterr().out
+    tau = pm.base_model.get_tangents()
+    assert sorted(tau) == sorted(targeted) and all(torch.count_nonzero(t) == 0 for t in tau.values())
+    frozen = {n: p for n, p in pm.get_base_model().named_parameters() if ".linearized_tau." not in n}
+    assert frozen.keys() == storage.keys()
+    assert all(p.data_ptr() == storage[n] and not p.requires_grad for n, p in frozen.items())
+    pm.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    want = {"base_model.model.{}.linearized_tau.{}".format(*n.rsplit(".", 1)) for n in targeted}
+    assert set(saved) == want and sum(t.numel() for t in saved.values()) == n_tau  # the adapter is τ, nothing else
+
+
+def test_one_forward_mode_pass_per_call():
+    base = gpt2()
+    pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="CAUSAL_LM"))
+    random_tau(pm)
+    inner = pm.get_base_model()
+    calls = []
+    inner.register_forward_pre_hook(lambda m, a: calls.append("model"))
+    inner.transformer.h[1].mlp.c_fc.register_forward_pre_hook(lambda m, a: calls.append("c_fc"))
+    x = torch.randint(0, 100, (2, 6))
+    out = pm(input_ids=x, labels=x)
+    assert calls == ["model", "c_fc"]  # primal and tangent come out of one traversal of the network
+    assert type(out) is type(base(input_ids=x))
+
+
 def test_missing_task_type_is_a_clear_error():
     with pytest.raises(HfTaujpError, match="task_type"):
         peft.get_peft_model(gpt2(), LinearizedConfig())
@@ -143,6 +182,7 @@ def test_t5_seq2seq_with_labels(monkeypatch):
     tau = random_tau(pm)
     x, y = torch.randint(1, 50, (2, 7)), torch.randint(1, 50, (2, 5))
     out = pm(input_ids=x, labels=y)
+    assert type(out) is type(base(input_ids=x, labels=y))
     from transformers.models.t5 import modeling_t5
 
     def float64_layer_norm(self, h):
@@ -168,6 +208,7 @@ def test_bert_sequence_classification():
     x, mask = torch.randint(0, 60, (3, 6)), torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 6])
     labels = torch.tensor([0, 2, 1])
     out = pm(input_ids=x, attention_mask=mask, labels=labels)
+    assert type(out) is type(base(input_ids=x, attention_mask=mask))
     ref = fd_linearized(base, tau, lambda m: m(input_ids=x, attention_mask=mask).logits)
     assert_close(out.logits, ref)
     assert abs(out.loss.item() - nn.functional.cross_entropy(ref, labels).item()) < 1e-4
@@ -182,7 +223,9 @@ def test_llama_causal_lm():
     assert sorted({n.split(".")[-2] for n in tau}) == ["down_proj", "q_proj", "v_proj"]
     x = torch.randint(0, 64, (2, 9))
     ref = fd_linearized(base, tau, lambda m: m(input_ids=x).logits)
-    assert_close(pm(input_ids=x).logits, ref)
+    out = pm(input_ids=x)
+    assert type(out) is type(base(input_ids=x))
+    assert_close(out.logits, ref)
 
 
 def test_clip_image_features_through_jvp_method():
@@ -202,8 +245,13 @@ def test_clip_image_features_through_jvp_method():
     assert_close(primal.pooler_output + tangent.pooler_output, ref)
     ids = torch.randint(0, 99, (2, 5))
     out = pm(input_ids=ids, pixel_values=px)  # whole-model forward through PeftModelForFeatureExtraction
+    assert type(out) is type(base(input_ids=ids, pixel_values=px))
     ref_img = fd_linearized(base, tau, lambda m: m(input_ids=ids, pixel_values=px.double()).image_embeds)
     assert_close(out.image_embeds, ref_img)
+    ref_logits = fd_linearized(base, tau, lambda m: m(input_ids=ids, pixel_values=px.double()).logits_per_image)
+    assert_close(out.logits_per_image, ref_logits)
+    with torch.no_grad():  # the text tower is not targeted: its features stay those of θ0
+        assert_close(out.text_embeds, base(input_ids=ids, pixel_values=px).text_embeds, 1e-6)
 
 
 def test_real_minilm_feature_extraction():

@@ -277,3 +277,124 @@ def test_apply_linear_is_first_order_taylor(models):
         out = lin(input_ids=IDS)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
     assert torch.allclose(logits.double(), expected, atol=1e-4)
+
+
+def test_from_state_dicts_is_hand_subtraction_and_rejects_extra_keys(models):
+    base, ft, _ = models
+    bsd, fsd = base.state_dict(), ft.state_dict()
+    tv = TaskVector.from_state_dicts(bsd, fsd, task="sd")
+    assert tv.base_fingerprint == fingerprint(base) and tv.task == "sd"
+    for k, t in bsd.items():
+        if t.is_floating_point():
+            assert torch.equal(tv[k], fsd[k] - t)
+    with pytest.raises(HfTaujpError, match="base lacks.*'extra.weight'"):
+        TaskVector.from_state_dicts(bsd, {**fsd, "extra.weight": torch.zeros(2)})
+    with pytest.raises(HfTaujpError, match=r"Shape mismatch.*\(2,\)"):
+        TaskVector.from_state_dicts({"w": torch.zeros(3)}, {"w": torch.zeros(2)})
+
+
+def test_sum_of_three_and_scalar_forms(models):
+    base, ft1, ft2 = models
+    a, b = TaskVector.from_models(base, ft1), TaskVector.from_models(base, ft2)
+    c = 0.5 * b
+    s = sum([a, b, c])
+    for k in a.keys():
+        torch.testing.assert_close(s[k], a[k] + b[k] + 0.5 * b[k], atol=1e-7, rtol=0)
+        torch.testing.assert_close((a / 4)[k], a[k] * 0.25, atol=0, rtol=0)
+    assert s.base_fingerprint == a.base_fingerprint
+
+
+def test_apply_never_mutates_base_unless_inplace(models):
+    base, ft, _ = models
+    key = "transformer.h.1.mlp.c_fc.weight"
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in base.named_parameters()}
+    tv = TaskVector.from_models(base, ft)
+    lin_tv = TaskVector({key: 1e-3 * torch.ones_like(tv[key])}, kind="linear", base_fingerprint=fingerprint(base))
+    lin = lin_tv.apply_to(base, alpha=0.5, linear=True)
+    assert lin.base_model is not base and torch.equal(lin.get_tangents()[key], 0.5e-3 * torch.ones_like(tv[key]))
+    nonlin = tv.apply_to(base, alpha=0.3)
+    assert nonlin is not base
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == grads
+    # inplace=True: the caller's model itself becomes θ0 + α·τ
+    target = copy.deepcopy(base)
+    out = tv.apply_to(target, alpha=0.3, inplace=True)
+    assert out is target
+    assert all(torch.equal(out.state_dict()[k], v) for k, v in nonlin.state_dict().items())
+    target = copy.deepcopy(base)
+    assert lin_tv.apply_to(target, alpha=0.5, linear=True, inplace=True).base_model is target
+    # mixing up the two readings is refused
+    with pytest.raises(HfTaujpError, match="linear=True"):
+        lin_tv.apply_to(base)
+    with pytest.raises(HfTaujpError, match="nonlinear"):
+        tv.apply_to(base, linear=True)
+
+
+def test_base_check_can_be_overridden_explicitly(models):
+    base, ft, _ = models
+    tv = TaskVector.from_models(base, ft)
+    other = tiny_gpt2(seed=7)
+    with pytest.raises(BaseModelMismatchError, match="tjp1-"):
+        tv.apply_to(other)
+    moved = tv.apply_to(other, check_base=False)
+    k = "transformer.h.0.attn.c_attn.weight"
+    torch.testing.assert_close(moved.state_dict()[k], other.state_dict()[k] + tv[k])
+
+
+def test_dtype_and_finiteness_errors(models, tmp_path):
+    base, ft, _ = models
+    with pytest.raises(HfTaujpError, match="non-floating dtype torch.int64"):
+        TaskVector({"w": torch.ones(2, dtype=torch.int64)})
+    tv = TaskVector.from_models(base, ft)
+    k0 = next(iter(tv.keys()))
+    inf = TaskVector({k0: torch.full_like(tv[k0], float("inf"))})
+    with pytest.raises(HfTaujpError, match=f"NaN or inf.*{k0}"):
+        inf.apply_to(base, check_base=False)
+    quantized = copy.deepcopy(base)
+    quantized.transformer.wpe.weight = torch.nn.Parameter(torch.zeros(32, 32, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(HfTaujpError, match="non-floating dtype torch.int8"):
+        TaskVector({"transformer.wpe.weight": torch.zeros(32, 32)}).apply_to(quantized)
+    d = tmp_path / "tv"
+    tv.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    with pytest.raises(CorruptFileError, match="dtype.*bfloat16.*float32"):
+        TaskVector.from_pretrained(d)
+    # a file written by another tool with NaN inside is reported on load, naming the tensor
+    from safetensors.torch import save_file
+
+    (d / "config.json").write_text(json.dumps(cfg))
+    bad = {k: v.clone() for k, v in tv.items()}
+    bad[k0][0] = float("nan")
+    save_file(bad, str(d / "task_vector.safetensors"))
+    with pytest.raises(HfTaujpError, match=f"NaN or inf.*{k0}"):
+        TaskVector.from_pretrained(d)
+
+
+def test_model_card_summary(models, tmp_path):
+    base, ft, _ = models
+    plain = TaskVector.from_models(base, ft, task="sst2")
+    card = plain.model_card().content
+    assert "- task-vector" in card and "- task-arithmetic" in card and "- taujp" not in card
+    assert f"{plain.norm():.6g}" in card and "`transformer.h.0.attn.c_attn`" in card and "(not recorded)" in card
+    trained = TaskVector(plain.tensors, base_model="org/gpt2", base_model_revision="abc123", task="sst2",
+                         training={"taujp_lambda": 0.1, "taujp_mode": "cyclic"})
+    card = trained.model_card().content
+    assert "base_model: org/gpt2" in card and "library_name: hf-taujp" in card and "- taujp" in card
+    assert "`taujp_lambda`: 0.1" in card and "`taujp_mode`: cyclic" in card and "revision `abc123`" in card
+
+
+def test_in_memory_peft_models_record_the_base_fingerprint(models):
+    import peft
+
+    from hf_taujp.tuners.linearized import LinearizedConfig
+
+    base, _, _ = models
+    lora = _lora_model(base)
+    assert TaskVector.from_peft(lora).base_fingerprint == fingerprint(base)
+    pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="CAUSAL_LM", target_modules=["c_fc"]))
+    tv = TaskVector.from_peft(pm)
+    assert tv.kind == "linear" and tv.base_fingerprint == fingerprint(base)
+    with pytest.raises(BaseModelMismatchError):
+        tv.apply_to(tiny_gpt2(seed=7), linear=True)

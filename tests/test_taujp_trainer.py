@@ -174,6 +174,54 @@ def test_nonlinear_penalty_equals_finite_difference_jtau(tmp_path):
     assert got == pytest.approx(want, rel=1e-4)
 
 
+def test_peft_linearized_model_penalty_and_training(tmp_path):
+    """PEFT `LinearizedConfig` model: J·τ is the tangent of the adapter's own jvp (no θ0 copy), equal to
+    finite differences; the stock Trainer loop trains only τ and logs the penalty."""
+    import peft
+
+    from hf_taujp import LinearizedConfig
+
+    base = tiny_bert()
+    pm = peft.get_peft_model(base, LinearizedConfig(task_type="SEQ_CLS", target_modules=["value", "classifier"]))
+    tau = {n: 0.05 * torch.randn_like(t) for n, t in pm.get_tangents().items()}
+    pm.set_tangents(tau)
+    reg = make_ds(6, 3)
+    tr = TauJpTrainer(model=pm, args=cfg(tmp_path, max_steps=2, taujp_lambda=0.5), train_dataset=make_ds(8, 0),
+                      regularization_datasets={"b": reg})
+    assert tr._theta0 is None  # linearized: no frozen copy of θ0
+    batch = batch_of(reg)
+    assert tr.taujp_penalty_on(pm, batch).item() == pytest.approx(fd_taujp(tiny_bert(), tau, batch), rel=1e-4)
+    frozen = {n: p.detach().clone() for n, p in pm.named_parameters() if not p.requires_grad}
+    tr.train()
+    assert all(torch.equal(p, frozen[n]) for n, p in pm.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(pm.get_tangents()[n], tau[n]) for n in tau)
+    assert len([h for h in tr.state.log_history if "taujp_penalty" in h]) == 2
+
+
+def test_named_hidden_output_is_penalised(tmp_path):
+    """taujp_output="hidden_states[-1]": R = masked token mean of ‖J h_L(x'; θ0)·τ‖ (float64 FD reference)."""
+    base = tiny_bert()
+    names = [n for n, _ in base.named_parameters() if "encoder.layer.1" in n]
+    tau = random_tau(base, names)
+    lin = linearize(base, parameter_names=names, tangents=tau)
+    reg = make_ds(6, 3)  # the last example is half padding
+    tr = TauJpTrainer(model=lin, args=cfg(tmp_path, taujp_output="hidden_states[-1]"), train_dataset=make_ds(8, 0),
+                      regularization_datasets={"b": reg})
+    batch = batch_of(reg)
+    m = tiny_bert().double().eval()
+    p0 = {n: p.detach() for n, p in m.named_parameters()}
+    h = 1e-4
+    with torch.no_grad():
+        hs = [functional_call(m, {n: p0[n] + s * h * tau[n].double() if n in tau else p0[n] for n in p0}, args=(),
+                              kwargs={**batch, "output_hidden_states": True}).hidden_states[-1] for s in (1, -1)]
+    norms = ((hs[0] - hs[1]) / (2 * h)).norm(dim=-1)
+    mask = batch["attention_mask"].double()
+    want = float((norms * mask).sum() / mask.sum())
+    assert tr.taujp_penalty_on(lin, batch).item() == pytest.approx(want, rel=1e-4)
+    with pytest.raises(TauJpConfigError, match="taujp_output"):
+        cfg(tmp_path, taujp_output="hidden states")
+
+
 def test_token_level_penalty_uses_valid_tokens_only(tmp_path):
     base = tiny_gpt2()
     names = [n for n, _ in base.named_parameters() if ".h.1." in n]
@@ -218,6 +266,16 @@ def test_strict_mode_averages_all_tasks(tmp_path):
     assert (total - task) / 0.5 == pytest.approx(want, rel=1e-4)
 
 
+def test_strict_mode_with_differently_shaped_reg_batches(tmp_path):
+    """Reg sets of different sequence lengths cannot share one jvp: each batch gets its own, same mean."""
+    tr, regs, tau = _lin_trainer(tmp_path, "strict")
+    regs["t1"] = make_ds(4, 11, length=5)
+    batches = [batch_of(regs[t]) for t in regs]
+    got = tr.taujp_penalties_on(tr.model, batches)
+    want = [fd_taujp(tiny_bert(), tau, b) for b in batches]
+    assert got.shape == (3,) and got.tolist() == pytest.approx(want, rel=1e-4)
+
+
 def test_start_step_delays_the_penalty(tmp_path):
     tr, _, _ = _lin_trainer(tmp_path, "cyclic", max_steps=3, taujp_start_step=2)
     tr.train()
@@ -226,10 +284,12 @@ def test_start_step_delays_the_penalty(tmp_path):
 
 
 # ------------------------------------------------------------------ gradient accumulation
-def _ga_run(tmp_path, bs, ga, lam):
+def _ga_run(tmp_path, bs, ga, lam, loss_kwargs=True):
     base = tiny_gpt2()
     names = [n for n, _ in base.named_parameters() if ".h.1." in n or "ln_f" in n]
     lin = linearize(base, parameter_names=names, tangents=random_tau(base, names))
+    if not loss_kwargs:  # the Trainer then does not pass num_items_in_batch and divides the loss by GA itself
+        lin.accepts_loss_kwargs = False
     train = [{"input_ids": r["input_ids"], "attention_mask": torch.ones(8, dtype=torch.long), "labels": r["input_ids"]}
              for r in make_ds(8, 0, pad_last=False)]
     reg = [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in make_ds(8, 7, pad_last=False)]
@@ -238,36 +298,44 @@ def _ga_run(tmp_path, bs, ga, lam):
     tr = TauJpTrainer(model=lin, args=args, train_dataset=train,
                       regularization_datasets={"b": reg} if lam > 0 else None)
     tr.train()
+    assert tr.model_accepts_loss_kwargs is loss_kwargs
     return lin.get_tangents()
 
 
-def test_gradient_accumulation_is_equivalent_to_a_big_batch(tmp_path):
-    """GPT-2 accepts loss kwargs, so transformers 5 does not divide the loss by the GA steps: the
-    per-batch-mean penalty must be divided by us (2 × 4 with GA == 1 × 8)."""
-    big = _ga_run(tmp_path, 8, 1, 1.0)
-    acc = _ga_run(tmp_path, 4, 2, 1.0)
-    no_pen = _ga_run(tmp_path, 8, 1, 0.0)
+@pytest.mark.parametrize("loss_kwargs", [True, False])
+def test_gradient_accumulation_is_equivalent_to_a_big_batch(tmp_path, loss_kwargs):
+    """2 × 4 with GA == 1 × 8 (one SGD step, float32). When the model accepts loss kwargs, transformers 5
+    gets num_items_in_batch, does not divide the loss by the GA steps (`loss_is_scaled_for_ga`), and the
+    per-batch-mean penalty must be divided by us; otherwise the Trainer divides the whole loss."""
+    big = _ga_run(tmp_path, 8, 1, 1.0, loss_kwargs)
+    acc = _ga_run(tmp_path, 4, 2, 1.0, loss_kwargs)
+    no_pen = _ga_run(tmp_path, 8, 1, 0.0, loss_kwargs)
     for n in big:
         torch.testing.assert_close(acc[n], big[n], rtol=1e-4, atol=1e-6)
     assert max(float((big[n] - no_pen[n]).abs().max()) for n in big) > 1e-4  # the penalty did act
 
 
 # ------------------------------------------------------------------ the point of τJp
-def test_lambda_shrinks_taujp_on_other_tasks(tmp_path):
+@pytest.mark.parametrize("linear", [False, True])
+def test_lambda_shrinks_taujp_on_other_tasks(tmp_path, linear):
     """Same seed and data: fine-tuning on task A with λ > 0 yields a τ with a smaller ‖J f(x'; θ0)·τ‖ on
-    another task's inputs than λ = 0 (measured independently by float64 finite differences)."""
+    another task's inputs than λ = 0 (measured independently by float64 finite differences), for the
+    non-linear model (τ = θ − θ0) and the linearized one (τ = its tangent)."""
     train = make_ds(32, 0, lo=0, hi=30)
     other = make_ds(16, 1, lo=30, hi=VOCAB)
     results = {}
     for lam in (0.0, 1.0):
-        model = tiny_bert()
+        model = linearize(tiny_bert()) if linear else tiny_bert()
         args = cfg(tmp_path, taujp_lambda=lam, max_steps=25, per_device_train_batch_size=8, learning_rate=3e-3,
                    logging_steps=5)
         tr = TauJpTrainer(model=model, args=args, train_dataset=train,
                           regularization_datasets={"other": other} if lam > 0 else None)
         tr.train()
-        theta0 = dict(tiny_bert().named_parameters())
-        tau = {n: (p.detach() - theta0[n].detach()) for n, p in model.named_parameters()}
+        if linear:
+            tau = model.get_tangents()
+        else:
+            theta0 = dict(tiny_bert().named_parameters())
+            tau = {n: (p.detach() - theta0[n].detach()) for n, p in model.named_parameters()}
         results[lam] = fd_taujp(tiny_bert(), tau, batch_of(other))
     assert results[1.0] < 0.7 * results[0.0], results
 
@@ -308,7 +376,45 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_autocast_runs_and_logs(tmp_path):
-    model, tr = _bert_run(tmp_path, "bf16", bf16=True, max_steps=2)
+def test_bf16_autocast_is_applied_to_the_penalty(tmp_path):
+    """bf16=True: the jvp runs under autocast (the penalty differs from the fp32 one at bf16 precision,
+    stays within bf16 tolerance of the float64 reference) and training runs and logs."""
+    base = tiny_bert()
+    names = [n for n, _ in base.named_parameters() if "encoder.layer.1" in n or "classifier" in n]
+    tau = random_tau(base, names)
+    lin = linearize(base, parameter_names=names, tangents=tau)
+    reg = make_ds(6, 3)
+    batch = batch_of(reg)
+    want = fd_taujp(tiny_bert(), tau, batch)
+    got = {}
+    for bf16 in (False, True):
+        tr = TauJpTrainer(model=lin, args=cfg(tmp_path / str(bf16), bf16=bf16, max_steps=2), train_dataset=make_ds(8, 0),
+                          regularization_datasets={"b": reg})
+        got[bf16] = tr.taujp_penalty_on(lin, batch).item()
+    assert got[False] == pytest.approx(want, rel=1e-4)
+    assert got[True] == pytest.approx(want, rel=3e-2) and abs(got[True] - want) > 1e-4 * want  # bf16 matmuls ran
     tr.train()
-    assert all(math.isfinite(h["taujp_penalty"]) for h in tr.state.log_history if "taujp_penalty" in h)
+    pens = [h["taujp_penalty"] for h in tr.state.log_history if "taujp_penalty" in h]
+    assert len(pens) == 2 and all(math.isfinite(v) and v > 0 for v in pens)
+
+
+def test_fsdp_and_deepspeed_are_refused_before_training(tmp_path, monkeypatch):
+    from hf_taujp.trainer import TauJpUnsupportedError
+
+    reg = {"b": make_ds(4, 1)}
+    with pytest.raises(TauJpUnsupportedError, match="FSDP"):
+        TauJpTrainer(model=tiny_bert(), args=cfg(tmp_path, fsdp="full_shard"), train_dataset=make_ds(8, 0),
+                     regularization_datasets=reg)
+    args = cfg(tmp_path)
+    args.deepspeed = {"zero_optimization": {"stage": 3}}  # deepspeed itself is not installed here
+    with pytest.raises(TauJpUnsupportedError, match="ZeRO-3"):
+        TauJpTrainer(model=tiny_bert(), args=args, train_dataset=make_ds(8, 0), regularization_datasets=reg)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with pytest.raises(TauJpUnsupportedError, match="FSDP"):
+        TauJpTrainer(model=tiny_bert(), args=cfg(tmp_path), train_dataset=make_ds(8, 0), regularization_datasets=reg)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(TauJpConfigError, match="TauJpConfig"):
+        from transformers import TrainingArguments
+
+        TauJpTrainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"),
+                     train_dataset=make_ds(8, 0))

@@ -8,10 +8,12 @@ position (teacher-forced on the input sequence); padding (attention_mask 0 / lab
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable
 
 import torch
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..hub import HfTaujpError
@@ -21,44 +23,82 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", 
                "decoder_attention_mask", "inputs_embeds")
 
 
-def _targets(model, batch: dict, logits: torch.Tensor, empirical: bool, generator) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(labels, mask, kind): labels aligned with ``logits`` positions; mask 1 where a position counts."""
-    if logits.dim() == 2:  # classification
-        if empirical:
-            if "labels" not in batch:
-                raise HfTaujpError("empirical Fisher needs gold `labels` in the batch")
+@contextlib.contextmanager
+def _vmappable_masks():
+    """Let transformers build attention masks under vmap.
+
+    transformers' mask builders (``masking_utils``) skip materialising the mask when an example has no
+    padding, deciding with ``padding_mask.all()`` — data-dependent control flow that vmap refuses
+    ("calling .item() on a Tensor"; T5 hits it, and any SDPA model with a padding mask). The skip is
+    only a fast path: with it switched off here, the mask is always built, which is the same
+    attention. Restored on exit; a no-op where those helpers do not exist."""
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:
+        yield
+        return
+    names = [n for n in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa") if hasattr(mu, n)]
+    saved = {n: getattr(mu, n) for n in names}
+    try:
+        for n in names:
+            setattr(mu, n, lambda *a, **k: False)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(mu, n, f)
+
+
+_GRAD_MEMORY = 1 << 30  # bytes of per-example gradients held at once when chunk_size is not given
+
+
+def _kind(model, batch: dict, inputs: dict) -> str:
+    """"cls" (logits (B, C)), "seq2seq" or "causal" (logits (B, L, V)); a classifier is told apart from a
+    token model by one no-grad forward of a single example (done once per call)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    with torch.no_grad():
+        one = {k: v[:1] for k, v in inputs.items()}
+        logits = (model(**one, use_cache=False) if _accepts_cache(model) else model(**one)).logits
+    return "cls" if logits.dim() == 2 else "causal"
+
+
+def _gold_and_mask(batch: dict, kind: str, empirical: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gold labels, mask) aligned with the scored logits: (B,) for "cls"; (B, L) targets for "seq2seq";
+    (B, L − 1) next tokens for "causal". mask is 1 where a position counts (not padding / -100)."""
+    if kind == "cls":
+        if "labels" in batch:
             y = batch["labels"].reshape(-1)
+        elif empirical:
+            raise HfTaujpError("empirical Fisher needs gold `labels` in the batch")
         else:
-            y = torch.multinomial(torch.softmax(logits.detach().double(), -1), 1, generator=generator).squeeze(-1)
-        return y, torch.ones_like(y, dtype=logits.dtype), "cls"
-    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
-    if enc_dec:
+            y = torch.zeros(next(iter(batch.values())).shape[0], dtype=torch.long)
+        return y, torch.ones(y.shape[0])
+    if kind == "seq2seq":
         gold = batch["labels"]
-        mask = (gold != -100)
+        mask = gold != -100
         if "decoder_attention_mask" in batch:
             mask = mask & batch["decoder_attention_mask"].bool()
-        kind = "seq2seq"
     else:
-        gold = batch.get("labels", batch["input_ids"])
-        gold = gold[:, 1:]
+        gold = batch.get("labels", batch["input_ids"])[:, 1:]
         mask = gold != -100
         if "attention_mask" in batch:
             mask = mask & batch["attention_mask"][:, 1:].bool()
-        kind = "causal"
-        logits = logits[:, :-1]
-    if empirical:
-        y = gold.clamp(min=0)
-    else:
-        p = torch.softmax(logits.detach().double(), -1)
-        y = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
-    return y, mask.to(logits.dtype), kind
+    return gold.clamp(min=0), mask.float()
 
 
-def _log_lik(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+def _log_lik(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, u: torch.Tensor | None,
+             kind: str) -> torch.Tensor:
+    """log p(ŷ | x) of ONE example = Σ_positions mask · log softmax(logits)[ŷ]. With uniforms ``u``
+    (true Fisher), ŷ is drawn here from the model's own softmax by inverse CDF, ŷ = #{c : F(c) < u}
+    with F the cumulative probabilities, so the sample comes from the very forward being
+    differentiated (no second forward pass); ``y`` (gold labels) is used otherwise."""
     if kind == "causal":
         logits = logits[..., :-1, :]
-    lp = torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    return (lp * mask).sum()
+    lp = torch.log_softmax(logits, -1)
+    if u is not None:
+        cdf = lp.detach().double().exp().cumsum(-1)
+        y = (cdf < u.unsqueeze(-1)).sum(-1).clamp(max=logits.shape[-1] - 1)
+    return (lp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask.to(lp.dtype)).sum()
 
 
 def estimate_fisher(
@@ -80,9 +120,14 @@ def estimate_fisher(
     default transformers' ``default_data_collator``).
 
     Per-example gradients come from ``vmap(grad(log p(ŷ_n | x_n)))`` over the batch, so one forward /
-    backward per batch instead of a batch-size-1 loop. The model runs in eval mode (no dropout).
-    ``chunk_size``: examples per vmap call inside a batch (``torch.func.vmap(chunk_size=...)``) to bound
-    the memory of the per-example gradients, B × the trainable parameters (default: the whole batch).
+    backward per batch instead of a batch-size-1 loop; for the true Fisher ŷ is sampled inside that
+    same forward (see ``_log_lik``), from uniforms drawn with ``seed``. The model runs in eval mode
+    (no dropout). ``parameters``: names to estimate (default: every trainable one) — fewer names,
+    less work and memory. ``chunk_size``: examples per vmap call (a batch is split into such
+    sub-batches, squared and summed one after the other); the per-example gradients of a call take
+    chunk × the estimated parameters' bytes, so the default is the largest chunk ≤ the batch that
+    keeps them within 1 GiB (one example at a time beyond 1 GiB of parameters). On a CPU shared
+    with other processes, ``torch.set_num_threads(1)`` can be several times faster (OpenMP stalls).
     Returns a :class:`FisherStatistics` with ``tensors[name]`` (parameter shape) = mean squared
     gradient and ``num_examples`` = N (s_t in gradient matching).
     """
@@ -101,6 +146,8 @@ def estimate_fisher(
     buffers = {n: b for n, b in model.named_buffers()}
     sums = {n: torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32) for n, p in params.items()}
     g = torch.Generator().manual_seed(seed)
+    grad_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    kind = None
     count = 0
     try:
         bar = tqdm(desc="fisher", unit="ex", total=max_examples, disable=not progress)
@@ -119,19 +166,33 @@ def estimate_fisher(
                 inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
             if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
                 inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-            with torch.no_grad():
-                logits = model(**inputs, use_cache=False).logits if _accepts_cache(model) else model(**inputs).logits
-            y, mask, kind = _targets(model, batch, logits, empirical, g)
+            if kind is None:
+                kind = _kind(model, batch, inputs)
+            y, mask = _gold_and_mask(batch, kind, empirical)
+            # true Fisher: one uniform per scored position, drawn here so `seed` fixes the labels
+            u = None if empirical else torch.rand(mask.shape, generator=g, dtype=torch.float64)
+            n_b = y.shape[0]
+            chunk = chunk_size or max(1, min(n_b, _GRAD_MEMORY // max(1, grad_bytes)))
 
-            def loglik(p, inp, yy, mm):
+            def loglik(p, inp, yy, mm, uu):
                 inp = {k: v.unsqueeze(0) for k, v in inp.items()}
                 kw = {"use_cache": False} if _accepts_cache(model) else {}
                 out = functional_call(model, ({**p, **frozen}, buffers), args=(), kwargs={**inp, **kw})
-                return _log_lik(out.logits[0], yy, mm, kind)
+                return _log_lik(out.logits[0], yy, mm, uu, kind)
 
-            grads = vmap(grad(loglik), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)(params, inputs, y, mask)
-            for n, gr in grads.items():
-                sums[n] += (gr.to(sums[n].dtype) ** 2).sum(0)
+            per_example = vmap(grad(loglik), in_dims=(None, 0, 0, 0, None if u is None else 0))
+            # sub-batches of `chunk` examples, squared and summed before the next: vmap's own chunk_size
+            # would concatenate all B per-example gradients again
+            for s in range(0, n_b, chunk):
+                sl = slice(s, s + chunk)
+                # SDPA's fused CPU / CUDA kernels have no vmap batching rule (vmap would fall back to a
+                # slow per-example loop with a warning): use the math backend, plain batched matmuls
+                with _vmappable_masks(), sdpa_kernel([SDPBackend.MATH]):
+                    grads = per_example(params, {k: v[sl] for k, v in inputs.items()}, y[sl], mask[sl],
+                                        None if u is None else u[sl])
+                for n, gr in grads.items():
+                    sums[n] += gr.to(sums[n].dtype).square_().sum(0)
+                del grads
             n_b = y.shape[0]
             count += n_b
             bar.update(n_b)

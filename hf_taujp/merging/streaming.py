@@ -1,18 +1,23 @@
 """Out-of-core merges: read base, vectors and statistics tensor by tensor from (sharded) safetensors
 folders (local or Hub), write sharded safetensors + index into an atomic output folder.
 
-Peak memory ≈ (K + 1) input tensors of the current and of the next parameter (read ahead by a
-thread while the current one is merged) plus the method's working set: a few × the largest tensor,
-never K × the model. Inputs are read with ``pread`` and the output written with ``pwrite`` at
-precomputed offsets (``safetensors_io``), so neither memory-mapped input pages nor output shards
-accumulate in memory.
+Memory: elementwise methods (task arithmetic, Fisher averaging, gradient matching) stream slices of
+``chunk_elements`` entries through two reused sets of K + 1 (+ statistics) buffers (~50 MB at the
+default); the others (TIES, DARE, RegMean, ...) see whole tensors, read into two reused sets of
+buffers the size of the largest tensor: peak ≈ 2 (K + 1) × the largest tensor plus the method's
+working set, never K × the model. One I/O thread reads the next job and writes the previous result
+while the caller's thread merges. Inputs are read with ``pread`` and the output written with
+``pwrite`` at precomputed offsets (``safetensors_io``), so neither memory-mapped input pages nor
+output shards accumulate in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -30,6 +35,37 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
          "vocab.txt", "preprocessor_config.json", "chat_template.jinja")
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """Run the block with ``torch.set_num_threads(n)`` (restored after); ``None`` leaves it alone.
+
+    Why 1 by default: a streaming merge is bound by memory traffic; its other core serves the I/O
+    thread, and OpenMP regions on chunk-sized ops stall for milliseconds whenever a core is busy
+    with another process (measured 5-60x slower on a shared 2-core machine)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _check_finite(res: torch.Tensor, name: str) -> None:
+    """``HfTaujpError`` if ``res`` has NaN / ±inf. One float32 sum (NaN / inf propagate through it) is
+    ~30x cheaper than an ``isfinite`` mask; only a non-finite sum (or an overflow of it) pays for the mask."""
+    if not res.is_floating_point() or res.numel() == 0:
+        return
+    total = res.sum(dtype=torch.float64 if res.dtype == torch.float64 else torch.float32)
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(res).all()):
+        raise hub.HfTaujpError(f"merge produced NaN/inf in {name}")
+
+
+_BASE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja"]
+
+
 def _model_prefix(d: str) -> str:
     for p in ("model", "pytorch_model"):
         if os.path.exists(os.path.join(d, p + ".safetensors")) or os.path.exists(os.path.join(d, p + ".safetensors.index.json")):
@@ -38,13 +74,17 @@ def _model_prefix(d: str) -> str:
     raise hub.CorruptFileError(f"no model.safetensors (or index) in base folder {d!r}")
 
 
-def _folder_fingerprints(base_dir: str, reader: StreamReader) -> set[str]:
+def _folder_fingerprints(base_dir: str, reader: StreamReader, wanted: set[str] | None = None) -> set[str]:
     """Fingerprints the base folder's weights may have been recorded under: of the tensors as saved, and
     with tied weights (dropped by ``save_pretrained``, e.g. GPT-2's lm_head) restored under their names
-    as ``model.state_dict()`` lists them. Reads ~256 entries per tensor through memory maps."""
+    as ``model.state_dict()`` lists them (skipped when the first already covers ``wanted``: finding
+    the tied names builds the model on the meta device). Reads ~256 entries per tensor through
+    memory maps."""
     state, maps = reader.sampled_state()
     try:
         out = {fingerprint(state)}
+        if wanted is not None and wanted <= out:
+            return out
         tied = _tied_aliases(base_dir)
         extra = {t: state[s] for t, s in tied.items() if s in state and t not in state}
         if extra:
@@ -101,7 +141,8 @@ def merge_streaming(
     max_shard_size: int | str = "2GB",
     recipe: dict | None = None,
     check_base_model: bool = True,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 20,
+    compute_threads: int | None = 1,
     progress: bool = True,
     **params,
 ) -> str:
@@ -114,8 +155,10 @@ def merge_streaming(
     ``grams`` for regmean: folders or repo ids, one per vector) are read the same way.
     Vectors of different bases, or made from another base than ``base`` (recorded fingerprint),
     raise ``BaseModelMismatchError`` before anything is written. Elementwise methods
-    (``methods.ELEMENTWISE_METHODS``) run on slices of ``chunk_elements`` entries of tensors larger
-    than that, read into reused buffers (0 disables). Returns ``output``.
+    (``methods.ELEMENTWISE_METHODS``) run on slices of ``chunk_elements`` entries, read into reused
+    buffers (0: whole tensors); other methods see whole tensors. One I/O thread reads the next slice /
+    tensor and writes the previous result while this thread merges, with ``compute_threads`` torch
+    intra-op threads (default 1; ``None`` leaves torch's setting). Returns ``output``.
     """
     if not vectors:
         raise MergeConfigError("empty list of task vectors: nothing to merge")
@@ -123,7 +166,8 @@ def merge_streaming(
         raise MergeConfigError(f'output_kind must be "model" or "task_vector", got {output_kind!r}')
     fn = get_merge_method(method)
     out_dtype = _as_dtype(dtype)
-    base_dir = hub.resolve_pretrained_dir(base)
+    # a Hub base: its weights plus every file copied into the output (tokenizer models, chat template)
+    base_dir = hub.resolve_pretrained_dir(base, allow_patterns=_BASE_PATTERNS)
     vdirs = [hub.resolve_pretrained_dir(v) for v in vectors]
     labels = [f"vector {i} ({v!r})" for i, v in enumerate(vectors)]
     cfgs = [hub.read_json(os.path.join(d, "config.json"), "task vector config") for d in vdirs]
@@ -141,7 +185,8 @@ def merge_streaming(
         base_r = StreamReader(base_dir, _model_prefix(base_dir))
         readers.append(base_r)
         if check_base_model and any(c.get("base_fingerprint") for c in cfgs):
-            check_base(cfgs, _folder_fingerprints(base_dir, base_r), f"{base!r}", labels)
+            wanted = {c["base_fingerprint"] for c in cfgs if c.get("base_fingerprint")}
+            check_base(cfgs, _folder_fingerprints(base_dir, base_r, wanted), f"{base!r}", labels)
         vec_r = [StreamReader(d, "task_vector") for d in vdirs]
         readers += vec_r
         stat_readers, bfr, stat_cfgs = None, None, []
@@ -183,44 +228,58 @@ def merge_streaming(
 
         chunk = int(chunk_elements)
         sliced = method in ELEMENTWISE_METHODS and chunk > 0
+        # Jobs in output order: ("slice", name, start, n) — a range of an elementwise merge, read into
+        # reused buffers — or ("full", name, 0, numel) — a whole tensor (copied or merged whole).
+        jobs = []
+        for n_ in names:
+            total = math.prod(base_r.shape(n_))
+            if sliced and merged_here(n_) and total > 0:
+                jobs += [("slice", n_, st, min(chunk, total - st)) for st in range(0, total, chunk)]
+            else:
+                jobs.append(("full", n_, 0, total))
         buffers: dict[tuple, torch.Tensor] = {}
 
-        def by_slices(name):
-            return sliced and merged_here(name) and math.prod(base_r.shape(name)) > chunk
+        full_size = max([n for kind, _, _, n in jobs if kind == "full"], default=0)
 
-        def buf(slot, dtype, n):  # reused per input slot: no fresh pages (page faults) per tensor
-            t = buffers.get((slot, dtype))
-            if t is None:
-                t = buffers[(slot, dtype)] = torch.empty(chunk, dtype=dtype)
+        def buf(key, dtype, n, size=chunk):
+            # two sets (job parity): one being filled by the I/O thread while the other is merged;
+            # reused, so no fresh pages (page faults + zeroing) per tensor or chunk
+            t = buffers.get((key, dtype))
+            if t is None or t.numel() < n:
+                t = buffers[(key, dtype)] = torch.empty(max(size, n), dtype=dtype)
             return t[:n]
 
-        def merge_slices(name):
-            """Elementwise methods on big tensors: slice by slice, straight from the inputs to the output."""
-            total = math.prod(base_r.shape(name))
-            for start in range(0, total, chunk):
-                n = min(chunk, total - start)
-                b = base_r.read_into(name, start, buf("base", base_r.dtype(name), n))
-                taus = [r.read_into(name, start, buf(("tau", k), r.dtype(name), n)) if name in r else None
-                        for k, r in enumerate(vec_r)]
-                stats = None
-                if stat_readers is not None:
-                    stats = [r.read_into(name, start, buf(("stat", k), r.dtype(name), n)) if name in r else None
-                             for k, r in enumerate(stat_readers)]
-                bf = bfr.read_into(name, start, buf("bf", bfr.dtype(name), n)) if (bfr is not None and name in bfr) else None
-                writer.write_range(name, start, compute(name, b, taus, stats, bf))
+        def read(j):  # runs in the I/O thread: pread releases the GIL
+            kind, name, start, n = jobs[j]
+            if kind == "slice":
+                par = j % 2
 
-        def load(name):  # runs in the read-ahead thread: pread releases the GIL
-            if by_slices(name):
-                return None
-            b = base_r.get(name)
+                def get(r, slot):
+                    return r.read_into(name, start, buf((par, slot), r.dtype(name), n)) if name in r else None
+            else:
+                par, shape = j % 2, base_r.shape(name)
+
+                def get(r, slot):  # whole tensor, into a reused buffer of the largest tensor's size
+                    if name not in r:
+                        return None
+                    out = buf((par, slot, "full"), r.dtype(name), math.prod(r.shape(name)), full_size)
+                    return r.read_into(name, 0, out).reshape(r.shape(name))
+            b = get(base_r, "base")
             if not merged_here(name):
                 return b, None, None, None
-            taus = [r.get(name) if name in r else None for r in vec_r]
+            taus = [get(r, ("tau", k)) for k, r in enumerate(vec_r)]
             stats = None
             if stat_readers is not None:
-                stats = [r.get(name) if name in r else None for r in stat_readers]
-            bf = bfr.get(name) if (bfr is not None and name in bfr) else None
+                stats = [get(r, ("stat", k)) for k, r in enumerate(stat_readers)]
+            bf = get(bfr, "bf") if bfr is not None else None
             return b, taus, stats, bf
+
+        def write(j, res):  # I/O thread
+            kind, name, start, n = jobs[j]
+            if kind == "slice":
+                writer.write_range(name, start, res.reshape(-1))
+            else:
+                writer.write(name, res)
 
         def compute(name, b, taus, stats, bf):
             if taus is None:
@@ -246,37 +305,42 @@ def merge_streaming(
                 if bf is not None:
                     kw["base_fisher"] = bf
             delta = fn(b, taus, weights=weights, name=name, **kw)
+            inputs = {t.untyped_storage().data_ptr() for t in [b, *taus, *(stats or []), bf] if t is not None}
             if output_kind == "model":
-                fresh = delta.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in taus}
-                res = delta.add_(b) if fresh else delta + b  # in place: no second model-sized buffer
+                fresh = delta.untyped_storage().data_ptr() not in inputs
+                res = delta.add_(b) if fresh else delta + b  # in place: no second tensor-sized buffer
             else:
                 res = delta
             res = res.to(out_dt(name))
-            # one reduction instead of an isfinite() mask: NaN / ±inf anywhere make the sum non-finite
-            if not bool(torch.isfinite(res.sum(dtype=torch.float64))):
-                raise hub.HfTaujpError(f"merge produced NaN/inf in {name}")
+            if res.untyped_storage().data_ptr() in inputs:  # never hand a reused read buffer to the writer
+                res = res.clone()
+            _check_finite(res, name)
             return res
 
         with hub.atomic_dir(output) as tmp:
             writer = ShardedWriter(tmp, prefix, [(n, base_r.shape(n), out_dt(n)) for n in names], max_shard_size)
             try:
-                with ThreadPoolExecutor(1) as reader_pool, ThreadPoolExecutor(1) as writer_pool:
-                    nxt = reader_pool.submit(load, names[0]) if names else None
-                    wrote = None
-                    for j, name in enumerate(tqdm(names, desc=f"merge ({method})", disable=not progress)):
+                # One I/O thread runs reads and writes in submission order (read j+1, write j, read j+2, …):
+                # when the read of job j+1 is done, the write of job j−1 is too, so at most two jobs'
+                # buffers are alive. The merge itself runs on this thread.
+                with _intra_op_threads(compute_threads), ThreadPoolExecutor(1) as io:
+                    nxt = io.submit(read, 0) if jobs else None
+                    writes: deque = deque()
+                    bar = tqdm(total=len(names), desc=f"merge ({method})", disable=not progress)
+                    for j, (kind, name, start, n) in enumerate(jobs):
                         data = nxt.result()
-                        nxt = reader_pool.submit(load, names[j + 1]) if j + 1 < len(names) else None
-                        if data is None:
-                            merge_slices(name)
-                            continue
+                        nxt = io.submit(read, j + 1) if j + 1 < len(jobs) else None
+                        while writes and writes[0].done():
+                            writes.popleft().result()  # surface a failed write now
                         res = compute(name, *data)
                         del data
-                        if wrote is not None:
-                            wrote.result()  # at most one write in flight: bounded memory
-                        wrote = writer_pool.submit(writer.write, name, res)
+                        writes.append(io.submit(write, j, res))
                         del res
-                    if wrote is not None:
-                        wrote.result()
+                        if start + n == math.prod(base_r.shape(name)):
+                            bar.update(1)
+                    for w in writes:
+                        w.result()
+                    bar.close()
             except BaseException:
                 writer.close(check=False)
                 raise
@@ -303,7 +367,7 @@ def merge_streaming(
                                "num_parameters": num}, f, indent=2)
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write("---\nlibrary_name: hf-taujp\ntags: [hf-taujp, merge]\n"
-                        + (f"base_model: {base}\n" if isinstance(base, str) and not os.path.isabs(base) else "")
+                        + (f"base_model: {base}\n" if isinstance(base, str) and not os.path.isdir(base) else "")
                         + f"---\n# Merged with hf-taujp ({method})\n\n```json\n"
                         + json.dumps(recipe or {"method": method, "vectors": list(map(str, vectors)),
                                                "weights": weights, **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}},

@@ -7,6 +7,8 @@ and over valid tokens (attention mask) for token-level outputs of shape (B, L, D
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..hub import HfTaujpError
@@ -14,8 +16,19 @@ from ..hub import HfTaujpError
 __all__ = ["taujp_penalty", "select_output"]
 
 
+_INDEXED = re.compile(r"^([A-Za-z_]\w*)\[(-?\d+)\]$")
+
+
 def select_output(outputs, name: str) -> torch.Tensor:
-    """The tensor `name` of a model output (ModelOutput / dict / object with attributes)."""
+    """The tensor `name` of a model output (ModelOutput / dict / object with attributes).
+
+    `name` may index a tuple output: "hidden_states[-1]" is the last layer's hidden states, (B, L, D)
+    (the trainer then asks the model for `output_hidden_states=True`).
+    """
+    index = None
+    m = _INDEXED.match(name)
+    if m:
+        name, index = m.group(1), int(m.group(2))
     value = None
     if isinstance(outputs, dict):
         value = outputs.get(name)
@@ -23,6 +36,10 @@ def select_output(outputs, name: str) -> torch.Tensor:
         value = getattr(outputs, name, None)
     if value is None and isinstance(outputs, torch.Tensor) and name in ("logits", "output"):
         value = outputs
+    if index is not None and isinstance(value, (tuple, list)):
+        if not -len(value) <= index < len(value):
+            raise HfTaujpError(f"taujp_output={name}[{index}]: the model returned {len(value)} {name}")
+        value = value[index]
     if not isinstance(value, torch.Tensor):
         keys = list(outputs.keys()) if isinstance(outputs, dict) else type(outputs).__name__
         raise HfTaujpError(f"taujp_output={name!r} is not a tensor output of the model (outputs: {keys})")

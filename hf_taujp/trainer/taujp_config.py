@@ -12,6 +12,7 @@ as in the authors' code. Every field below defaults to the value the paper used.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -61,7 +62,8 @@ class TauJpConfig(TrainingArguments):
     taujp_output: str = field(
         default="logits",
         metadata={"help": "Name of the model output field that is penalised (e.g. 'logits', 'image_embeds', "
-                  "'last_hidden_state'). A callable can be set instead with TauJpTrainer(taujp_output_fn=...)."},
+                  "'last_hidden_state', or an indexed tuple output such as 'hidden_states[-1]'). A callable can "
+                  "be set instead with TauJpTrainer(taujp_output_fn=...)."},
     )
 
     def __post_init__(self):
@@ -76,8 +78,9 @@ class TauJpConfig(TrainingArguments):
             raise TauJpConfigError(f"taujp_batch_ratio must lie in (0, 1], got {self.taujp_batch_ratio!r}")
         if int(self.taujp_start_step) != self.taujp_start_step or self.taujp_start_step < 0:
             raise TauJpConfigError(f"taujp_start_step must be an integer >= 0, got {self.taujp_start_step!r}")
-        if not isinstance(self.taujp_output, str) or not self.taujp_output:
-            raise TauJpConfigError(f"taujp_output must be an output field name, got {self.taujp_output!r}")
+        if not isinstance(self.taujp_output, str) or not re.fullmatch(r"[A-Za-z_]\w*(\[-?\d+\])?", self.taujp_output):
+            raise TauJpConfigError(
+                f"taujp_output must be an output field name, optionally indexed ('hidden_states[-1]'), got {self.taujp_output!r}")
 
     @property
     def taujp_reg_batch_size(self) -> int:

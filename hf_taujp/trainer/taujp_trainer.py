@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -89,6 +90,41 @@ def _checkpointing_off(model: torch.nn.Module) -> Iterator[None]:
             m.enable_input_require_grads()
 
 
+def _refuse_sharding(args, fsdp: bool = False, deepspeed: bool = False) -> None:
+    """Raise `TauJpUnsupportedError` when FSDP or DeepSpeed is requested (args, accelerate env or state).
+
+    FSDP and ZeRO-3 shard the parameters: the jvp at θ0 calls the model functionally by parameter
+    name and would see shards, not weights. ZeRO-1/2 keep full weights but are untested, so every
+    DeepSpeed stage is refused for now.
+    """
+    def env(name):
+        return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes", "on")
+
+    if fsdp or getattr(args, "fsdp", None) or env("ACCELERATE_USE_FSDP"):
+        raise TauJpUnsupportedError(
+            "τJp does not support FSDP yet: FSDP shards the parameters, and the penalty's jvp at θ0 needs the full "
+            "weights by name. Use DDP instead (accelerate launch --num_processes N, no --use_fsdp)."
+        )
+    if deepspeed or getattr(args, "deepspeed", None) or env("ACCELERATE_USE_DEEPSPEED"):
+        raise TauJpUnsupportedError(
+            "τJp does not support DeepSpeed yet: ZeRO-3 shards the parameters, and the penalty's jvp at θ0 needs the "
+            "full weights by name (ZeRO-1/2 are untested and refused too). Use DDP (accelerate launch --num_processes N)."
+        )
+
+
+def _stackable(batches: list[dict]) -> bool:
+    """Same keys, all tensors, same shapes after the batch dim and same dtypes: safe to concatenate."""
+    keys = list(batches[0])
+    for b in batches:
+        if list(b) != keys:
+            return False
+        for k in keys:
+            v, v0 = b[k], batches[0][k]
+            if not (isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[1:] == v0.shape[1:] and v.dtype == v0.dtype):
+                return False
+    return bool(keys)
+
+
 def _is_peft(model) -> bool:
     try:
         from peft import PeftModel
@@ -129,14 +165,14 @@ class TauJpTrainer(Trainer):
         taujp_output_fn: Callable | None = None,
         **kwargs,
     ):
+        # Named errors before the (costly) Trainer set-up: wrong args class, FSDP / DeepSpeed requested.
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if not isinstance(targs, TauJpConfig):
+            raise TauJpConfigError(f"TauJpTrainer needs args=TauJpConfig(...), got {type(targs).__name__}")
+        _refuse_sharding(targs)
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, TauJpConfig):
-            raise TauJpConfigError(f"TauJpTrainer needs args=TauJpConfig(...), got {type(self.args).__name__}")
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise TauJpUnsupportedError(
-                "τJp is not supported with FSDP or DeepSpeed yet: they shard the parameters, and the jvp at θ0 "
-                "needs full weights (functional_call by name). Use DDP (accelerate launch --num_processes N)."
-            )
+        # An accelerate config (`accelerate launch --use_fsdp ...`) can enable them without the args saying so.
+        _refuse_sharding(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
         self.taujp_output_fn = taujp_output_fn
         self.regularization_datasets = dict(regularization_datasets or {})
         self.regularization_collators = dict(regularization_collators or {})
@@ -237,10 +273,17 @@ class TauJpTrainer(Trainer):
         finally:
             model.train(was_training)
 
-    @staticmethod
-    def _with_no_cache(model, batch: dict) -> dict:
-        # DynamicCache is not a tensor output: forward AD cannot carry it (RESEARCH.md).
-        return {**batch, "use_cache": False} if _accepts(model, "use_cache") else batch
+    def _with_no_cache(self, model, batch: dict) -> dict:
+        # DynamicCache is not a tensor output: forward AD cannot carry it (RESEARCH.md). The signature
+        # check is cached per model (inspect.signature costs more than a small jvp's bookkeeping).
+        cache = self.__dict__.setdefault("_taujp_use_cache", {})
+        if id(model) not in cache:
+            cache[id(model)] = _accepts(model, "use_cache")
+        out = {**batch, "use_cache": False} if cache[id(model)] else batch
+        if self.taujp_output_fn is None and self.args.taujp_output.startswith(("hidden_states", "attentions")):
+            # a tuple output the model only returns when asked (e.g. taujp_output="hidden_states[-1]")
+            out = {**out, f"output_{self.args.taujp_output.split('[')[0]}": True}
+        return out
 
     # ---------------------------------------------------------------- penalty
     def _taujp_select(self, outputs, batch) -> torch.Tensor:
@@ -252,10 +295,13 @@ class TauJpTrainer(Trainer):
         """J f(x'; θ0)·τ for one reg batch, as a tensor of the selected output's shape."""
         kwargs = self._with_no_cache(base, batch)
         jvp = _linearized_jvp(base)
-        with _checkpointing_off(base), forward_ad_attention(base), self.accelerator.autocast():
-            if jvp is not None:
+        if jvp is not None:
+            # linearized_forward already switches checkpointing off and routes attention for the jvp;
+            # walking the module tree twice more per step is measurable on small models.
+            with self.accelerator.autocast():
                 _, tangent_out = jvp(**kwargs)
-                return self._taujp_select(tangent_out, batch)
+            return self._taujp_select(tangent_out, batch)
+        with _checkpointing_off(base), forward_ad_attention(base), self.accelerator.autocast():
             params = dict(base.named_parameters())
             primals = {n: t for n, t in self._theta0.items()}
             tangents = {n: (params[n] - t).to(t.dtype) for n, t in self._theta0.items()}
@@ -270,10 +316,32 @@ class TauJpTrainer(Trainer):
         """R on one (clean) reg batch: mean ‖J f(x'; θ0)·τ‖ (see `hf_taujp.trainer.penalty.taujp_penalty`)."""
         base = self.accelerator.unwrap_model(model)
         tangent = self._taujp_tangent(base, batch)
+        return taujp_penalty(tangent, self._taujp_mask(batch, tangent), self.args.taujp_norm)
+
+    def taujp_penalties_on(self, model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
+        """(R_1, ..., R_k) for k reg batches, shape (k,).
+
+        Strict mode penalises every other task each step; when the batches have the same keys and
+        shapes (fixed-length padding, the usual case) they go through ONE jvp over their concatenation,
+        then R is taken per batch: fewer, larger matmuls than k small passes, same values for models
+        without cross-example operations (no BatchNorm in train mode). Otherwise one jvp per batch.
+        """
+        if len(batches) > 1 and _stackable(batches):
+            sizes = [next(iter(b.values())).shape[0] for b in batches]
+            cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+            base = self.accelerator.unwrap_model(model)
+            tangent = self._taujp_tangent(base, cat)
+            if tangent.shape[0] == sum(sizes):
+                mask = self._taujp_mask(cat, tangent)
+                parts = zip(tangent.split(sizes), mask.split(sizes) if mask is not None else [None] * len(sizes))
+                return torch.stack([taujp_penalty(t, m, self.args.taujp_norm) for t, m in parts])
+        return torch.stack([self.taujp_penalty_on(model, b) for b in batches])
+
+    @staticmethod
+    def _taujp_mask(batch: dict, tangent: torch.Tensor) -> torch.Tensor | None:
+        """Valid-token mask of a token-level tangent (decoder mask for seq2seq outputs)."""
         mask = batch.get("decoder_attention_mask") if tangent.dim() >= 3 and "decoder_input_ids" in batch else None
-        if mask is None:
-            mask = batch.get("attention_mask")
-        return taujp_penalty(tangent, mask, self.args.taujp_norm)
+        return batch.get("attention_mask") if mask is None else mask
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Task loss (the stock `Trainer.compute_loss`) + λ·R while training."""
@@ -286,7 +354,7 @@ class TauJpTrainer(Trainer):
             else:  # Eq. 10: every other task each step, penalties averaged
                 names = tuple(self._taujp_names)
             self.taujp_visits.append(names)
-            penalty = torch.stack([self.taujp_penalty_on(model, self._taujp_next(t)) for t in names]).mean()
+            penalty = self.taujp_penalties_on(model, [self._taujp_next(t) for t in names]).mean()
             if self._loss_scaled_for_ga(num_items_in_batch):
                 # The Trainer will not divide this loss by the GA steps; R is a per-batch mean, so we do.
                 ga_penalty = penalty / self.current_gradient_accumulation_steps
