@@ -333,10 +333,18 @@ def evaluate_task_addition(
             single["val"][t] = eval_fn(m, t, "val")
             single["test"][t] = eval_fn(m, t, "test")
     total = _sum_vectors([task_vectors[t] for t in tasks])
+    return _addition_protocol(tasks, single, alphas, linear,
+                              lambda alpha, t, split, m: eval_fn(m, t, split),
+                              lambda alpha: total.apply_to(base, alpha, linear=linear))
+
+
+def _addition_protocol(tasks, single, alphas, linear, acc_fn, model_fn=lambda alpha: None) -> dict:
+    """The task-addition protocol shared by both readings: α on the validation grid, then test at the
+    best α and at α = 1. `acc_fn(alpha, task, split, model)` scores `model_fn(alpha)` (built once per α)."""
 
     def score(alpha: float, split: str) -> dict:
-        m = total.apply_to(base, alpha, linear=linear)
-        abs_ = {t: eval_fn(m, t, split) for t in tasks}
+        m = model_fn(alpha)
+        abs_ = {t: acc_fn(alpha, t, split, m) for t in tasks}
         norm = {t: abs_[t] / single[split][t] if single[split][t] > 0 else 0.0 for t in tasks}
         return {"alpha": alpha, "abs": abs_, "norm": norm,
                 "avg_abs": sum(abs_.values()) / len(tasks), "avg_norm": sum(norm.values()) / len(tasks)}
@@ -360,24 +368,7 @@ def _task_addition_linear(base, task_vectors, tasks, alphas, single, datasets, b
     acc = _linear_eval_fn(base, task_vectors, total, datasets, batch_size, collate_fn)
     if single is None:
         single = {s: {t: acc(1.0, None, t, s) for t in tasks} for s in ("val", "test")}
-
-    def score(alpha: float, split: str) -> dict:
-        abs_ = {t: acc(None, alpha, t, split) for t in tasks}
-        norm = {t: abs_[t] / single[split][t] if single[split][t] > 0 else 0.0 for t in tasks}
-        return {"alpha": alpha, "abs": abs_, "norm": norm,
-                "avg_abs": sum(abs_.values()) / len(tasks), "avg_norm": sum(norm.values()) / len(tasks)}
-
-    curve = [score(float(a), "val") for a in tqdm(list(alphas), desc="α grid", leave=False)]
-    best = max(curve, key=lambda r: (r["avg_norm"], -abs(r["alpha"] - 1.0)))
-    return {
-        "linear": True,
-        "tasks": tasks,
-        "single": {k: dict(v) for k, v in single.items()},
-        "curve": curve,
-        "best_alpha": best["alpha"],
-        "best": score(best["alpha"], "test"),
-        "one_shot": score(1.0, "test"),
-    }
+    return _addition_protocol(tasks, single, alphas, True, lambda alpha, t, split, _m: acc(None, alpha, t, split))
 
 
 def evaluate_task_negation(
