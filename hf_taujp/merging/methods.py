@@ -407,7 +407,9 @@ def dare_ties(base, vectors, *, weights=None, density: float | None = None, p: f
     return lambda_ * _disjoint_mean(pruned * _weights(weights, len(s), s), mask)
 
 
-def _check_stats(stats, n: int, name: str, what: str = "fisher"):
+def _check_stats(stats, n: int, name: str, what: str = "fisher", nonnegative: bool = True):
+    """One statistic per task vector, present and finite; diagonal curvature also ≥ 0 (a Gram matrix's
+    off-diagonal entries may be negative)."""
     if stats is None or len(stats) == 0:
         raise MissingStatisticsError(f"method needs a {what} per task vector, none given for {name or 'parameter'}")
     if len(stats) != n:
@@ -417,7 +419,7 @@ def _check_stats(stats, n: int, name: str, what: str = "fisher"):
             raise MissingStatisticsError(f"{what} of task vector {i} missing for {name or 'parameter'}")
         if not torch.isfinite(f).all():
             raise HfTaujpError(f"{what} of task vector {i} has NaN/inf entries for {name or 'parameter'}")
-        if (f < 0).any():
+        if nonnegative and (f < 0).any():
             raise HfTaujpError(f"{what} of task vector {i} has negative entries for {name or 'parameter'}")
 
 
@@ -506,7 +508,7 @@ def regmean(base, vectors, *, grams=None, weights=None, reduce_non_diagonal_rati
         if nonlinear == "task_arithmetic":
             return (s * w).sum(0)
         raise MergeConfigError(f'nonlinear must be "average" or "task_arithmetic", got {nonlinear!r}')
-    _check_stats_gram(grams, len(s), name)
+    _check_stats(grams, len(s), name, "Gram matrix", nonnegative=False)
     if s.dim() != 3:
         raise MergeConfigError(f"regmean: {name} has a Gram matrix but is not a 2-D weight ({tuple(s.shape[1:])})")
     if layout not in ("out_in", "in_out"):
@@ -533,13 +535,3 @@ def regmean(base, vectors, *, grams=None, weights=None, reduce_non_diagonal_rati
         pinv = torch.linalg.pinv(total)
         delta = pinv @ rhs if layout == "in_out" else rhs @ pinv
     return delta.to(s.dtype)
-
-
-def _check_stats_gram(grams, n: int, name: str) -> None:
-    if len(grams) != n:
-        raise MissingStatisticsError(f"got {len(grams)} Gram matrices for {n} task vectors ({name})")
-    for i, g in enumerate(grams):
-        if g is None:
-            raise MissingStatisticsError(f"Gram matrix of task vector {i} missing for {name or 'a weight'}")
-        if not torch.isfinite(g).all():
-            raise HfTaujpError(f"Gram matrix of task vector {i} has NaN/inf entries for {name or 'a weight'}")
