@@ -32,7 +32,7 @@ WORKER = textwrap.dedent('''
     tr.train()
     rank = tr.accelerator.process_index
     torch.save({"tau": model.get_tangents(), "n": tr.accelerator.num_processes, "log": tr.state.log_history,
-                "visits": tr.taujp_visits, "backend": torch.distributed.get_backend(),
+                "visits": list(tr.taujp_visits), "backend": torch.distributed.get_backend(),
                 "wrapped": type(tr.model_wrapped).__name__}, os.path.join(out, f"rank{rank}.pt"))
 ''')
 

@@ -249,7 +249,7 @@ def _lin_trainer(tmp_path, mode, n_tasks=3, **kw):
 def test_cyclic_mode_visits_every_other_task_in_turn(tmp_path):
     tr, regs, _ = _lin_trainer(tmp_path, "cyclic", max_steps=6)
     tr.train()
-    assert tr.taujp_visits == [("t0",), ("t1",), ("t2",), ("t0",), ("t1",), ("t2",)]
+    assert list(tr.taujp_visits) == [("t0",), ("t1",), ("t2",), ("t0",), ("t1",), ("t2",)]
     logged = [h["taujp_penalty"] for h in tr.state.log_history if "taujp_penalty" in h]
     assert len(logged) == 6 and all(v > 0 for v in logged)
 
@@ -261,7 +261,7 @@ def test_strict_mode_averages_all_tasks(tmp_path):
     inputs = {k: torch.stack([r[k] for r in make_ds(4, 0)]) for k in ("input_ids", "attention_mask", "labels")}
     task = float(super(TauJpTrainer, tr).compute_loss(model, dict(inputs)))
     total = float(tr.compute_loss(model, dict(inputs)))
-    assert tr.taujp_visits == [("t0", "t1", "t2")]
+    assert list(tr.taujp_visits) == [("t0", "t1", "t2")]
     want = sum(fd_taujp(tiny_bert(), tau, batch_of(regs[t])) for t in regs) / 3
     assert (total - task) / 0.5 == pytest.approx(want, rel=1e-4)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -154,7 +155,8 @@ class TauJpTrainer(Trainer):
             models it runs inside the jvp and may be any function. Default: `args.taujp_output`.
 
     Logged (in `state.log_history`): `taujp_penalty` (R, mean over the logging window, averaged over
-    processes) and `task_loss`. `taujp_visits` lists the reg task(s) used at each step.
+    processes) and `task_loss`. `taujp_visits` lists the reg task(s) used at each of the last 1024 penalised steps
+    (bounded, so long runs do not grow it).
     """
 
     def __init__(
@@ -193,7 +195,7 @@ class TauJpTrainer(Trainer):
         self._taujp_iters: dict[str, Iterator] = {}
         self._taujp_epochs: dict[str, int] = {}
         self._taujp_log: dict[str, list[float]] = {"taujp_penalty": [], "task_loss": []}
-        self.taujp_visits: list[tuple[str, ...]] = []
+        self.taujp_visits: deque[tuple[str, ...]] = deque(maxlen=1024)
         self._theta0: dict[str, torch.Tensor] | None = None
         if self.args.taujp_lambda > 0:
             base = self.accelerator.unwrap_model(self.model)
