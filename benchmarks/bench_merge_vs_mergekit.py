@@ -61,7 +61,7 @@ def setup(work):
             ft.load_state_dict({n: p + 0.01 * torch.randn(p.shape, generator=g) for n, p in sd.items()}, strict=False)
             ft.save_pretrained(os.path.join(work, f"ft{k}"))
         open(os.path.join(work, "done"), "w").close()
-    if not os.path.exists(os.path.join(work, "done_tv2")):
+    if not os.path.exists(os.path.join(work, "done_tv3")):
         base = GPT2LMHeadModel.from_pretrained(os.path.join(work, "base"))
         bsd = hub.load_safetensors(os.path.join(work, "base"), "model")
         for k in range(4):
@@ -70,7 +70,7 @@ def setup(work):
             from hf_taujp.task_vector import fingerprint
             tv.base_fingerprint = fingerprint(base)
             tv.save_pretrained(os.path.join(work, f"tv{k}"))
-        open(os.path.join(work, "done_tv2"), "w").close()
+        open(os.path.join(work, "done_tv3"), "w").close()
 
 
 def at_threshold(work, name, differ, density):

@@ -90,6 +90,18 @@ def test_fingerprint_dtype_robust_and_discriminating(models):
         sd = {k: v.to(dt) for k, v in base.state_dict().items()}
         assert fingerprint(sd) == fp
     assert fingerprint(tiny_gpt2(seed=5)) != fp
+    # the same weights however they are listed: no tied lm_head (as save_pretrained writes them),
+    # parameters only (no buffers), other names
+    sd = base.state_dict()
+    assert "lm_head.weight" in sd and torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
+    assert fingerprint({k: v for k, v in sd.items() if k != "lm_head.weight"}) == fp
+    assert fingerprint(dict(base.named_parameters())) == fp
+    assert fingerprint({"renamed." + k: v for k, v in sd.items()}) == fp
+    # one weight changed in sign pattern, or one dropped, changes it
+    sd2 = dict(sd)
+    sd2["transformer.h.0.attn.c_attn.weight"] = -sd2["transformer.h.0.attn.c_attn.weight"]
+    assert fingerprint(sd2) != fp
+    assert fingerprint({k: v for k, v in sd.items() if k != "transformer.h.0.mlp.c_fc.weight"}) != fp
 
 
 def test_save_load_apply_bit_for_bit(models, tmp_path):
@@ -125,7 +137,7 @@ def test_bad_inputs(models, tmp_path):
     base, ft, _ = models
     tv = TaskVector.from_models(base, ft)
     other = TaskVector.from_models(tiny_gpt2(7), perturbed(tiny_gpt2(7)))
-    with pytest.raises(BaseModelMismatchError, match="tjp1-"):
+    with pytest.raises(BaseModelMismatchError, match="tjp2-"):
         tv + other
     assert len(tv.add(other, check_base=False)) == len(tv)
     with pytest.raises(BaseModelMismatchError):
@@ -335,7 +347,7 @@ def test_base_check_can_be_overridden_explicitly(models):
     base, ft, _ = models
     tv = TaskVector.from_models(base, ft)
     other = tiny_gpt2(seed=7)
-    with pytest.raises(BaseModelMismatchError, match="tjp1-"):
+    with pytest.raises(BaseModelMismatchError, match="tjp2-"):
         tv.apply_to(other)
     moved = tv.apply_to(other, check_base=False)
     k = "transformer.h.0.attn.c_attn.weight"

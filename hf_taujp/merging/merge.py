@@ -60,17 +60,6 @@ def check_vectors_compatible(metas: Sequence[Mapping[str, Any]], labels: Sequenc
                 f"{lab} from {b1!r} (fingerprint {f1})")
 
 
-def base_fingerprints(state: Mapping[str, torch.Tensor], module: torch.nn.Module | None = None) -> set[str]:
-    """Fingerprints under which ``state`` (a model's weights) may have been recorded: of the module, of its
-    ``named_parameters()`` and of the state dict as given (``fingerprint`` hashes names, and tied weights
-    such as GPT-2's lm_head / wte appear under either name depending on the source)."""
-    out = {fingerprint(state)}
-    if module is not None:
-        out.add(fingerprint(module))
-        out.add(fingerprint(dict(module.named_parameters())))
-    return out
-
-
 def check_base(metas: Sequence[Mapping[str, Any]], fps: set[str], base_label: str,
                labels: Sequence[str] | None = None) -> None:
     """``BaseModelMismatchError`` when a vector's recorded base fingerprint is not one of ``fps``."""
@@ -174,7 +163,7 @@ def merge(
     check_vectors_compatible(metas, labels)
     base_sd, module = _base_state(base)
     if check_base_model and any(m.get("base_fingerprint") for m in metas):
-        check_base(metas, base_fingerprints(base_sd, module), "model" if module is not None else "state dict", labels)
+        check_base(metas, {fingerprint(module if module is not None else base_sd)}, "model" if module is not None else "state dict", labels)
     loaded = [(tv.tensors, m) for tv, m in zip(tvs, metas)]
 
     needs = REQUIRES_STATISTICS.get(method)

@@ -74,22 +74,11 @@ def _model_prefix(d: str) -> str:
     raise hub.CorruptFileError(f"no model.safetensors (or index) in base folder {d!r}")
 
 
-def _folder_fingerprints(base_dir: str, reader: StreamReader, wanted: set[str] | None = None) -> set[str]:
-    """Fingerprints the base folder's weights may have been recorded under: of the tensors as saved, and
-    with tied weights (dropped by ``save_pretrained``, e.g. GPT-2's lm_head) restored under their names
-    as ``model.state_dict()`` lists them (skipped when the first already covers ``wanted``: finding
-    the tied names builds the model on the meta device). Reads ~256 entries per tensor through
-    memory maps."""
+def _folder_fingerprint(reader: StreamReader) -> str:
+    """``fingerprint`` of the base folder's weights, from ~256 entries per tensor read through memory maps."""
     state, maps = reader.sampled_state()
     try:
-        out = {fingerprint(state)}
-        if wanted is not None and wanted <= out:
-            return out
-        tied = _tied_aliases(base_dir)
-        extra = {t: state[s] for t, s in tied.items() if s in state and t not in state}
-        if extra:
-            out.add(fingerprint({**state, **extra}))
-        return out
+        return fingerprint(state)
     finally:
         del state
         for mm in maps:
@@ -97,24 +86,6 @@ def _folder_fingerprints(base_dir: str, reader: StreamReader, wanted: set[str] |
                 mm.close()
             except BufferError:  # a view is still alive somewhere: leave the map to the GC
                 pass
-
-
-def _tied_aliases(base_dir: str) -> dict[str, str]:
-    """{tied name: source name} of the base's architecture, from a model built on the meta device."""
-    try:
-        import transformers
-
-        cfg = transformers.AutoConfig.from_pretrained(base_dir)
-        arch = (getattr(cfg, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        if cls is None:
-            return {}
-        with torch.device("meta"):
-            model = cls(cfg)
-        tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
-        return dict(tied) if isinstance(tied, dict) else {}
-    except Exception:  # unknown architecture / config: no aliases, the plain fingerprint still applies
-        return {}
 
 
 def _stat_reader(folder: str, label: str) -> tuple[StreamReader, dict]:
@@ -185,8 +156,7 @@ def merge_streaming(
         base_r = StreamReader(base_dir, _model_prefix(base_dir))
         readers.append(base_r)
         if check_base_model and any(c.get("base_fingerprint") for c in cfgs):
-            wanted = {c["base_fingerprint"] for c in cfgs if c.get("base_fingerprint")}
-            check_base(cfgs, _folder_fingerprints(base_dir, base_r, wanted), f"{base!r}", labels)
+            check_base(cfgs, {_folder_fingerprint(base_r)}, f"{base!r}", labels)
         vec_r = [StreamReader(d, "task_vector") for d in vdirs]
         readers += vec_r
         stat_readers, bfr, stat_cfgs = None, None, []
