@@ -338,19 +338,33 @@ def evaluate_task_addition(
                               lambda alpha: total.apply_to(base, alpha, linear=linear))
 
 
-def _addition_protocol(tasks, single, alphas, linear, acc_fn, model_fn=lambda alpha: None) -> dict:
+def _addition_protocol(tasks, single, alphas, linear, acc_fn, model_fn=lambda alpha: None, extra_alphas=()) -> dict:
     """The task-addition protocol shared by both readings: α on the validation grid, then test at the
-    best α and at α = 1. `acc_fn(alpha, task, split, model)` scores `model_fn(alpha)` (built once per α)."""
+    best α and at α = 1. `acc_fn(alpha, task, split, model)` scores `model_fn(alpha)` (built once per α).
+    `extra_alphas` are evaluated on validation for the curve's shape (e.g. 1.1…1.5) but never chosen."""
 
     def score(alpha: float, split: str) -> dict:
         m = model_fn(alpha)
         abs_ = {t: acc_fn(alpha, t, split, m) for t in tasks}
-        norm = {t: abs_[t] / single[split][t] if single[split][t] > 0 else 0.0 for t in tasks}
-        return {"alpha": alpha, "abs": abs_, "norm": norm,
-                "avg_abs": sum(abs_.values()) / len(tasks), "avg_norm": sum(norm.values()) / len(tasks)}
+        # merged / single is undefined when the single-task score is <= 0 (e.g. a Matthews correlation
+        # of 0): None, and left out of the mean, rather than counted as 0.
+        norm = {t: abs_[t] / single[split][t] if single[split][t] > 0 else None for t in tasks}
+        defined = [v for v in norm.values() if v is not None]
+        return {"alpha": alpha, "abs": abs_, "norm": norm, "avg_abs": sum(abs_.values()) / len(tasks),
+                "avg_norm": sum(defined) / len(defined) if defined else None}
 
     curve = [score(float(a), "val") for a in tqdm(list(alphas), desc="α grid", leave=False)]
-    best = max(curve, key=lambda r: (r["avg_norm"], -abs(r["alpha"] - 1.0)))
+    if 1.0 not in [r["alpha"] for r in curve]:
+        curve.append(score(1.0, "val"))
+        curve.sort(key=lambda r: r["alpha"])
+    # Ties (to 1e-9, so float noise in a mean of ratios is no tie-breaker) go to the α nearest 1: a flat
+    # curve then reports α = 1, where task addition needs no coefficient search.
+    key = "avg_norm" if any(r["avg_norm"] is not None for r in curve) else "avg_abs"
+    best = max(curve, key=lambda r: (round(r[key] if r[key] is not None else float("-inf"), 9), -abs(r["alpha"] - 1.0)))
+    chosen = {r["alpha"] for r in curve}
+    extra = [a for a in map(float, extra_alphas) if a not in chosen]
+    if extra:
+        curve = sorted(curve + [dict(score(a, "val"), selectable=False) for a in extra], key=lambda r: r["alpha"])
     return {
         "linear": linear,
         "tasks": tasks,
@@ -448,10 +462,10 @@ def plot_alpha_curves(results: Mapping[str, Mapping], path, title: str = "Task a
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for method, res in results.items():
         xs = [r["alpha"] for r in res["curve"]]
-        ys = [r["avg_norm"] for r in res["curve"]]
+        ys = [r["avg_norm"] if r["avg_norm"] is not None else float("nan") for r in res["curve"]]
         ax.plot(xs, ys, marker="o", ms=3, label=f"{method} (best α={res['best_alpha']:.2f})")
     ax.set_xlabel("α  (θ0 + α Σ τ_t)")
-    ax.set_ylabel("mean normalized accuracy (val)")
+    ax.set_ylabel("mean normalized score (validation split)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

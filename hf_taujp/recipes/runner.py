@@ -1,0 +1,132 @@
+"""The train-each-method loop shared by the recipes: one fine-tune per (method, task) through
+`TauJpTrainer`, returned as a `TaskVector` keyed by the base model's parameter names.
+
+Methods (Yoshida et al. 2025, Table 1 and Sec. 5; Ortiz-Jiménez et al. 2023):
+
+| name              | model                                  | penalty                              |
+|-------------------|----------------------------------------|--------------------------------------|
+| `nonlinear`       | θ0 + τ, ordinary fine-tuning           | none                                 |
+| `linear`          | f(x; θ0) + J f(x; θ0)·τ (linearized)   | none                                 |
+| `taujp`           | linearized                             | λ·E_{x'∼other tasks} ‖J f(x'; θ0)·τ‖ |
+| `nonlinear+taujp` | θ0 + τ                                 | same penalty (the authors' open question) |
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..hub import HfTaujpError
+from ..linearize import linearize
+from ..task_vector import TaskVector
+
+__all__ = ["METHODS", "Method", "parse_methods", "finetune"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    linear: bool
+    taujp: bool
+
+    @property
+    def kind(self) -> str:
+        return "linear" if self.linear else "nonlinear"
+
+
+METHODS: dict[str, Method] = {
+    "nonlinear": Method("nonlinear", "non-linear FT", linear=False, taujp=False),
+    "linear": Method("linear", "linear FT", linear=True, taujp=False),
+    "taujp": Method("taujp", "linear FT + τJp", linear=True, taujp=True),
+    "nonlinear+taujp": Method("nonlinear+taujp", "non-linear FT + τJp", linear=False, taujp=True),
+}
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[Method]:
+    """Methods from a comma list / sequence of names in :data:`METHODS`; unknown or repeated names raise."""
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise HfTaujpError(f"unknown method(s) {unknown or names}; choose from {list(METHODS)}")
+    if len(set(names)) != len(names):
+        raise HfTaujpError(f"a method is listed twice: {names}")
+    return [METHODS[m] for m in names]
+
+
+def finetune(
+    base: nn.Module,
+    parameter_names: Sequence[str],
+    method: Method,
+    train_dataset,
+    args,
+    *,
+    data_collator: Callable | None = None,
+    regularization_datasets: Mapping[str, object] | None = None,
+    taujp_output_fn: Callable | None = None,
+    meta: Mapping | None = None,
+) -> tuple[TaskVector, dict]:
+    """Fine-tune a copy of ``base`` on one task with ``method``; returns (task vector, stats).
+
+    Args:
+        base: θ0 (never modified: the run works on a deep copy).
+        parameter_names: the base parameters that are trained (non-linear) or linearized (linear); the
+            others stay at θ0.
+        args: a :class:`~hf_taujp.TauJpConfig`; its ``taujp_lambda`` is used for methods with τJp and
+            forced to 0 for the others.
+        regularization_datasets: ``{other task: inputs}`` for the τJp penalty (required with τJp).
+        meta: TaskVector metadata (base_model, base_fingerprint, task, training).
+    Returns:
+        (TaskVector of kind "linear" or "nonlinear", {"seconds_per_step", "train_loss", "log_history"}).
+    """
+    from ..trainer import TauJpTrainer
+
+    if method.taujp and not regularization_datasets:
+        raise HfTaujpError(f"method {method.name!r} needs regularization datasets (the other tasks' inputs)")
+    run_args = copy.deepcopy(args)
+    if not method.taujp:
+        run_args.taujp_lambda = 0.0
+    model = copy.deepcopy(base)
+    model.requires_grad_(False)
+    if method.linear:
+        train_model = linearize(model, parameter_names=list(parameter_names))
+    else:
+        params = dict(model.named_parameters())
+        for n in parameter_names:
+            params[n].requires_grad_(True)
+        train_model = model
+    trainer = TauJpTrainer(
+        model=train_model, args=run_args, train_dataset=train_dataset, data_collator=data_collator,
+        regularization_datasets=regularization_datasets if method.taujp else None,
+        taujp_output_fn=taujp_output_fn if method.taujp else None,
+    )
+    result = trainer.train()
+    steps = max(1, trainer.state.global_step)
+    runtime = result.metrics.get("train_runtime", float("nan"))
+    if method.linear:
+        tensors = train_model.get_tangents()
+    else:
+        b = dict(base.named_parameters())
+        p = dict(model.named_parameters())
+        tensors = {n: (p[n].detach() - b[n].detach()) for n in parameter_names}
+    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise HfTaujpError(f"{method.label}: training diverged (non-finite task vector in {bad[:3]}); lower the learning rate")
+    meta = dict(meta or {})
+    training = {"method": method.name, "steps": steps, "learning_rate": run_args.learning_rate,
+                "batch_size": run_args.per_device_train_batch_size, "taujp_lambda": run_args.taujp_lambda,
+                **({"taujp_mode": run_args.taujp_mode, "taujp_batch_ratio": run_args.taujp_batch_ratio,
+                    "taujp_start_step": run_args.taujp_start_step} if method.taujp else {}),
+                **dict(meta.pop("training", {}) or {})}
+    tv = TaskVector(tensors, kind=method.kind, training=training, **meta)
+    stats = {"seconds_per_step": runtime / steps if math.isfinite(runtime) else None,
+             "train_loss": result.training_loss, "log_history": trainer.state.log_history}
+    del trainer, train_model, model
+    return tv, stats

@@ -1,0 +1,420 @@
+"""Text-to-text encoding, rank classification and the frozen-prefix feature cache.
+
+Encoding (both model families answer in words):
+
+* seq2seq (T5): encoder input = the prompt; decoder target = the label word's tokens (+ EOS).
+* causal LM (GPT-2, Llama, SmolLM2): one sequence prompt + " " + label word, the loss on the answer
+  tokens only (labels -100 on the prompt). Sequences are **left-padded** with explicit position ids, so
+  every answer ends at the last position and the LM head runs only on the last A + 1 positions
+  (``logits_to_keep``, where the model supports it).
+
+Rank classification: the prediction is argmax_k log p(word_k | prompt) = Σ_j log p(w_k,j | prompt, w_k,<j)
+(the sum of the label sequence's token log-probabilities; multi-token words included), computed for an
+ordinary model or, with ``tangents``, for the linearized model f_lin(x) = f(x; θ0) + α·J f(x; θ0)·τ at
+any number of α from ONE forward-mode pass (the logits are linear in α; the log-softmax is taken after).
+
+Frozen prefix: when only layers ≥ k of a decoder-only LM are trained (partial fine-tuning or
+linearization), the hidden states entering layer k do not depend on the trained weights. They are
+computed once per example (:class:`FrozenPrefix`) and the model runs from layer k on
+(``inputs_embeds`` = cached states, layers < k replaced by pass-through modules, parameter names
+unchanged). The result is checked against the full model on a probe batch before it is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..hub import HfTaujpError
+from ..linearize import linearized_forward
+from .tasks import TextTask
+
+__all__ = ["TextToTextEncoder", "FrozenPrefix", "rank_scores", "predict_scores", "answer_logits_output"]
+
+PENALIZED_OUTPUTS = ("answer", "all")
+
+
+def _accepts_kw(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class TextToTextEncoder:
+    """Tokenizes tasks for one model family and collates batches (see the module docstring).
+
+    Args:
+        tokenizer: the model's tokenizer (a pad token is required).
+        family: "seq2seq" or "causal".
+        max_length: maximum prompt length in tokens (seq2seq: the encoder input; causal: prompt and
+            answer together). Longer prompts are truncated: seq2seq keeps the start (HF's default),
+            causal keeps the end, where the answer cue sits.
+        keep_logits: causal only: the model accepts ``logits_to_keep`` (then only the answer positions'
+            logits are computed).
+        penalized_output: what the τJp penalty sees on prompt-only (regularization) batches:
+            "answer" = the logits at the position that predicts the answer (the first decoder position
+            for seq2seq); "all" = the logits at every prompt position (causal; masked mean over tokens).
+    """
+
+    def __init__(self, tokenizer, family: str, *, max_length: int = 128, keep_logits: bool = False,
+                 penalized_output: str = "answer", decoder_start_token_id: int | None = None):
+        if family not in ("seq2seq", "causal"):
+            raise HfTaujpError(f"family must be 'seq2seq' or 'causal', got {family!r}")
+        if penalized_output not in PENALIZED_OUTPUTS:
+            raise HfTaujpError(f"penalized output must be one of {PENALIZED_OUTPUTS}, got {penalized_output!r}")
+        if tokenizer.pad_token_id is None:
+            raise HfTaujpError("the tokenizer has no pad token")
+        if family == "seq2seq" and decoder_start_token_id is None:
+            raise HfTaujpError("seq2seq encoding needs the model's decoder_start_token_id")
+        self.tokenizer = tokenizer
+        self.family = family
+        self.max_length = int(max_length)
+        self.keep_logits = bool(keep_logits) and family == "causal"
+        self.penalized_output = penalized_output
+        self.decoder_start_token_id = decoder_start_token_id
+        self._answers: dict[str, list[list[int]]] = {}
+
+    # ------------------------------------------------------------------ tokens
+    def answer_ids(self, task: TextTask) -> list[list[int]]:
+        """Token ids of each label word (causal: with a leading space, as it follows the prompt; seq2seq:
+        with the tokenizer's EOS). Raises HfTaujpError when a word cannot be encoded (empty or unknown
+        tokens only) or two words encode identically."""
+        if task.name not in self._answers:
+            tok = self.tokenizer
+            out = []
+            for word in task.words:
+                if self.family == "causal":
+                    ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+                else:
+                    ids = tok(word, add_special_tokens=True)["input_ids"]
+                content = [i for i in ids if i not in (tok.eos_token_id, tok.pad_token_id)]
+                if not content or (tok.unk_token_id is not None and all(i == tok.unk_token_id for i in content)):
+                    raise HfTaujpError(f"task {task.name!r}: the tokenizer cannot encode label word {word!r} "
+                                       f"(got ids {ids})")
+                out.append(list(ids))
+            if len({tuple(x) for x in out}) != len(out):
+                raise HfTaujpError(f"task {task.name!r}: label words {task.words} encode to identical tokens")
+            self._answers[task.name] = out
+        return self._answers[task.name]
+
+    def check_single_token(self, task: TextTask) -> None:
+        """Raise unless each label word's FIRST token differs (what a single-token read-out needs)."""
+        firsts = [ids[0] for ids in self.answer_ids(task)]
+        if len(set(firsts)) != len(firsts):
+            dup = [w for w, f in zip(task.words, firsts) if firsts.count(f) > 1]
+            raise HfTaujpError(f"task {task.name!r}: label words {dup} share their first token, so a single-token "
+                               "read-out cannot tell them apart; use rank classification over whole words")
+
+    def _prompt_ids(self, task: TextTask, row, room: int) -> list[int]:
+        tok = self.tokenizer
+        ids = tok(task.prompt(row), add_special_tokens=self.family == "seq2seq")["input_ids"]
+        if len(ids) > room:
+            ids = ids[:room - 1] + [ids[-1]] if self.family == "seq2seq" else ids[-room:]
+        return ids
+
+    def encode(self, task: TextTask, row, answer: int | None = None) -> dict:
+        """One example: prompt (+ label word ``answer``, an index into ``task.words``).
+
+        Returns ``{"input_ids": [...], "labels": [...]}`` (labels only when ``answer`` is given).
+        """
+        if answer is None:
+            return {"input_ids": self._prompt_ids(task, row, self.max_length)}
+        ans = self.answer_ids(task)[answer]
+        if self.family == "seq2seq":
+            return {"input_ids": self._prompt_ids(task, row, self.max_length), "labels": list(ans)}
+        prompt = self._prompt_ids(task, row, self.max_length - len(ans))
+        return {"input_ids": prompt + list(ans), "labels": [-100] * len(prompt) + list(ans)}
+
+    def encode_train(self, task: TextTask, rows) -> list[dict]:
+        return [self.encode(task, r, task.label_index(r)) for r in rows]
+
+    def encode_prompts(self, task: TextTask, rows) -> list[dict]:
+        return [self.encode(task, r) for r in rows]
+
+    def encode_choices(self, task: TextTask, rows) -> list[dict]:
+        """Rank-classification inputs: for each row, K examples prompt + word_k (row-major, N·K)."""
+        self.answer_ids(task)
+        return [self.encode(task, r, k) for r in rows for k in range(len(task.words))]
+
+    # ------------------------------------------------------------------ batches
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict:
+        return self.collate(examples)
+
+    def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict:
+        """Pad a list of encoded examples into a batch (see the class docstring for the layout).
+
+        Examples may carry ``features`` (cached frozen-prefix hidden states, (L, D)) instead of
+        ``input_ids``; they become ``inputs_embeds``.
+        """
+        if not examples:
+            raise HfTaujpError("empty batch")
+        has_labels = ["labels" in e for e in examples]
+        if any(has_labels) and not all(has_labels):
+            raise HfTaujpError("a batch mixes examples with and without labels")
+        return self._collate_causal(examples, all(has_labels)) if self.family == "causal" else \
+            self._collate_seq2seq(examples, all(has_labels))
+
+    def _sequences(self, examples):
+        key = "features" if "features" in examples[0] else "input_ids"
+        seqs = [torch.as_tensor(e[key]) for e in examples]
+        return key, seqs
+
+    def _collate_causal(self, examples, labelled: bool) -> dict:
+        key, seqs = self._sequences(examples)
+        B, L = len(seqs), max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        mask = torch.zeros(B, L, dtype=torch.long)
+        if key == "features":
+            x = torch.zeros(B, L, seqs[0].shape[-1], dtype=seqs[0].dtype)
+        else:
+            x = torch.full((B, L), pad, dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long) if labelled else None
+        for i, s in enumerate(seqs):
+            x[i, L - len(s):] = s
+            mask[i, L - len(s):] = 1
+            if labelled:
+                labels[i, L - len(s):] = torch.as_tensor(examples[i]["labels"])
+        batch = {"inputs_embeds" if key == "features" else "input_ids": x, "attention_mask": mask,
+                 "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+        if labelled:
+            if self.keep_logits:
+                span = int((labels != -100).sum(-1).max()) + 1  # the answer and the position before it
+                batch["labels"] = labels[:, -span:]
+                batch["logits_to_keep"] = span
+            else:
+                batch["labels"] = labels
+        elif self.keep_logits:
+            batch["logits_to_keep"] = 1 if self.penalized_output == "answer" else 0
+        return batch
+
+    def _collate_seq2seq(self, examples, labelled: bool) -> dict:
+        key, seqs = self._sequences(examples)
+        if key == "features":
+            raise HfTaujpError("the frozen-prefix cache supports decoder-only models only")
+        B, L = len(seqs), max(len(s) for s in seqs)
+        x = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, :len(s)] = s
+            mask[i, :len(s)] = 1
+        batch = {"input_ids": x, "attention_mask": mask}
+        if labelled:
+            A = max(len(e["labels"]) for e in examples)
+            labels = torch.full((B, A), -100, dtype=torch.long)
+            for i, e in enumerate(examples):
+                labels[i, :len(e["labels"])] = torch.as_tensor(e["labels"])
+            batch["labels"] = labels
+        else:  # the answer position: one decoder step from the start token
+            batch["decoder_input_ids"] = torch.full((B, 1), self.decoder_start_token_id, dtype=torch.long)
+        return batch
+
+
+def answer_logits_output(outputs, batch) -> torch.Tensor:
+    """τJp output for text-to-text models: the logits the penalty sees, (B, V) at the answer position or
+    (B, L, V) at every prompt position (a selection, so linear in the outputs: valid on tangents)."""
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+    return logits[:, -1, :] if logits.shape[1] == 1 else logits
+
+
+# ---------------------------------------------------------------------------------------------- prefix
+class _PassThrough(nn.Module):
+    """Stands in for a frozen decoder layer whose output is cached: returns its input unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder layer list of a decoder-only transformers model and its attribute path."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj, path
+    raise HfTaujpError(f"{type(model).__name__}: no decoder layer list found (model.layers / transformer.h)")
+
+
+def first_trained_layer(model: nn.Module, names: Sequence[str]) -> int:
+    """Index of the lowest decoder layer holding one of the parameter ``names``; 0 when a name lies
+    outside the layers before them (e.g. the embeddings), so nothing can be cached."""
+    layers, path = decoder_layers(model)
+    first = len(layers)
+    for n in names:
+        if n.startswith(path + "."):
+            first = min(first, int(n[len(path) + 1:].split(".")[0]))
+        elif not n.startswith(("lm_head.", "model.norm.", "transformer.ln_f.")):
+            return 0
+    return first
+
+
+class FrozenPrefix:
+    """Hidden states entering decoder layer ``start`` of a causal LM, computed once per example.
+
+    ``features(examples)`` adds ``"features"`` ((L_i, D) float tensors, padding stripped) to encoded
+    examples; ``suffix_model()`` returns a copy of the model whose layers < ``start`` pass their input
+    through, to be called with ``inputs_embeds`` = those features (parameter names are unchanged, so
+    task vectors keep the base model's keys). Valid for any weights of layers ≥ ``start``.
+    """
+
+    def __init__(self, model: nn.Module, encoder: TextToTextEncoder, start: int, batch_size: int = 32):
+        layers, path = decoder_layers(model)
+        if not 0 < start < len(layers):
+            raise HfTaujpError(f"frozen prefix start {start} outside 1..{len(layers) - 1}")
+        if encoder.family != "causal":
+            raise HfTaujpError("the frozen-prefix cache supports decoder-only models only")
+        self.model, self.encoder, self.start, self.batch_size = model, encoder, start, batch_size
+        self.layers, self.path = layers, path
+
+    @torch.no_grad()
+    def _hidden(self, batch: dict) -> torch.Tensor:
+        captured = {}
+
+        def hook(_m, _inp, out):
+            captured["h"] = out[0] if isinstance(out, tuple) else out
+            raise _StopForward
+
+        handle = self.layers[self.start - 1].register_forward_hook(hook)
+        was = self.model.training
+        self.model.eval()
+        try:
+            self.model(**{k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+            self.model.train(was)
+        return captured["h"]
+
+    def features(self, examples: list[dict], desc: str = "frozen prefix") -> list[dict]:
+        """Copies of ``examples`` with ``features`` in place of ``input_ids``."""
+        out = []
+        for i in tqdm(range(0, len(examples), self.batch_size), desc=desc, leave=False):
+            chunk = examples[i:i + self.batch_size]
+            batch = self.encoder.collate([{k: v for k, v in e.items() if k != "labels"} for e in chunk])
+            h = self._hidden(batch)
+            for j, e in enumerate(chunk):
+                n = len(e["input_ids"])
+                f = {k: v for k, v in e.items() if k != "input_ids"}
+                f["features"] = h[j, h.shape[1] - n:].clone()
+                out.append(f)
+        return out
+
+    def suffix_model(self) -> nn.Module:
+        """A deep copy of the model with layers < start replaced by pass-through modules."""
+        layers = self.layers
+        saved = [layers[i] for i in range(self.start)]
+        for i in range(self.start):  # deep-copy only what is kept
+            layers[i] = _PassThrough()
+        try:
+            suffix = copy.deepcopy(self.model)
+        finally:
+            for i, m in enumerate(saved):
+                layers[i] = m
+        return suffix
+
+    @torch.no_grad()
+    def check(self, suffix: nn.Module, examples: list[dict], atol: float = 1e-4) -> float:
+        """Max |logit difference| between the full model and the suffix on cached features of ``examples``;
+        raises HfTaujpError above ``atol`` (the architecture does not feed ``inputs_embeds`` straight into
+        its first layer, e.g. GPT-2 adds position embeddings there)."""
+        full = self.encoder.collate(examples)
+        feats = self.encoder.collate(self.features(examples, desc="prefix check"))
+        keep = {k: v for k, v in full.items() if k not in ("labels",)}
+        ref = self.model.eval()(**keep, use_cache=False).logits
+        got = suffix.eval()(**{k: v for k, v in feats.items() if k != "labels"}, use_cache=False).logits
+        err = float((ref - got).abs().max())
+        if not err <= atol * max(1.0, float(ref.abs().max())):
+            raise HfTaujpError(f"frozen-prefix cache does not reproduce {type(self.model).__name__}'s logits "
+                               f"(max error {err:.3g}); run without it (--no-prefix-cache)")
+        return err
+
+
+# --------------------------------------------------------------------------------------------- scoring
+def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, family: str) -> torch.Tensor:
+    """Σ over label tokens of log p(token); logits (B, T, V) [or (B, T, V, A) for α grids handled by caller]."""
+    if family == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    valid = labels != -100
+    tok = lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (tok * valid).sum(-1)
+
+
+def _scoring_inputs(model: nn.Module, batch: dict, family: str) -> tuple[dict, torch.Tensor]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    if family == "seq2seq":
+        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels) \
+            if hasattr(model, "prepare_decoder_input_ids_from_labels") else model._shift_right(labels)
+    return inputs, labels
+
+
+def _device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def rank_scores(model: nn.Module, encoder: TextToTextEncoder, num_choices: int, choices: list[dict], *,
+                batch_size: int = 32, tangents: Mapping[str, torch.Tensor] | None = None,
+                alphas: Sequence[float] = (1.0,), desc: str = "scoring") -> torch.Tensor:
+    """Log-likelihood of every label word: (N, K) for an ordinary model, (N, K, len(alphas)) with ``tangents``.
+
+    ``choices``: :meth:`TextToTextEncoder.encode_choices` output (N·K examples, row-major: prompt +
+    word_k with labels on the word), possibly with cached ``features``. With ``tangents`` ({base
+    parameter name: τ}) the model is read as f_lin(x; θ0 + α τ) = f(x; θ0) + α·J f(x; θ0)·τ
+    (Ortiz-Jiménez et al. 2023, Eq. 2): one jvp per batch gives the primal and tangent logits, and each
+    α costs one log-softmax.
+    """
+    K = int(num_choices)
+    if len(choices) % K:
+        raise HfTaujpError(f"{len(choices)} choice examples is not a multiple of {K} label words")
+    was = model.training
+    model.eval()
+    dev = _device(model)
+    if tangents is not None:
+        params = dict(model.named_parameters())
+        missing = [k for k in tangents if k not in params]
+        if missing:
+            raise HfTaujpError(f"tangents name parameters the model lacks: {missing[:3]}")
+        primals = {k: params[k] for k in tangents}
+    per = max(1, batch_size // K) * K
+    use_cache = {"use_cache": False} if _accepts_kw(model, "use_cache") else {}
+    out = []
+    try:
+        for i in tqdm(range(0, len(choices), per), desc=desc, leave=False):
+            chunk = choices[i:i + per]
+            n = len(chunk) // K
+            batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in encoder.collate(chunk).items()}
+            inputs, labels = _scoring_inputs(model, batch, encoder.family)
+            if tangents is None:
+                logits = model(**inputs, **use_cache).logits
+                out.append(_label_logprobs(logits, labels, encoder.family).view(n, K).cpu())
+            else:
+                p_out, t_out = linearized_forward(model, primals, tangents, (), inputs)
+                p, t = p_out["logits"].float(), t_out["logits"].float()
+                cols = [_label_logprobs(p + a * t, labels, encoder.family).view(n, K) for a in alphas]
+                out.append(torch.stack(cols, -1).cpu())
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
+def predict_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Predicted label indices from rank-classification scores (N, K[, A]) → (N[, A])."""
+    return scores.argmax(1)
