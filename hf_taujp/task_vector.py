@@ -516,9 +516,7 @@ class TaskVector:
         }
 
     def model_card(self):
-        """A ``huggingface_hub.ModelCard`` describing the vector (base_model link, tags, summary)."""
-        from huggingface_hub import ModelCard, ModelCardData
-
+        """A ``huggingface_hub.ModelCard`` describing the vector (``hub.model_card``: base_model link, tags, summary)."""
         tags = ["task-vector", "task-arithmetic"]
         lam = self.training.get("taujp_lambda", self.training.get("lambda"))
         if isinstance(lam, (int, float)) and lam > 0:
@@ -527,24 +525,18 @@ class TaskVector:
             tags.append("linearized")
         modules = sorted({k.rsplit(".", 1)[0] for k in self.tensors})
         shown = ", ".join(f"`{m}`" for m in modules[:20]) + (f" and {len(modules) - 20} more" if len(modules) > 20 else "")
-        base_model = self.base_model if self.base_model and not os.path.isabs(self.base_model) else None
-        data = ModelCardData(library_name="hf-taujp", tags=tags, base_model=base_model)
         training = "\n".join(f"- `{k}`: {v}" for k, v in sorted(self.training.items())) or "- (not recorded)"
         apply = "tv.apply_to(base, alpha=1.0, linear=True)" if self.kind == "linear" else "tv.apply_to(base, alpha=1.0)"
-        content = f"""---
-{data.to_yaml()}
----
-
-# Task vector{f": {self.task}" if self.task else ""}
-
-A {"linearized (tangent-space)" if self.kind == "linear" else "weight-space"} task vector
-τ for base model `{self.base_model}`{f" (revision `{self.base_model_revision}`)" if self.base_model_revision else ""}, made with
+        base = f"`{self.base_model}`" if self.base_model else "a model without a Hub id"
+        revision = f" (revision `{self.base_model_revision}`)" if self.base_model_revision else ""
+        body = f"""A {"linearized (tangent-space)" if self.kind == "linear" else "weight-space"} task vector
+τ for base model {base}{revision}, made with
 hf-taujp (task arithmetic{", τJp-regularized" if "taujp" in tags else ""}).
 
 - kind: `{self.kind}`
 - norm ‖τ‖₂: {self.norm():.6g}
 - parameters: {self.num_parameters:,} in {len(self)} tensors
-- base fingerprint: `{self.base_fingerprint}`
+- base fingerprint: {f'`{self.base_fingerprint}`' if self.base_fingerprint else 'not recorded'}
 - covered modules ({len(modules)}): {shown}
 
 ## Training settings
@@ -557,7 +549,8 @@ tv = TaskVector.from_pretrained("<this repo>")
 model = {apply}
 ```
 """
-        return ModelCard(content)
+        return hub.model_card(f"Task vector{f': {self.task}' if self.task else ''}", body,
+                              base_model=self.base_model, tags=tags)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
         """Write config.json, task_vector[-0000i-of-0000n].safetensors (+ index) and README.md atomically."""
