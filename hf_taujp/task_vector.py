@@ -193,20 +193,25 @@ class TaskVector:
 
     @classmethod
     def from_peft(cls, peft_model_or_adapter_dir, base: torch.nn.Module | None = None, *, adapter_name: str = "default", **meta) -> TaskVector:
-        """τ from a PEFT adapter (model in memory or saved folder).
+        """τ from a PEFT adapter (model in memory or saved folder / Hub repo).
 
         - peft_type ``"LINEARIZED"``: saved keys ``base_model.model.<module>.linearized_tau.<p>`` →
           ``<module>.<p>``, ``kind="linear"``.
-        - LoRA: ΔW = B·A·s with s = lora_alpha / r (or lora_alpha / √r with ``use_rslora``;
-          Hu et al. 2021, Eq. 3; Kalajievic 2023), transposed when ``fan_in_fan_out``; key
-          ``<module>.weight``, ``kind="nonlinear"``.
-        ``base`` (optional) gives the fingerprint and checks names and shapes. A PEFT model in memory
-        still holds θ0, so its fingerprint is taken from there when ``base`` is not given; a saved
-        adapter folder has no base weights (pass ``base`` to record it).
+        - LoRA: the change ``merge_and_unload`` makes to each base weight (see ``_lora_from_state``):
+          s·B·A with s = lora_alpha / r (``use_rslora``: lora_alpha / √r; Hu et al. 2021, Eq. 3;
+          Kalajievic 2023), r / α per layer from ``rank_pattern`` / ``alpha_pattern``, laid out per layer
+          (transposed for transformers' Conv1D, not for nn.Linear), embeddings, ``lora_bias``, trained
+          biases and DoRA; key ``<module>.weight`` (and ``.bias``), ``kind="nonlinear"``.
+        ``base``: the base model. Required for a saved LoRA adapter (the layer types decide the layout;
+        a model built on the meta device is enough unless DoRA or trained biases need θ0's values); it
+        also gives the fingerprint and checks names and shapes. A PEFT model in memory still holds θ0,
+        so its layer types and fingerprint are taken from there when ``base`` is not given.
+        Raises ``HfTaujpError`` naming any LoRA variant or layer type it does not convert.
         """
         from .hub import read_json
 
         obj = peft_model_or_adapter_dir
+        live = None
         if isinstance(obj, (str, os.PathLike)):
             directory = hub.resolve_pretrained_dir(obj, revision=meta.pop("revision", None), token=meta.pop("token", None))
             config = read_json(os.path.join(directory, "adapter_config.json"), what="adapter config")
@@ -214,10 +219,12 @@ class TaskVector:
         elif isinstance(obj, torch.nn.Module) and hasattr(obj, "peft_config"):
             if adapter_name not in obj.peft_config:
                 raise HfTaujpError(f"Adapter {adapter_name!r} not in the PEFT model (has {sorted(obj.peft_config)}).")
+            live = obj
             pc = obj.peft_config[adapter_name]
             config = pc.to_dict() if hasattr(pc, "to_dict") else dict(vars(pc))
             sd = cls._peft_state(obj, config, adapter_name)
-            if base is None and "base_fingerprint" not in meta:
+            # bias="all" / "lora_only" train θ0's own biases in place: the live model no longer holds θ0.
+            if base is None and "base_fingerprint" not in meta and config.get("bias", "none") == "none":
                 base_sd = _peft_base_state(obj)
                 if base_sd is not None:
                     meta["base_fingerprint"] = fingerprint(base_sd)
@@ -229,7 +236,7 @@ class TaskVector:
         if peft_type == "LINEARIZED":
             tensors, kind = _linearized_from_state(sd), "linear"
         elif peft_type == "LORA":
-            tensors, kind = _lora_from_state(sd, config), "nonlinear"
+            tensors, kind = _lora_from_state(sd, config, base if base is not None else live), "nonlinear"
         else:
             raise HfTaujpError(f"Unsupported PEFT type {peft_type!r}: from_peft handles LINEARIZED and LORA adapters.")
         if not tensors:
@@ -237,8 +244,8 @@ class TaskVector:
         tv = cls(tensors, kind=kind, **meta)
         if base is not None:
             tv._check_against(_params_of(base), what="base model")
-            if tv.base_fingerprint is None:
-                tv.base_fingerprint = fingerprint(base)
+            if tv.base_fingerprint is None and not any(p.device.type == "meta" for p in base.parameters()):
+                tv.base_fingerprint = fingerprint(base)  # a meta-device base has no values to fingerprint
         return tv
 
     @staticmethod
@@ -689,38 +696,140 @@ def _pattern_value(module: str, patterns: Mapping[str, Any] | None, default):
     return default
 
 
-def _lora_from_state(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    if config.get("use_dora"):
-        raise HfTaujpError("DoRA adapters are not supported by from_peft (ΔW is not B·A·scale).")
-    a_keys = {}
-    b_keys = {}
-    for k in sd:
+# LoraConfig fields that change what merge_and_unload computes beyond W + s·B·A (+ the bias / DoRA
+# rules below), or that move θ0 itself at initialisation: refused by name, never silently ignored.
+_LORA_UNSUPPORTED = {
+    "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow", "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)", "modules_to_save": "modules_to_save",
+    "megatron_config": "Megatron layers", "loftq_config": "LoftQ (θ0 is replaced at initialisation)",
+    "corda_config": "CorDA (θ0 is replaced at initialisation)", "lora_ga_config": "LoRA-GA (θ0 is replaced at initialisation)",
+}
+
+
+def _layer_kind(module: torch.nn.Module) -> str:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return "conv1d_t"  # weight stored (in, out): PEFT sets fan_in_fan_out=True for it whatever the config says
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    return type(module).__name__
+
+
+def _lora_layers(model: torch.nn.Module, modules: Iterable[str]) -> dict[str, tuple[str, torch.nn.Module]]:
+    """``{module path: (kind, base layer)}`` from a plain base model or a live PEFT model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = {}
+    for m in modules:
+        try:
+            mod = inner.get_submodule(m)
+        except AttributeError:
+            raise HfTaujpError(f"LoRA module {m!r} is not a module of the given base model.") from None
+        if hasattr(mod, "get_base_layer"):
+            mod = mod.get_base_layer()
+        out[m] = (_layer_kind(mod), mod)
+    return out
+
+
+def _lora_from_state(
+    sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], model: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """τ of a LoRA adapter, as PEFT's ``merge_and_unload`` writes it into the base (PEFT 0.21 ``lora/layer.py``).
+
+    Per layer, with s = α/r (``use_rslora``: α/√r; r and α from ``rank_pattern`` / ``alpha_pattern``):
+    - ``nn.Linear``: ΔW = s·B·A, shape (out, in); transformers' ``Conv1D`` (GPT-2; weight (in, out)):
+      (s·B·A)ᵀ. PEFT picks the orientation per layer from the layer type, so ``model`` is required.
+    - ``nn.Embedding``: ΔW = s·(B_e·A_e)ᵀ, shape (num_embeddings, dim).
+    - ``lora_bias=True``: Δb = s·b_B (the bias of lora_B).
+    - DoRA (Liu et al. 2024, Eq. 5): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_c, the norm taken per output row of
+      the (out, in) matrix (per embedding dimension for embeddings); τ = W' − W needs θ0 from ``model``.
+    - ``bias="all"`` / ``"lora_only"``: the saved biases are full values; Δb = b_saved − b_0.
+    ``model``: the base model or a live PEFT model (layer types, and θ0 for DoRA / biases). Convolution,
+    MultiheadAttention and parameter-targeting LoRA layers, and the variants in ``_LORA_UNSUPPORTED``,
+    are refused by name.
+    """
+    for key, name in _LORA_UNSUPPORTED.items():
+        if config.get(key):
+            raise HfTaujpError(f"LoRA adapters using {name} ({key}={config[key]!r}) are not supported by from_peft.")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise HfTaujpError(
+            f"init_lora_weights={init!r} replaces θ0 at initialisation; the adapter is not a delta of the original "
+            "base. Convert it with PEFT's path_initial_model_for_weight_conversion first."
+        )
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for k, t in sd.items():
         stripped = _strip(k)
-        if ".lora_A." in stripped:
-            a_keys[stripped.split(".lora_A.")[0]] = k
-        elif ".lora_B." in stripped:
-            b_keys[stripped.split(".lora_B.")[0]] = k
-        elif "lora_embedding" in stripped or "lora_magnitude" in stripped:
-            raise HfTaujpError(f"LoRA key {k!r}: embedding / DoRA LoRA layers are not supported by from_peft.")
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
+                         r"lora_magnitude_vector(?:\.weight)?)", stripped)
+        if m:
+            parts.setdefault(m.group(1), {})[m.group(2).replace(".weight", "") if "magnitude" in m.group(2) else m.group(2)] = t
+        elif stripped.endswith(".bias") and config.get("bias", "none") != "none" and "lora_" not in stripped:
+            biases[stripped.replace(".base_layer.", ".")] = t
         else:
             raise HfTaujpError(
-                f"LoRA adapter key {k!r} is not a lora_A / lora_B weight (modules_to_save or bias training "
-                "are full weights, not deltas, and are not supported)."
+                f"LoRA adapter key {k!r} is neither a LoRA factor nor a trained bias: not supported by from_peft."
             )
-    if set(a_keys) != set(b_keys):
-        raise CorruptFileError(f"LoRA modules without both A and B: {_few(sorted(set(a_keys) ^ set(b_keys)))}.")
-    out = {}
-    for module in a_keys:
-        a, b = sd[a_keys[module]], sd[b_keys[module]]
-        if a.dim() != 2 or b.dim() != 2:
-            raise HfTaujpError(f"LoRA module {module!r}: only Linear / Conv1D layers are supported (got A {tuple(a.shape)}).")
+    if model is None:
+        raise HfTaujpError(
+            "A LoRA adapter needs base= (the base model; one built on the meta device from its config suffices "
+            "unless the adapter uses DoRA or trains biases): PEFT transposes ΔW for transformers' Conv1D layers "
+            "(GPT-2) and not for nn.Linear, per layer, and the saved adapter does not record which layer is which."
+        )
+    layers = _lora_layers(model, parts)
+    out: dict[str, torch.Tensor] = {}
+    for module, p in parts.items():
+        kind, layer = layers[module]
+        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+        a, b = (p.get("lora_embedding_A"), p.get("lora_embedding_B")) if emb else (p.get("lora_A.weight"), p.get("lora_B.weight"))
+        if a is None or b is None:
+            raise CorruptFileError(f"LoRA module {module!r} lacks its A or B factor (has {sorted(p)}).")
+        if kind not in ("linear", "conv1d_t", "embedding") or (kind == "embedding") != emb or a.dim() != 2:
+            raise HfTaujpError(
+                f"LoRA module {module!r} wraps a {kind} layer: from_peft supports LoRA on nn.Linear, transformers' "
+                "Conv1D and nn.Embedding (convolution / MultiheadAttention LoRA layers are not supported)."
+            )
         r = _pattern_value(module, config.get("rank_pattern"), config.get("r"))
         alpha = _pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha"))
         if r != a.shape[0]:
             raise CorruptFileError(f"LoRA module {module!r}: config rank {r} but A has shape {tuple(a.shape)}.")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        delta = (b.double() @ a.double()) * scale
-        if config.get("fan_in_fan_out"):
-            delta = delta.T
-        out[f"{module}.weight"] = delta.to(torch.promote_types(a.dtype, b.dtype)).contiguous()
+        dt = torch.promote_types(a.dtype, b.dtype)
+        delta_oi = (b.double() @ a.double()) * scale  # (out, in) for Linear / Conv1D; (dim, num_embeddings) for Embedding
+        delta = delta_oi.T if kind in ("conv1d_t", "embedding") else delta_oi  # stored orientation of the weight
+        w = layer.weight
+        if tuple(delta.shape) != tuple(w.shape):
+            raise HfTaujpError(f"LoRA module {module!r}: ΔW has shape {tuple(delta.shape)}, the base weight {tuple(w.shape)}.")
+        if "lora_magnitude_vector" in p:
+            if w.device.type == "meta":
+                raise HfTaujpError(f"DoRA module {module!r} needs the base weights (base= is on the meta device).")
+            w0 = w.detach().double().to(delta.device)
+            mag = p["lora_magnitude_vector"].double().to(delta.device)
+            full = w0 + delta
+            if kind == "linear":
+                new = (mag / full.norm(dim=1)).view(-1, 1) * full
+            else:  # Conv1D (in, out) and Embedding (num, dim): one norm per column of the stored weight
+                new = (mag / full.norm(dim=0)).view(1, -1) * full
+            delta = new - w0
+        out[f"{module}.weight"] = delta.to(dt).contiguous()
+        if "lora_B.bias" in p:
+            out[f"{module}.bias"] = (p["lora_B.bias"].double() * scale).to(dt)
+    if biases and hasattr(model, "get_base_model"):
+        raise HfTaujpError(
+            f"bias={config.get('bias')!r} trains the base model's own biases in place, so the PEFT model no longer "
+            "holds their θ0 values: pass base= (the original base model)."
+        )
+    params = _params_of(model)
+    for name, saved in biases.items():
+        base_b = params.get(name, params.get(name.rsplit(".", 1)[0] + ".base_layer.bias"))
+        if base_b is None or base_b.device.type == "meta":
+            raise HfTaujpError(f"Trained bias {name!r} (bias={config.get('bias')!r}) needs its θ0 value from base=.")
+        if name in out:
+            raise HfTaujpError(f"Bias {name!r} is trained both as lora_bias and as bias={config.get('bias')!r}.")
+        out[name] = (saved.double() - base_b.detach().double().to(saved.device)).to(saved.dtype)
     return out

@@ -244,9 +244,11 @@ def test_lora_vector_equals_hand_BA_and_merge(models, tmp_path, rslora):
         merged = copy.deepcopy(pm).merge_and_unload()(IDS).logits
     assert torch.allclose(out, merged, atol=1e-5)
     assert torch.allclose(out, ref, atol=1e-5)
-    # same vector from the saved adapter folder
+    # same vector from the saved adapter folder (which needs the base: the layer types decide the layout)
     pm.save_pretrained(tmp_path / "lora")
-    tv2 = TaskVector.from_peft(tmp_path / "lora")
+    with pytest.raises(HfTaujpError, match="needs base=.*Conv1D"):
+        TaskVector.from_peft(tmp_path / "lora")
+    tv2 = TaskVector.from_peft(tmp_path / "lora", base=base)
     assert all(torch.allclose(tv2[k], tv[k]) for k in tv.keys())
 
 
