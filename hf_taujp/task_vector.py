@@ -12,7 +12,10 @@ Rules (documented choices):
   kinds ("linear" vs "nonlinear") never combine: they live in different spaces (weights vs tangents).
 - Keys present in only one operand count as zero there (union of keys); a shape mismatch on a shared
   key raises. The result dtype is ``torch.promote_types`` of the operands.
-- ``apply_to`` computes θ0 + α·τ in float32 and casts back to each base parameter's dtype.
+- ``apply_to`` computes θ0 + α·τ in float32 and casts back to each base parameter's dtype. Either
+  reading applies to either kind (``linear=``; the vector's own by default, the other one warns);
+  ``to_peft`` gives the tangent reading as a saveable LINEARIZED PEFT model.
+- ``save_pretrained`` writes only the vector's own files into a folder (``hub.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -98,6 +102,20 @@ def _few(names: Iterable[str], n: int = 5) -> str:
 def _params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # named_parameters() lists tied weights once, under their first name (docs/design.md).
     return dict(model.named_parameters())
+
+
+def _task_type_of(model: torch.nn.Module) -> str:
+    """PEFT's task type implied by a transformers model class (``GPT2LMHeadModel`` → ``CAUSAL_LM``)."""
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and name.endswith(
+        ("ForConditionalGeneration", "ForSeq2SeqLM")
+    ):
+        return "SEQ_2_SEQ_LM"
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION"
 
 
 def _name_of(model) -> str | None:
@@ -456,27 +474,27 @@ class TaskVector:
         base: torch.nn.Module,
         alpha: float = 1.0,
         *,
-        linear: bool = False,
+        linear: bool | None = None,
         inplace: bool = False,
         check_base: bool = True,
     ) -> torch.nn.Module:
-        """The model θ0 + α·τ.
+        """The model θ0 + α·τ under one of the two readings of τ.
 
-        ``linear=False`` (for ``kind="nonlinear"``): a deep copy of ``base`` (``base`` itself when
+        ``linear=False`` (the weight reading): a deep copy of ``base`` (``base`` itself when
         ``inplace=True``) whose parameters are θ0 + α·τ, computed in float32 and cast to each
-        parameter's dtype. ``linear=True`` (for ``kind="linear"``): ``hf_taujp.linearize(copy,
-        parameter_names=keys, tangents={k: α·τ[k]})``, i.e. f(x; θ0) + α·J f(x; θ0)·τ. The caller's
-        ``base`` is never modified unless ``inplace=True``. Raises on a different base (fingerprint),
-        keys that are not base parameters, shape mismatches and NaN / inf entries.
+        parameter's dtype. ``linear=True`` (the tangent reading): ``hf_taujp.linearize(copy,
+        parameter_names=keys, tangents={k: α·τ[k]})``, i.e. f(x; θ0) + α·J f(x; θ0)·τ
+        (Ortiz-Jiménez et al. 2023, Eq. 4). ``linear=None`` (default) takes the vector's own reading
+        (``kind``). Either reading of either kind is allowed: the linear reading of a non-linear vector
+        is Ortiz-Jiménez et al.'s diagnostic of how far fine-tuning left the tangent space, the weight
+        reading of a linear vector is what ``merge_and_unload`` gives; a ``UserWarning`` says so when
+        the reading differs from ``kind``. For a saveable linearized model use :meth:`to_peft`.
+        The caller's ``base`` is never modified unless ``inplace=True``. Raises on a different base
+        (fingerprint), keys that are not base parameters, shape mismatches and NaN / inf entries.
         """
         if not isinstance(base, torch.nn.Module):
             raise HfTaujpError(f"apply_to expects a torch.nn.Module, got {type(base).__name__}.")
-        if linear and self.kind != "linear":
-            raise HfTaujpError("linear=True needs a 'linear' task vector (a tangent); this one is 'nonlinear'.")
-        if not linear and self.kind == "linear":
-            raise HfTaujpError(
-                "This task vector is a tangent of a linearized model (kind 'linear'): apply it with linear=True."
-            )
+        linear = self._reading(linear, "apply_to")
         hub.check_finite(self.tensors, what=f"Task vector ({self.task or 'untitled'})")
         if check_base:
             self.check_compatible(base)
@@ -505,6 +523,80 @@ class TaskVector:
                 new = p.detach().to(torch.float32) + alpha * t.to(device=p.device, dtype=torch.float32)
                 p.copy_(new.to(p.dtype))
         return model
+
+    def _reading(self, linear: bool | None, where: str) -> bool:
+        if linear is None:
+            return self.kind == "linear"
+        if not isinstance(linear, bool):
+            raise HfTaujpError(f"linear must be True, False or None (the vector's own reading), got {linear!r}.")
+        if linear and self.kind != "linear":
+            warnings.warn(
+                f"{where}(linear=True) of a 'nonlinear' task vector (θ_ft − θ0): its tangent-space reading "
+                "f(θ0) + J·ατ, the diagnostic of Ortiz-Jiménez et al. 2023, not the fine-tuned model θ0 + ατ.",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif not linear and self.kind == "linear":
+            warnings.warn(
+                f"{where}(linear=False) of a 'linear' task vector (a tangent): its weight reading f(θ0 + ατ), "
+                "as merge_and_unload gives, not the linearized model it was trained as.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return linear
+
+    def to_peft(
+        self,
+        base: torch.nn.Module,
+        alpha: float = 1.0,
+        *,
+        task_type: str | None = None,
+        adapter_name: str = "default",
+        check_base: bool = True,
+    ):
+        """The tangent reading as a LINEARIZED PEFT model: f(x; θ0) + J f(x; θ0)·ατ, saveable.
+
+        Returns ``peft.get_peft_model(copy of base, LinearizedConfig(...))`` with τ = α·(this vector):
+        ``save_pretrained(dir)`` writes an ordinary adapter folder that
+        ``peft.PeftModel.from_pretrained(base, dir)`` loads (after ``import hf_taujp``), and
+        ``TaskVector.from_peft(dir)`` reads back as a ``"linear"`` vector. The linearized modules are the
+        modules owning the vector's keys; their other parameters get τ = 0. ``task_type`` (PEFT's,
+        e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``) defaults to the one the base model's class implies. A
+        ``"nonlinear"`` vector gives its linear reading, with a ``UserWarning`` as in :meth:`apply_to`.
+        Raises like :meth:`apply_to` on another base, unknown keys, shapes and NaN / inf.
+        """
+        import peft
+
+        from .tuners.linearized import LinearizedConfig
+
+        if not isinstance(base, torch.nn.Module):
+            raise HfTaujpError(f"to_peft expects a torch.nn.Module, got {type(base).__name__}.")
+        self._reading(True, "to_peft")
+        hub.check_finite(self.tensors, what=f"Task vector ({self.task or 'untitled'})")
+        if check_base:
+            self.check_compatible(base)
+        self._check_against(_params_of(base), what="base model")
+        top = [k for k in self.tensors if "." not in k]
+        if top:
+            raise HfTaujpError(f"Parameters {_few(top)} belong to the root module, which PEFT cannot target.")
+        modules = sorted({k.rsplit(".", 1)[0] for k in self.tensors})
+        config = LinearizedConfig(
+            task_type=task_type or _task_type_of(base),
+            target_modules="(?:" + "|".join(re.escape(m) for m in modules) + ")",
+        )
+        pm = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=adapter_name)
+        names = pm.base_model.parameter_names(adapter_name)
+        mparams = dict(pm.get_base_model().named_parameters())
+        tangents = {}
+        for n in names:
+            t = self.tensors.get(n)
+            tangents[n] = torch.zeros_like(mparams[n]) if t is None else alpha * t.to(device=mparams[n].device, dtype=torch.float32)
+        missing = [k for k in self.tensors if k not in tangents]
+        if missing:  # never drop a part of τ silently
+            raise HfTaujpError(f"The LINEARIZED adapter would not cover {_few(missing)} (tied or shared parameters?).")
+        with torch.no_grad():
+            pm.base_model.set_tangents(tangents, adapter_name=adapter_name)
+        return pm
 
     # ---------------------------------------------------------------- Hub
     def _config(self) -> dict:

@@ -338,11 +338,12 @@ def test_apply_never_mutates_base_unless_inplace(models):
     assert all(torch.equal(out.state_dict()[k], v) for k, v in nonlin.state_dict().items())
     target = copy.deepcopy(base)
     assert lin_tv.apply_to(target, alpha=0.5, linear=True, inplace=True).base_model is target
-    # mixing up the two readings is refused
-    with pytest.raises(HfTaujpError, match="linear=True"):
-        lin_tv.apply_to(base)
-    with pytest.raises(HfTaujpError, match="nonlinear"):
+    # the other reading of each kind is allowed, with a warning naming it (tests/test_linear_readings.py)
+    with pytest.warns(UserWarning, match="weight reading"):
+        lin_tv.apply_to(base, linear=False)
+    with pytest.warns(UserWarning, match="tangent-space reading"):
         tv.apply_to(base, linear=True)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
 def test_base_check_can_be_overridden_explicitly(models):
