@@ -48,7 +48,7 @@ class Statistics:
             what = "Diagonal Fisher" if self.kind == "fisher" else "Input Gram matrices (RegMean)"
             use = "fisher_average, gradient_matching" if self.kind == "fisher" else "regmean"
             hub.model_card(f"{self.kind} statistics",
-                           f"{what} of task `{self.task}` over {self.num_examples} examples, for merging with hf-taujp ({use}).",
+                           f"{what} of {f'task `{self.task}`' if self.task else 'an unnamed task'} over {self.num_examples} examples, for merging with hf-taujp ({use}).",
                            base_model=self.base_model, tags=[self.kind]).save(os.path.join(tmp, "README.md"))
 
     @classmethod
