@@ -586,9 +586,17 @@ def push_folder_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
 ):
-    """Create ``repo_id`` if needed and upload ``folder`` to it; returns huggingface_hub's CommitInfo."""
+    """Create ``repo_id`` if needed and upload ``folder`` to it; returns huggingface_hub's CommitInfo.
+
+    As with a local save, shards and indexes of a previous upload with the same prefix are deleted in
+    the same commit (``delete_patterns``): a stale ``<prefix>.safetensors.index.json`` left in the repo
+    would otherwise shadow a new single-file ``<prefix>.safetensors`` on the next download. Nothing
+    else in the repo is touched.
+    """
     from huggingface_hub import HfApi
 
+    families = sorted({fam for f in os.listdir(folder) if (fam := _shard_family(f)) is not None})
+    stale = [p for fam in families for p in (f"{fam}.safetensors", f"{fam}-*-of-*.safetensors", f"{fam}.safetensors.index.json")]
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     return api.upload_folder(
@@ -598,6 +606,7 @@ def push_folder_to_hub(
         revision=revision,
         create_pr=create_pr,
         repo_type="model",
+        delete_patterns=stale or None,
     )
 
 
