@@ -684,7 +684,9 @@ model = {apply}
         cfg_path = os.path.join(directory, "config.json")
         if not os.path.isfile(cfg_path):
             hub._refuse_pickles(directory, "Task vector")
-            raise CorruptFileError(f"{os.fspath(repo_id_or_dir)!r} has no config.json: not an hf-taujp task vector.")
+            hint = (" It holds a PEFT adapter: use TaskVector.from_peft(dir, base=...)."
+                    if os.path.isfile(os.path.join(directory, "adapter_config.json")) else "")
+            raise CorruptFileError(f"{os.fspath(repo_id_or_dir)!r} has no config.json: not an hf-taujp task vector.{hint}")
         cfg = hub.read_json(cfg_path, what="task vector config")
         if cfg.get("format") != FORMAT:
             raise HfTaujpError(

@@ -231,3 +231,12 @@ def test_cards_come_from_one_builder(tv, tmp_path):
         warnings.simplefilter("error")  # our own card is ours: replaced silently
         tv.save_pretrained(tmp_path / "tv")
     assert json.loads((tmp_path / "tv" / "config.json").read_text())["format"] == "hf-taujp/task_vector"
+
+
+def test_adapter_folder_given_to_from_pretrained_points_to_from_peft(tmp_path):
+    import peft
+
+    pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    pm.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(HfTaujpError, match="PEFT adapter: use TaskVector.from_peft"):
+        TaskVector.from_pretrained(tmp_path / "adapter")
