@@ -12,7 +12,10 @@ Rules (documented choices):
   kinds ("linear" vs "nonlinear") never combine: they live in different spaces (weights vs tangents).
 - Keys present in only one operand count as zero there (union of keys); a shape mismatch on a shared
   key raises. The result dtype is ``torch.promote_types`` of the operands.
-- ``apply_to`` computes θ0 + α·τ in float32 and casts back to each base parameter's dtype.
+- ``apply_to`` computes θ0 + α·τ in float32 and casts back to each base parameter's dtype. Either
+  reading applies to either kind (``linear=``; the vector's own by default, the other one warns);
+  ``to_peft`` gives the tangent reading as a saveable LINEARIZED PEFT model.
+- ``save_pretrained`` writes only the vector's own files into a folder (``hub.atomic_dir``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -98,6 +102,20 @@ def _few(names: Iterable[str], n: int = 5) -> str:
 def _params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # named_parameters() lists tied weights once, under their first name (docs/design.md).
     return dict(model.named_parameters())
+
+
+def _task_type_of(model: torch.nn.Module) -> str:
+    """PEFT's task type implied by a transformers model class (``GPT2LMHeadModel`` → ``CAUSAL_LM``)."""
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and name.endswith(
+        ("ForConditionalGeneration", "ForSeq2SeqLM")
+    ):
+        return "SEQ_2_SEQ_LM"
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION"
 
 
 def _name_of(model) -> str | None:
@@ -193,20 +211,25 @@ class TaskVector:
 
     @classmethod
     def from_peft(cls, peft_model_or_adapter_dir, base: torch.nn.Module | None = None, *, adapter_name: str = "default", **meta) -> TaskVector:
-        """τ from a PEFT adapter (model in memory or saved folder).
+        """τ from a PEFT adapter (model in memory or saved folder / Hub repo).
 
         - peft_type ``"LINEARIZED"``: saved keys ``base_model.model.<module>.linearized_tau.<p>`` →
           ``<module>.<p>``, ``kind="linear"``.
-        - LoRA: ΔW = B·A·s with s = lora_alpha / r (or lora_alpha / √r with ``use_rslora``;
-          Hu et al. 2021, Eq. 3; Kalajievic 2023), transposed when ``fan_in_fan_out``; key
-          ``<module>.weight``, ``kind="nonlinear"``.
-        ``base`` (optional) gives the fingerprint and checks names and shapes. A PEFT model in memory
-        still holds θ0, so its fingerprint is taken from there when ``base`` is not given; a saved
-        adapter folder has no base weights (pass ``base`` to record it).
+        - LoRA: the change ``merge_and_unload`` makes to each base weight (see ``_lora_from_state``):
+          s·B·A with s = lora_alpha / r (``use_rslora``: lora_alpha / √r; Hu et al. 2021, Eq. 3;
+          Kalajievic 2023), r / α per layer from ``rank_pattern`` / ``alpha_pattern``, laid out per layer
+          (transposed for transformers' Conv1D, not for nn.Linear), embeddings, ``lora_bias``, trained
+          biases and DoRA; key ``<module>.weight`` (and ``.bias``), ``kind="nonlinear"``.
+        ``base``: the base model. Required for a saved LoRA adapter (the layer types decide the layout;
+        a model built on the meta device is enough unless DoRA or trained biases need θ0's values); it
+        also gives the fingerprint and checks names and shapes. A PEFT model in memory still holds θ0,
+        so its layer types and fingerprint are taken from there when ``base`` is not given.
+        Raises ``HfTaujpError`` naming any LoRA variant or layer type it does not convert.
         """
         from .hub import read_json
 
         obj = peft_model_or_adapter_dir
+        live = None
         if isinstance(obj, (str, os.PathLike)):
             directory = hub.resolve_pretrained_dir(obj, revision=meta.pop("revision", None), token=meta.pop("token", None))
             config = read_json(os.path.join(directory, "adapter_config.json"), what="adapter config")
@@ -214,10 +237,12 @@ class TaskVector:
         elif isinstance(obj, torch.nn.Module) and hasattr(obj, "peft_config"):
             if adapter_name not in obj.peft_config:
                 raise HfTaujpError(f"Adapter {adapter_name!r} not in the PEFT model (has {sorted(obj.peft_config)}).")
+            live = obj
             pc = obj.peft_config[adapter_name]
             config = pc.to_dict() if hasattr(pc, "to_dict") else dict(vars(pc))
             sd = cls._peft_state(obj, config, adapter_name)
-            if base is None and "base_fingerprint" not in meta:
+            # bias="all" / "lora_only" train θ0's own biases in place: the live model no longer holds θ0.
+            if base is None and "base_fingerprint" not in meta and config.get("bias", "none") == "none":
                 base_sd = _peft_base_state(obj)
                 if base_sd is not None:
                     meta["base_fingerprint"] = fingerprint(base_sd)
@@ -229,7 +254,7 @@ class TaskVector:
         if peft_type == "LINEARIZED":
             tensors, kind = _linearized_from_state(sd), "linear"
         elif peft_type == "LORA":
-            tensors, kind = _lora_from_state(sd, config), "nonlinear"
+            tensors, kind = _lora_from_state(sd, config, base if base is not None else live), "nonlinear"
         else:
             raise HfTaujpError(f"Unsupported PEFT type {peft_type!r}: from_peft handles LINEARIZED and LORA adapters.")
         if not tensors:
@@ -237,8 +262,8 @@ class TaskVector:
         tv = cls(tensors, kind=kind, **meta)
         if base is not None:
             tv._check_against(_params_of(base), what="base model")
-            if tv.base_fingerprint is None:
-                tv.base_fingerprint = fingerprint(base)
+            if tv.base_fingerprint is None and not any(p.device.type == "meta" for p in base.parameters()):
+                tv.base_fingerprint = fingerprint(base)  # a meta-device base has no values to fingerprint
         return tv
 
     @staticmethod
@@ -449,27 +474,27 @@ class TaskVector:
         base: torch.nn.Module,
         alpha: float = 1.0,
         *,
-        linear: bool = False,
+        linear: bool | None = None,
         inplace: bool = False,
         check_base: bool = True,
     ) -> torch.nn.Module:
-        """The model θ0 + α·τ.
+        """The model θ0 + α·τ under one of the two readings of τ.
 
-        ``linear=False`` (for ``kind="nonlinear"``): a deep copy of ``base`` (``base`` itself when
+        ``linear=False`` (the weight reading): a deep copy of ``base`` (``base`` itself when
         ``inplace=True``) whose parameters are θ0 + α·τ, computed in float32 and cast to each
-        parameter's dtype. ``linear=True`` (for ``kind="linear"``): ``hf_taujp.linearize(copy,
-        parameter_names=keys, tangents={k: α·τ[k]})``, i.e. f(x; θ0) + α·J f(x; θ0)·τ. The caller's
-        ``base`` is never modified unless ``inplace=True``. Raises on a different base (fingerprint),
-        keys that are not base parameters, shape mismatches and NaN / inf entries.
+        parameter's dtype. ``linear=True`` (the tangent reading): ``hf_taujp.linearize(copy,
+        parameter_names=keys, tangents={k: α·τ[k]})``, i.e. f(x; θ0) + α·J f(x; θ0)·τ
+        (Ortiz-Jiménez et al. 2023, Eq. 4). ``linear=None`` (default) takes the vector's own reading
+        (``kind``). Either reading of either kind is allowed: the linear reading of a non-linear vector
+        is Ortiz-Jiménez et al.'s diagnostic of how far fine-tuning left the tangent space, the weight
+        reading of a linear vector is what ``merge_and_unload`` gives; a ``UserWarning`` says so when
+        the reading differs from ``kind``. For a saveable linearized model use :meth:`to_peft`.
+        The caller's ``base`` is never modified unless ``inplace=True``. Raises on a different base
+        (fingerprint), keys that are not base parameters, shape mismatches and NaN / inf entries.
         """
         if not isinstance(base, torch.nn.Module):
             raise HfTaujpError(f"apply_to expects a torch.nn.Module, got {type(base).__name__}.")
-        if linear and self.kind != "linear":
-            raise HfTaujpError("linear=True needs a 'linear' task vector (a tangent); this one is 'nonlinear'.")
-        if not linear and self.kind == "linear":
-            raise HfTaujpError(
-                "This task vector is a tangent of a linearized model (kind 'linear'): apply it with linear=True."
-            )
+        linear = self._reading(linear, "apply_to")
         hub.check_finite(self.tensors, what=f"Task vector ({self.task or 'untitled'})")
         if check_base:
             self.check_compatible(base)
@@ -499,6 +524,80 @@ class TaskVector:
                 p.copy_(new.to(p.dtype))
         return model
 
+    def _reading(self, linear: bool | None, where: str) -> bool:
+        if linear is None:
+            return self.kind == "linear"
+        if not isinstance(linear, bool):
+            raise HfTaujpError(f"linear must be True, False or None (the vector's own reading), got {linear!r}.")
+        if linear and self.kind != "linear":
+            warnings.warn(
+                f"{where}(linear=True) of a 'nonlinear' task vector (θ_ft − θ0): its tangent-space reading "
+                "f(θ0) + J·ατ, the diagnostic of Ortiz-Jiménez et al. 2023, not the fine-tuned model θ0 + ατ.",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif not linear and self.kind == "linear":
+            warnings.warn(
+                f"{where}(linear=False) of a 'linear' task vector (a tangent): its weight reading f(θ0 + ατ), "
+                "as merge_and_unload gives, not the linearized model it was trained as.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return linear
+
+    def to_peft(
+        self,
+        base: torch.nn.Module,
+        alpha: float = 1.0,
+        *,
+        task_type: str | None = None,
+        adapter_name: str = "default",
+        check_base: bool = True,
+    ):
+        """The tangent reading as a LINEARIZED PEFT model: f(x; θ0) + J f(x; θ0)·ατ, saveable.
+
+        Returns ``peft.get_peft_model(copy of base, LinearizedConfig(...))`` with τ = α·(this vector):
+        ``save_pretrained(dir)`` writes an ordinary adapter folder that
+        ``peft.PeftModel.from_pretrained(base, dir)`` loads (after ``import hf_taujp``), and
+        ``TaskVector.from_peft(dir)`` reads back as a ``"linear"`` vector. The linearized modules are the
+        modules owning the vector's keys; their other parameters get τ = 0. ``task_type`` (PEFT's,
+        e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``) defaults to the one the base model's class implies. A
+        ``"nonlinear"`` vector gives its linear reading, with a ``UserWarning`` as in :meth:`apply_to`.
+        Raises like :meth:`apply_to` on another base, unknown keys, shapes and NaN / inf.
+        """
+        import peft
+
+        from .tuners.linearized import LinearizedConfig
+
+        if not isinstance(base, torch.nn.Module):
+            raise HfTaujpError(f"to_peft expects a torch.nn.Module, got {type(base).__name__}.")
+        self._reading(True, "to_peft")
+        hub.check_finite(self.tensors, what=f"Task vector ({self.task or 'untitled'})")
+        if check_base:
+            self.check_compatible(base)
+        self._check_against(_params_of(base), what="base model")
+        top = [k for k in self.tensors if "." not in k]
+        if top:
+            raise HfTaujpError(f"Parameters {_few(top)} belong to the root module, which PEFT cannot target.")
+        modules = sorted({k.rsplit(".", 1)[0] for k in self.tensors})
+        config = LinearizedConfig(
+            task_type=task_type or _task_type_of(base),
+            target_modules="(?:" + "|".join(re.escape(m) for m in modules) + ")",
+        )
+        pm = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=adapter_name)
+        names = pm.base_model.parameter_names(adapter_name)
+        mparams = dict(pm.get_base_model().named_parameters())
+        tangents = {}
+        for n in names:
+            t = self.tensors.get(n)
+            tangents[n] = torch.zeros_like(mparams[n]) if t is None else alpha * t.to(device=mparams[n].device, dtype=torch.float32)
+        missing = [k for k in self.tensors if k not in tangents]
+        if missing:  # never drop a part of τ silently
+            raise HfTaujpError(f"The LINEARIZED adapter would not cover {_few(missing)} (tied or shared parameters?).")
+        with torch.no_grad():
+            pm.base_model.set_tangents(tangents, adapter_name=adapter_name)
+        return pm
+
     # ---------------------------------------------------------------- Hub
     def _config(self) -> dict:
         dts = sorted({str(t.dtype).replace("torch.", "") for t in self.tensors.values()})
@@ -516,9 +615,7 @@ class TaskVector:
         }
 
     def model_card(self):
-        """A ``huggingface_hub.ModelCard`` describing the vector (base_model link, tags, summary)."""
-        from huggingface_hub import ModelCard, ModelCardData
-
+        """A ``huggingface_hub.ModelCard`` describing the vector (``hub.model_card``: base_model link, tags, summary)."""
         tags = ["task-vector", "task-arithmetic"]
         lam = self.training.get("taujp_lambda", self.training.get("lambda"))
         if isinstance(lam, (int, float)) and lam > 0:
@@ -527,24 +624,18 @@ class TaskVector:
             tags.append("linearized")
         modules = sorted({k.rsplit(".", 1)[0] for k in self.tensors})
         shown = ", ".join(f"`{m}`" for m in modules[:20]) + (f" and {len(modules) - 20} more" if len(modules) > 20 else "")
-        base_model = self.base_model if self.base_model and not os.path.isabs(self.base_model) else None
-        data = ModelCardData(library_name="hf-taujp", tags=tags, base_model=base_model)
         training = "\n".join(f"- `{k}`: {v}" for k, v in sorted(self.training.items())) or "- (not recorded)"
         apply = "tv.apply_to(base, alpha=1.0, linear=True)" if self.kind == "linear" else "tv.apply_to(base, alpha=1.0)"
-        content = f"""---
-{data.to_yaml()}
----
-
-# Task vector{f": {self.task}" if self.task else ""}
-
-A {"linearized (tangent-space)" if self.kind == "linear" else "weight-space"} task vector
-τ for base model `{self.base_model}`{f" (revision `{self.base_model_revision}`)" if self.base_model_revision else ""}, made with
+        base = f"`{self.base_model}`" if self.base_model else "a model without a Hub id"
+        revision = f" (revision `{self.base_model_revision}`)" if self.base_model_revision else ""
+        body = f"""A {"linearized (tangent-space)" if self.kind == "linear" else "weight-space"} task vector
+τ for base model {base}{revision}, made with
 hf-taujp (task arithmetic{", τJp-regularized" if "taujp" in tags else ""}).
 
 - kind: `{self.kind}`
 - norm ‖τ‖₂: {self.norm():.6g}
 - parameters: {self.num_parameters:,} in {len(self)} tensors
-- base fingerprint: `{self.base_fingerprint}`
+- base fingerprint: {f'`{self.base_fingerprint}`' if self.base_fingerprint else 'not recorded'}
 - covered modules ({len(modules)}): {shown}
 
 ## Training settings
@@ -557,7 +648,8 @@ tv = TaskVector.from_pretrained("<this repo>")
 model = {apply}
 ```
 """
-        return ModelCard(content)
+        return hub.model_card(f"Task vector{f': {self.task}' if self.task else ''}", body,
+                              base_model=self.base_model, tags=tags)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> str:
         """Write config.json, task_vector[-0000i-of-0000n].safetensors (+ index) and README.md atomically."""
@@ -592,7 +684,9 @@ model = {apply}
         cfg_path = os.path.join(directory, "config.json")
         if not os.path.isfile(cfg_path):
             hub._refuse_pickles(directory, "Task vector")
-            raise CorruptFileError(f"{os.fspath(repo_id_or_dir)!r} has no config.json: not an hf-taujp task vector.")
+            hint = (" It holds a PEFT adapter: use TaskVector.from_peft(dir, base=...)."
+                    if os.path.isfile(os.path.join(directory, "adapter_config.json")) else "")
+            raise CorruptFileError(f"{os.fspath(repo_id_or_dir)!r} has no config.json: not an hf-taujp task vector.{hint}")
         cfg = hub.read_json(cfg_path, what="task vector config")
         if cfg.get("format") != FORMAT:
             raise HfTaujpError(
@@ -696,38 +790,140 @@ def _pattern_value(module: str, patterns: Mapping[str, Any] | None, default):
     return default
 
 
-def _lora_from_state(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    if config.get("use_dora"):
-        raise HfTaujpError("DoRA adapters are not supported by from_peft (ΔW is not B·A·scale).")
-    a_keys = {}
-    b_keys = {}
-    for k in sd:
+# LoraConfig fields that change what merge_and_unload computes beyond W + s·B·A (+ the bias / DoRA
+# rules below), or that move θ0 itself at initialisation: refused by name, never silently ignored.
+_LORA_UNSUPPORTED = {
+    "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow", "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)", "modules_to_save": "modules_to_save",
+    "megatron_config": "Megatron layers", "loftq_config": "LoftQ (θ0 is replaced at initialisation)",
+    "corda_config": "CorDA (θ0 is replaced at initialisation)", "lora_ga_config": "LoRA-GA (θ0 is replaced at initialisation)",
+}
+
+
+def _layer_kind(module: torch.nn.Module) -> str:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return "conv1d_t"  # weight stored (in, out): PEFT sets fan_in_fan_out=True for it whatever the config says
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    return type(module).__name__
+
+
+def _lora_layers(model: torch.nn.Module, modules: Iterable[str]) -> dict[str, tuple[str, torch.nn.Module]]:
+    """``{module path: (kind, base layer)}`` from a plain base model or a live PEFT model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = {}
+    for m in modules:
+        try:
+            mod = inner.get_submodule(m)
+        except AttributeError:
+            raise HfTaujpError(f"LoRA module {m!r} is not a module of the given base model.") from None
+        if hasattr(mod, "get_base_layer"):
+            mod = mod.get_base_layer()
+        out[m] = (_layer_kind(mod), mod)
+    return out
+
+
+def _lora_from_state(
+    sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], model: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """τ of a LoRA adapter, as PEFT's ``merge_and_unload`` writes it into the base (PEFT 0.21 ``lora/layer.py``).
+
+    Per layer, with s = α/r (``use_rslora``: α/√r; r and α from ``rank_pattern`` / ``alpha_pattern``):
+    - ``nn.Linear``: ΔW = s·B·A, shape (out, in); transformers' ``Conv1D`` (GPT-2; weight (in, out)):
+      (s·B·A)ᵀ. PEFT picks the orientation per layer from the layer type, so ``model`` is required.
+    - ``nn.Embedding``: ΔW = s·(B_e·A_e)ᵀ, shape (num_embeddings, dim).
+    - ``lora_bias=True``: Δb = s·b_B (the bias of lora_B).
+    - DoRA (Liu et al. 2024, Eq. 5): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_c, the norm taken per output row of
+      the (out, in) matrix (per embedding dimension for embeddings); τ = W' − W needs θ0 from ``model``.
+    - ``bias="all"`` / ``"lora_only"``: the saved biases are full values; Δb = b_saved − b_0.
+    ``model``: the base model or a live PEFT model (layer types, and θ0 for DoRA / biases). Convolution,
+    MultiheadAttention and parameter-targeting LoRA layers, and the variants in ``_LORA_UNSUPPORTED``,
+    are refused by name.
+    """
+    for key, name in _LORA_UNSUPPORTED.items():
+        if config.get(key):
+            raise HfTaujpError(f"LoRA adapters using {name} ({key}={config[key]!r}) are not supported by from_peft.")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise HfTaujpError(
+            f"init_lora_weights={init!r} replaces θ0 at initialisation; the adapter is not a delta of the original "
+            "base. Convert it with PEFT's path_initial_model_for_weight_conversion first."
+        )
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for k, t in sd.items():
         stripped = _strip(k)
-        if ".lora_A." in stripped:
-            a_keys[stripped.split(".lora_A.")[0]] = k
-        elif ".lora_B." in stripped:
-            b_keys[stripped.split(".lora_B.")[0]] = k
-        elif "lora_embedding" in stripped or "lora_magnitude" in stripped:
-            raise HfTaujpError(f"LoRA key {k!r}: embedding / DoRA LoRA layers are not supported by from_peft.")
+        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
+                         r"lora_magnitude_vector(?:\.weight)?)", stripped)
+        if m:
+            parts.setdefault(m.group(1), {})[m.group(2).replace(".weight", "") if "magnitude" in m.group(2) else m.group(2)] = t
+        elif stripped.endswith(".bias") and config.get("bias", "none") != "none" and "lora_" not in stripped:
+            biases[stripped.replace(".base_layer.", ".")] = t
         else:
             raise HfTaujpError(
-                f"LoRA adapter key {k!r} is not a lora_A / lora_B weight (modules_to_save or bias training "
-                "are full weights, not deltas, and are not supported)."
+                f"LoRA adapter key {k!r} is neither a LoRA factor nor a trained bias: not supported by from_peft."
             )
-    if set(a_keys) != set(b_keys):
-        raise CorruptFileError(f"LoRA modules without both A and B: {_few(sorted(set(a_keys) ^ set(b_keys)))}.")
-    out = {}
-    for module in a_keys:
-        a, b = sd[a_keys[module]], sd[b_keys[module]]
-        if a.dim() != 2 or b.dim() != 2:
-            raise HfTaujpError(f"LoRA module {module!r}: only Linear / Conv1D layers are supported (got A {tuple(a.shape)}).")
+    if model is None:
+        raise HfTaujpError(
+            "A LoRA adapter needs base= (the base model; one built on the meta device from its config suffices "
+            "unless the adapter uses DoRA or trains biases): PEFT transposes ΔW for transformers' Conv1D layers "
+            "(GPT-2) and not for nn.Linear, per layer, and the saved adapter does not record which layer is which."
+        )
+    layers = _lora_layers(model, parts)
+    out: dict[str, torch.Tensor] = {}
+    for module, p in parts.items():
+        kind, layer = layers[module]
+        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+        a, b = (p.get("lora_embedding_A"), p.get("lora_embedding_B")) if emb else (p.get("lora_A.weight"), p.get("lora_B.weight"))
+        if a is None or b is None:
+            raise CorruptFileError(f"LoRA module {module!r} lacks its A or B factor (has {sorted(p)}).")
+        if kind not in ("linear", "conv1d_t", "embedding") or (kind == "embedding") != emb or a.dim() != 2:
+            raise HfTaujpError(
+                f"LoRA module {module!r} wraps a {kind} layer: from_peft supports LoRA on nn.Linear, transformers' "
+                "Conv1D and nn.Embedding (convolution / MultiheadAttention LoRA layers are not supported)."
+            )
         r = _pattern_value(module, config.get("rank_pattern"), config.get("r"))
         alpha = _pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha"))
         if r != a.shape[0]:
             raise CorruptFileError(f"LoRA module {module!r}: config rank {r} but A has shape {tuple(a.shape)}.")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        delta = (b.double() @ a.double()) * scale
-        if config.get("fan_in_fan_out"):
-            delta = delta.T
-        out[f"{module}.weight"] = delta.to(torch.promote_types(a.dtype, b.dtype)).contiguous()
+        dt = torch.promote_types(a.dtype, b.dtype)
+        delta_oi = (b.double() @ a.double()) * scale  # (out, in) for Linear / Conv1D; (dim, num_embeddings) for Embedding
+        delta = delta_oi.T if kind in ("conv1d_t", "embedding") else delta_oi  # stored orientation of the weight
+        w = layer.weight
+        if tuple(delta.shape) != tuple(w.shape):
+            raise HfTaujpError(f"LoRA module {module!r}: ΔW has shape {tuple(delta.shape)}, the base weight {tuple(w.shape)}.")
+        if "lora_magnitude_vector" in p:
+            if w.device.type == "meta":
+                raise HfTaujpError(f"DoRA module {module!r} needs the base weights (base= is on the meta device).")
+            w0 = w.detach().double().to(delta.device)
+            mag = p["lora_magnitude_vector"].double().to(delta.device)
+            full = w0 + delta
+            if kind == "linear":
+                new = (mag / full.norm(dim=1)).view(-1, 1) * full
+            else:  # Conv1D (in, out) and Embedding (num, dim): one norm per column of the stored weight
+                new = (mag / full.norm(dim=0)).view(1, -1) * full
+            delta = new - w0
+        out[f"{module}.weight"] = delta.to(dt).contiguous()
+        if "lora_B.bias" in p:
+            out[f"{module}.bias"] = (p["lora_B.bias"].double() * scale).to(dt)
+    if biases and hasattr(model, "get_base_model"):
+        raise HfTaujpError(
+            f"bias={config.get('bias')!r} trains the base model's own biases in place, so the PEFT model no longer "
+            "holds their θ0 values: pass base= (the original base model)."
+        )
+    params = _params_of(model)
+    for name, saved in biases.items():
+        base_b = params.get(name, params.get(name.rsplit(".", 1)[0] + ".base_layer.bias"))
+        if base_b is None or base_b.device.type == "meta":
+            raise HfTaujpError(f"Trained bias {name!r} (bias={config.get('bias')!r}) needs its θ0 value from base=.")
+        if name in out:
+            raise HfTaujpError(f"Bias {name!r} is trained both as lora_bias and as bias={config.get('bias')!r}.")
+        out[name] = (saved.double() - base_b.detach().double().to(saved.device)).to(saved.dtype)
     return out

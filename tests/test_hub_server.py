@@ -104,3 +104,42 @@ def test_repo_without_config_is_refused_and_pickles_are_never_downloaded(server,
                           hf_home=str(hf_home))
     fetched = [f for _, _, files in os.walk(hf_home) for f in files]
     assert "task_vector.safetensors" in fetched and not any(f.endswith(".bin") for f in fetched)
+
+
+def test_push_over_a_sharded_push_removes_the_stale_shards(server, vectors, tmp_path, monkeypatch):
+    """upload_folder adds files to a repo; without delete_patterns the index of a previous sharded push
+    would stay and shadow the new single file on the next download. The intercept applies
+    huggingface_hub's documented semantics: delete remote files matching delete_patterns, except
+    those being uploaded, then add the folder's files on top of the tree."""
+    import fnmatch
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    v1, v2 = vectors
+
+    def create_repo(self, repo_id, **kw):
+        return f"{server.endpoint}/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, delete_patterns=None, **kw):
+        repo = os.path.join(server.mirrors, "models", *repo_id.split("/"))
+        tree = tmp_path / f"tree-{len(os.listdir(tmp_path))}"
+        tree.mkdir()
+        if os.path.isdir(repo):
+            for name in os.listdir(repo):
+                if name != ".git" and not any(fnmatch.fnmatch(name, p) for p in delete_patterns or []):
+                    shutil.copy2(os.path.join(repo, name), tree / name)
+        (tree / "notes.txt").write_text("a file someone else put in the repo")
+        for name in os.listdir(folder_path):
+            shutil.copy2(os.path.join(folder_path, name), tree / name)
+        return server.commit_folder(repo_id, str(tree))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    v1.push_to_hub("org/repushed", max_shard_size="40KB")
+    v2.push_to_hub("org/repushed")  # single file now
+    repo = os.path.join(server.mirrors, "models", "org", "repushed")
+    assert sorted(f for f in os.listdir(repo) if f != ".git") == ["README.md", "config.json", "notes.txt",
+                                                                   "task_vector.safetensors"]
+    pulled, meta = _pull(server, tmp_path, "org/repushed")
+    assert all(torch.equal(pulled[k], v2[k]) for k in v2.keys())

@@ -45,14 +45,11 @@ class Statistics:
                                          prefix=_PREFIX[self.kind], max_shard_size=max_shard_size)
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.config(), f, indent=2)
-            card = (f"---\nlibrary_name: hf-taujp\ntags: [hf-taujp, {self.kind}]\n"
-                    + (f"base_model: {self.base_model}\n" if self.base_model else "")
-                    + f"---\n# {self.kind} statistics\n\n"
-                    + ("Diagonal Fisher" if self.kind == "fisher" else "Input Gram matrices (RegMean)")
-                    + f" of task `{self.task}` over {self.num_examples} examples, for merging with hf-taujp ("
-                    + ("fisher_average, gradient_matching" if self.kind == "fisher" else "regmean") + ").\n")
-            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-                f.write(card)
+            what = "Diagonal Fisher" if self.kind == "fisher" else "Input Gram matrices (RegMean)"
+            use = "fisher_average, gradient_matching" if self.kind == "fisher" else "regmean"
+            hub.model_card(f"{self.kind} statistics",
+                           f"{what} of {f'task `{self.task}`' if self.task else 'an unnamed task'} over {self.num_examples} examples, for merging with hf-taujp ({use}).",
+                           base_model=self.base_model, tags=[self.kind]).save(os.path.join(tmp, "README.md"))
 
     @classmethod
     def from_pretrained(cls, repo_id_or_dir, **kw) -> "Statistics":

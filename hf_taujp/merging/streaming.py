@@ -335,14 +335,11 @@ def merge_streaming(
                                "task": f"merge:{method}", "training": {"merge_recipe": recipe or {}},
                                "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
                                "num_parameters": num}, f, indent=2)
-            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-                f.write("---\nlibrary_name: hf-taujp\ntags: [hf-taujp, merge]\n"
-                        + (f"base_model: {base}\n" if isinstance(base, str) and not os.path.isdir(base) else "")
-                        + f"---\n# Merged with hf-taujp ({method})\n\n```json\n"
-                        + json.dumps(recipe or {"method": method, "vectors": list(map(str, vectors)),
-                                               "weights": weights, **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}},
-                                     indent=2, default=str)
-                        + "\n```\n")
+            hub.model_card(f"Merged with hf-taujp ({method})", "```json\n"
+                           + json.dumps(recipe or {"method": method, "vectors": list(map(str, vectors)),
+                                                  "weights": weights, **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}},
+                                        indent=2, default=str)
+                           + "\n```", base_model=base if isinstance(base, str) else None, tags=["merge"]).save(os.path.join(tmp, "README.md"))
     finally:
         for r in readers:
             r.close()
