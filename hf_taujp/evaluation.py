@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .hub import HfTaujpError, atomic_write_text
-from .linearize import linearized_forward
+from .linearize import LOSS_KEYS, linearized_forward
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
-_LABEL_KEYS = ("labels", "label", "label_ids")
+# The package's one list of loss inputs (gold labels are read from the first present, `labels` first).
+_LABEL_KEYS = LOSS_KEYS
 
 
 def _collate(rows: Sequence[Mapping]) -> dict:

@@ -33,6 +33,7 @@ from transformers import Trainer
 
 from ..attention import forward_ad_attention
 from ..hub import HfTaujpError
+from ..linearize import LOSS_KEYS
 from .penalty import select_output, taujp_penalty
 from .taujp_config import TauJpConfig, TauJpConfigError
 
@@ -43,7 +44,6 @@ __all__ = [
     "RegularizationInputError",
 ]
 
-_LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions", "num_items_in_batch")
 
 
 class TauJpUnsupportedError(HfTaujpError):
@@ -253,7 +253,7 @@ class TauJpTrainer(Trainer):
     def _taujp_clean(self, batch) -> dict:
         if not isinstance(batch, Mapping):
             raise RegularizationInputError(f"regularization batches must be dicts of tensors, got {type(batch).__name__}")
-        batch = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+        batch = {k: v for k, v in batch.items() if k not in LOSS_KEYS}
         return self._prepare_inputs(batch)
 
     def _taujp_check_inputs(self) -> None:
