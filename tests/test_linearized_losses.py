@@ -162,9 +162,11 @@ def test_unsupported_loss_inputs_are_named_and_one_key_list():
         linearize(BertForQuestionAnswering(bert_cfg()).eval(), ["query"])(input_ids=X, start_positions=X[:, 0])
     # the trainer and evaluation strip the same keys the linearized forward pops
     from hf_taujp import evaluation
-    from hf_taujp.trainer import taujp_trainer
+    from hf_taujp.trainer.penalty import prepare_reg_batch
 
-    assert evaluation._LABEL_KEYS is LOSS_KEYS and taujp_trainer.LOSS_KEYS is LOSS_KEYS
+    assert evaluation._LABEL_KEYS is LOSS_KEYS
+    batch = {k: torch.zeros(2, dtype=torch.long) for k in LOSS_KEYS}
+    assert prepare_reg_batch(gpt2(), {**batch, "input_ids": x}).keys() == {"input_ids"}
 
 
 # ---------------------------------------------------------------------------------------- heads

@@ -8,7 +8,9 @@ Two ways to obtain J f(x'; θ0)·τ:
   already is f_lin(x; θ0 + τ) = f(x; θ0) + J f(x; θ0)·τ, and J·τ is the tangent output of the same
   forward-mode pass it uses for its forward: `model.jvp(**x')` → (primal, tangent). No copy of θ0.
 * **Non-linear models**: `torch.func.jvp` over `functional_call` at θ0 (a frozen copy of the trainable
-  parameters taken when the trainer is built) with tangent θ − θ0. Memory cost: one extra copy of the
+  parameters taken when the trainer is built) with tangent θ − θ0, the model in eval mode inside the jvp
+  (no dropout in J, as for linearized models). PEFT adapters other than LINEARIZED (LoRA, ...) are refused:
+  θ − θ0 of their parameters is not the weight change ΔW. Memory cost: one extra copy of the
   *trainable* parameters (θ0), plus one forward-mode pass (≈ 2–3× the activations of a plain forward)
   per regularization batch. The copy is taken in `__init__`: when resuming from a checkpoint, build
   the trainer from the *base* model, as for a fresh run.

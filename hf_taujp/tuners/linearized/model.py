@@ -46,6 +46,11 @@ class LinearizedModel(BaseTuner):
 
     Keys of :meth:`get_tangents` / :meth:`set_tangents` are base parameter names
     (``base.named_parameters()``, tied weights once under their first name).
+
+    The linearization point is the model in eval mode (``linearization_mode="eval"``, the authors'
+    choice: no dropout inside f(x; θ0) and J, also while training); ``"train"`` keeps dropout.
+    ``modules_to_save`` (the head, by default, for SEQ_CLS / TOKEN_CLS / QUESTION_ANS) are not
+    linearized but trained normally through PEFT's ``ModulesToSaveWrapper``.
     """
 
     prefix: str = TAU_ATTR
