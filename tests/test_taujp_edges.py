@@ -1,5 +1,5 @@
 """τJp penalty at the edges (issue 10): the mask of the penalised output, one implementation for the
-trainer and `taujp_matrix`, LoRA refused, list-valued reg datasets, checkpointing before PEFT.
+trainer and `taujp_matrix`, LoRA's ΔW, list-valued reg datasets, checkpointing before PEFT.
 
 Expected values come from float64 central finite differences of the base model's outputs along τ.
 """
@@ -152,12 +152,64 @@ def test_reg_datasets_list_dict_or_a_clear_error(tmp_path):
         TauJpTrainer(model=model, args=cfg(tmp_path), train_dataset=rows, regularization_datasets=42)
 
 
-def test_lora_models_are_refused_with_the_reason(tmp_path):
+@pytest.mark.parametrize("kind", ["gpt2_conv1d", "bert_linear_with_head"])
+def test_lora_penalty_is_taujp_of_the_weight_change(tmp_path, kind):
+    """On LoRA the penalty is ‖J f(x'; θ0)·ΔW‖ with ΔW read off PEFT's own merge_and_unload (the head in
+    modules_to_save moves too), not J_(A,B) f·(θ − θ0) of the adapter's own parameters."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if kind == "gpt2_conv1d":
+        base, conf = gpt2(), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj"], r=2, lora_alpha=4)
+        rows = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+        train = [dict(r, labels=r["input_ids"]) for r in rows]
+    else:
+        torch.manual_seed(0)
+        base = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+        conf = peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=2, lora_alpha=8, use_rslora=True)
+        rows = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i)),
+                 "attention_mask": torch.ones(6, dtype=torch.long)} for i in range(4)]
+        train = [dict(r, labels=torch.tensor(i % 3)) for i, r in enumerate(rows)]
+    pm = peft.get_peft_model(copy.deepcopy(base), conf)
+    tr = TauJpTrainer(model=pm, args=cfg(tmp_path), train_dataset=train, regularization_datasets={"b": rows})
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a trained adapter: B ≠ 0 (and a moved head)
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    merged = copy.deepcopy(pm).merge_and_unload()
+    p0 = dict(base.named_parameters())
+    delta = {n: (p - p0[n]).detach() for n, p in merged.named_parameters() if not torch.equal(p, p0[n])}
+    assert delta
+    batch = stack(rows)
+    per = fd_tangent(base, delta, batch).norm(dim=-1)
+    want = float(per.mean())
+    pen = tr.taujp_penalty_on(pm, tr._taujp_clean(batch))
+    assert float(pen) == pytest.approx(want, rel=1e-4)
+    pen.backward()  # the penalty trains A and B (through ΔW = s·B·A)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters() if "lora_" in n)
+    # the old reading, θ − θ0 over (A, B) from the same θ0 copy: J_W f·(s·ΔB·A0 + ...), a different number
+    if kind == "gpt2_conv1d":  # (with a moved head, the head's identical term dominates both readings)
+        tr._adapter = None
+        assert abs(float(tr.taujp_penalty_on(pm, tr._taujp_clean(batch))) - want) > 1e-2 * want
+        tr._adapter = "LORA"
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    tr.train()  # PEFT's disable_adapter inside the penalty leaves the adapter trainable
+    assert len([h for h in tr.state.log_history if "taujp_penalty" in h]) == 2
+    assert all(p.requires_grad and not torch.equal(p, before[n]) for n, p in pm.named_parameters() if n in before)
+
+
+def test_other_adapters_and_dora_are_refused(tmp_path):
     rows = [{"input_ids": torch.arange(6), "labels": torch.arange(6)}] * 4
-    pm = peft.get_peft_model(gpt2(), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn"], r=2))
-    with pytest.raises(TauJpUnsupportedError, match="ΔW = s·B·A"):
-        TauJpTrainer(model=pm, args=cfg(tmp_path), train_dataset=rows, regularization_datasets={"b": rows})
-    TauJpTrainer(model=pm, args=cfg(tmp_path, taujp_lambda=0.0), train_dataset=rows)  # no penalty: plain LoRA training
+    dora = peft.get_peft_model(gpt2(), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn"], r=2, use_dora=True))
+    with pytest.raises(TauJpUnsupportedError, match="use_dora"):
+        TauJpTrainer(model=dora, args=cfg(tmp_path), train_dataset=rows, regularization_datasets={"b": rows})
+    ia3 = peft.get_peft_model(gpt2(), peft.IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn"],
+                                                     feedforward_modules=[]))
+    with pytest.raises(TauJpUnsupportedError, match="IA3"):
+        TauJpTrainer(model=ia3, args=cfg(tmp_path), train_dataset=rows, regularization_datasets={"b": rows})
+    TauJpTrainer(model=ia3, args=cfg(tmp_path, taujp_lambda=0.0), train_dataset=rows)  # no penalty: plain training
 
 
 def test_gradient_checkpointing_before_get_peft_model_trains_like_without(tmp_path):

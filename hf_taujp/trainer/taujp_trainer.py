@@ -9,8 +9,9 @@ Two ways to obtain J f(x'; θ0)·τ:
   forward-mode pass it uses for its forward: `model.jvp(**x')` → (primal, tangent). No copy of θ0.
 * **Non-linear models**: `torch.func.jvp` over `functional_call` at θ0 (a frozen copy of the trainable
   parameters taken when the trainer is built) with tangent θ − θ0, the model in eval mode inside the jvp
-  (no dropout in J, as for linearized models). PEFT adapters other than LINEARIZED (LoRA, ...) are refused:
-  θ − θ0 of their parameters is not the weight change ΔW. Memory cost: one extra copy of the
+  (no dropout in J, as for linearized models). LoRA: the tangent is the weight change ΔW = s·B·A of each
+  LoRA layer (PEFT's `get_delta_weight`), not θ − θ0 of (A, B), evaluated with the adapter off; other PEFT
+  adapters and LoRA variants (DoRA, lora_bias) are refused. Memory cost: one extra copy of the
   *trainable* parameters (θ0), plus one forward-mode pass (≈ 2–3× the activations of a plain forward)
   per regularization batch. The copy is taken in `__init__`: when resuming from a checkpoint, build
   the trainer from the *base* model, as for a fresh run.
@@ -22,6 +23,7 @@ parameters and are refused with `TauJpUnsupportedError`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections import deque
@@ -48,7 +50,7 @@ __all__ = [
 
 
 class TauJpUnsupportedError(HfTaujpError):
-    """The training setup cannot run the τJp penalty (FSDP, DeepSpeed ZeRO, PEFT adapters other than LINEARIZED)."""
+    """The training setup cannot run the τJp penalty (FSDP, DeepSpeed ZeRO, PEFT adapters other than LINEARIZED / LoRA)."""
 
 
 class MissingRegularizationDataError(HfTaujpError):
@@ -105,22 +107,69 @@ def _named_datasets(datasets) -> dict[str, object]:
     )
 
 
-def _refuse_adapters(model: torch.nn.Module) -> None:
-    """Raise `TauJpUnsupportedError` for PEFT adapters other than LINEARIZED (LoRA, IA3, prompts, ...).
+def _adapter_type(model: torch.nn.Module) -> str | None:
+    """None for a plain model, "LINEARIZED" or "LORA" for the PEFT adapters the penalty supports.
 
-    Their trainable tensors are not the weights: θ − θ0 over LoRA's (A, B) gives J_W f·(s·ΔB·A0 + s·B0·ΔA), a
-    first-order term of the adapter's parameters, not τJp of the weight change ΔW = s·B·A that the task vector
-    holds. Rather than a penalty of another quantity, the combination is refused.
+    Raises `TauJpUnsupportedError` for other adapters (IA3, prompts, ...), LoRA variants (DoRA, ...)
+    and LoRA with trained biases: θ − θ0 of their parameters is not the weight change the task vector
+    holds, and the penalty of that change is not implemented for them.
     """
     if not _is_peft(model):
-        return
+        return None
     types = {str(getattr(c, "peft_type", "")).split(".")[-1].upper() for c in model.peft_config.values()}
-    if types - {"LINEARIZED"}:
-        raise TauJpUnsupportedError(
-            f"τJp with a {'/'.join(sorted(types - {'LINEARIZED'}))} adapter is not supported: the penalty would act on the "
-            "adapter's parameters (for LoRA J_W f·(s·ΔB·A0)), not on the weight change ΔW = s·B·A. Fine-tune with "
-            "LinearizedConfig (the paper's setting), a plain model, or set taujp_lambda=0."
-        )
+    if types == {"LINEARIZED"}:
+        return "LINEARIZED"
+    if types == {"LORA"}:
+        for a, c in model.peft_config.items():
+            bad = [k for k in ("use_dora", "lora_bias") if getattr(c, k, False)]
+            if bad:
+                raise TauJpUnsupportedError(f"τJp with LoRA {bad} (adapter {a!r}) is not supported: only ΔW = s·B·A is penalised.")
+        return "LORA"
+    raise TauJpUnsupportedError(
+        f"τJp with a {'/'.join(sorted(types))} adapter is not supported: the penalty needs the weight change ΔW its "
+        "parameters stand for. Use LinearizedConfig (the paper's setting), LoRA, a plain model, or taujp_lambda=0."
+    )
+
+
+def _lora_primals_tangents(model, theta0: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """θ0 and τ of a LoRA PeftModel as *weights*: for each LoRA layer W0 = ``base_layer.weight`` with
+    tangent ΔW = PEFT's own ``get_delta_weight`` (s·B·A, transposed for fan-in-fan-out, summed over the
+    active adapters; differentiable in A and B); ``modules_to_save`` heads h0 → h − h0; other trainable
+    parameters θ0 → θ − θ0. Evaluated with the adapters disabled (the model at θ0)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    params = dict(model.named_parameters())
+    primals: dict[str, torch.Tensor] = {}
+    tangents: dict[str, torch.Tensor] = {}
+    active = model.active_adapters
+    covered: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            key = f"{path}.base_layer.weight"
+            for a in active:
+                if a in module.lora_A or a in getattr(module, "lora_embedding_A", {}):
+                    if getattr(module, "lora_variant", {}).get(a) is not None:
+                        raise TauJpUnsupportedError(f"τJp with a LoRA variant at {path!r} is not supported (only ΔW = s·B·A).")
+                    d = module.get_delta_weight(a)
+                    tangents[key] = tangents[key] + d if key in tangents else d
+                    primals[key] = params[key]
+            covered.update(f"{path}.{n}" for n, _ in module.named_parameters() if "lora_" in n)
+        elif isinstance(module, ModulesToSaveWrapper):
+            for a in active:
+                if a in module.modules_to_save:
+                    h0 = dict(module.original_module.named_parameters())
+                    for pname, h in module.modules_to_save[a].named_parameters():
+                        key = f"{path}.original_module.{pname}"
+                        primals[key] = h0[pname]
+                        tangents[key] = h - h0[pname]
+                        covered.add(f"{path}.modules_to_save.{a}.{pname}")
+    for n, t0 in theta0.items():
+        if n not in covered and n in params:
+            primals[n] = t0
+            tangents[n] = params[n] - t0
+    tangents = {n: tangents[n].to(primals[n].dtype) for n in primals}
+    return primals, tangents
 
 
 def _stackable(batches: list[dict]) -> bool:
@@ -202,9 +251,10 @@ class TauJpTrainer(Trainer):
         self._taujp_log: dict[str, list[float]] = {"taujp_penalty": [], "task_loss": []}
         self.taujp_visits: deque[tuple[str, ...]] = deque(maxlen=1024)
         self._theta0: dict[str, torch.Tensor] | None = None
+        self._adapter: str | None = None
         if self.args.taujp_lambda > 0:
             base = self.accelerator.unwrap_model(self.model)
-            _refuse_adapters(base)
+            self._adapter = _adapter_type(base)
             if _linearized_jvp(base) is None:
                 # Frozen θ0 of the trainable parameters (the non-linear path's memory cost).
                 self._theta0 = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
@@ -310,10 +360,18 @@ class TauJpTrainer(Trainer):
                 _, tangent_out = jvp(**kwargs)
             return self._taujp_select(tangent_out, batch)
         # J at θ0 of the eval-mode model (no dropout), as for linearized models' default; checkpointing off.
-        with jvp_ready(base, "eval"), forward_ad_attention(base), self.accelerator.autocast():
-            params = dict(base.named_parameters())
-            primals = {n: t for n, t in self._theta0.items()}
-            tangents = {n: (params[n] - t).to(t.dtype) for n, t in self._theta0.items()}
+        lora = getattr(self, "_adapter", None) == "LORA"
+        if lora:
+            # τ of the weights, ΔW = s·B·A, at the model with the adapter off (θ0). Built before disabling:
+            # PEFT's disable_adapter sets requires_grad=False on the adapter until the block ends.
+            with self.accelerator.autocast():
+                primals, tangents = _lora_primals_tangents(base, self._theta0)
+        with jvp_ready(base, "eval"), forward_ad_attention(base), self.accelerator.autocast(), \
+                (base.disable_adapter() if lora else contextlib.nullcontext()):
+            if not lora:
+                params = dict(base.named_parameters())
+                primals = {n: t for n, t in self._theta0.items()}
+                tangents = {n: (params[n] - t).to(t.dtype) for n, t in self._theta0.items()}
 
             def f(p):
                 return self._taujp_select(functional_call(base, p, args=(), kwargs=kwargs, strict=False), batch)
