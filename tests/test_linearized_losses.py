@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from hf_taujp.hub import HfTaujpError
-from hf_taujp.linearize import LOSS_KEYS, linearize, linearized_forward
+from hf_taujp.linearize import LOSS_KEYS, linearize
 from hf_taujp.task_vector import TaskVector
 from hf_taujp.tuners.linearized import LinearizedConfig
 
