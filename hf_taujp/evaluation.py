@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .hub import HfTaujpError, atomic_write_text
-from .linearize import linearized_forward
+from .linearize import LOSS_KEYS, linearized_forward
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
-_LABEL_KEYS = ("labels", "label", "label_ids")
+# The package's one list of loss inputs (gold labels are read from the first present, `labels` first).
+_LABEL_KEYS = LOSS_KEYS
 
 
 def _collate(rows: Sequence[Mapping]) -> dict:
@@ -136,9 +137,18 @@ def taujp_matrix(
             applied to the tangent output (must be linear: selection / pooling).
         max_examples: use at most this many examples per dataset.
         norm: "l2" (the paper) or "sq_l2".
+        Reduction and masks are the trainer's (`hf_taujp.trainer.penalty.penalty_terms` / `output_mask`):
+        mean over all examples (valid tokens, with the mask of the penalised output) of each dataset.
+        Use held-out inputs, not the ones the penalty was trained on.
+    Raises:
+        HfTaujpError: unknown norm; a vector with parameters the base lacks; no mask fits a token-level output.
     Returns:
         `{"tasks": [...], "datasets": [...], "matrix": [[M[t][t'] for t'] for t]}` (rows: task vectors).
     """
+    from .trainer.penalty import output_mask, penalty_terms, prepare_reg_batch
+
+    if norm not in ("l2", "sq_l2"):
+        raise HfTaujpError(f"unknown taujp norm {norm!r} (expected 'l2' or 'sq_l2')")
     tvs = dict(task_vectors) if isinstance(task_vectors, Mapping) else {
         (getattr(tv, "task", None) or f"task{i}"): tv for i, tv in enumerate(task_vectors)}
     dss = dict(datasets) if isinstance(datasets, Mapping) else {f"data{i}": d for i, d in enumerate(datasets)}
@@ -158,18 +168,13 @@ def taujp_matrix(
                 ds = ds if max_examples is None else [ds[i] for i in range(min(max_examples, len(ds)))]
                 total, count = 0.0, 0.0
                 for batch in _batches(ds, batch_size, collate_fn):
-                    batch = _to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, _device_of(base))
+                    batch = _to(prepare_reg_batch(base, batch), _device_of(base))
                     _, tan = linearized_forward(base, primals, tangents, (), batch, method=method)
                     t = _select(tan, output, batch).double()
-                    per = t.pow(2).sum(-1)
-                    per = per.sqrt() if norm == "l2" else per
-                    mask = batch.get("attention_mask")
-                    if per.dim() == 2 and mask is not None and tuple(mask.shape) == tuple(per.shape):
-                        total += float((per * mask).sum())
-                        count += float(mask.sum())
-                    else:
-                        total += float(per.sum())
-                        count += per.numel()
+                    # the trainer's reduction and mask rule: mean over examples / valid tokens of the whole set
+                    s_, c_ = penalty_terms(t, output_mask(base, batch, t, None if callable(output) else output), norm)
+                    total += float(s_)
+                    count += float(c_)
                 row.append(total / max(count, 1.0))
             matrix.append(row)
     finally:

@@ -38,38 +38,111 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# The one jvp
+# Inputs: which keywords a forward accepts, which ones trigger a loss
 # --------------------------------------------------------------------------------------------
-def _accepts(fn: Callable, name: str) -> bool:
+# Inputs that make a transformers model compute a loss (or are a loss's arguments). The one list of
+# the package: the linearized forward pops them before the jvp (the loss must be taken of the
+# linearized outputs, not linearized itself), the τJp trainer and `taujp_matrix` strip them from
+# regularization batches, and evaluation reads gold labels from the first three.
+LOSS_KEYS = (
+    "labels", "label", "label_ids",          # label names ("label"/"label_ids": before the collator renames them)
+    "start_positions", "end_positions",      # extractive question answering
+    "next_sentence_label", "mc_labels", "sentence_order_label",  # pre-training heads (not supported linearized)
+    "return_loss",                           # CLIP-style contrastive loss
+    "num_items_in_batch",                    # the Trainer's loss normaliser
+)
+_UNSUPPORTED_LOSS_KEYS = ("next_sentence_label", "mc_labels", "sentence_order_label")
+_RENAMED_LABEL_KEYS = ("label", "label_ids")
+
+LINEARIZATION_MODES = ("eval", "train")
+
+
+def _explicit_params(fn: Callable) -> frozenset[str]:
+    """Names of the parameters ``fn`` declares (``**kwargs`` excluded); cached per underlying function."""
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    key = getattr(target, "__func__", target)
     try:
-        params = inspect.signature(fn).parameters
+        return _SIGNATURES[key]
+    except (KeyError, TypeError):
+        pass
+    try:
+        params = inspect.signature(target).parameters
+        names = frozenset(n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
     except (TypeError, ValueError):
-        return False
-    return name in params
+        names = frozenset()
+    try:
+        _SIGNATURES[key] = names
+    except TypeError:  # unhashable callable
+        pass
+    return names
+
+
+_SIGNATURES: dict = {}
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    """True when ``fn`` (a callable, or a module: its ``forward``) declares the keyword ``name``.
+
+    Only an explicit parameter counts: a ``**kwargs`` catch-all does not prove the keyword is
+    understood (a strict inner forward behind it would raise), so such a keyword is not passed.
+    """
+    return name in _explicit_params(fn)
+
+
+# Forward hooks that call ``output.requires_grad_(True)`` on the input embeddings, registered by
+# transformers' `enable_input_require_grads` (called by `gradient_checkpointing_enable` and PEFT)
+# and by PEFT's own fallback. Inside a functorch transform that call raises.
+_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
 
 
 @contextlib.contextmanager
-def _no_gradient_checkpointing(module: nn.Module):
-    """Switch activation checkpointing off inside the block (it breaks jvp: the checkpoint's
-    saved-tensor bookkeeping and the ``enable_input_require_grads`` hook do not handle dual tensors)."""
-    flagged = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+def jvp_ready(module: nn.Module, mode: str = "eval"):
+    """Put ``module`` in the state a forward-mode pass needs, and restore it afterwards.
+
+    - ``mode="eval"`` (default, the authors' linearization point: ``init_model.eval()``): every
+      submodule in train mode is switched to eval for the block, so no dropout (and BatchNorm's
+      running statistics) inside f(x; θ0) and J. ``mode="train"`` leaves the modes alone (dropout
+      active in train mode, one mask shared by primal and tangent).
+    - Activation checkpointing off (``gradient_checkpointing`` flags), and the embedding hooks of
+      ``enable_input_require_grads`` detached: both break jvp (checkpoint recomputation does not
+      replay dual tensors; the hook calls ``requires_grad_`` inside a functorch transform). Neither is
+      needed inside the jvp: the penalty / linearized forward keeps its activations anyway.
+
+    One walk over the modules per call; everything changed is put back, also when the call raises.
+    """
+    if mode not in LINEARIZATION_MODES:
+        raise HfTaujpError(f"Unknown linearization mode {mode!r} (expected one of {LINEARIZATION_MODES}).")
+    to_eval, flagged, hooked = [], [], []
+    for m in module.modules():
+        if mode == "eval" and m.training:
+            to_eval.append(m)
+        if getattr(m, "gradient_checkpointing", False) is True:
+            flagged.append(m)
+        if m._forward_hooks and any(getattr(h, "__name__", "") in _REQUIRE_GRADS_HOOKS for h in m._forward_hooks.values()):
+            hooked.append((m, dict(m._forward_hooks)))
+    for m in to_eval:
+        m.training = False
     for m in flagged:
         m.gradient_checkpointing = False
-    hook = getattr(module, "_require_grads_hook", None)
-    handle_dict = None
-    if hook is not None and hasattr(hook, "hooks_dict_ref"):
-        # Temporarily detach the input-embedding hook that calls requires_grad_ on its output.
-        handle_dict = hook.hooks_dict_ref()
-        saved = handle_dict.pop(hook.id, None) if handle_dict is not None else None
+    for m, hooks in hooked:
+        for k, h in hooks.items():
+            if getattr(h, "__name__", "") in _REQUIRE_GRADS_HOOKS:
+                del m._forward_hooks[k]
     try:
         yield
     finally:
+        for m in to_eval:
+            m.training = True
         for m in flagged:
             m.gradient_checkpointing = True
-        if handle_dict is not None and saved is not None:
-            handle_dict[hook.id] = saved
+        for m, hooks in hooked:  # same hooks, same order
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
 
 
+# --------------------------------------------------------------------------------------------
+# The one jvp
+# --------------------------------------------------------------------------------------------
 def linearized_forward(
     module: nn.Module,
     primals: Mapping[str, torch.Tensor],
@@ -77,6 +150,7 @@ def linearized_forward(
     args: tuple = (),
     kwargs: Mapping[str, Any] | None = None,
     method: str | Callable | None = None,
+    mode: str = "eval",
 ) -> tuple[Any, Any]:
     """One forward-mode pass: ``(f(x; θ0), J_θ f(x; θ0)·τ)``.
 
@@ -86,18 +160,27 @@ def linearized_forward(
         primals: ``{param name: θ0 tensor}`` (any subset of ``module.named_parameters()``).
         tangents: ``{param name: τ tensor}``, same keys and shapes as ``primals``; cast to the primal
             dtype/device (PEFT keeps adapters in fp32 on bf16 models).
-        args, kwargs: the model inputs; ``use_cache=False`` is forced when the forward accepts it.
+        args, kwargs: the model inputs; ``use_cache=False`` is added when the called forward declares
+            ``use_cache`` (a cache is not a tensor output forward AD can carry).
         method: another bound method to linearize instead of ``forward`` (name or callable taking
             the same arguments), e.g. ``"get_image_features"`` on CLIP.
+        mode: ``"eval"`` (default): linearize around the model in eval mode, no dropout inside
+            f(x; θ0) and J, as the authors (Ortiz-Jiménez et al. 2023; Yoshida et al. 2025) do;
+            ``"train"``: keep the module's own mode (dropout active when training; one mask shared
+            by primal and tangent). See :func:`jvp_ready`.
 
     Returns:
         ``(primal_out, tangent_out)`` with the structure of the model output (ModelOutput / tuple /
-        tensor). Gradients flow from ``tangent_out`` to ``tangents``.
+        tensor). Gradients flow from ``tangent_out`` to ``tangents`` (and, through ordinary autograd,
+        to trainable parameters that are not linearized, e.g. a head in ``modules_to_save``).
+
+    Raises:
+        HfTaujpError: tangents and primals differ in names or shapes; unknown ``mode``.
 
     Implementation: ``torch.func.jvp`` over a reparametrised call (functional_call semantics, tied
     weights followed). We prefer it to ``torch.autograd.forward_ad`` dual tensors because it handles
     pytrees of outputs (ModelOutput is a registered pytree) and leaves no dual state on the module
-    if the call fails. One call samples one dropout mask shared by primal and tangent.
+    if the call fails.
     """
     kwargs = dict(kwargs or {})
     if isinstance(method, str):
@@ -106,7 +189,7 @@ def linearized_forward(
         fn = module  # through __call__, so hooks registered on the model run as in an ordinary forward
     else:
         fn = method
-    if _accepts(fn, "use_cache") or (method is None and _accepts(getattr(module, "forward"), "use_cache")):
+    if _accepts(fn, "use_cache"):
         kwargs["use_cache"] = False
     missing = [k for k in primals if k not in tangents]
     extra = [k for k in tangents if k not in primals]
@@ -126,7 +209,7 @@ def linearized_forward(
         with _reparametrize_module(module, params, tie_weights=True, strict=False):
             return fn(*args, **kwargs)
 
-    with _no_gradient_checkpointing(module), forward_ad_attention(module):
+    with jvp_ready(module, mode), forward_ad_attention(module):
         return torch.func.jvp(f, (p,), (t,))
 
 
@@ -148,21 +231,40 @@ def add_outputs(primal: Any, tangent: Any, alpha: float = 1.0) -> Any:
 
 
 def linearized_loss(model: nn.Module, outputs: Any, labels: torch.Tensor | None = None, *, return_loss: bool = False,
-                    num_items_in_batch: Any = None) -> torch.Tensor:
+                    num_items_in_batch: Any = None, start_positions: torch.Tensor | None = None,
+                    end_positions: torch.Tensor | None = None) -> torch.Tensor:
     """The task loss evaluated on linearized outputs (not the linearization of the loss).
 
-    - CLIP-like (``logits_per_text`` and ``return_loss``): contrastive ``clip_loss`` (Radford et al. 2021).
-    - encoder-decoder (T5): token cross-entropy, ``ignore_index=-100``.
+    The loss functions are transformers' own, applied to the f_lin outputs:
+
+    - question answering (``start_positions`` and ``end_positions``): ``ForQuestionAnsweringLoss``
+      on ``start_logits`` / ``end_logits`` (mean of the two cross-entropies, positions outside the
+      sequence ignored), as ``*ForQuestionAnswering`` models compute it.
+    - CLIP-like (``return_loss`` and ``logits_per_text``): contrastive ``clip_loss`` (Radford et al. 2021).
+    - encoder-decoder (T5, BART): token cross-entropy over the decoder logits, ``ignore_index=-100``.
     - otherwise ``model.loss_function`` (causal LM: shifted CE; sequence classification: MSE / CE /
       BCE by ``problem_type``; token classification; masked LM).
+
+    Raises:
+        HfTaujpError: no labels (and no CLIP ``return_loss``), only one of the two QA positions,
+            outputs without the fields the loss needs.
     """
-    if return_loss and "logits_per_text" in outputs:
+    if start_positions is not None or end_positions is not None:
+        if start_positions is None or end_positions is None:
+            raise HfTaujpError("Question answering needs both start_positions and end_positions.")
+        if not (isinstance(outputs, Mapping) and "start_logits" in outputs and "end_logits" in outputs):
+            raise HfTaujpError("start_positions / end_positions given, but the model returns no start_logits / end_logits.")
+        from transformers.loss.loss_utils import ForQuestionAnsweringLoss
+
+        return ForQuestionAnsweringLoss(outputs["start_logits"], outputs["end_logits"], start_positions, end_positions)
+    if return_loss and isinstance(outputs, Mapping) and "logits_per_text" in outputs:
         # CLIP's symmetric InfoNCE (the helper's import path moved between transformers versions).
         lt = outputs["logits_per_text"]
         target = torch.arange(lt.shape[0], device=lt.device)
         return (nn.functional.cross_entropy(lt, target) + nn.functional.cross_entropy(lt.t(), target)) / 2
     if labels is None:
-        raise HfTaujpError("linearized_loss needs labels (or return_loss=True for a CLIP-like model).")
+        raise HfTaujpError("linearized_loss needs labels, start_positions / end_positions, or return_loss=True for a "
+                           "CLIP-like model.")
     logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "is_encoder_decoder", False):
@@ -193,12 +295,32 @@ def _decoder_inputs_from_labels(model: nn.Module, labels: torch.Tensor) -> torch
 
 
 def prepare_linearized_inputs(model: nn.Module, kwargs: dict) -> tuple[dict, dict]:
-    """Split ``kwargs`` into model inputs and loss arguments (labels, return_loss, num_items_in_batch)."""
+    """Split ``kwargs`` into model inputs and loss arguments (every key of :data:`LOSS_KEYS`).
+
+    The loss-triggering inputs never reach the jvp: inside it the model would return the
+    linearization of its loss, L(θ0) + ∇L·τ, which has no lower bound. For encoder-decoder models
+    ``decoder_input_ids`` are built from ``labels`` (the model's own shift) when not given.
+
+    Raises:
+        HfTaujpError: a loss input the linearized model cannot compute on its outputs
+            (``next_sentence_label``, ``mc_labels``, ``sentence_order_label``), or ``label`` /
+            ``label_ids`` (models name it ``labels``; the Trainer's collator renames it).
+    """
     kwargs = dict(kwargs)
+    popped = {k: kwargs.pop(k) for k in LOSS_KEYS if k in kwargs}
+    bad = [k for k in _UNSUPPORTED_LOSS_KEYS if popped.get(k) is not None]
+    if bad:
+        raise HfTaujpError(f"{bad} trigger(s) a loss the linearized model cannot take of its outputs (supported: labels, "
+                           "start_positions / end_positions, return_loss); compute that loss from the outputs yourself.")
+    renamed = [k for k in _RENAMED_LABEL_KEYS if popped.get(k) is not None]
+    if renamed:
+        raise HfTaujpError(f"Pass the targets as `labels`, not {renamed} (the Trainer's data collator renames them).")
     loss_args = {
-        "labels": kwargs.pop("labels", None),
-        "return_loss": bool(kwargs.pop("return_loss", False) or False),
-        "num_items_in_batch": kwargs.pop("num_items_in_batch", None),
+        "labels": popped.get("labels"),
+        "start_positions": popped.get("start_positions"),
+        "end_positions": popped.get("end_positions"),
+        "return_loss": bool(popped.get("return_loss") or False),
+        "num_items_in_batch": popped.get("num_items_in_batch"),
     }
     config = getattr(model, "config", None)
     labels = loss_args["labels"]
@@ -209,11 +331,12 @@ def prepare_linearized_inputs(model: nn.Module, kwargs: dict) -> tuple[dict, dic
 
 
 def with_loss(model: nn.Module, outputs: Any, loss_args: dict) -> Any:
-    """Attach the linearized task loss to ``outputs`` (ModelOutput) when labels / return_loss were given."""
-    if loss_args["labels"] is None and not loss_args["return_loss"]:
+    """Attach the linearized task loss to ``outputs`` (ModelOutput) when a loss input was given."""
+    if all(loss_args.get(k) is None for k in ("labels", "start_positions", "end_positions")) and not loss_args["return_loss"]:
         return outputs
     loss = linearized_loss(model, outputs, loss_args["labels"], return_loss=loss_args["return_loss"],
-                           num_items_in_batch=loss_args["num_items_in_batch"])
+                           num_items_in_batch=loss_args["num_items_in_batch"],
+                           start_positions=loss_args.get("start_positions"), end_positions=loss_args.get("end_positions"))
     if isinstance(outputs, Mapping):
         fields = dict(outputs)
         fields.pop("loss", None)
@@ -266,11 +389,17 @@ class LinearizedModule(nn.Module):
     """A frozen base model θ0 plus trainable tangents τ: f_lin(x) = f(x; θ0) + J f(x; θ0)·τ.
 
     The base parameters stay where they are (no second copy); τ starts at zero unless given. Use
-    :func:`linearize` to build one.
+    :func:`linearize` to build one. ``mode`` chooses the linearization point's mode: ``"eval"``
+    (default, the authors': no dropout inside f(x; θ0) and J even while training) or ``"train"``
+    (dropout active in train mode); see :func:`linearized_forward`.
     """
 
-    def __init__(self, base: nn.Module, parameter_names: Iterable[str], tangents: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, base: nn.Module, parameter_names: Iterable[str], tangents: Mapping[str, torch.Tensor] | None = None,
+                 mode: str = "eval"):
         super().__init__()
+        if mode not in LINEARIZATION_MODES:
+            raise HfTaujpError(f"Unknown linearization mode {mode!r} (expected one of {LINEARIZATION_MODES}).")
+        self.mode = mode
         self.base_model = base
         params = dict(base.named_parameters())
         names = list(dict.fromkeys(parameter_names))
@@ -315,11 +444,13 @@ class LinearizedModule(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def jvp(self, *args, method: str | Callable | None = None, **kwargs) -> tuple[Any, Any]:
         """``(f(x; θ0), J f(x; θ0)·τ)`` for the given inputs (see :func:`linearized_forward`)."""
-        return linearized_forward(self.base_model, self._primals(), self._tangents(), args, kwargs, method=method)
+        return linearized_forward(self.base_model, self._primals(), self._tangents(), args, kwargs, method=method,
+                                  mode=self.mode)
 
     def forward(self, *args, **kwargs):
         """f_lin(x) = f(x; θ0) + J f(x; θ0)·τ, same output class as the base model; with ``labels``
-        (or CLIP's ``return_loss``) ``loss`` is the task loss of these linearized outputs."""
+        (``start_positions`` / ``end_positions``, CLIP's ``return_loss``) ``loss`` is the task loss of these
+        linearized outputs (see :func:`prepare_linearized_inputs`)."""
         kwargs, loss_args = prepare_linearized_inputs(self.base_model, kwargs)
         primal, tangent = self.jvp(*args, **kwargs)
         return with_loss(self.base_model, add_outputs(primal, tangent), loss_args)
@@ -398,6 +529,7 @@ def linearize(
     *,
     parameter_names: Iterable[str] | None = None,
     tangents: Mapping[str, torch.Tensor] | None = None,
+    mode: str = "eval",
 ) -> LinearizedModule:
     """Wrap ``module`` as f_lin(x; θ0 + τ) = f(x; θ0) + J f(x; θ0)·τ with τ trainable (zero by default).
 
@@ -406,6 +538,8 @@ def linearize(
             a list of module-name suffixes, or a regex full-matched on module names.
         parameter_names: exact base parameter names instead of ``target_modules``.
         tangents: initial τ ``{name: tensor}`` (e.g. α·task vector); its keys must be the linearized names.
+        mode: ``"eval"`` (default): linearize around the model in eval mode (no dropout inside f(x; θ0)
+            and J, the authors' choice) whatever ``.train()`` says; ``"train"``: dropout active in train mode.
     The base parameters are frozen in place (``requires_grad=False``); non-linearized ones stay at θ0.
     """
     if parameter_names is not None and target_modules is not None:
@@ -415,4 +549,4 @@ def linearize(
             parameter_names = list(tangents)
         else:
             parameter_names = match_parameter_names(module, target_modules)
-    return LinearizedModule(module, parameter_names, tangents=tangents)
+    return LinearizedModule(module, parameter_names, tangents=tangents, mode=mode)

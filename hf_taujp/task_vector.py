@@ -281,6 +281,16 @@ class TaskVector:
             token = f".{marker}.{adapter_name}."
             if token in name:
                 out[name.replace(token, f".{marker}.")] = p.detach()
+        if peft_type == "LINEARIZED":
+            # modules_to_save (e.g. a classification head) are trained normally: their task-vector entry is h − h0,
+            # read off PEFT's wrapper, which keeps h0 as `original_module` and h as `modules_to_save[adapter]`.
+            from peft.utils.other import ModulesToSaveWrapper
+
+            for path, module in model.named_modules():
+                if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                    h0 = dict(module.original_module.named_parameters())
+                    for pname, h in module.modules_to_save[adapter_name].named_parameters():
+                        out[f"{path}.{_SAVED_DELTA}.{pname}"] = (h - h0[pname]).detach()
         return out
 
     # ---------------------------------------------------------------- mapping protocol
@@ -772,13 +782,25 @@ def _peft_base_state(peft_model) -> dict[str, torch.Tensor] | None:
     return out
 
 
+_SAVED_DELTA = "modules_to_save_delta"  # in-memory marker of h − h0 for a LINEARIZED adapter's modules_to_save
+
+
 def _linearized_from_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
+    full = []
     for k, t in sd.items():
-        if ".linearized_tau." not in k:
-            raise HfTaujpError(f"Unexpected key {k!r} in a LINEARIZED adapter (expected '<module>.linearized_tau.<param>').")
-        module, pname = _strip(k).split(".linearized_tau.", 1)
+        marker = ".linearized_tau." if ".linearized_tau." in k else f".{_SAVED_DELTA}." if f".{_SAVED_DELTA}." in k else None
+        if marker is None:
+            full.append(k)
+            continue
+        module, pname = _strip(k).split(marker, 1)
         out[f"{module}.{pname}" if module else pname] = t.detach().clone()
+    if full:
+        raise HfTaujpError(
+            f"The LINEARIZED adapter holds full weights {full[:3]} (its modules_to_save, e.g. a classification head), "
+            "not deltas: a task vector needs h − h0. Load the adapter (peft.PeftModel.from_pretrained(base, folder)) "
+            "and call TaskVector.from_peft on that model, which reads h0 from the base."
+        )
     return out
 
 

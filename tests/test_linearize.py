@@ -92,7 +92,7 @@ def test_partial_linearization_only_targets_trainable():
     torch.testing.assert_close(lin(input_ids=x).logits.double(), base64 + dir64, atol=1e-4, rtol=1e-4)
 
 
-def test_dropout_same_mask_for_primal_and_tangent():
+def test_train_mode_dropout_same_mask_for_primal_and_tangent():
     model = tiny_gpt2(attn="eager", dropout=0.3).train()
     x = torch.randint(0, 100, (2, 6))
     params = dict(model.named_parameters())
@@ -112,7 +112,9 @@ def test_dropout_same_mask_for_primal_and_tangent():
 
     ref_primal, ref_tangent = f(0.0), (f(1e-4) - f(-1e-4)) / 2e-4
     torch.manual_seed(123)
-    primal, tangent = linearized_forward(model, {n: p.detach() for n, p in params.items()}, tau, (), {"input_ids": x})
+    # mode="train" keeps dropout inside the jvp (the default, "eval", linearizes without it)
+    primal, tangent = linearized_forward(model, {n: p.detach() for n, p in params.items()}, tau, (), {"input_ids": x},
+                                         mode="train")
     torch.testing.assert_close(primal.logits.double(), ref_primal, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tangent.logits.double(), ref_tangent, atol=1e-4, rtol=1e-4)
 

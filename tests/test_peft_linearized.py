@@ -203,7 +203,10 @@ def test_bert_sequence_classification():
     base = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                                     intermediate_size=32, max_position_embeddings=32, num_labels=3)).eval()
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="SEQ_CLS"))
-    assert any("classifier.linearized_tau" in n for n, p in pm.named_parameters() if p.requires_grad)
+    # the (random) head is trained normally, as PEFT's LoRA does for SEQ_CLS, not linearized
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert not any("classifier.linearized_tau" in n for n in trainable)
+    assert any("classifier.modules_to_save.default" in n for n in trainable)
     tau = random_tau(pm)
     x, mask = torch.randint(0, 60, (3, 6)), torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 6])
     labels = torch.tensor([0, 2, 1])

@@ -8,7 +8,10 @@ Two ways to obtain J f(x'; θ0)·τ:
   already is f_lin(x; θ0 + τ) = f(x; θ0) + J f(x; θ0)·τ, and J·τ is the tangent output of the same
   forward-mode pass it uses for its forward: `model.jvp(**x')` → (primal, tangent). No copy of θ0.
 * **Non-linear models**: `torch.func.jvp` over `functional_call` at θ0 (a frozen copy of the trainable
-  parameters taken when the trainer is built) with tangent θ − θ0. Memory cost: one extra copy of the
+  parameters taken when the trainer is built) with tangent θ − θ0, the model in eval mode inside the jvp
+  (no dropout in J, as for linearized models). LoRA: the tangent is the weight change ΔW = s·B·A of each
+  LoRA layer (PEFT's `get_delta_weight`), not θ − θ0 of (A, B), evaluated with the adapter off; other PEFT
+  adapters and LoRA variants (DoRA, lora_bias) are refused. Memory cost: one extra copy of the
   *trainable* parameters (θ0), plus one forward-mode pass (≈ 2–3× the activations of a plain forward)
   per regularization batch. The copy is taken in `__init__`: when resuming from a checkpoint, build
   the trainer from the *base* model, as for a fresh run.
@@ -33,7 +36,8 @@ from transformers import Trainer
 
 from ..attention import forward_ad_attention
 from ..hub import HfTaujpError
-from .penalty import select_output, taujp_penalty
+from ..linearize import _accepts, jvp_ready
+from .penalty import output_mask, prepare_reg_batch, select_output, taujp_penalty
 from .taujp_config import TauJpConfig, TauJpConfigError
 
 __all__ = [
@@ -43,11 +47,10 @@ __all__ = [
     "RegularizationInputError",
 ]
 
-_LABEL_KEYS = ("labels", "label", "label_ids", "start_positions", "end_positions", "num_items_in_batch")
 
 
 class TauJpUnsupportedError(HfTaujpError):
-    """The training setup cannot run the τJp penalty (FSDP, DeepSpeed ZeRO)."""
+    """The training setup cannot run the τJp penalty (FSDP, DeepSpeed ZeRO, PEFT adapters other than LINEARIZED / LoRA)."""
 
 
 class MissingRegularizationDataError(HfTaujpError):
@@ -66,29 +69,6 @@ def _linearized_jvp(model: torch.nn.Module) -> Callable | None:
     if inner is not None and inner is not model and callable(getattr(inner, "jvp", None)):
         return inner.jvp
     return None
-
-
-@contextlib.contextmanager
-def _checkpointing_off(model: torch.nn.Module) -> Iterator[None]:
-    """Switch activation checkpointing (and the input-require-grads hook) off inside the block.
-
-    Both break forward-mode AD (RESEARCH.md): checkpoint recomputation does not replay dual tensors,
-    and the hook calls requires_grad_ on a dual tensor.
-    """
-    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    hooked = [m for m in model.modules() if getattr(m, "_require_grads_hook", None) is not None]
-    for m in flagged:
-        m.gradient_checkpointing = False
-    for m in hooked:
-        m._require_grads_hook.remove()
-        m._require_grads_hook = None
-    try:
-        yield
-    finally:
-        for m in flagged:
-            m.gradient_checkpointing = True
-        for m in hooked:
-            m.enable_input_require_grads()
 
 
 def _refuse_sharding(args, fsdp: bool = False, deepspeed: bool = False) -> None:
@@ -113,6 +93,85 @@ def _refuse_sharding(args, fsdp: bool = False, deepspeed: bool = False) -> None:
         )
 
 
+def _named_datasets(datasets) -> dict[str, object]:
+    """`{name: dataset}` from a mapping, or from a list / tuple (named "task0", "task1", ...)."""
+    if datasets is None:
+        return {}
+    if isinstance(datasets, Mapping):
+        return dict(datasets)
+    if isinstance(datasets, (list, tuple)):
+        return {f"task{i}": d for i, d in enumerate(datasets)}
+    raise MissingRegularizationDataError(
+        f"regularization_datasets must be a dict {{'task name': dataset}} or a list of datasets, got {type(datasets).__name__} "
+        "(a single dataset: wrap it in a list)."
+    )
+
+
+def _adapter_type(model: torch.nn.Module) -> str | None:
+    """None for a plain model, "LINEARIZED" or "LORA" for the PEFT adapters the penalty supports.
+
+    Raises `TauJpUnsupportedError` for other adapters (IA3, prompts, ...), LoRA variants (DoRA, ...)
+    and LoRA with trained biases: θ − θ0 of their parameters is not the weight change the task vector
+    holds, and the penalty of that change is not implemented for them.
+    """
+    if not _is_peft(model):
+        return None
+    types = {str(getattr(c, "peft_type", "")).split(".")[-1].upper() for c in model.peft_config.values()}
+    if types == {"LINEARIZED"}:
+        return "LINEARIZED"
+    if types == {"LORA"}:
+        for a, c in model.peft_config.items():
+            bad = [k for k in ("use_dora", "lora_bias") if getattr(c, k, False)]
+            if bad:
+                raise TauJpUnsupportedError(f"τJp with LoRA {bad} (adapter {a!r}) is not supported: only ΔW = s·B·A is penalised.")
+        return "LORA"
+    raise TauJpUnsupportedError(
+        f"τJp with a {'/'.join(sorted(types))} adapter is not supported: the penalty needs the weight change ΔW its "
+        "parameters stand for. Use LinearizedConfig (the paper's setting), LoRA, a plain model, or taujp_lambda=0."
+    )
+
+
+def _lora_primals_tangents(model, theta0: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """θ0 and τ of a LoRA PeftModel as *weights*: for each LoRA layer W0 = ``base_layer.weight`` with
+    tangent ΔW = PEFT's own ``get_delta_weight`` (s·B·A, transposed for fan-in-fan-out, summed over the
+    active adapters; differentiable in A and B); ``modules_to_save`` heads h0 → h − h0; other trainable
+    parameters θ0 → θ − θ0. Evaluated with the adapters disabled (the model at θ0)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    params = dict(model.named_parameters())
+    primals: dict[str, torch.Tensor] = {}
+    tangents: dict[str, torch.Tensor] = {}
+    active = model.active_adapters
+    covered: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            key = f"{path}.base_layer.weight"
+            for a in active:
+                if a in module.lora_A or a in getattr(module, "lora_embedding_A", {}):
+                    if getattr(module, "lora_variant", {}).get(a) is not None:
+                        raise TauJpUnsupportedError(f"τJp with a LoRA variant at {path!r} is not supported (only ΔW = s·B·A).")
+                    d = module.get_delta_weight(a)
+                    tangents[key] = tangents[key] + d if key in tangents else d
+                    primals[key] = params[key]
+            covered.update(f"{path}.{n}" for n, _ in module.named_parameters() if "lora_" in n)
+        elif isinstance(module, ModulesToSaveWrapper):
+            for a in active:
+                if a in module.modules_to_save:
+                    h0 = dict(module.original_module.named_parameters())
+                    for pname, h in module.modules_to_save[a].named_parameters():
+                        key = f"{path}.original_module.{pname}"
+                        primals[key] = h0[pname]
+                        tangents[key] = h - h0[pname]
+                        covered.add(f"{path}.modules_to_save.{a}.{pname}")
+    for n, t0 in theta0.items():
+        if n not in covered and n in params:
+            primals[n] = t0
+            tangents[n] = params[n] - t0
+    tangents = {n: tangents[n].to(primals[n].dtype) for n in primals}
+    return primals, tangents
+
+
 def _stackable(batches: list[dict]) -> bool:
     """Same keys, all tensors, same shapes after the batch dim and same dtypes: safe to concatenate."""
     keys = list(batches[0])
@@ -134,20 +193,15 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-
-
 class TauJpTrainer(Trainer):
     """`Trainer` + τJp regularization on the inputs of other tasks.
 
     Args:
         *args, **kwargs: every `transformers.Trainer` argument, unchanged; `args` must be a `TauJpConfig`.
-        regularization_datasets: `{"task name": dataset}` of *other* tasks' inputs (labels ignored).
+        regularization_datasets: `{"task name": dataset}` of *other* tasks' inputs (labels ignored; for
+            encoder-decoder models they give the decoder inputs and mask), or a list of datasets, named
+            "task0", "task1", ... in order. Use the other tasks' *training* inputs; measure τJp
+            (`hf_taujp.evaluation.taujp_matrix`) on held-out ones.
         regularization_collators: optional `{"task name": collator}`; default: the trainer's data collator.
         taujp_output_fn: optional callable `(model_outputs, batch) -> Tensor` choosing what is penalised
             (e.g. a pooled representation). It is applied to the *tangent* outputs of linearized models,
@@ -176,7 +230,7 @@ class TauJpTrainer(Trainer):
         # An accelerate config (`accelerate launch --use_fsdp ...`) can enable them without the args saying so.
         _refuse_sharding(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
         self.taujp_output_fn = taujp_output_fn
-        self.regularization_datasets = dict(regularization_datasets or {})
+        self.regularization_datasets = _named_datasets(regularization_datasets)
         self.regularization_collators = dict(regularization_collators or {})
         unknown = set(self.regularization_collators) - set(self.regularization_datasets)
         if unknown:
@@ -197,8 +251,10 @@ class TauJpTrainer(Trainer):
         self._taujp_log: dict[str, list[float]] = {"taujp_penalty": [], "task_loss": []}
         self.taujp_visits: deque[tuple[str, ...]] = deque(maxlen=1024)
         self._theta0: dict[str, torch.Tensor] | None = None
+        self._adapter: str | None = None
         if self.args.taujp_lambda > 0:
             base = self.accelerator.unwrap_model(self.model)
+            self._adapter = _adapter_type(base)
             if _linearized_jvp(base) is None:
                 # Frozen θ0 of the trainable parameters (the non-linear path's memory cost).
                 self._theta0 = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
@@ -253,8 +309,7 @@ class TauJpTrainer(Trainer):
     def _taujp_clean(self, batch) -> dict:
         if not isinstance(batch, Mapping):
             raise RegularizationInputError(f"regularization batches must be dicts of tensors, got {type(batch).__name__}")
-        batch = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
-        return self._prepare_inputs(batch)
+        return self._prepare_inputs(prepare_reg_batch(self.accelerator.unwrap_model(self.model), batch))
 
     def _taujp_check_inputs(self) -> None:
         """Run one reg batch of every dataset through the model (no grad) before training."""
@@ -276,11 +331,12 @@ class TauJpTrainer(Trainer):
             model.train(was_training)
 
     def _with_no_cache(self, model, batch: dict) -> dict:
-        # DynamicCache is not a tensor output: forward AD cannot carry it (RESEARCH.md). The signature
-        # check is cached per model (inspect.signature costs more than a small jvp's bookkeeping).
+        # DynamicCache is not a tensor output: forward AD cannot carry it (RESEARCH.md). Linearized models
+        # add use_cache=False themselves when their base declares it; a plain model gets it only when its
+        # forward declares it (one rule: linearize._accepts). Cached per model.
         cache = self.__dict__.setdefault("_taujp_use_cache", {})
         if id(model) not in cache:
-            cache[id(model)] = _accepts(model, "use_cache")
+            cache[id(model)] = _linearized_jvp(model) is None and _accepts(model, "use_cache")
         out = {**batch, "use_cache": False} if cache[id(model)] else batch
         if self.taujp_output_fn is None and self.args.taujp_output.startswith(("hidden_states", "attentions")):
             # a tuple output the model only returns when asked (e.g. taujp_output="hidden_states[-1]")
@@ -303,10 +359,19 @@ class TauJpTrainer(Trainer):
             with self.accelerator.autocast():
                 _, tangent_out = jvp(**kwargs)
             return self._taujp_select(tangent_out, batch)
-        with _checkpointing_off(base), forward_ad_attention(base), self.accelerator.autocast():
-            params = dict(base.named_parameters())
-            primals = {n: t for n, t in self._theta0.items()}
-            tangents = {n: (params[n] - t).to(t.dtype) for n, t in self._theta0.items()}
+        # J at θ0 of the eval-mode model (no dropout), as for linearized models' default; checkpointing off.
+        lora = getattr(self, "_adapter", None) == "LORA"
+        if lora:
+            # τ of the weights, ΔW = s·B·A, at the model with the adapter off (θ0). Built before disabling:
+            # PEFT's disable_adapter sets requires_grad=False on the adapter until the block ends.
+            with self.accelerator.autocast():
+                primals, tangents = _lora_primals_tangents(base, self._theta0)
+        with jvp_ready(base, "eval"), forward_ad_attention(base), self.accelerator.autocast(), \
+                (base.disable_adapter() if lora else contextlib.nullcontext()):
+            if not lora:
+                params = dict(base.named_parameters())
+                primals = {n: t for n, t in self._theta0.items()}
+                tangents = {n: (params[n] - t).to(t.dtype) for n, t in self._theta0.items()}
 
             def f(p):
                 return self._taujp_select(functional_call(base, p, args=(), kwargs=kwargs, strict=False), batch)
@@ -318,7 +383,7 @@ class TauJpTrainer(Trainer):
         """R on one (clean) reg batch: mean ‖J f(x'; θ0)·τ‖ (see `hf_taujp.trainer.penalty.taujp_penalty`)."""
         base = self.accelerator.unwrap_model(model)
         tangent = self._taujp_tangent(base, batch)
-        return taujp_penalty(tangent, self._taujp_mask(batch, tangent), self.args.taujp_norm)
+        return taujp_penalty(tangent, self._taujp_mask(base, batch, tangent), self.args.taujp_norm)
 
     def taujp_penalties_on(self, model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
         """(R_1, ..., R_k) for k reg batches, shape (k,).
@@ -334,16 +399,15 @@ class TauJpTrainer(Trainer):
             base = self.accelerator.unwrap_model(model)
             tangent = self._taujp_tangent(base, cat)
             if tangent.shape[0] == sum(sizes):
-                mask = self._taujp_mask(cat, tangent)
+                mask = self._taujp_mask(base, cat, tangent)
                 parts = zip(tangent.split(sizes), mask.split(sizes) if mask is not None else [None] * len(sizes))
                 return torch.stack([taujp_penalty(t, m, self.args.taujp_norm) for t, m in parts])
         return torch.stack([self.taujp_penalty_on(model, b) for b in batches])
 
-    @staticmethod
-    def _taujp_mask(batch: dict, tangent: torch.Tensor) -> torch.Tensor | None:
-        """Valid-token mask of a token-level tangent (decoder mask for seq2seq outputs)."""
-        mask = batch.get("decoder_attention_mask") if tangent.dim() >= 3 and "decoder_input_ids" in batch else None
-        return batch.get("attention_mask") if mask is None else mask
+    def _taujp_mask(self, base, batch: dict, tangent: torch.Tensor) -> torch.Tensor | None:
+        """The mask that belongs to the penalised output (decoder mask for seq2seq decoder outputs); see
+        `hf_taujp.trainer.penalty.output_mask`, which raises when none fits."""
+        return output_mask(base, batch, tangent, None if self.taujp_output_fn is not None else self.args.taujp_output)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Task loss (the stock `Trainer.compute_loss`) + λ·R while training."""

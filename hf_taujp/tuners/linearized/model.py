@@ -8,7 +8,6 @@ tangent. τ is stored beside each base parameter (see ``layer.py``); PEFT's key-
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 
 from ...hub import HfTaujpError
 from ...linearize import (
+    _accepts,
     _generate,
     _set_tangents,
     add_outputs,
@@ -46,6 +46,11 @@ class LinearizedModel(BaseTuner):
 
     Keys of :meth:`get_tangents` / :meth:`set_tangents` are base parameter names
     (``base.named_parameters()``, tied weights once under their first name).
+
+    The linearization point is the model in eval mode (``linearization_mode="eval"``, the authors'
+    choice: no dropout inside f(x; θ0) and J, also while training); ``"train"`` keeps dropout.
+    ``modules_to_save`` (the head, by default, for SEQ_CLS / TOKEN_CLS / QUESTION_ANS) are not
+    linearized but trained normally through PEFT's ``ModulesToSaveWrapper``.
     """
 
     prefix: str = TAU_ATTR
@@ -80,9 +85,13 @@ class LinearizedModel(BaseTuner):
             )
         if adapter_name in self._linearized_names:
             raise HfTaujpError(f"Adapter {adapter_name!r} already exists.")
-        names = [n for n in match_parameter_names(model, config.target_modules, config.exclude_modules) if not layer.is_tau_name(n)]
+        if config.modules_to_save:
+            config.modules_to_save = list(dict.fromkeys(config.modules_to_save))
+        names = [n for n in match_parameter_names(model, config.target_modules, config.exclude_modules)
+                 if not layer.is_tau_name(n) and not _in_modules_to_save(n, config.modules_to_save)]
         if not names:
-            raise HfTaujpError(f"target_modules={config.target_modules!r} matches no base parameter.")
+            raise HfTaujpError(f"target_modules={config.target_modules!r} matches no base parameter "
+                               f"(outside modules_to_save={config.modules_to_save!r}).")
         layer.attach(model, adapter_name, names, device="meta" if low_cpu_mem_usage else None)
         self._linearized_names[adapter_name] = names
         self.targeted_parameter_names.extend(n for n in names if n not in self.targeted_parameter_names)
@@ -96,7 +105,8 @@ class LinearizedModel(BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for n, p in model.named_parameters():
-            if not layer.is_tau_name(n):
+            # PEFT's ModulesToSaveWrapper copies are trained normally; PEFT sets their flags itself.
+            if not layer.is_tau_name(n) and ".modules_to_save." not in f".{n}":
                 p.requires_grad_(False)
         active = set(self.active_adapters)
         for _, _, c in layer.containers(model):
@@ -215,10 +225,18 @@ class LinearizedModel(BaseTuner):
             raise HfTaujpError("No active linearized adapter.")
         primals, tangents = self._primals_tangents(adapters)
         fn = getattr(self.model, method) if isinstance(method, str) else (method or self.model.forward)
-        return linearized_forward(self.model, primals, tangents, args, _drop_unknown_none(fn, kwargs), method=method)
+        modes = {self.peft_config[a].linearization_mode for a in adapters}
+        if len(modes) != 1:
+            raise HfTaujpError(f"The active adapters {adapters} have different linearization_mode values {sorted(modes)}.")
+        return linearized_forward(self.model, primals, tangents, args, _drop_unknown_none(fn, kwargs), method=method,
+                                  mode=modes.pop())
 
     def forward(self, *args, **kwargs):
-        """f_lin(x) = f(x; θ0) + J f(x; θ0)·τ (base output class); plain f(x; θ0) when adapters are disabled."""
+        """f_lin(x) = f(x; θ0) + J f(x; θ0)·τ (base output class); plain f(x; θ0) when adapters are disabled.
+
+        Loss inputs (``labels``, ``start_positions`` / ``end_positions``, ``return_loss``) are kept out of
+        the jvp and the loss is taken of the linearized outputs (:func:`~hf_taujp.linearize.linearized_loss`).
+        """
         if self._linearized_disabled or not self._active():
             return self.model(*args, **kwargs)
         kwargs, loss_args = prepare_linearized_inputs(self.model, kwargs)
@@ -314,10 +332,16 @@ class LinearizedModel(BaseTuner):
 
 
 def _drop_unknown_none(fn: Callable, kwargs: dict) -> dict:
-    """Drop ``None`` keyword arguments the callable does not name (PEFT's task wrappers pass e.g.
+    """Drop ``None`` keyword arguments the callable does not declare (PEFT's task wrappers pass e.g.
     ``inputs_embeds=None`` to every model, and CLIP's forward has no such argument)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if v is not None or k in params}
+    return {k: v for k, v in kwargs.items() if v is not None or _accepts(fn, k)}
+
+
+def _in_modules_to_save(param_name: str, modules_to_save: list[str] | None) -> bool:
+    """True when the parameter belongs to a module kept out of the linearization: a module PEFT's
+    ``_set_trainable`` would wrap (its path ends with an entry, PEFT's rule), or a wrapper's copy."""
+    parts = param_name.split(".")[:-1]
+    if "modules_to_save" in parts or "original_module" in parts:
+        return True
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p.endswith(key) for p in prefixes for key in (modules_to_save or []))
