@@ -126,6 +126,6 @@ def test_merged_model_pushed_with_recipe_card(server, tmp_path, monkeypatch):
     assert {"README.md", "config.json", "model.safetensors", "tokenizer_config.json"} <= set(up["files"])
     card = up["card"]
     assert "library_name: hf-taujp" in card and '"method": "ties"' in card and '"density": 0.5' in card
-    assert "tv1" in card and '"weight": 0.5' in card
+    assert "tv1" in card and '"weights": 0.5' in card  # the normalised recipe
     assert hub.read_json(os.path.join(out, "config.json"))["dtype"] == "bfloat16"
     assert GPT2LMHeadModel.from_pretrained(out).transformer.wte.weight.dtype == torch.bfloat16
