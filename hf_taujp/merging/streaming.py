@@ -174,10 +174,10 @@ def merge_streaming(
     for lab, c in zip(labels, cfgs):
         if c.get("format") != TV_FORMAT:
             raise hub.HfTaujpError(f"{lab} is not a task vector folder (format {c.get('format')!r})")
-    kind = check_vectors_compatible(cfgs, labels, method)
+    vec_kind = check_vectors_compatible(cfgs, labels, method)
     if output_kind is None:
-        output_kind = "task_vector" if kind == "linear" else "model"
-    if kind == "linear" and output_kind == "model":
+        output_kind = "task_vector" if vec_kind == "linear" else "model"
+    if vec_kind == "linear" and output_kind == "model":
         raise MergeConfigError("merging linear (tangent) task vectors gives a tangent, which model weights cannot hold: "
                                "use output_kind='task_vector' (the default for linear vectors) and apply the result "
                                "with TaskVector.apply_to(base, linear=True)")
@@ -399,7 +399,7 @@ def merge_streaming(
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump({"format": TV_FORMAT, "format_version": 1, "base_model": c0.get("base_model"),
                                "base_model_revision": c0.get("base_model_revision"),
-                               "base_fingerprint": c0.get("base_fingerprint"), "kind": kind,
+                               "base_fingerprint": c0.get("base_fingerprint"), "kind": vec_kind,
                                "task": f"merge:{method}", "training": {"merge_recipe": recipe or {}},
                                "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
                                "num_parameters": num}, f, indent=2)
