@@ -56,18 +56,27 @@ def tied_groups(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) ->
 
 def tied_groups_of_folder(directory: str | os.PathLike, *, trust_remote_code: bool = False) -> list[tuple[str, ...]]:
     """Tied groups of the model saved in ``directory`` (its ``config.json``), from the architecture built
-    on the ``meta`` device (no weights read, no memory). Raises ``HfTaujpError`` when the architecture
-    cannot be built (custom code without ``trust_remote_code=True``, unknown architecture)."""
+    on the ``meta`` device (no weights read, no memory). A folder without ``config.json``, or whose
+    config is not a transformers one (no ``model_type`` / ``architectures`` / ``auto_map``), declares no
+    ties: []. Raises ``HfTaujpError`` when a transformers architecture cannot be built (custom code
+    without ``trust_remote_code=True``, unknown architecture)."""
     import transformers
 
     d = os.fspath(directory)
     from .hub import read_json
 
-    cls = model_class_for(read_json(os.path.join(d, "config.json"), "model config"), trust_remote_code=trust_remote_code)
+    path = os.path.join(d, "config.json")
+    if not os.path.isfile(path):
+        return []  # no architecture declared: every stored tensor is its own parameter
+    raw = read_json(path, "model config")
+    if not any(k in raw for k in ("model_type", "architectures", "auto_map")):
+        return []  # not a transformers config (nothing there declares tied weights)
+    cls = model_class_for(raw, trust_remote_code=trust_remote_code)
     try:
         cfg = transformers.AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = cls.from_config(cfg) if isinstance(cls, _RemoteAuto) else cls(cfg)
+            auto = isinstance(cls, _RemoteAuto) or cls.__name__.startswith("Auto")
+            model = cls.from_config(cfg) if auto else cls(cfg)
     except (ValueError, OSError, ImportError, KeyError, AttributeError, TypeError) as e:
         raise HfTaujpError(f"cannot build the architecture of {d!r} to find its tied parameters ({e}); "
                            "pass trust_remote_code=True for a base with custom code") from e

@@ -15,6 +15,8 @@ from ..tied import canonical_tensors, model_class_for, tied_groups
 from .methods import (MergeConfigError, MissingStatisticsError, MethodSpec, check_finite, get_method_spec,
                       parameter_seed)
 
+# files fetched from a Hub base: weights, configs, tokenizer files, chat template and custom code (never pickles)
+BASE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -142,7 +144,7 @@ def load_base_model(base: str | os.PathLike, *, trust_remote_code: bool = False)
     """The transformers model in folder / repo id ``base``: its ``architectures[0]`` class, or for custom
     code (``auto_map``) the matching Auto class, which runs the folder's code only with
     ``trust_remote_code=True`` (an error otherwise — never transformers' interactive prompt)."""
-    d = resolve_pretrained_dir(base)
+    d = resolve_pretrained_dir(base, allow_patterns=BASE_PATTERNS)
     cfg = read_json(os.path.join(d, "config.json"), "model config")
     cls = model_class_for(cfg, trust_remote_code=trust_remote_code)
     return cls.from_pretrained(d)

@@ -169,7 +169,11 @@ def _per_vector_params(rec: dict) -> dict:
     vecs = rec["vectors"]
     names = {k for v in vecs for k in v["params"]}
     for k in sorted(names):
-        default = params.get(k, (spec.parameters or {}).get(k, 1.0 if k == "weights" else None))
+        default = params.get(k)
+        if default is None:
+            default = (spec.parameters or {}).get(k)
+        if default is None and k == "weights":
+            default = 1.0  # mergekit: a vector without a weight counts once
         values = [v["params"].get(k, default) for v in vecs]
         if any(x is None for x in values):
             missing = next(i for i, x in enumerate(values) if x is None)
@@ -227,6 +231,8 @@ def _help_text() -> str:
 def cli_merge(argv: list[str]) -> int:
     """``hf-taujp merge RECIPE.yaml [OUTPUT]``; returns the process exit code (2 on a user error, printed
     as one line on stderr)."""
+    from huggingface_hub.errors import HFValidationError
+
     ap = argparse.ArgumentParser(prog="hf-taujp merge", description=_help_text(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", help="YAML recipe file")
@@ -235,7 +241,7 @@ def cli_merge(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     try:
         out = merge_from_config(a.recipe, a.output, progress=not a.no_progress)
-    except (hub.HfTaujpError, OSError, ValueError) as e:
+    except (hub.HfTaujpError, OSError, HFValidationError) as e:
         # user errors (bad recipe, missing folders, Hub unreachable, bad repo ids): one line, no traceback
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"hf-taujp merge: error: {msg}", file=sys.stderr)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..task_vector import FORMAT as TV_FORMAT, fingerprint
 from ..tied import TiedWeightsError, tied_groups_of_folder
-from .merge import _as_dtype, check_base, check_method_arguments, check_vectors_compatible, statistics_sizes
+from .merge import BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible, statistics_sizes
 from .methods import MergeConfigError, MissingStatisticsError, check_finite, get_method_spec, parameter_seed
 from .safetensors_io import ShardedWriter, StreamReader
 
@@ -50,7 +50,6 @@ def _intra_op_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-_BASE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
 # Files of the base folder a merged model folder needs to load besides its weights: configs, tokenizer
 # files, chat templates and the base's custom code (auto_map modules). Weights, weight indexes, the
 # model card (we write our own) and pickles (*.bin, *.pt: never copied) are left out.
@@ -167,7 +166,7 @@ def merge_streaming(
     check_method_arguments(spec, params, weights=weights, fishers=fishers, grams=grams, base_fisher=base_fisher)
     out_dtype = _as_dtype(dtype)
     # a Hub base: its weights plus every file copied into the output (tokenizer models, chat template, code)
-    base_dir = hub.resolve_pretrained_dir(base, allow_patterns=_BASE_PATTERNS)
+    base_dir = hub.resolve_pretrained_dir(base, allow_patterns=BASE_PATTERNS)
     vdirs = [hub.resolve_pretrained_dir(v) for v in vectors]
     labels = [f"vector {i} ({v!r})" for i, v in enumerate(vectors)]
     cfgs = [hub.read_json(os.path.join(d, "config.json"), "task vector config") for d in vdirs]
