@@ -78,9 +78,9 @@ def output_type_of(model) -> str:
         if tt in _PEFT_TASKS:
             return _PEFT_TASKS[tt]
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # a PEFT tuner (model.model) or a linearized wrapper may sit between: look through .model
-    for m in (inner, getattr(inner, "model", None)):
-        if m is None:
+    # a PEFT tuner (.model) or hf_taujp's LinearizedModule (.base_model) may wrap the transformers model
+    for m in (inner, getattr(inner, "model", None), getattr(inner, "base_model", None)):
+        if not isinstance(m, torch.nn.Module):
             continue
         cls = type(m).__name__
         from transformers.models.auto import modeling_auto as ma
