@@ -242,6 +242,12 @@ def test_linear_vectors_merge_into_a_tangent(tmp_path):
     with pytest.raises(MergeConfigError, match="tangent"):
         merge_streaming(str(tmp_path / "base"), [str(tmp_path / "l1")], str(tmp_path / "o2"), output_kind="model",
                         progress=False)
+    from hf_taujp.merging import merge_from_config  # `hf-taujp merge` on linear vectors: a linear folder
+
+    rec = {"base_model": str(tmp_path / "base"), "method": "ties", "parameters": {"density": 0.5},
+           "vectors": [str(tmp_path / "l1"), str(tmp_path / "l2")]}
+    back = TaskVector.from_pretrained(merge_from_config(rec, str(tmp_path / "o3"), progress=False))
+    assert back.kind == "linear" and torch.equal(back[names[0]], tv[names[0]])
 
 
 # ------------------------------------------------------------------ 10. devices

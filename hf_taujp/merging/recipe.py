@@ -222,9 +222,11 @@ def _help_text() -> str:
     for name, sp in sorted(METHOD_SPECS.items()):
         ps = "(any)" if sp.parameters is None else ", ".join(
             f"{k}{'*' if k in sp.per_vector else ''}" for k in sorted(sp.parameters))
-        extra = f"; needs {sp.needs} statistics" if sp.needs else ""
+        extra = f"; needs {sp.needs} statistics per vector" if sp.needs else ""
+        if "base_fisher" in sp.driver_args:
+            extra += " and base_fisher"
         lines.append(f"  {name}: {ps}{extra}")
-    lines.append("  (* = may be given per vector)")
+    lines.append("  (* = may be given per vector; `weight` and `lambda` are accepted for weights / lambda_)")
     return "\n".join(lines)
 
 
