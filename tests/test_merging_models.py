@@ -170,6 +170,22 @@ def test_base_with_custom_code(tmp_path):
     torch.testing.assert_close(loaded.proj.bias, sd["proj.bias"] - 0.25)
 
 
+def test_regmean_layout_of_a_square_weight_is_never_guessed():
+    base = _gpt2()
+    n = "transformer.h.0.attn.c_proj.weight"  # Conv1D (in, out) = (8, 8): square
+    g = torch.Generator().manual_seed(0)
+    taus = [{n: torch.randn(8, 8, generator=g, dtype=torch.float64)} for _ in range(2)]
+    X = [torch.randn(12, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    grams = [{n: x.T @ x} for x in X]  # plain dicts: no recorded layout
+    with pytest.raises(M.MissingStatisticsError, match="Conv1D"):
+        merge({k: v.double() for k, v in base.state_dict().items()}, taus, "regmean", grams=grams,
+              reduce_non_diagonal_ratio=1.0, progress=False)
+    out = merge(base.double(), taus, "regmean", grams=grams, reduce_non_diagonal_ratio=1.0, progress=False)
+    G0, G1 = grams[0][n], grams[1][n]  # y = xW: Δ = (ΣG)⁻¹ Σ G τ (the module says Conv1D)
+    want = base.state_dict()[n] + torch.linalg.solve(G0 + G1, G0 @ taus[0][n] + G1 @ taus[1][n])
+    torch.testing.assert_close(out.state_dict()[n], want)
+
+
 # ------------------------------------------------------------------ 9. one compatibility rule
 def test_one_compatibility_rule_for_plus_and_merge():
     base, other = _gpt2(0), _gpt2(1)

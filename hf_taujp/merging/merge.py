@@ -123,6 +123,23 @@ def statistics_sizes(spec: MethodSpec, stat_n: Sequence[float | None], base_n: f
                                          "base_num_examples=... (s0)")
 
 
+def weight_layout(name: str, layouts: Mapping[str, str], shape: Sequence[int], gram_shape: Sequence[int]) -> str:
+    """Layout of the 2-D weight ``name`` for RegMean: "out_in" (nn.Linear, (out, in)) or "in_out"
+    (Conv1D, (in, out)) — as recorded by ``estimate_gram`` (``weight_layout``), else the only one the
+    Gram's size (in, in) fits. A square weight with no recorded layout is ambiguous: an error, not a
+    guess (a Gram made by hand needs ``extra={"weight_layout": {...}}``)."""
+    if name in layouts:
+        return layouts[name]
+    if len(shape) != 2 or len(gram_shape) != 2:
+        return "out_in"  # regmean() raises its own shape error
+    fits = [lay for lay, d_in in (("out_in", shape[1]), ("in_out", shape[0])) if d_in == gram_shape[0]]
+    if len(fits) == 1:
+        return fits[0]
+    raise MissingStatisticsError(
+        f"the Gram of {name} does not say whether the weight {tuple(shape)} is (out, in) (nn.Linear) or (in, out) "
+        "(Conv1D): give GramStatistics from estimate_gram, or extra={'weight_layout': {name: 'out_in' | 'in_out'}}")
+
+
 def _load_stat(s: Any, kind: str) -> tuple[dict[str, torch.Tensor] | None, float | None]:
     """(tensors, num_examples) of a Statistics object, a dict of tensors, or a statistics folder / repo id."""
     if s is None:
@@ -255,6 +272,10 @@ def merge(
         pairs = [_load_stat(f, needs) for f in given]
         for f in given:
             layouts.update((getattr(f, "extra", None) or {}).get("weight_layout") or {})
+        if needs == "gram" and module is not None:  # the module itself says which layers are Conv1D
+            from .regmean import linear_layers
+
+            layouts.update({f"{n}.weight": lay for n, (_, lay) in linear_layers(module).items()})
         stats = [canonical_tensors(p[0], groups, label=f"{needs} of {lab}") for p, lab in zip(pairs, labels)]
         bf, bn = _load_stat(base_fisher, "fisher")
         if bf is not None:
@@ -289,7 +310,7 @@ def merge(
                 if not all(have):
                     raise MissingStatisticsError(f"gram of task vector {have.index(False)} has no entry for {name} (others do)")
                 kw["grams"] = [st[name] for st in stats]
-                kw["layout"] = layouts.get(name, "out_in")
+                kw["layout"] = weight_layout(name, layouts, b.shape, kw["grams"][0].shape)
         elif stats is not None:
             fs = []
             for k, s in enumerate(stats):

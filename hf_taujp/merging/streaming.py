@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..task_vector import FORMAT as TV_FORMAT, fingerprint
 from ..tied import TiedWeightsError, tied_groups_of_folder
-from .merge import BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible, statistics_sizes
+from .merge import (BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible,
+                    statistics_sizes, weight_layout)
 from .methods import MergeConfigError, MissingStatisticsError, check_finite, get_method_spec, parameter_seed
 from .safetensors_io import ShardedWriter, StreamReader
 
@@ -331,7 +332,7 @@ def merge_streaming(
                         if missing:
                             raise MissingStatisticsError(f"gram of {missing[0]} has no entry for {name} (others do)")
                         kw["grams"] = stats
-                        kw["layout"] = layouts.get(name, "out_in")
+                        kw["layout"] = weight_layout(name, layouts, b.shape, stats[0].shape)
                 else:
                     for k, st in enumerate(stats):
                         if st is None:
