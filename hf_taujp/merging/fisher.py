@@ -194,10 +194,9 @@ def estimate_fisher(
         output_type = output_type_of(model)
     elif output_type not in OUTPUT_TYPES:
         raise HfTaujpError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if isinstance(data, (list, tuple)) and data and all(isinstance(x, dict) for x in data) and not all(
-            isinstance(v, torch.Tensor) and v.dim() > 0 for x in data for v in x.values()
-            if not isinstance(v, (str, bytes))):
-        # a list of examples (values un-batched: ints, lists, 0-d tensors): batch it like a dataset
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and not any(
+            isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[0].values()):
+        # a list of examples (no batched tensor in them: ints, lists, 0-d tensors): batch it like a dataset
         if collate_fn is None:
             from transformers import default_data_collator as collate_fn
         loader = torch.utils.data.DataLoader(list(data), batch_size=batch_size, collate_fn=collate_fn)
