@@ -1,41 +1,47 @@
-"""`hf-taujp` command line: `hf-taujp demo [...]` (the main job) and `hf-taujp merge RECIPE.yaml [...]`."""
+"""`hf-taujp` command line: one subcommand per entry of :data:`COMMANDS` (name → "module:function",
+imported only when run; the function takes the remaining arguments and returns the exit status)."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "COMMANDS"]
 
-_USAGE = """usage: hf-taujp {demo,merge} [options]
+# subcommand → (entry point "module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("hf_taujp.demo:main",
+             "fine-tune non-linear / linear / linear + τJp on small built-in tasks, merge, evaluate"),
+    "merge": ("hf_taujp.merging.recipe:cli_merge",
+              "merge task vectors from a YAML recipe (see `hf-taujp merge --help`)"),
+}
 
-  demo   fine-tune non-linear / linear / linear + τJp on small built-in tasks, merge, evaluate
-  merge  merge task vectors from a YAML recipe (see `hf-taujp merge --help`)
-"""
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"usage: hf-taujp {{{','.join(COMMANDS)}}} [options]", "       hf-taujp --version", ""]
+    lines += [f"  {c.ljust(width)}  {h}" for c, (_, h) in COMMANDS.items()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     """Entry point; `argv` defaults to sys.argv[1:]. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_USAGE)
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "demo":
-        from .demo import main as demo_main
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
 
-        demo_main(rest)
+        print(f"hf-taujp {__version__}")
         return 0
-    if cmd == "merge":
-        try:
-            from .merging.recipe import cli_merge
-        except ImportError as e:
-            print(f"hf-taujp merge is not available: {e} (hf_taujp.merging.recipe.cli_merge missing)", file=sys.stderr)
-            return 1
-        out = cli_merge(rest)
-        return int(out) if isinstance(out, int) else 0
-    print(f"hf-taujp: unknown command {cmd!r}\n{_USAGE}", file=sys.stderr)
-    return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"hf-taujp: unknown command {cmd!r}\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[cmd][0].split(":")
+    out = getattr(importlib.import_module(module), func)(rest)
+    return out if isinstance(out, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

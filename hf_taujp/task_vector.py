@@ -351,27 +351,22 @@ class TaskVector:
 
     # ---------------------------------------------------------------- compatibility
     def check_compatible(self, other) -> None:
-        """Raise ``BaseModelMismatchError`` when ``other`` (TaskVector or model / state dict) has a different base.
+        """Raise when ``other`` (TaskVector or model / state dict) cannot be combined with this vector.
 
-        For vectors: fingerprints (when both known) and base model ids (when both known) must match,
-        and kinds must be equal. For a model: its fingerprint must equal ``base_fingerprint``.
+        Kinds must be equal (``HfTaujpError``). Bases follow the one rule of :mod:`hf_taujp.compat`, the
+        one merges use: fingerprints decide when both are known (``gpt2`` and ``/models/gpt2`` with the
+        same weights agree), base model ids only when a fingerprint is missing
+        (``BaseModelMismatchError``). For a model: its fingerprint must equal ``base_fingerprint``.
         """
+        from .compat import check_same_base
+
         if isinstance(other, TaskVector):
             if self.kind != other.kind:
                 raise HfTaujpError(
                     f"Cannot combine a {self.kind!r} task vector with a {other.kind!r} one: "
                     "weights and tangents of a linearized model live in different spaces."
                 )
-            if self.base_fingerprint and other.base_fingerprint and self.base_fingerprint != other.base_fingerprint:
-                raise BaseModelMismatchError(
-                    f"Task vectors have different bases: {self.base_model!r} (fingerprint {self.base_fingerprint}) "
-                    f"vs {other.base_model!r} (fingerprint {other.base_fingerprint}). Pass check_base=False to override."
-                )
-            if self.base_model and other.base_model and self.base_model != other.base_model:
-                raise BaseModelMismatchError(
-                    f"Task vectors have different base models: {self.base_model!r} vs {other.base_model!r}. "
-                    "Pass check_base=False to override."
-                )
+            check_same_base(self.metadata(), other.metadata(), hint=". Pass check_base=False to override.")
             return
         fp = fingerprint(other)
         if self.base_fingerprint and fp != self.base_fingerprint:

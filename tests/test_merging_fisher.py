@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from hf_taujp import hub
-from hf_taujp.merging import merge
+from hf_taujp.merging import MissingStatisticsError, merge
 from hf_taujp.merging.fisher import estimate_fisher
 from hf_taujp.merging.statistics import FisherStatistics
 
@@ -100,12 +100,23 @@ def test_gradient_matching_end_to_end():
     g = torch.Generator().manual_seed(0)
     t1 = {n: 0.01 * torch.randn(p.shape, generator=g) for n, p in m.named_parameters()}
     t2 = {n: 0.01 * torch.randn(p.shape, generator=g) for n, p in m.named_parameters()}
-    out = merge(m, [t1, t2], "gradient_matching", fishers=[f1, f2], lambda_=0.5, progress=False)
+    f0 = estimate_fisher(m, [{"input_ids": ids[:1]}], progress=False, seed=3)
+    with pytest.raises(MissingStatisticsError, match="base model's Fisher"):  # λ would be inert without H0
+        merge(m, [t1, t2], "gradient_matching", fishers=[f1, f2], lambda_=0.5, progress=False)
+    # per-task α_t (Daheim et al. with a_t = λ·α_t): Δ = Σ_t a_t (P + s_t H_t) / (P + Σ_s a_s s_s H_s) τ_t,
+    # P = s0 H0 + δ; the UKPLab reference is the case α_t = 1
+    out = merge(m, [t1, t2], "gradient_matching", fishers=[f1, f2], base_fisher=f0, weights=[1.0, 0.4],
+                lambda_=0.5, progress=False)
     n = "transformer.h.0.mlp.c_fc.weight"
-    H1, H2, s1, s2 = f1.tensors[n], f2.tensors[n], 3.0, 2.0
-    den = 1e-12 + 0.5 * (s1 * H1 + s2 * H2)
-    want = m.state_dict()[n] + 0.5 * ((1e-12 + s1 * H1) / den * t1[n] + (1e-12 + s2 * H2) / den * t2[n])
-    torch.testing.assert_close(out.state_dict()[n], want)
+    s1, s2, s0 = 3.0, 2.0, 1.0
+    H1, H2, H0 = (f1.tensors[n].double(), f2.tensors[n].double(), f0.tensors[n].double())
+    a1, a2, P = 0.5, 0.2, 1e-12 + s0 * H0
+    den = P + a1 * s1 * H1 + a2 * s2 * H2
+    want = m.state_dict()[n].double() + a1 * (P + s1 * H1) / den * t1[n] + a2 * (P + s2 * H2) / den * t2[n]
+    torch.testing.assert_close(out.state_dict()[n].double(), want, rtol=1e-5, atol=1e-7)
+    # negation: α = [−1] gives exactly −τ (|a| in the precision sum), λ = 1
+    neg = merge(m, [t1], "gradient_matching", fishers=[f1], base_fisher=f0, weights=[-1.0], progress=False)
+    torch.testing.assert_close(neg.state_dict()[n], m.state_dict()[n] - t1[n])
 
 
 def test_sub_batches_and_seeded_sampling_are_consistent():

@@ -27,7 +27,7 @@ g = GramStatistics.from_pretrained("org/gram0")
 save_file({{k: v.contiguous() for k, v in f.tensors.items()}}, {fout!r})
 save_file({{k: v.contiguous() for k, v in g.tensors.items()}}, {gout!r})
 merge_streaming("org/base", ["org/tv0", "org/tv1"], {mout!r}, "gradient_matching",
-                fishers=["org/fisher0", "org/fisher1"], progress=False)
+                fishers=["org/fisher0", "org/fisher1"], base_fisher="org/fisherbase", progress=False)
 print(json.dumps({{"fisher": f.config(), "gram": g.config()}}))
 """
 
@@ -65,6 +65,7 @@ def test_push_statistics_then_gradient_matching_streamed_from_hub(server, tmp_pa
     taus = [{n: 0.01 * torch.randn(shapes[n], generator=g) for n in names} for _ in range(2)]
     fishers = [{n: torch.rand(shapes[n], generator=g) ** 2 for n in names} for _ in range(2)]
     sizes = [100, 300]
+    h0, s0 = {n: torch.rand(shapes[n], generator=g) ** 2 for n in names}, 50
     calls: dict = {}
     _intercept(monkeypatch, server, calls)
     fp = fingerprint(base)
@@ -72,6 +73,7 @@ def test_push_statistics_then_gradient_matching_streamed_from_hub(server, tmp_pa
         TaskVector(taus[k], base_model="org/base", base_fingerprint=fp, task=f"t{k}").push_to_hub(f"org/tv{k}")
         FisherStatistics(fishers[k], num_examples=sizes[k], base_model="org/base", base_fingerprint=fp,
                          task=f"t{k}").push_to_hub(f"org/fisher{k}")
+    FisherStatistics(h0, num_examples=s0, base_model="org/base", base_fingerprint=fp).push_to_hub("org/fisherbase")
     gram = {"transformer.h.0.mlp.c_fc.weight": torch.eye(16, dtype=torch.float64) * 2.0}
     GramStatistics(gram, num_examples=7, base_model="org/base", task="t0",
                    extra={"weight_layout": {"transformer.h.0.mlp.c_fc.weight": "in_out"}}).push_to_hub("org/gram0")
@@ -93,12 +95,13 @@ def test_push_statistics_then_gradient_matching_streamed_from_hub(server, tmp_pa
     assert torch.equal(load_file(gout)["transformer.h.0.mlp.c_fc.weight"], gram["transformer.h.0.mlp.c_fc.weight"])
     assert meta["gram"]["weight_layout"] == {"transformer.h.0.mlp.c_fc.weight": "in_out"}
 
-    # Daheim et al. with no base Fisher, α = 1, δ = 1e-12: θ = θ0 + Σ_t (δ + s_t H_t) / (δ + Σ_s s_s H_s) ⊙ τ_t
+    # Daheim et al., α = 1, δ = 1e-12, P = s0 H0 + δ: θ = θ0 + Σ_t (P + s_t H_t) / (P + Σ_s s_s H_s) ⊙ τ_t
     merged = GPT2LMHeadModel.from_pretrained(mout)
     theta = dict(merged.named_parameters())
     for n, p in base.named_parameters():
-        den = 1e-12 + sizes[0] * fishers[0][n].double() + sizes[1] * fishers[1][n].double()
-        want = p.double() + sum((1e-12 + s * f[n].double()) / den * t[n].double()
+        prior = 1e-12 + s0 * h0[n].double()
+        den = prior + sizes[0] * fishers[0][n].double() + sizes[1] * fishers[1][n].double()
+        want = p.double() + sum((prior + s * f[n].double()) / den * t[n].double()
                                 for s, f, t in zip(sizes, fishers, taus))
         torch.testing.assert_close(theta[n].double(), want, rtol=1e-5, atol=1e-6)
 
@@ -123,6 +126,6 @@ def test_merged_model_pushed_with_recipe_card(server, tmp_path, monkeypatch):
     assert {"README.md", "config.json", "model.safetensors", "tokenizer_config.json"} <= set(up["files"])
     card = up["card"]
     assert "library_name: hf-taujp" in card and '"method": "ties"' in card and '"density": 0.5' in card
-    assert "tv1" in card and '"weight": 0.5' in card
+    assert "tv1" in card and '"weights": 0.5' in card  # the normalised recipe
     assert hub.read_json(os.path.join(out, "config.json"))["dtype"] == "bfloat16"
     assert GPT2LMHeadModel.from_pretrained(out).transformer.wte.weight.dtype == torch.bfloat16

@@ -106,8 +106,8 @@ def test_vectors_of_different_bases_raise(tmp_path):
     n = "transformer.h.0.attn.c_attn.weight"
     torch.testing.assert_close(out.state_dict()[n], _finetuned(other, 2).state_dict()[n])
     lin = TaskVector(dict(tv_a.tensors), kind="linear")
-    with pytest.raises(MergeConfigError, match="linear"):
-        merge(base, [lin], progress=False)
+    with pytest.raises(MergeConfigError, match="linear"):  # mixed kinds
+        merge(base, [lin, tv_a], progress=False)
 
 
 def test_return_task_vector_metadata_and_roundtrip(tmp_path):

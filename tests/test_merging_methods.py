@@ -116,7 +116,7 @@ def _rand(seed, n=3, shape=(6, 7)):
 @pytest.mark.parametrize("method", ["task_arithmetic", "magnitude_prune", "ties", "ties_frequency"])
 def test_matches_peft_deterministic(method):
     taus = _rand(1)
-    w = [0.7, -0.3, 1.2]
+    w = [0.7, 0.3, 1.2]  # negative weights: test_negation_is_merging_the_negated_vector
     wt = torch.tensor(w)
     if method == "task_arithmetic":
         ref, out = pm.task_arithmetic(taus, wt), M.task_arithmetic(None, taus, weights=w)
@@ -132,7 +132,7 @@ def test_matches_peft_deterministic(method):
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_matches_peft_dare_seeded(method):
     taus = _rand(2)
-    w = [0.7, -0.3, 1.2]
+    w = [0.7, 0.3, 1.2]
     torch.manual_seed(123)  # PEFT draws from the global RNG, tensor by tensor in order
     ref = getattr(pm, method)(taus, torch.tensor(w), 0.6)
     out = M.get_merge_method(method)(None, taus, weights=w, density=0.6, seed=123)
@@ -195,7 +195,7 @@ def test_ties_mergekit_loop_equals_stacked_formula():
         el = d.sum(0) if msm == "total" else d.sign().sum(0)
         sign = (el >= 0).float() * 2 - 1
         mask = d.sign() == sign
-        div = (wt * mask).sum(0)
+        div = (wt.abs() * mask).sum(0)  # mergekit sums α_t; |α_t| is our negation rule (same for α ≥ 0)
         div[div == 0] = 1
         torch.testing.assert_close(out, (d * mask).sum(0) / div)
 
@@ -215,6 +215,6 @@ def test_ties_mergekit_blocked_kernel_on_a_large_tensor():
     d = torch.stack(d)
     sign = (d.sum(0) >= 0).float() * 2 - 1
     mask = d.sign() == sign
-    div = (torch.tensor(w)[:, None] * mask).sum(0)
+    div = (torch.tensor(w).abs()[:, None] * mask).sum(0)
     div[div == 0] = 1
     torch.testing.assert_close(out.reshape(-1), 0.7 * (d * mask).sum(0) / div)

@@ -37,7 +37,7 @@ def test_linear_merge_is_least_squares():
     torch.testing.assert_close(grams[1].tensors["lin.weight"], X[1].T @ X[1] / 20)
     taus = [{n: p.detach() - base.state_dict()[n] for n, p in m.named_parameters()} for m in models]
     out = merge(base, taus, "regmean", grams=grams, reduce_non_diagonal_ratio=1.0, progress=False)
-    # the per-example means make task t's rows count with weight 1/n_t: rows scaled by 1/sqrt(n_t)
+    # per-row means (here one row per example) make task t's rows count with weight 1/n_t: rows scaled by 1/sqrt(n_t)
     A = torch.cat([X[t] / len(X[t]) ** 0.5 for t in range(2)])
     B = torch.cat([X[t] / len(X[t]) ** 0.5 @ models[t].lin.weight.detach().T for t in range(2)])
     W = torch.linalg.lstsq(A, B).solution.T  # (out, in)
@@ -76,7 +76,10 @@ def test_gpt2_conv1d_grams_mask_padding(tmp_path):
             h = m.transformer.wte(ids[i, :L]) + m.transformer.wpe(torch.arange(L))
             rows.append(m.transformer.h[0].ln_1(h))
         X = torch.cat(rows)
-    torch.testing.assert_close(st.tensors["transformer.h.0.attn.c_attn.weight"], X.T @ X / 3)
+    # RegMean's reference code: the mean over rows (tokens), x.view(-1, h); xᵀx / x.size(0) — here the
+    # 10 real tokens (padding rows are left out), not the 3 examples
+    assert X.shape[0] == 10 and st.extra["gram_rows"]["transformer.h.0.attn.c_attn.weight"] == 10
+    torch.testing.assert_close(st.tensors["transformer.h.0.attn.c_attn.weight"], X.T @ X / 10)
     st.save_pretrained(tmp_path / "g")
     back = GramStatistics.from_pretrained(str(tmp_path / "g"))
     assert back.num_examples == 3 and back.extra["weight_layout"] == st.extra["weight_layout"]

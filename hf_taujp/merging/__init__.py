@@ -1,12 +1,15 @@
 """Merge library: methods registry, merge(), statistics (issue 4)."""
 from .methods import (
     MERGE_METHODS,
+    METHOD_SPECS,
     MergeConfigError,
+    MethodSpec,
     MissingStatisticsError,
     dare_linear,
     dare_ties,
     fisher_average,
     get_merge_method,
+    get_method_spec,
     gradient_matching,
     magnitude_prune,
     parameter_seed,
@@ -16,7 +19,7 @@ from .methods import (
     ties,
 )
 from .merge import merge
-from .fisher import estimate_fisher
+from .fisher import estimate_fisher, output_type_of
 from .regmean import estimate_gram
 from .recipe import cli_merge, load_recipe, merge_from_config
 from .search import search_coefficients

@@ -2,9 +2,12 @@
 
 F = (1/N) Σ_n (∇_θ log p(ŷ_n | x_n; θ))², with ŷ_n sampled from the model's own predictive
 distribution (true Fisher, as Daheim et al., ICLR 2024, and Matena & Raffel, NeurIPS 2022, Eq. 4),
-or ŷ_n = gold label (``empirical=True``). For token outputs (causal LM, seq2seq) log p(ŷ|x) is
-the sum over non-padded target positions of token log-probabilities, with one token sampled per
-position (teacher-forced on the input sequence); padding (attention_mask 0 / label -100) is masked.
+or ŷ_n = gold label (``empirical=True``). For token outputs (causal LM, seq2seq, masked LM, token
+classification) log p(ŷ|x) is the sum over the scored positions of their log-probabilities, with one
+label sampled per position (teacher-forced on the input sequence); padding (attention_mask 0 / label
+-100) is masked. Which positions are scored depends on the task (``output_type``, read from the model:
+a causal LM's position j predicts token j + 1, a token classifier's / masked LM's position j its own
+label), never on the logits' shape.
 """
 from __future__ import annotations
 
@@ -51,38 +54,82 @@ def _vmappable_masks():
 _GRAD_MEMORY = 1 << 30  # bytes of per-example gradients held at once when chunk_size is not given
 
 
-def _kind(model, batch: dict, inputs: dict) -> str:
-    """"cls" (logits (B, C)), "seq2seq" or "causal" (logits (B, L, V)); a classifier is told apart from a
-    token model by one no-grad forward of a single example (done once per call)."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "seq2seq"
-    with torch.no_grad():
-        one = {k: v[:1] for k, v in inputs.items()}
-        logits = (model(**one, use_cache=False) if _accepts_cache(model) else model(**one)).logits
-    return "cls" if logits.dim() == 2 else "causal"
+# output types: how log p(ŷ | x) is read from the logits (see _gold_and_mask)
+OUTPUT_TYPES = ("sequence_classification", "token_classification", "causal_lm", "masked_lm", "seq2seq")
+_PEFT_TASKS = {"SEQ_CLS": "sequence_classification", "TOKEN_CLS": "token_classification", "CAUSAL_LM": "causal_lm",
+               "SEQ_2_SEQ_LM": "seq2seq"}
+_MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal_lm"), ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "masked_lm"),
+             ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "token_classification"),
+             ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "sequence_classification"),
+             ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "sequence_classification"),
+             ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "seq2seq"))
+
+
+def output_type_of(model) -> str:
+    """The task of ``model``'s logits, from what the model is (never from the logits' shape): a PEFT
+    model's ``task_type``, else the transformers head class (``*ForCausalLM`` / ``GPT2LMHeadModel`` →
+    causal_lm, ``*ForMaskedLM`` → masked_lm, ``*ForTokenClassification``, ``*ForSequenceClassification``
+    / image classification → sequence_classification, seq2seq LMs → seq2seq), found in transformers'
+    Auto mappings. Raises ``HfTaujpError`` for any other model (pass ``output_type=`` explicitly)."""
+    cfg = getattr(model, "peft_config", None)
+    if isinstance(cfg, dict) and cfg:
+        tt = getattr(next(iter(cfg.values())), "task_type", None)
+        tt = getattr(tt, "value", tt)
+        if tt in _PEFT_TASKS:
+            return _PEFT_TASKS[tt]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # a PEFT tuner (.model) or hf_taujp's LinearizedModule (.base_model) may wrap the transformers model
+    for m in (inner, getattr(inner, "model", None), getattr(inner, "base_model", None)):
+        if not isinstance(m, torch.nn.Module):
+            continue
+        cls = type(m).__name__
+        from transformers.models.auto import modeling_auto as ma
+
+        for mapping, kind in _MAPPINGS:
+            names = getattr(ma, mapping, {})
+            for v in names.values():
+                if cls == v or (isinstance(v, (list, tuple)) and cls in v):
+                    return kind
+    raise HfTaujpError(f"cannot tell which task {type(model).__name__}'s logits are for; pass "
+                       f"output_type= one of {OUTPUT_TYPES}")
 
 
 def _gold_and_mask(batch: dict, kind: str, empirical: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gold labels, mask) aligned with the scored logits: (B,) for "cls"; (B, L) targets for "seq2seq";
-    (B, L − 1) next tokens for "causal". mask is 1 where a position counts (not padding / -100)."""
-    if kind == "cls":
+    """(gold labels, mask) aligned with the scored logits: (B,) for sequence classification; (B, L)
+    positions for token classification, masked LM and seq2seq; (B, L − 1) next tokens for a causal LM.
+    mask is 1 where a position counts: not padding (attention mask 0), not label -100; for a masked
+    LM with labels, only the positions with a label (the masked tokens)."""
+    first = next(iter(batch.values()))
+    if kind == "sequence_classification":
         if "labels" in batch:
             y = batch["labels"].reshape(-1)
         elif empirical:
             raise HfTaujpError("empirical Fisher needs gold `labels` in the batch")
         else:
-            y = torch.zeros(next(iter(batch.values())).shape[0], dtype=torch.long)
-        return y, torch.ones(y.shape[0])
+            y = torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
+        return y, torch.ones(y.shape[0], device=y.device)
     if kind == "seq2seq":
         gold = batch["labels"]
         mask = gold != -100
         if "decoder_attention_mask" in batch:
             mask = mask & batch["decoder_attention_mask"].bool()
-    else:
+    elif kind == "causal_lm":
         gold = batch.get("labels", batch["input_ids"])[:, 1:]
         mask = gold != -100
         if "attention_mask" in batch:
             mask = mask & batch["attention_mask"][:, 1:].bool()
+    else:  # token classification / masked LM: position j predicts label j (no shift)
+        if "labels" in batch:
+            gold = batch["labels"]
+        elif empirical:
+            raise HfTaujpError("empirical Fisher needs gold `labels` in the batch")
+        elif kind == "masked_lm":
+            gold = batch["input_ids"]
+        else:
+            gold = torch.zeros(batch["input_ids"].shape, dtype=torch.long, device=first.device)
+        mask = gold != -100
+        if "attention_mask" in batch:
+            mask = mask & batch["attention_mask"].bool()
     return gold.clamp(min=0), mask.float()
 
 
@@ -92,7 +139,7 @@ def _log_lik(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, u: torch
     (true Fisher), ŷ is drawn here from the model's own softmax by inverse CDF, ŷ = #{c : F(c) < u}
     with F the cumulative probabilities, so the sample comes from the very forward being
     differentiated (no second forward pass); ``y`` (gold labels) is used otherwise."""
-    if kind == "causal":
+    if kind == "causal_lm":
         logits = logits[..., :-1, :]
     lp = torch.log_softmax(logits, -1)
     if u is not None:
@@ -114,10 +161,20 @@ def estimate_fisher(
     progress: bool = True,
     task: str | None = None,
     chunk_size: int | None = None,
+    output_type: str | None = None,
 ) -> FisherStatistics:
-    """Diagonal Fisher of ``model`` over ``data`` (a DataLoader / list / iterable of dict batches, or a
-    ``datasets.Dataset`` / torch ``Dataset`` of dict examples batched here with ``collate_fn``,
-    default transformers' ``default_data_collator``).
+    """Diagonal Fisher of ``model`` over ``data``: a DataLoader or an iterable (list, generator) of
+    *batches* — dicts of tensors with a leading batch dimension — or a ``datasets.Dataset`` / torch
+    ``Dataset`` / list of *examples* (dicts of un-batched values), batched here with ``collate_fn``
+    (default transformers' ``default_data_collator``) in batches of ``batch_size``. Batches are moved
+    to the model's device.
+
+    ``output_type`` (default: from the model, :func:`output_type_of`): how log p(ŷ | x) is read —
+    ``sequence_classification`` (logits (B, C)), ``token_classification`` (logits (B, L, C), every
+    labelled, non-padded position), ``masked_lm`` (logits (B, L, V), positions with a label ≠ -100, e.g.
+    from ``DataCollatorForLanguageModeling``; without labels every non-padded position), ``causal_lm``
+    (position j predicts token j + 1) or ``seq2seq`` (decoder positions of ``labels``). It is never
+    guessed from the logits' shape.
 
     Per-example gradients come from ``vmap(grad(log p(ŷ_n | x_n)))`` over the batch, so one forward /
     backward per batch instead of a batch-size-1 loop; for the true Fisher ŷ is sampled inside that
@@ -129,9 +186,21 @@ def estimate_fisher(
     keeps them within 1 GiB (one example at a time beyond 1 GiB of parameters). On a CPU shared
     with other processes, ``torch.set_num_threads(1)`` can be several times faster (OpenMP stalls).
     Returns a :class:`FisherStatistics` with ``tensors[name]`` (parameter shape) = mean squared
-    gradient and ``num_examples`` = N (s_t in gradient matching).
+    gradient and ``num_examples`` = N (s_t in gradient matching), on the model's device; the uniforms
+    that sample ŷ come from a CPU generator seeded with ``seed`` (the same labels on every device).
+    Raises ``HfTaujpError`` for an unknown ``output_type``, batches that are not dicts, or no examples.
     """
-    if not (hasattr(data, "column_names") or isinstance(data, torch.utils.data.Dataset)):
+    if output_type is None:
+        output_type = output_type_of(model)
+    elif output_type not in OUTPUT_TYPES:
+        raise HfTaujpError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and not any(
+            isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[0].values()):
+        # a list of examples (no batched tensor in them: ints, lists, 0-d tensors): batch it like a dataset
+        if collate_fn is None:
+            from transformers import default_data_collator as collate_fn
+        loader = torch.utils.data.DataLoader(list(data), batch_size=batch_size, collate_fn=collate_fn)
+    elif not (hasattr(data, "column_names") or isinstance(data, torch.utils.data.Dataset)):
         loader = data  # a DataLoader or any iterable (list, generator) of dict batches
     else:
         if collate_fn is None:
@@ -147,12 +216,19 @@ def estimate_fisher(
     sums = {n: torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32) for n, p in params.items()}
     g = torch.Generator().manual_seed(seed)
     grad_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    kind = None
+    kind = output_type
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     count = 0
     try:
         bar = tqdm(desc="fisher", unit="ex", total=max_examples, disable=not progress)
         for batch in loader:
-            batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            if not isinstance(batch, dict):
+                raise HfTaujpError(f"estimate_fisher needs dict batches (or a dataset / list of dict examples), got a "
+                                   f"{type(batch).__name__}")
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            if any(v.dim() == 0 for v in batch.values()):
+                raise HfTaujpError("estimate_fisher got a batch without a batch dimension (0-d tensors): pass a "
+                                   "list of batches, or a dataset / list of examples to batch here")
             if "label" in batch and "labels" not in batch:
                 batch["labels"] = batch.pop("label")
             if max_examples is not None:
@@ -164,13 +240,13 @@ def estimate_fisher(
             if "input_ids" in inputs and "attention_mask" not in inputs:
                 # without a mask HF models check the ids for padding with .item(): not vmap-able
                 inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-            if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
+            if kind == "seq2seq" and "decoder_input_ids" not in inputs:
                 inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-            if kind is None:
-                kind = _kind(model, batch, inputs)
+            if kind == "seq2seq" and "labels" not in batch:
+                raise HfTaujpError("a seq2seq Fisher needs `labels` (the decoder targets) in every batch")
             y, mask = _gold_and_mask(batch, kind, empirical)
             # true Fisher: one uniform per scored position, drawn here so `seed` fixes the labels
-            u = None if empirical else torch.rand(mask.shape, generator=g, dtype=torch.float64)
+            u = None if empirical else torch.rand(mask.shape, generator=g, dtype=torch.float64).to(device)
             n_b = y.shape[0]
             chunk = chunk_size or max(1, min(n_b, _GRAD_MEMORY // max(1, grad_bytes)))
 
@@ -201,13 +277,9 @@ def estimate_fisher(
         model.train(was_training)
     if count == 0:
         raise HfTaujpError("estimate_fisher got no examples")
-    fp = None
-    try:
-        from ..task_vector import fingerprint
+    from ..task_vector import fingerprint
 
-        fp = fingerprint(model)
-    except Exception:  # TaskVector module absent or model not fingerprintable: leave unset
-        fp = None
+    fp = fingerprint(model)
     return FisherStatistics({n: s / count for n, s in sums.items()}, num_examples=count,
                             base_model=getattr(model.config, "_name_or_path", None) or None,
                             base_fingerprint=fp, task=task, extra={"empirical": bool(empirical)})

@@ -8,10 +8,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..compat import check_same_base, describe_base, same_base
 from ..hub import BaseModelMismatchError, HfTaujpError, read_json, resolve_pretrained_dir
 from ..task_vector import TaskVector, fingerprint
-from .methods import REQUIRES_STATISTICS, parameter_seed, MergeConfigError, MissingStatisticsError, get_merge_method
+from ..tied import canonical_tensors, model_class_for, tied_groups
+from .methods import (MergeConfigError, MissingStatisticsError, MethodSpec, check_finite, get_method_spec,
+                      parameter_seed)
 
+# files fetched from a Hub base: weights, configs, tokenizer files, chat template and custom code (never pickles)
+BASE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -37,39 +42,102 @@ def _load_vector(v: Any) -> TaskVector:
                            "tensors, or a TaskVector folder / repo id)")
 
 
-def check_vectors_compatible(metas: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None) -> None:
-    """Raise ``BaseModelMismatchError`` when task vectors (their metadata: base_fingerprint, base_model,
-    kind) come from different bases, and ``MergeConfigError`` for linear (tangent) vectors.
+def check_vectors_compatible(metas: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None,
+                             method: str | None = None) -> str:
+    """Check that task vectors (their metadata: base_fingerprint, base_model, kind) can be merged together
+    and return their kind ("nonlinear" or "linear").
 
-    Fingerprints decide when both are known (a Hub id and a local path of the same weights agree);
-    otherwise differing ``base_model`` ids raise, as ``TaskVector.check_compatible`` does.
+    ``MergeConfigError`` for mixed kinds (weights and tangents live in different spaces) and for linear
+    vectors given to a method registered with ``linear_ok=False`` (RegMean); ``BaseModelMismatchError``
+    for different bases under the one rule of :mod:`hf_taujp.compat` (fingerprints decide when both
+    are known, else differing ``base_model`` ids raise).
     """
     labels = list(labels) if labels is not None else [f"vector {i}" for i in range(len(metas))]
-    for lab, m in zip(labels, metas):
-        if m.get("kind") == "linear":
-            raise MergeConfigError(f"{lab} is a linear (tangent) task vector: it lives in the tangent space of a "
-                                   "linearized model and cannot be merged into the weights; merge tangents with "
-                                   "TaskVector arithmetic and apply with apply_to(..., linear=True)")
-    m0, l0 = metas[0], labels[0]
-    for lab, m in zip(labels[1:], metas[1:]):
-        f0, f1 = m0.get("base_fingerprint"), m.get("base_fingerprint")
-        b0, b1 = m0.get("base_model"), m.get("base_model")
-        if (f0 and f1 and f0 != f1) or (not (f0 and f1) and b0 and b1 and b0 != b1):
-            raise BaseModelMismatchError(
-                f"task vectors were made from different base models: {l0} from {b0!r} (fingerprint {f0}) vs "
-                f"{lab} from {b1!r} (fingerprint {f1})")
+    kinds = [m.get("kind") or "nonlinear" for m in metas]
+    if len(set(kinds)) > 1:
+        lin = kinds.index("linear")
+        other = next(i for i, k in enumerate(kinds) if k != "linear")
+        raise MergeConfigError(f"cannot merge a linear (tangent) task vector ({labels[lin]}) with a {kinds[other]!r} "
+                               f"one ({labels[other]}): weights and tangents of a linearized model live in "
+                               "different spaces")
+    if kinds[0] == "linear" and method is not None and not get_method_spec(method).linear_ok:
+        raise MergeConfigError(f"merge method {method!r} is defined on the weights themselves and cannot merge linear "
+                               "(tangent) task vectors; use an elementwise method (task_arithmetic, ties, dare_linear, "
+                               "dare_ties, magnitude_prune, fisher_average, gradient_matching)")
+    for i in range(len(metas)):
+        for j in range(i + 1, len(metas)):
+            check_same_base(metas[i], metas[j], labels[i], labels[j])
+    return kinds[0]
 
 
 def check_base(metas: Sequence[Mapping[str, Any]], fps: set[str], base_label: str,
                labels: Sequence[str] | None = None) -> None:
-    """``BaseModelMismatchError`` when a vector's recorded base fingerprint is not one of ``fps``."""
+    """``BaseModelMismatchError`` when a vector's recorded base fingerprint is not one of ``fps`` (the
+    base's fingerprint; same rule as :func:`hf_taujp.compat.same_base`, the base having no recorded id)."""
     labels = list(labels) if labels is not None else [f"vector {i}" for i in range(len(metas))]
     for lab, m in zip(labels, metas):
-        f = m.get("base_fingerprint")
-        if f and f not in fps:
+        if not any(same_base(m, {"base_fingerprint": f}) for f in fps):
             raise BaseModelMismatchError(
-                f"{lab} was made from base {m.get('base_model')!r} (fingerprint {f}), but the given base "
-                f"{base_label} has fingerprint {sorted(fps)[0]}; merge it into the base it was made from")
+                f"{lab} was made from base {describe_base(m)}, but the given base {base_label} has fingerprint "
+                f"{sorted(fps)[0]}; merge it into the base it was made from")
+
+
+def check_method_arguments(spec: MethodSpec, params: Mapping[str, Any], *, weights=None, fishers=None, grams=None,
+                           base_fisher=None, num_examples=None) -> None:
+    """Every argument must mean something to the method: unknown parameters and statistics the method
+    does not use raise ``MergeConfigError`` naming the method (its declared parameters listed)."""
+    given = dict(params)
+    if weights is not None:
+        given["weights"] = weights
+    if num_examples is not None:
+        given["num_examples"] = num_examples
+    spec.check_params(given)
+    for arg, value, kind in (("fishers", fishers, "fisher"), ("grams", grams, "gram"), ("base_fisher", base_fisher, "fisher")):
+        if value is not None and spec.needs != kind:
+            raise MergeConfigError(f"merge method {spec.name!r} takes no {arg} "
+                                   + (f"(it uses {spec.needs} statistics)" if spec.needs else "(it uses no statistics)"))
+    if base_fisher is not None and "base_fisher" not in spec.driver_args:
+        raise MergeConfigError(f"merge method {spec.name!r} takes no base_fisher")
+
+
+def statistics_sizes(spec: MethodSpec, stat_n: Sequence[float | None], base_n: float | None, has_base: bool,
+                     params: dict, labels: Sequence[str]) -> None:
+    """Fill ``num_examples`` / ``base_num_examples`` from the statistics for methods that take them (the
+    dataset sizes s_t of gradient matching). Sizes known for some statistics and not for others are an
+    error (they would silently become 1 — means mixed with sums); given explicitly, they win."""
+    if spec.parameters is not None and "num_examples" not in spec.parameters:
+        return
+    if params.get("num_examples") is None:
+        known = [n is not None for n in stat_n]
+        if all(known):
+            params["num_examples"] = list(stat_n)
+        elif any(known):
+            raise MissingStatisticsError(
+                f"num_examples is known for {labels[known.index(True)]}'s statistics but not for "
+                f"{labels[known.index(False)]}'s (a plain dict?): pass num_examples=[...] (the dataset sizes s_t)")
+    if has_base and params.get("base_num_examples") is None:
+        if base_n is not None:
+            params["base_num_examples"] = base_n
+        elif params.get("num_examples") is not None and any(n is not None for n in stat_n):
+            raise MissingStatisticsError("the base Fisher has no num_examples while the task Fishers have: pass "
+                                         "base_num_examples=... (s0)")
+
+
+def weight_layout(name: str, layouts: Mapping[str, str], shape: Sequence[int], gram_shape: Sequence[int]) -> str:
+    """Layout of the 2-D weight ``name`` for RegMean: "out_in" (nn.Linear, (out, in)) or "in_out"
+    (Conv1D, (in, out)) — as recorded by ``estimate_gram`` (``weight_layout``), else the only one the
+    Gram's size (in, in) fits. A square weight with no recorded layout is ambiguous: an error, not a
+    guess (a Gram made by hand needs ``extra={"weight_layout": {...}}``)."""
+    if name in layouts:
+        return layouts[name]
+    if len(shape) != 2 or len(gram_shape) != 2:
+        return "out_in"  # regmean() raises its own shape error
+    fits = [lay for lay, d_in in (("out_in", shape[1]), ("in_out", shape[0])) if d_in == gram_shape[0]]
+    if len(fits) == 1:
+        return fits[0]
+    raise MissingStatisticsError(
+        f"the Gram of {name} does not say whether the weight {tuple(shape)} is (out, in) (nn.Linear) or (in, out) "
+        "(Conv1D): give GramStatistics from estimate_gram, or extra={'weight_layout': {name: 'out_in' | 'in_out'}}")
 
 
 def _load_stat(s: Any, kind: str) -> tuple[dict[str, torch.Tensor] | None, float | None]:
@@ -89,20 +157,24 @@ def _load_stat(s: Any, kind: str) -> tuple[dict[str, torch.Tensor] | None, float
     raise MergeConfigError(f"cannot use {type(s).__name__} as a statistic (need a dict of tensors, a Statistics or a folder)")
 
 
-def _base_state(base: Any):
+def load_base_model(base: str | os.PathLike, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The transformers model in folder / repo id ``base``: its ``architectures[0]`` class, or for custom
+    code (``auto_map``) the matching Auto class, which runs the folder's code only with
+    ``trust_remote_code=True`` (an error otherwise — never transformers' interactive prompt)."""
+    d = resolve_pretrained_dir(base, allow_patterns=BASE_PATTERNS)
+    cfg = read_json(os.path.join(d, "config.json"), "model config")
+    cls = model_class_for(cfg, trust_remote_code=trust_remote_code)
+    return cls.from_pretrained(d)
+
+
+def _base_state(base: Any, trust_remote_code: bool):
     """(state dict, module or None) of the base model."""
     if isinstance(base, torch.nn.Module):
         return base.state_dict(), base
     if isinstance(base, Mapping):
         return dict(base), None
     if isinstance(base, (str, os.PathLike)):
-        import transformers
-
-        d = resolve_pretrained_dir(base)
-        cfg = read_json(os.path.join(d, "config.json"), "model config")
-        arch = (cfg.get("architectures") or ["AutoModel"])[0]
-        cls = getattr(transformers, arch, transformers.AutoModel)
-        model = cls.from_pretrained(d)
+        model = load_base_model(base, trust_remote_code=trust_remote_code)
         return model.state_dict(), model
     raise MergeConfigError(f"cannot use {type(base).__name__} as a base model")
 
@@ -120,31 +192,42 @@ def merge(
     return_task_vector: bool = False,
     dtype=None,
     check_base_model: bool = True,
+    trust_remote_code: bool = False,
     progress: bool = True,
     **params,
 ):
     """Merge task vectors into ``base`` with a registered method (see ``methods.MERGE_METHODS``).
 
     For every base parameter name p present in the vectors: Δ_p = method(θ0_p, [τ_t,p], **params),
-    computed in float32 (float64 if the inputs are), and θ_p = θ0_p + Δ_p cast to ``dtype``
-    (default: the base parameter's dtype). Parameters absent from every vector are kept.
+    computed in float32 (float64 if the inputs are) on the base parameter's device, and
+    θ_p = θ0_p + Δ_p cast to ``dtype`` (default: the base parameter's dtype). Parameters absent from
+    every vector are kept. A non-finite Δ raises ``HfTaujpError``.
 
     Args:
-        base: ``nn.Module``, state dict, or a local folder / repo id of a transformers model.
-        vectors: TaskVector objects, dicts name -> τ, or TaskVector folders / repo ids.
+        base: ``nn.Module``, state dict, or a local folder / repo id of a transformers model (custom code
+            runs only with ``trust_remote_code=True``).
+        vectors: TaskVector objects, dicts name -> τ, or TaskVector folders / repo ids; all of one kind.
+            Linear (tangent) vectors merge into a tangent: the result is that linear TaskVector
+            (``return_task_vector=True``) or ``base`` linearized around θ0 with it as tangent
+            (``TaskVector.apply_to(base, linear=True)``). RegMean refuses them (it needs weights).
         method: registry name (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
-            ``magnitude_prune``, ``fisher_average``, ``gradient_matching``).
-        weights: one α per vector (or one shared); negative α negates.
+            ``magnitude_prune``, ``fisher_average``, ``gradient_matching``, ``regmean``).
+        weights: one α per vector (or one shared); a negative α_t merges −τ_t with weight |α_t|.
         grams: per-task Gram statistics for ``regmean`` (GramStatistics from ``estimate_gram``, folders
             / repo ids, or dicts ``"<module>.weight" -> (in, in)``); weights without a Gram are averaged.
         fishers / base_fisher / num_examples: per-task diagonal Fisher (Statistics or dicts), the base
-            model's Fisher and the dataset sizes s_t (taken from Statistics.num_examples when omitted).
-        return_task_vector: return the merged Δ = θ − θ0 as a :class:`TaskVector` (kind "nonlinear",
+            model's Fisher (required by ``gradient_matching``) and the dataset sizes s_t (taken from
+            ``Statistics.num_examples`` when omitted; known for some statistics only is an error).
+        return_task_vector: return the merged Δ = θ − θ0 as a :class:`TaskVector` (the vectors' kind,
             base_model / base_fingerprint from the vectors or the base, task ``"merge:<method>"``,
             ``training={"merge": {method, weights, params, sources}}``).
         check_base_model: compare each vector's recorded ``base_fingerprint`` with the base
             (``BaseModelMismatchError`` on a mismatch); vectors of different bases always raise.
-        params: method parameters (``density``, ``majority_sign_method``, ``lambda_``, ``seed``, ...).
+        params: the method's declared parameters (``density``, ``majority_sign_method``, ``lambda_``,
+            ``seed``, ...); any other name raises ``MergeConfigError`` listing the valid ones.
+
+    Tied parameters follow :mod:`hf_taujp.tied` (one parameter per tied group; a vector whose tied
+    entries differ raises ``TiedWeightsError``; the merged value lands in every name of the group).
 
     DARE methods draw their masks from one generator per parameter, seeded with
     ``methods.parameter_seed(seed, name)`` (derived from the seed and the parameter *name*, not its
@@ -155,57 +238,69 @@ def merge(
     """
     if vectors is None or len(vectors) == 0:
         raise MergeConfigError("empty list of task vectors: nothing to merge")
-    fn = get_merge_method(method)
+    spec = get_method_spec(method)
+    fn = spec.fn
+    check_method_arguments(spec, params, weights=weights, fishers=fishers, grams=grams, base_fisher=base_fisher,
+                           num_examples=num_examples)
     out_dtype = _as_dtype(dtype)
     tvs = [_load_vector(v) for v in vectors]
     labels = [f"vector {i}" + (f" ({v!r})" if isinstance(v, (str, os.PathLike)) else "") for i, v in enumerate(vectors)]
     metas = [tv.metadata() for tv in tvs]
-    check_vectors_compatible(metas, labels)
-    base_sd, module = _base_state(base)
+    kind = check_vectors_compatible(metas, labels, method)
+    base_sd, module = _base_state(base, trust_remote_code)
+    if kind == "linear" and module is None and not return_task_vector:
+        raise MergeConfigError("merging linear (tangent) task vectors gives a tangent, which a state dict cannot hold: "
+                               "pass the base as a module, or return_task_vector=True")
     if check_base_model and any(m.get("base_fingerprint") for m in metas):
         check_base(metas, {fingerprint(module if module is not None else base_sd)}, "model" if module is not None else "state dict", labels)
-    loaded = [(tv.tensors, m) for tv, m in zip(tvs, metas)]
+    groups = tied_groups(module if module is not None else base_sd)
+    loaded = [canonical_tensors(tv.tensors, groups, label=lab) for tv, lab in zip(tvs, labels)]
 
-    needs = REQUIRES_STATISTICS.get(method)
-    stats, stat_n, layouts = None, None, {}
+    needs = spec.needs
+    stats, layouts, bfd = None, {}, None
     if needs:
         given, arg = (fishers, "fishers") if needs == "fisher" else (grams, "grams")
         if not given:
             raise MissingStatisticsError(f"method {method!r} needs one {needs} statistic per task vector ({arg}=...)")
         if len(given) != len(vectors):
             raise MissingStatisticsError(f"got {len(given)} {needs} statistics for {len(vectors)} task vectors")
+        if "base_fisher" in spec.driver_args and base_fisher is None:
+            raise MissingStatisticsError(
+                f"method {method!r} needs the base model's Fisher H0 (base_fisher=...): without it the prior is δ "
+                "alone and the merge equals fisher_average with λ inert; estimate it with estimate_fisher(base, data) "
+                "or use method='fisher_average'")
         pairs = [_load_stat(f, needs) for f in given]
         for f in given:
             layouts.update((getattr(f, "extra", None) or {}).get("weight_layout") or {})
-        stats = [p[0] for p in pairs]
-        stat_n = [p[1] for p in pairs]
-        if num_examples is None and all(n is not None for n in stat_n):
-            num_examples = stat_n
+        if needs == "gram" and module is not None:  # the module itself says which layers are Conv1D
+            from .regmean import linear_layers
+
+            layouts.update({f"{n}.weight": lay for n, (_, lay) in linear_layers(module).items()})
+        stats = [canonical_tensors(p[0], groups, label=f"{needs} of {lab}") for p, lab in zip(pairs, labels)]
         bf, bn = _load_stat(base_fisher, "fisher")
         if bf is not None:
-            params.setdefault("base_num_examples", bn if bn is not None else 1.0)
-        params["base_fisher_dict"] = bf
-    if num_examples is not None:
-        params["num_examples"] = list(num_examples)
+            bfd = canonical_tensors(bf, groups, label="base fisher")
+        if num_examples is not None:
+            params["num_examples"] = list(num_examples)
+        statistics_sizes(spec, [p[1] for p in pairs], bn, bf is not None, params, labels)
 
-    names = [n for n in base_sd if any(n in t for t, _ in loaded)]
-    for t, _ in loaded:
+    for t, lab in zip(loaded, labels):
         extra = set(t) - set(base_sd)
         if extra:
-            raise BaseModelMismatchError(f"task vector has parameters missing from the base: {sorted(extra)[:5]}")
+            raise BaseModelMismatchError(f"{lab} has parameters missing from the base: {sorted(extra)[:5]}")
+    names = [n for n in base_sd if any(n in t for t in loaded)]
     seed = params.pop("seed", None)
-    bfd = params.pop("base_fisher_dict", None)
     merged: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(tqdm(names, desc=f"merge ({method})", disable=not progress)):
+    for name in tqdm(names, desc=f"merge ({method})", disable=not progress):
         b = base_sd[name]
         taus = []
-        for k, (t, _) in enumerate(loaded):
+        for k, t in enumerate(loaded):
             tau = t.get(name)
             if tau is None:
                 tau = torch.zeros_like(b)
             if tuple(tau.shape) != tuple(b.shape):
                 raise BaseModelMismatchError(f"{name}: task vector {k} has shape {tuple(tau.shape)}, base {tuple(b.shape)}")
-            taus.append(tau.float() if tau.dtype != torch.float64 else tau)
+            taus.append(tau.to(device=b.device, dtype=torch.float64 if tau.dtype == torch.float64 else torch.float32))
         kw = dict(params)
         if seed is not None:
             kw["seed"] = parameter_seed(seed, name)  # by name: same masks in memory and streaming
@@ -215,7 +310,7 @@ def merge(
                 if not all(have):
                     raise MissingStatisticsError(f"gram of task vector {have.index(False)} has no entry for {name} (others do)")
                 kw["grams"] = [st[name] for st in stats]
-                kw["layout"] = layouts.get(name, "out_in")
+                kw["layout"] = weight_layout(name, layouts, b.shape, kw["grams"][0].shape)
         elif stats is not None:
             fs = []
             for k, s in enumerate(stats):
@@ -227,10 +322,13 @@ def merge(
                 if name not in bfd:
                     raise MissingStatisticsError(f"base fisher has no entry for {name}")
                 kw["base_fisher"] = bfd[name]
-        delta = fn(b, taus, weights=weights, name=name, **kw)
+        if "name" in spec.driver_args:
+            kw["name"] = name
+        delta = fn(b, taus, weights=weights, **kw)
+        check_finite(delta, name)
         merged[name] = delta
     target = {n: (out_dtype or base_sd[n].dtype) for n in merged}
-    if return_task_vector:
+    if return_task_vector or kind == "linear":
         tensors = {n: d.to(target[n]) for n, d in merged.items()}
         known = [m for m in metas if m.get("base_fingerprint") or m.get("base_model")]
         m0 = known[0] if known else {}
@@ -239,9 +337,21 @@ def merge(
                   "params": {k: v for k, v in {**params, "seed": seed}.items()
                              if v is not None and isinstance(v, (int, float, str, bool, list))},
                   "sources": [m.get("task") or lab for m, lab in zip(metas, labels)]}
-        return TaskVector(tensors, base_model=base_name, base_model_revision=m0.get("base_model_revision"),
-                          base_fingerprint=m0.get("base_fingerprint") or (fingerprint(module) if module is not None else None),
-                          kind="nonlinear", task=f"merge:{method}", training={"merge": recipe})
+        tv = TaskVector(tensors, base_model=base_name, base_model_revision=m0.get("base_model_revision"),
+                        base_fingerprint=m0.get("base_fingerprint") or (fingerprint(module) if module is not None else None),
+                        kind=kind, task=f"merge:{method}", training={"merge": recipe})
+        if return_task_vector:
+            return tv
+        # a tangent is applied in the tangent space: f(x; θ0) + J f(x; θ0)·Δ
+        return tv.apply_to(module, 1.0, linear=True, check_base=False)
+    # the merged value of a tied group lands in every name the output holds (rule 4 of hf_taujp.tied)
+    for g in groups:
+        canon = next((n for n in g if n in merged), None)
+        if canon is not None:
+            for n in g:
+                if n != canon and n in base_sd:
+                    merged[n] = merged[canon]
+                    target[n] = target[canon]
     new_sd = {}
     for n, b in base_sd.items():
         if n in merged:
@@ -253,7 +363,6 @@ def merge(
     out = copy.deepcopy(module)
     if out_dtype is not None:
         out.to(out_dtype)
-    # load only merged names: tied weights (GPT-2 lm_head = wte) would otherwise be overwritten by the base copy
     missing = out.load_state_dict({n: new_sd[n] for n in merged}, strict=False)
     if missing.unexpected_keys:
         raise HfTaujpError(f"unexpected keys while loading the merged weights: {missing.unexpected_keys[:5]}")

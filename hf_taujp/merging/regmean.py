@@ -5,7 +5,8 @@ the weight minimising Σ_t ‖X_t W − X_t W_t‖² is (paper, Eq. 2)
 
     W* = (Σ_t X_tᵀX_t)⁻¹ Σ_t X_tᵀX_t W_t.
 
-Only the Gram matrices G_t = X_tᵀX_t (in × in) of each task are needed; they are estimated here with
+Only the Gram matrices G_t = X_tᵀX_t (in × in) of each task are needed (scaled: the reference code
+averages them over the rows of X_t, i.e. over tokens); they are estimated here with
 forward hooks on ``torch.nn.Linear`` (weight (out, in), y = x Wᵀ + b) and transformers' GPT-2-style
 ``Conv1D`` (weight (in, out), y = x W + b), and saved as a :class:`GramStatistics` artifact beside
 the task vector (prefix ``gram``; config ``weight_layout`` records each weight's layout).
@@ -66,15 +67,20 @@ def estimate_gram(
 ) -> GramStatistics:
     """Input Gram matrices of every Linear / Conv1D layer over ``data`` (RegMean, Jin et al. 2023).
 
-    For layer ``<m>``: ``tensors["<m>.weight"]`` = (1/N) Σ_n Σ_j x_{n,j} x_{n,j}ᵀ, shape (in, in), where
-    x_{n,j} is the layer's input at position j of example n, summed over non-padded positions only
-    (``attention_mask`` / ``decoder_attention_mask`` 0 are skipped when their shape matches the
-    input's leading dims), N = number of examples (recorded as ``num_examples``). Dividing by N (as
-    the paper's code does) makes tasks count equally whatever their dataset sizes. Accumulated in
-    float64. ``data``: DataLoader / iterable of dict batches, or a dataset batched with ``collate_fn``
-    (default transformers' ``default_data_collator``); each batch is passed as ``model(**batch)``
-    without its labels. The model runs in eval mode under ``torch.no_grad()``. RegMean uses the Grams
-    of each *fine-tuned* model; pass its ``base`` to record the base fingerprint (checked by merges).
+    For layer ``<m>``: ``tensors["<m>.weight"]`` = (1/R) Σ_n Σ_j x_{n,j} x_{n,j}ᵀ, shape (in, in), where
+    x_{n,j} is the layer's input at position j of example n and R the number of such rows (tokens):
+    the mean over rows of the layer's input, as RegMean's reference code computes it (``x.view(-1, h)``,
+    ``xᵀx / x.size(0)``, a running mean over batches), so tasks count equally whatever their dataset
+    sizes and sequence lengths. One deliberate difference: padded positions (``attention_mask`` /
+    ``decoder_attention_mask`` 0, used when their shape matches the input's leading dims) are neither
+    summed nor counted (the reference includes padding rows). R per layer is recorded in
+    ``extra["gram_rows"]``, the number of examples in ``num_examples``. Accumulated in float64 on the
+    model's device. ``data``: DataLoader / iterable of dict batches, or a dataset batched with
+    ``collate_fn`` (default transformers' ``default_data_collator``); each batch is moved to the model's
+    device and passed as ``model(**batch)`` without its labels. The model runs in eval mode under
+    ``torch.no_grad()``. RegMean uses the Grams of each *fine-tuned* model; pass its ``base`` to record
+    the base fingerprint (checked by merges). Raises ``HfTaujpError`` for a batch that is not a dict,
+    no examples, or layers never called.
     """
     if not (hasattr(data, "column_names") or isinstance(data, torch.utils.data.Dataset)):
         loader = data
@@ -86,6 +92,7 @@ def estimate_gram(
     if not layers:
         raise HfTaujpError("the model has no nn.Linear / Conv1D layers: nothing for RegMean")
     acc = {n: None for n in layers}
+    rows = {n: 0 for n in layers}
     masks: list[torch.Tensor] = []
 
     def hook(name):
@@ -96,13 +103,15 @@ def estimate_gram(
             x = x.reshape(-1, x.shape[-1])
             for m in masks:  # padding positions do not count
                 if tuple(m.shape) == lead:
-                    x = x[m.reshape(-1).bool()]
+                    x = x[m.reshape(-1).to(x.device).bool()]
                     break
+            rows[name] += x.shape[0]
             g = x.T @ x
             acc[name] = g if acc[name] is None else acc[name].add_(g)
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, (m, _) in layers.items()]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     count = 0
@@ -110,7 +119,11 @@ def estimate_gram(
         bar = tqdm(desc="gram", unit="ex", total=max_examples, disable=not progress)
         with torch.no_grad():
             for batch in loader:
-                batch = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+                if not isinstance(batch, dict):
+                    raise HfTaujpError(f"estimate_gram needs dict batches (a DataLoader / list of dicts of tensors, or "
+                                       f"a dataset of dict examples), got a {type(batch).__name__}")
+                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+                         if k not in _LABEL_KEYS}
                 n_b = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
                 if max_examples is not None:
                     left = max_examples - count
@@ -133,7 +146,7 @@ def estimate_gram(
     if missing:
         raise HfTaujpError(f"layers never called during the forward passes: {missing[:5]} (pass modules=...)")
     dt = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    tensors = {f"{n}.weight": (g / count).to(dt) for n, g in acc.items()}
+    tensors = {f"{n}.weight": (g / max(rows[n], 1)).to(dt) for n, g in acc.items()}
     layout = {f"{n}.weight": lay for n, (_, lay) in layers.items()}
     fp = None
     if base is not None:
@@ -142,4 +155,5 @@ def estimate_gram(
         fp = fingerprint(base)
     cfg = getattr(base if base is not None else model, "config", None)
     return GramStatistics(tensors, num_examples=count, base_model=getattr(cfg, "_name_or_path", None) or None,
-                          base_fingerprint=fp, task=task, extra={"weight_layout": layout})
+                          base_fingerprint=fp, task=task,
+                          extra={"weight_layout": layout, "gram_rows": {f"{n}.weight": r for n, r in rows.items()}})

@@ -26,13 +26,11 @@ from tqdm.auto import tqdm
 
 from .. import hub
 from ..task_vector import FORMAT as TV_FORMAT, fingerprint
-from .merge import _as_dtype, check_base, check_vectors_compatible
-from .methods import ELEMENTWISE_METHODS, REQUIRES_STATISTICS, MergeConfigError, MissingStatisticsError, get_merge_method, parameter_seed
+from ..tied import TiedWeightsError, tied_groups_of_folder
+from .merge import (BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible,
+                    statistics_sizes, weight_layout)
+from .methods import MergeConfigError, MissingStatisticsError, check_finite, get_method_spec, parameter_seed
 from .safetensors_io import ShardedWriter, StreamReader
-
-_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-         "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model", "tokenizer.model",
-         "vocab.txt", "preprocessor_config.json", "chat_template.jinja")
 
 
 @contextlib.contextmanager
@@ -53,17 +51,40 @@ def _intra_op_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def _check_finite(res: torch.Tensor, name: str) -> None:
-    """``HfTaujpError`` if ``res`` has NaN / ±inf. One float32 sum (NaN / inf propagate through it) is
-    ~30x cheaper than an ``isfinite`` mask; only a non-finite sum (or an overflow of it) pays for the mask."""
-    if not res.is_floating_point() or res.numel() == 0:
-        return
-    total = res.sum(dtype=torch.float64 if res.dtype == torch.float64 else torch.float32)
-    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(res).all()):
-        raise hub.HfTaujpError(f"merge produced NaN/inf in {name}")
+# Files of the base folder a merged model folder needs to load besides its weights: configs, tokenizer
+# files, chat templates and the base's custom code (auto_map modules). Weights, weight indexes, the
+# model card (we write our own) and pickles (*.bin, *.pt: never copied) are left out.
+_COPY_SUFFIXES = (".json", ".txt", ".model", ".py", ".jinja", ".tiktoken")
 
 
-_BASE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja"]
+def _files_to_copy(base_dir: str) -> list[str]:
+    out = []
+    for f in sorted(os.listdir(base_dir)):
+        if f.startswith(".") or not os.path.isfile(os.path.join(base_dir, f)) or not f.endswith(_COPY_SUFFIXES):
+            continue
+        if f.endswith(".safetensors.index.json") or f.endswith(".bin.index.json"):
+            continue
+        out.append(f)
+    return out
+
+
+def _aliases(reader: StreamReader, groups, canon_of: dict, label: str) -> dict[str, str]:
+    """{canonical name: the name ``reader`` stores it under} for tied groups (rule of ``hf_taujp.tied``):
+    several stored members must be equal, else ``TiedWeightsError``."""
+    out = {}
+    for g in groups:
+        present = [n for n in g if n in reader]
+        if not present:
+            continue
+        first = reader.get(present[0])
+        for n in present[1:]:
+            t = reader.get(n)
+            if tuple(t.shape) != tuple(first.shape) or not torch.equal(t.to(first.dtype), first):
+                raise TiedWeightsError(
+                    f"{label} has different values for {present[0]!r} and {n!r}, which the base model ties "
+                    "(one tensor): the fine-tune untied them, and a model that ties them cannot hold both")
+        out[canon_of[g[0]]] = present[0]
+    return out
 
 
 def _model_prefix(d: str) -> str:
@@ -108,10 +129,11 @@ def merge_streaming(
     grams: Sequence[str] | None = None,
     base_fisher: str | None = None,
     dtype=None,
-    output_kind: str = "model",
+    output_kind: str | None = None,
     max_shard_size: int | str = "2GB",
     recipe: dict | None = None,
     check_base_model: bool = True,
+    trust_remote_code: bool = False,
     chunk_elements: int = 1 << 20,
     compute_threads: int | None = 1,
     progress: bool = True,
@@ -120,43 +142,71 @@ def merge_streaming(
     """Merge TaskVector folders / repo ids into the model folder / repo id ``base`` tensor by tensor.
 
     θ_p = θ0_p + method(θ0_p, [τ_t,p], **params) in float32, cast to ``dtype`` (default: the base
-    tensor's dtype). ``output_kind="model"`` writes a ``save_pretrained``-loadable folder (model
-    shards + index, config and tokenizer files copied from the base); ``"task_vector"`` writes the
-    merged Δ as a TaskVector folder. Statistics (``fishers`` for fisher_average / gradient_matching,
+    tensor's dtype). ``output_kind="model"`` (default for weight vectors) writes a
+    ``save_pretrained``-loadable folder (model shards + index; configs, tokenizer files, chat template
+    and the base's custom code ``*.py`` copied from the base); ``"task_vector"`` (default, and the only
+    choice, for linear vectors: a tangent is not weights) writes the merged Δ as a TaskVector folder
+    of the vectors' kind. ``params`` are the method's declared parameters (others raise
+    ``MergeConfigError``); the rules of :func:`merge` hold here too (negation, tied parameters, the
+    base Fisher that gradient matching requires, finite results). ``trust_remote_code``: needed for a
+    base with custom code, whose architecture is built on the meta device to find its tied parameters. Statistics (``fishers`` for fisher_average / gradient_matching,
     ``grams`` for regmean: folders or repo ids, one per vector) are read the same way.
     Vectors of different bases, or made from another base than ``base`` (recorded fingerprint),
     raise ``BaseModelMismatchError`` before anything is written. Elementwise methods
-    (``methods.ELEMENTWISE_METHODS``) run on slices of ``chunk_elements`` entries, read into reused
+    (registered ``elementwise=True``) run on slices of ``chunk_elements`` entries, read into reused
     buffers (0: whole tensors); other methods see whole tensors. One I/O thread reads the next slice /
     tensor and writes the previous result while this thread merges, with ``compute_threads`` torch
     intra-op threads (default 1; ``None`` leaves torch's setting). Returns ``output``.
     """
     if not vectors:
         raise MergeConfigError("empty list of task vectors: nothing to merge")
-    if output_kind not in ("model", "task_vector"):
+    if output_kind not in (None, "model", "task_vector"):
         raise MergeConfigError(f'output_kind must be "model" or "task_vector", got {output_kind!r}')
-    fn = get_merge_method(method)
+    spec = get_method_spec(method)
+    fn = spec.fn
+    check_method_arguments(spec, params, weights=weights, fishers=fishers, grams=grams, base_fisher=base_fisher)
     out_dtype = _as_dtype(dtype)
-    # a Hub base: its weights plus every file copied into the output (tokenizer models, chat template)
-    base_dir = hub.resolve_pretrained_dir(base, allow_patterns=_BASE_PATTERNS)
+    # a Hub base: its weights plus every file copied into the output (tokenizer models, chat template, code)
+    base_dir = hub.resolve_pretrained_dir(base, allow_patterns=BASE_PATTERNS)
     vdirs = [hub.resolve_pretrained_dir(v) for v in vectors]
     labels = [f"vector {i} ({v!r})" for i, v in enumerate(vectors)]
     cfgs = [hub.read_json(os.path.join(d, "config.json"), "task vector config") for d in vdirs]
     for lab, c in zip(labels, cfgs):
         if c.get("format") != TV_FORMAT:
             raise hub.HfTaujpError(f"{lab} is not a task vector folder (format {c.get('format')!r})")
-    check_vectors_compatible(cfgs, labels)
-    needs = REQUIRES_STATISTICS.get(method)
+    vec_kind = check_vectors_compatible(cfgs, labels, method)
+    if output_kind is None:
+        output_kind = "task_vector" if vec_kind == "linear" else "model"
+    if vec_kind == "linear" and output_kind == "model":
+        raise MergeConfigError("merging linear (tangent) task vectors gives a tangent, which model weights cannot hold: "
+                               "use output_kind='task_vector' (the default for linear vectors) and apply the result "
+                               "with TaskVector.apply_to(base, linear=True)")
+    needs = spec.needs
     stat_paths = {"fisher": fishers, "gram": grams}.get(needs) if needs else None
     if needs and (not stat_paths or len(stat_paths) != len(vectors)):
         arg = "fishers" if needs == "fisher" else "grams"
         raise MissingStatisticsError(f"method {method!r} needs one {needs} folder per task vector ({arg}=...)")
+    if "base_fisher" in spec.driver_args and base_fisher is None:
+        raise MissingStatisticsError(
+            f"method {method!r} needs the base model's Fisher H0 (base_fisher=...): without it the prior is δ "
+            "alone and the merge equals fisher_average with λ inert; estimate it with estimate_fisher(base, data) "
+            "or use method='fisher_average'")
+    # tied parameters of the base's architecture (hf_taujp.tied), built on the meta device
+    groups = tied_groups_of_folder(base_dir, trust_remote_code=trust_remote_code)
     readers: list[StreamReader] = []
     try:
         base_r = StreamReader(base_dir, _model_prefix(base_dir))
         readers.append(base_r)
         if check_base_model and any(c.get("base_fingerprint") for c in cfgs):
             check_base(cfgs, {_folder_fingerprint(base_r)}, f"{base!r}", labels)
+        base_keys = base_r.keys()
+        base_set = set(base_keys)
+        # canonical name of each tied group: the first member the base folder stores
+        groups = [g for g in groups if any(n in base_set for n in g)]
+        canon_of = {}
+        for g in groups:
+            c = next(n for n in g if n in base_set)
+            canon_of.update({n: c for n in g})
         vec_r = [StreamReader(d, "task_vector") for d in vdirs]
         readers += vec_r
         stat_readers, bfr, stat_cfgs = None, None, []
@@ -165,29 +215,43 @@ def merge_streaming(
             stat_readers = [r for r, _ in pairs]
             stat_cfgs = [c for _, c in pairs]
             readers += stat_readers
-            stat_n = [c.get("num_examples") for c in stat_cfgs]
-            if all(n is not None for n in stat_n):
-                params.setdefault("num_examples", stat_n)
+            bcfg = None
             if base_fisher is not None:
                 bfr, bcfg = _stat_reader(base_fisher, "base fisher")
                 readers.append(bfr)
-                params.setdefault("base_num_examples", bcfg.get("num_examples", 1.0))
-        base_keys = base_r.keys()
-        base_set = set(base_keys)
+            statistics_sizes(spec, [c.get("num_examples") for c in stat_cfgs],
+                             None if bcfg is None else bcfg.get("num_examples"), bfr is not None, params, labels)
+        # per reader: {canonical name: stored name} for tied groups
+        alias = {id(r): _aliases(r, groups, canon_of, lab) for r, lab in zip(vec_r, labels)}
+        for k, r in enumerate(stat_readers or []):
+            alias[id(r)] = _aliases(r, groups, canon_of, f"{needs} of {labels[k]}")
+        if bfr is not None:
+            alias[id(bfr)] = _aliases(bfr, groups, canon_of, "base fisher")
+
+        def stored(r, n):
+            """The name reader ``r`` holds output name ``n`` under, or None."""
+            if r is base_r:
+                return n if n in r else None
+            c = canon_of.get(n)
+            if c is not None and c in alias.get(id(r), {}):
+                return alias[id(r)][c]
+            return n if n in r and c is None else None
+
         for lab, r in zip(labels, vec_r):
-            extra = [k for k in r.keys() if k not in base_set]
+            extra = [k for k in r.keys() if k not in base_set and k not in canon_of]
             if extra:
                 raise hub.BaseModelMismatchError(f"{lab} has parameters missing from the base: {sorted(extra)[:5]}")
             for k in r.keys():
-                if r.shape(k) != base_r.shape(k):
-                    raise hub.BaseModelMismatchError(f"{k}: {lab} has shape {r.shape(k)}, base {base_r.shape(k)}")
+                bk = canon_of.get(k, k)
+                if r.shape(k) != base_r.shape(bk):
+                    raise hub.BaseModelMismatchError(f"{k}: {lab} has shape {r.shape(k)}, base {base_r.shape(bk)}")
         layouts = {}
         for c in stat_cfgs:
             layouts.update(c.get("weight_layout") or {})
         seed = params.pop("seed", None)
         prefix = "model" if output_kind == "model" else "task_vector"
-        in_vec = {n for r in vec_r for n in r.keys()}
-        names = [n for n in base_keys if output_kind == "model" or n in in_vec]
+        in_vec = {n for n in base_keys if any(stored(r, n) is not None for r in vec_r)}
+        names = [n for n in base_keys if output_kind == "model" or (n in in_vec and canon_of.get(n, n) == n)]
 
         def merged_here(n):
             return n in in_vec and base_r.dtype(n).is_floating_point
@@ -197,7 +261,7 @@ def merge_streaming(
             return (out_dtype or bd) if bd.is_floating_point else bd
 
         chunk = int(chunk_elements)
-        sliced = method in ELEMENTWISE_METHODS and chunk > 0
+        sliced = spec.elementwise and chunk > 0
         # Jobs in output order: ("slice", name, start, n) — a range of an elementwise merge, read into
         # reused buffers — or ("full", name, 0, numel) — a whole tensor (copied or merged whole).
         jobs = []
@@ -225,15 +289,17 @@ def merge_streaming(
                 par = j % 2
 
                 def get(r, slot):
-                    return r.read_into(name, start, buf((par, slot), r.dtype(name), n)) if name in r else None
+                    rn = stored(r, name)
+                    return None if rn is None else r.read_into(rn, start, buf((par, slot), r.dtype(rn), n))
             else:
                 par, shape = j % 2, base_r.shape(name)
 
                 def get(r, slot):  # whole tensor, into a reused buffer of the largest tensor's size
-                    if name not in r:
+                    rn = stored(r, name)
+                    if rn is None:
                         return None
-                    out = buf((par, slot, "full"), r.dtype(name), math.prod(r.shape(name)), full_size)
-                    return r.read_into(name, 0, out).reshape(r.shape(name))
+                    out = buf((par, slot, "full"), r.dtype(rn), math.prod(r.shape(rn)), full_size)
+                    return r.read_into(rn, 0, out).reshape(r.shape(rn))
             b = get(base_r, "base")
             if not merged_here(name):
                 return b, None, None, None
@@ -257,8 +323,8 @@ def merge_streaming(
             taus = [torch.zeros(b.shape, dtype=torch.float32) if t is None else
                     (t if t.dtype in (torch.float32, torch.float64) else t.float()) for t in taus]
             kw = dict(params)
-            if seed is not None:
-                kw["seed"] = parameter_seed(seed, name)
+            if seed is not None:  # by the canonical name: a stored tied copy draws the same masks
+                kw["seed"] = parameter_seed(seed, canon_of.get(name, name))
             if stats is not None:
                 if needs == "gram":
                     if any(s is not None for s in stats):
@@ -266,15 +332,19 @@ def merge_streaming(
                         if missing:
                             raise MissingStatisticsError(f"gram of {missing[0]} has no entry for {name} (others do)")
                         kw["grams"] = stats
-                        kw["layout"] = layouts.get(name, "out_in")
+                        kw["layout"] = weight_layout(name, layouts, b.shape, stats[0].shape)
                 else:
                     for k, st in enumerate(stats):
                         if st is None:
                             raise MissingStatisticsError(f"{needs} of {labels[k]} ({stat_paths[k]!r}) has no entry for {name}")
                     kw["fishers"] = stats
-                if bf is not None:
+                if bfr is not None:
+                    if bf is None:  # the in-memory rule: no silent δ-only prior for this parameter
+                        raise MissingStatisticsError(f"base fisher ({base_fisher!r}) has no entry for {name}")
                     kw["base_fisher"] = bf
-            delta = fn(b, taus, weights=weights, name=name, **kw)
+            if "name" in spec.driver_args:
+                kw["name"] = name
+            delta = fn(b, taus, weights=weights, **kw)
             inputs = {t.untyped_storage().data_ptr() for t in [b, *taus, *(stats or []), bf] if t is not None}
             if output_kind == "model":
                 fresh = delta.untyped_storage().data_ptr() not in inputs
@@ -284,7 +354,7 @@ def merge_streaming(
             res = res.to(out_dt(name))
             if res.untyped_storage().data_ptr() in inputs:  # never hand a reused read buffer to the writer
                 res = res.clone()
-            _check_finite(res, name)
+            check_finite(res, name)
             return res
 
         with hub.atomic_dir(output) as tmp:
@@ -316,10 +386,8 @@ def merge_streaming(
                 raise
             writer.close()
             if output_kind == "model":
-                for fname in _COPY:
-                    src = os.path.join(base_dir, fname)
-                    if os.path.isfile(src):
-                        shutil.copy2(src, os.path.join(tmp, fname))
+                for fname in _files_to_copy(base_dir):
+                    shutil.copy2(os.path.join(base_dir, fname), os.path.join(tmp, fname))
                 if out_dtype is not None and os.path.isfile(os.path.join(tmp, "config.json")):
                     cfg = hub.read_json(os.path.join(tmp, "config.json"))
                     cfg["dtype"] = str(out_dtype).replace("torch.", "")
@@ -331,7 +399,7 @@ def merge_streaming(
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump({"format": TV_FORMAT, "format_version": 1, "base_model": c0.get("base_model"),
                                "base_model_revision": c0.get("base_model_revision"),
-                               "base_fingerprint": c0.get("base_fingerprint"), "kind": "nonlinear",
+                               "base_fingerprint": c0.get("base_fingerprint"), "kind": vec_kind,
                                "task": f"merge:{method}", "training": {"merge_recipe": recipe or {}},
                                "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
                                "num_parameters": num}, f, indent=2)
