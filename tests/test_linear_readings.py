@@ -107,8 +107,14 @@ def test_to_peft_saves_a_linearized_adapter_that_peft_reloads(cls, tmp_path):
         torch.testing.assert_close(logits(reloaded(input_ids=IDS)), ref, atol=1e-6, rtol=1e-5)
     if cls is GPT2LMHeadModel:  # and it is the tangent model, not θ0 + ατ (checked against finite differences)
         torch.testing.assert_close(ref.double(), finite_difference_linear(base, tv, 0.7), atol=1e-5, rtol=1e-4)
-    back = TaskVector.from_peft(tmp_path / "adapter")
-    assert back.kind == "linear" and back.base_fingerprint is None
+    if cls is GPT2LMHeadModel:
+        back = TaskVector.from_peft(tmp_path / "adapter")
+        assert back.kind == "linear" and back.base_fingerprint is None
+    else:  # SEQ_CLS saves its head (PEFT's modules_to_save) as full weights: read h − h0 from the loaded model
+        with pytest.raises(HfTaujpError, match="full weights"):
+            TaskVector.from_peft(tmp_path / "adapter")
+        back = TaskVector.from_peft(reloaded)
+        assert back.kind == "linear" and torch.count_nonzero(back["score.weight"]) == 0
     for k in tv.keys():
         torch.testing.assert_close(back[k], 0.7 * tv[k])
     # the rest of each linearized module has τ = 0 (c_fc.bias is in the vector, c_attn.bias is not)

@@ -83,6 +83,15 @@ def _trained_names(model, family, layers, target_modules):
     return names
 
 
+def _prompt_part(example: dict, family: str) -> dict:
+    """The prompt-only part of a labelled causal / seq2seq example (what the τJp penalty sees)."""
+    if family == "causal":  # prompt + answer, labels -100 on the prompt
+        n = sum(1 for y in example["labels"] if y == -100)
+        key = "features" if "features" in example else "input_ids"
+        return {key: example[key][:n]}
+    return {"input_ids": example["input_ids"]}  # seq2seq: the answer is the decoder target
+
+
 @contextlib.contextmanager
 def _weights_of(model):
     """Yield set(alpha, vector) that writes θ0 + α·τ into `model` in place; θ0 is restored on exit."""
@@ -200,12 +209,13 @@ def run_glue(
         encoder.answer_ids(t)  # every label word encodable, words distinct: checked before training
     model_name = getattr(base.config, "_name_or_path", None) or str(model)
     fp = fingerprint(base)
+    n_used = steps * batch_size  # each training row is seen once per method when the split is large enough
     ex = {}
-    for name, t in task_objs.items():
+    for i, (name, t) in enumerate(task_objs.items()):
         r = rows[name]
-        ex[name] = {"train": encoder.encode_train(t, r["train"]), "reg": encoder.encode_prompts(t, r["train"]),
-                    "val": encoder.encode_choices(t, r["val"]), "test": encoder.encode_choices(t, r["test"]),
-                    "heldout": encoder.encode_prompts(t, r["test"][:matrix_examples])}
+        used = _rows(r["train"], n_used, seed + 100 + i)
+        ex[name] = {"train": encoder.encode_train(t, used), "val_prompts": encoder.encode_prompts(t, r["val"]),
+                    "test_prompts": encoder.encode_prompts(t, r["test"])}
     eval_model = base
     start = first_trained_layer(base, names) if family == "causal" else 0
     prefix_info = {"used": False}
@@ -215,12 +225,27 @@ def run_glue(
         eval_model = prefix.suffix_model()
         err = prefix.check(eval_model, ex[task_names[0]]["train"][:4])
         for name in task_names:
-            ex[name] = {k: prefix.features(v, desc=f"frozen prefix {name}/{k}") for k, v in ex[name].items()}
+            answers = encoder.answer_ids(task_objs[name])
+            e = ex[name]
+            e["train"] = prefix.features(e["train"], desc=f"frozen prefix {name}/train")
+            e["val"], _ = prefix.choice_features(e.pop("val_prompts"), answers, desc=f"frozen prefix {name}/val")
+            e["test"], e["test_prompts"] = prefix.choice_features(e["test_prompts"], answers, desc=f"frozen prefix {name}/dev")
         prefix_info = {"used": True, "first_trained_layer": start, "seconds": round(time.time() - t0, 1),
                        "check_max_abs_error": err}
         print(f"[hf-taujp glue] frozen layers 0..{start - 1}: outputs cached in {prefix_info['seconds']} s "
               f"(max logit error vs the full model {err:.2e})")
         del base
+    else:
+        for name, t in task_objs.items():
+            e = ex[name]
+            e["val"] = encoder.encode_choices(t, rows[name]["val"])
+            e["test"] = encoder.encode_choices(t, rows[name]["test"])
+            del e["val_prompts"]
+    for name in task_names:
+        e = ex[name]
+        # τJp inputs = the prompts of the task's training rows (labels dropped); the τJp matrix = held-out dev prompts
+        e["reg"] = [_prompt_part(x, family) for x in e["train"]]
+        e["heldout"] = e.pop("test_prompts")[:matrix_examples]
     eval_model.eval()
     tlabel = {m.name: m.label for m in method_list}
     print(f"[hf-taujp glue] model {model_name} ({family}), tasks {task_names}, methods {[m.name for m in method_list]}, "
@@ -246,7 +271,8 @@ def run_glue(
 
     results = {"model": model_name, "family": family, "tasks": {n: task_objs[n].to_dict() for n in task_names},
                "data": "embedded GLUE sample" if data_dir == EMBEDDED else data_dir,
-               "sizes": {n: {s: len(rows[n][s]) for s in ("train", "val", "test")} for n in task_names},
+               "sizes": {n: {**{s: len(rows[n][s]) for s in ("train", "val", "test")}, "train_used": len(ex[n]["train"])}
+                         for n in task_names},
                "splits": {"val": "held out from train (chooses α)", "test": "GLUE dev set (reported)"},
                "trained_parameters": len(names), "frozen_prefix": prefix_info, "steps": steps,
                "batch_size": batch_size, "learning_rate": learning_rate,

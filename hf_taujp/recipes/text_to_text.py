@@ -314,6 +314,64 @@ class FrozenPrefix:
                 out.append(f)
         return out
 
+    @torch.no_grad()
+    def choice_features(self, prompts: list[dict], answers: list[list[int]], desc: str = "frozen prefix") -> tuple[list[dict], list[dict]]:
+        """Cached features for rank classification: (choices, prompts).
+
+        ``prompts``: prompt-only encoded examples (``input_ids``); ``answers``: the K label words' token
+        ids. The prompt runs through the frozen layers once, then each answer continues from its KV cache
+        (the same tokens for every row, so no padding), instead of K full passes. Returns N·K choice
+        examples (row-major, ``features`` + ``labels`` on the answer, as :meth:`features` of
+        ``encode_choices`` would give) and the N prompt-only examples with ``features``.
+        """
+        cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        choices, prompt_out = [], []
+        was = self.model.training
+        self.model.eval()
+        try:
+            for i in tqdm(range(0, len(prompts), self.batch_size), desc=desc, leave=False):
+                chunk = prompts[i:i + self.batch_size]
+                batch = self.encoder.collate([{"input_ids": e["input_ids"]} for e in chunk])
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                h = self._run(dict(batch, use_cache=True, **{cache_kw: cache}))
+                lengths = [len(e["input_ids"]) for e in chunk]
+                feats = [h[j, h.shape[1] - n:].clone() for j, n in enumerate(lengths)]
+                prompt_out += [{"features": f} for f in feats]
+                per_answer = []
+                for ans in answers:
+                    c = copy.deepcopy(cache)
+                    B, A = len(chunk), len(ans)
+                    mask = torch.cat([batch["attention_mask"], torch.ones(B, A, dtype=torch.long)], 1)
+                    pos = batch["position_ids"][:, -1:] + 1 + torch.arange(A)
+                    ids = torch.tensor([ans] * B, dtype=torch.long)
+                    per_answer.append(self._run({"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                                 "use_cache": True, cache_kw: c}))
+                for j, f in enumerate(feats):
+                    n = lengths[j]
+                    for k, ans in enumerate(answers):
+                        choices.append({"features": torch.cat([f, per_answer[k][j]]), "labels": [-100] * n + list(ans)})
+        finally:
+            self.model.train(was)
+        return choices, prompt_out
+
+    def _run(self, inputs: dict) -> torch.Tensor:
+        captured = {}
+
+        def hook(_m, _inp, out):
+            captured["h"] = out[0] if isinstance(out, tuple) else out
+            raise _StopForward
+
+        handle = self.layers[self.start - 1].register_forward_hook(hook)
+        try:
+            self.model(**inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"]
+
     def suffix_model(self) -> nn.Module:
         """A deep copy of the model with layers < start replaced by pass-through modules."""
         layers = self.layers
