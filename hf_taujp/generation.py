@@ -1,0 +1,313 @@
+"""Generation from linearized models: transformers' ``generate`` over f_lin(x) = f(x; θ0) + J f(x; θ0)·τ.
+
+A linearized causal LM decodes by running the primal f(·; θ0) and the tangent J·τ together at every
+step. Rather than re-implementing decoding, :func:`linearized_generate` runs the base model's own
+``GenerationMixin.generate`` (every argument it takes: ``GenerationConfig``, ``max_new_tokens``,
+``min_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+``num_return_sequences``, ``num_beams``, logits processors, stopping criteria, streamers,
+``use_cache``, …) on the same model whose parameters are, for the duration of the call,
+forward-mode dual tensors ``θ0 + ε·τ`` (``torch.autograd.forward_ad``):
+
+- every activation computed from them is a dual (value, tangent) pair, so the **KV cache**
+  (transformers' own ``DynamicCache``) stores primal keys/values *and* their tangents in the same
+  tensors, and each decoding step costs one token (O(n) per step instead of re-reading the prefix);
+  beam reordering, ``num_return_sequences`` expansion and cache cropping act on both;
+- a forward hook on the model turns the dual logits into ``primal + tangent`` = f_lin(x) before
+  generate's logits processors see them (the hook is the one place the linearization meets decoding);
+- encoder-decoder models (T5) are covered by the same mechanism: the encoder runs once with dual
+  parameters and its outputs carry their tangents into every cross-attention step.
+
+Why dual tensors rather than ``torch.func.jvp`` per step: a ``DynamicCache`` is not a pytree of
+tensors, so inside ``jvp`` the cache would have to be flattened into explicit (K, V, tK, tV) inputs and
+rebuilt at every step, model by model; dual tensors live *inside* the ordinary cache object. The
+tangents are exactly those of ``torch.func.jvp`` (the same forward-AD formulas); tests check the
+generated logits against :class:`~hf_taujp.linearize.LinearizedModule`'s jvp forward and against
+float64 finite differences.
+
+Speed. PyTorch's forward AD is slow for a binary op between a dual and a plain operand (``0.5 * x``,
+``x + mask``): the missing tangent becomes an ``_efficientzerotensor`` whose kernels compute output
+shapes through Python meta functions, ≈ 60–230 µs per op whatever the size (measured here, torch 2.13
+CPU; an activation like GPT-2's tanh-GELU has four such ops). During generation a torch-function mode
+(:class:`FastForwardAD`) computes those ops from their primal and tangent explicitly (same values),
+and computes linear layers as ``W·[x; ẋ]`` in one matmul plus ``τ·x`` (two weight reads per layer
+instead of three). See ``benchmarks/bench_generation.py`` for the numbers.
+
+Limits: a cache passed in (``past_key_values``) cannot carry tangents from an earlier call and is
+refused; the cache of a ``return_dict_in_generate`` output is returned as ``None`` (its tangents end
+with the call). Static / offloaded / quantized cache implementations are refused (they copy into
+preallocated plain buffers, dropping tangents). Attention runs on a forward-AD-capable path
+(:func:`hf_taujp.attention.forward_ad_attention`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode
+
+from .attention import forward_ad_attention
+from .hub import HfTaujpError
+
+__all__ = ["linearized_generate", "FastForwardAD"]
+
+# Cache implementations that keep the tensors ``update`` returns (torch.cat of duals keeps tangents).
+_DUAL_SAFE_CACHES = (None, "dynamic")
+_CACHE_KWARGS = ("cache", "past_key_values", "cache_params")  # transformers 5.24 renamed the first two
+
+
+# --------------------------------------------------------------------------------------------
+# Fast paths for forward AD
+# --------------------------------------------------------------------------------------------
+def _split(x: Any) -> tuple[Any, torch.Tensor | None]:
+    if isinstance(x, torch.Tensor):
+        p, t = fwAD.unpack_dual(x)
+        return p, t
+    return x, None
+
+
+def _operand(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) or (isinstance(x, numbers.Number) and not isinstance(x, complex))
+
+
+def _fit(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A tangent with the primal's dtype and shape (broadcast operands give a larger output)."""
+    if t.dtype != p.dtype:
+        t = t.to(p.dtype)
+    if t.shape != p.shape:
+        t = t.expand(p.shape).contiguous()
+    return t
+
+
+def _mul(a, b):
+    pa, ta = _split(a)
+    pb, tb = _split(b)
+    if (ta is None) == (tb is None):  # both dual (product rule needs both terms) or none: default path
+        return NotImplemented
+    p = pa * pb
+    return fwAD.make_dual(p, _fit(ta * pb if ta is not None else pa * tb, p))
+
+
+def _add(a, b, alpha=1):
+    pa, ta = _split(a)
+    pb, tb = _split(b)
+    if (ta is None) == (tb is None):
+        return NotImplemented
+    p = pa + pb if alpha == 1 else pa + alpha * pb
+    t = ta if ta is not None else (tb if alpha == 1 else alpha * tb)
+    return fwAD.make_dual(p, _fit(t, p))
+
+
+def _div(a, b):
+    pa, ta = _split(a)
+    pb, tb = _split(b)
+    if ta is None or tb is not None:  # only dual / plain: d(a/b) = da / b
+        return NotImplemented
+    p = pa / pb
+    return fwAD.make_dual(p, _fit(ta / pb, p))
+
+
+def _linear(x, weight, bias=None):
+    """F.linear with W·[x; ẋ] in one matmul: out = W·x + b, tangent = W·ẋ + τ_W·x + τ_b."""
+    px, tx = _split(x)
+    pw, tw = _split(weight)
+    pb, tb = _split(bias) if bias is not None else (None, None)
+    if tx is None and tw is None:
+        return NotImplemented
+    if tx is not None:
+        both = nn.functional.linear(torch.stack((px, tx)), pw)
+        p, t = both[0], both[1]
+    else:
+        p, t = nn.functional.linear(px, pw), None
+    if tw is not None:
+        t = nn.functional.linear(px, tw) if t is None else t + nn.functional.linear(px, tw)
+    if pb is not None:
+        p = p + pb
+        if tb is not None:
+            t = t + tb
+    return fwAD.make_dual(p, _fit(t, p))
+
+
+def _addmm(bias, x, weight, *, beta=1, alpha=1):
+    """torch.addmm (GPT-2's Conv1D: b + x·W) with the primal and input tangent in one matmul."""
+    if beta != 1 or alpha != 1 or x.dim() != 2:
+        return NotImplemented
+    px, tx = _split(x)
+    pw, tw = _split(weight)
+    pb, tb = _split(bias)
+    if tx is None and tw is None:
+        return NotImplemented
+    if tx is not None:
+        both = torch.cat((px, tx)).mm(pw)
+        p, t = both[: px.shape[0]], both[px.shape[0]:]
+    else:
+        p, t = px.mm(pw), None
+    if tw is not None:
+        t = px.mm(tw) if t is None else t + px.mm(tw)
+    p = p + pb
+    if tb is not None:
+        t = t + tb
+    return fwAD.make_dual(p, _fit(t, p))
+
+
+_T = torch.Tensor
+_BINARY = {
+    _T.__mul__: _mul, _T.__rmul__: lambda a, b: _mul(b, a), torch.mul: _mul, _T.mul: _mul,
+    _T.__add__: _add, _T.__radd__: lambda a, b: _add(b, a), torch.add: _add, _T.add: _add,
+    _T.__sub__: lambda a, b: _add(a, b, -1), _T.__rsub__: lambda a, b: _add(b, a, -1),
+    torch.sub: lambda a, b: _add(a, b, -1), _T.sub: lambda a, b: _add(a, b, -1),
+    _T.__truediv__: _div, torch.div: _div, _T.div: _div,
+}
+
+
+class FastForwardAD(TorchFunctionMode):
+    """Torch-function mode that evaluates a few hot ops on dual tensors from primal and tangent explicitly.
+
+    - binary ``*``, ``+``, ``-``, ``/`` with exactly one dual operand: d(a∘b) from the dual side only,
+      instead of PyTorch's zero-tensor tangent for the plain side (slow, see the module docstring);
+    - ``F.linear`` / ``torch.addmm`` with a dual input: W·[x; ẋ] as one matmul (W read once), plus τ·x.
+
+    Values are those of PyTorch's own rules up to float rounding; every other op (and every call
+    with keyword arguments this mode does not know) takes the default path. Active only inside
+    :func:`linearized_generate`.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunction():
+            out = NotImplemented
+            f = _BINARY.get(func)
+            if f is not None:
+                if len(args) == 2 and not kwargs and _operand(args[0]) and _operand(args[1]):
+                    out = f(*args)
+            elif func is nn.functional.linear:
+                if len(args) + len(kwargs) <= 3 and set(kwargs) <= {"bias"}:
+                    out = _linear(*args, **kwargs)
+            elif func is torch.addmm:
+                if len(args) == 3 and set(kwargs) <= {"beta", "alpha"}:
+                    out = _addmm(*args, **kwargs)
+            if out is NotImplemented:
+                return func(*args, **kwargs)
+            return out
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+def _collapse(x: Any) -> Any:
+    """Dual → primal + tangent (f_lin's value), through tuples, lists and ModelOutputs; other objects
+    (a Cache) unchanged."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            return x
+        p, t = fwAD.unpack_dual(x)
+        return p if t is None else p + t
+    if isinstance(x, Mapping):
+        for k in list(x.keys()):
+            if k not in _CACHE_KWARGS:
+                x[k] = _collapse(x[k])
+        return x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_collapse(v) for v in x)
+    return x
+
+
+def _linearized_output_hook(module, args, output):
+    return _collapse(output)
+
+
+def _check_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    for k in _CACHE_KWARGS:
+        if kwargs.get(k) is not None:
+            raise HfTaujpError(
+                f"linearized generate() does not take `{k}`: a cache from another call holds no tangents "
+                "J·τ of its keys/values. Pass the full prompt instead."
+            )
+    config = kwargs.get("generation_config")
+    impl = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    if impl is None:
+        impl = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    if impl not in _DUAL_SAFE_CACHES:
+        raise HfTaujpError(
+            f"linearized generate() supports the dynamic KV cache only, not cache_implementation={impl!r} "
+            "(it copies keys/values into preallocated buffers, which would drop their tangents)."
+        )
+    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+        raise HfTaujpError("linearized generate() does not support assisted / speculative decoding.")
+    if not hasattr(model, "generate"):
+        raise HfTaujpError(f"{type(model).__name__} has no generate(): not a generative transformers model.")
+
+
+@torch.no_grad()
+def linearized_generate(
+    model: nn.Module,
+    primals: Mapping[str, torch.Tensor],
+    tangents: Mapping[str, torch.Tensor],
+    *args,
+    fast: bool = True,
+    **kwargs,
+):
+    """``model.generate(*args, **kwargs)`` decoding from f_lin(x) = f(x; θ0) + J f(x; θ0)·τ.
+
+    Args:
+        model: a transformers generative model (``GenerationMixin``: causal LM or encoder-decoder);
+            its parameters named in ``primals`` are θ0.
+        primals: ``{param name: θ0}`` (``model.named_parameters()`` names, tied weights once).
+        tangents: ``{param name: τ}``, same keys and shapes; cast to the primal dtype (PEFT keeps τ in
+            fp32 on bf16 models).
+        *args, **kwargs: everything transformers' ``generate`` takes (``input_ids``, ``attention_mask``,
+            ``generation_config``, ``max_new_tokens``, ``do_sample``, ``top_p``, ``num_beams``,
+            ``logits_processor``, ``use_cache``, …), with the same meaning and defaults
+            (``model.generation_config``).
+        fast: use :class:`FastForwardAD` (default); ``False`` keeps PyTorch's own forward-AD rules
+            everywhere (same values to float rounding, slower).
+
+    Returns:
+        What ``generate`` returns: token ids (batch·num_return_sequences, prompt + new) or a
+        ``GenerateOutput`` whose ``logits`` / ``scores`` / hidden states are those of f_lin, and whose
+        ``past_key_values`` is ``None``.
+
+    Raises:
+        HfTaujpError: a ``past_key_values`` / ``cache`` argument, a non-dynamic cache implementation,
+            assisted decoding, mismatched primals/tangents, or a model without ``generate``.
+
+    Cost per new token with the cache: one forward-mode pass over one token, ≈ 2–3× an ordinary cached
+    step in matmul work (W·[x; ẋ] and τ·x per layer); without the cache (``use_cache=False``) each step
+    re-reads the whole prefix, O(n²) over the sequence.
+    """
+    _check_kwargs(model, args, kwargs)
+    missing = [k for k in primals if k not in tangents]
+    extra = [k for k in tangents if k not in primals]
+    if missing or extra:
+        raise HfTaujpError(f"Tangents do not match primals: missing {missing[:5]}, unexpected {extra[:5]}.")
+    for k, p in primals.items():
+        if tuple(tangents[k].shape) != tuple(p.shape):
+            raise HfTaujpError(f"Tangent {k!r} has shape {tuple(tangents[k].shape)}, parameter has {tuple(p.shape)}.")
+    from .linearize import _no_gradient_checkpointing  # one implementation of the checkpointing switch
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fwAD.dual_level())
+        duals = {k: fwAD.make_dual(p.detach(), tangents[k].detach().to(dtype=p.dtype, device=p.device))
+                 for k, p in primals.items()}
+        stack.enter_context(_no_gradient_checkpointing(model))
+        stack.enter_context(forward_ad_attention(model))
+        stack.enter_context(_reparametrize_module(model, duals, tie_weights=True, strict=False))
+        handle = model.register_forward_hook(_linearized_output_hook)
+        stack.callback(handle.remove)
+        if fast:
+            stack.enter_context(FastForwardAD())
+        out = model.generate(*args, **kwargs)
+        if isinstance(out, Mapping):
+            # Encoder states come from generate's own encoder call (not through the hook); the cache's
+            # tangents die with the dual level, so it is not returned.
+            for k in list(out.keys()):  # keys(): `in` on a ModelOutput warns about the old cache names
+                if k in _CACHE_KWARGS:
+                    out[k] = None
+            out = _collapse(out)
+        return out
