@@ -28,9 +28,10 @@ Speed. PyTorch's forward AD is slow for a binary op between a dual and a plain o
 ``x + mask``): the missing tangent becomes an ``_efficientzerotensor`` whose kernels compute output
 shapes through Python meta functions, ≈ 60–230 µs per op whatever the size (measured here, torch 2.13
 CPU; an activation like GPT-2's tanh-GELU has four such ops). During generation a torch-function mode
-(:class:`FastForwardAD`) computes those ops from their primal and tangent explicitly (same values),
-and computes linear layers as ``W·[x; ẋ]`` in one matmul plus ``τ·x`` (two weight reads per layer
-instead of three). See ``benchmarks/bench_generation.py`` for the numbers.
+(:class:`FastForwardAD`) computes those ops, and linear layers, from their primal and tangent
+explicitly (same values). A linear layer still costs three matrix-vector products per token (W·x, W·ẋ,
+τ·x) against one: stacking [x; ẋ] into one two-row matmul was tried and is no faster with MKL on CPU
+(a two-row sgemm costs two one-row ones here). See ``benchmarks/bench_generation.py`` for the numbers.
 
 Limits: a cache passed in (``past_key_values``) cannot carry tangents from an earlier call and is
 refused; the cache of a ``return_dict_in_generate`` output is returned as ``None`` (its tangents end
@@ -114,43 +115,34 @@ def _div(a, b):
 
 
 def _linear(x, weight, bias=None):
-    """F.linear with W·[x; ẋ] in one matmul: out = W·x + b, tangent = W·ẋ + τ_W·x + τ_b."""
+    """F.linear: out = W·x + b, tangent = W·ẋ + τ_W·x + τ_b with the terms of plain operands left out."""
     px, tx = _split(x)
     pw, tw = _split(weight)
     pb, tb = _split(bias) if bias is not None else (None, None)
     if tx is None and tw is None:
         return NotImplemented
-    if tx is not None:
-        both = nn.functional.linear(torch.stack((px, tx)), pw)
-        p, t = both[0], both[1]
-    else:
-        p, t = nn.functional.linear(px, pw), None
+    p = nn.functional.linear(px, pw, pb)
+    t = nn.functional.linear(tx, pw) if tx is not None else None
     if tw is not None:
         t = nn.functional.linear(px, tw) if t is None else t + nn.functional.linear(px, tw)
-    if pb is not None:
-        p = p + pb
-        if tb is not None:
-            t = t + tb
+    if tb is not None:
+        t = t + tb
     return fwAD.make_dual(p, _fit(t, p))
 
 
 def _addmm(bias, x, weight, *, beta=1, alpha=1):
-    """torch.addmm (GPT-2's Conv1D: b + x·W) with the primal and input tangent in one matmul."""
-    if beta != 1 or alpha != 1 or x.dim() != 2:
+    """torch.addmm (GPT-2's Conv1D: b + x·W), same rule as :func:`_linear`."""
+    if beta != 1 or alpha != 1:
         return NotImplemented
     px, tx = _split(x)
     pw, tw = _split(weight)
     pb, tb = _split(bias)
     if tx is None and tw is None:
         return NotImplemented
-    if tx is not None:
-        both = torch.cat((px, tx)).mm(pw)
-        p, t = both[: px.shape[0]], both[px.shape[0]:]
-    else:
-        p, t = px.mm(pw), None
+    p = torch.addmm(pb, px, pw)
+    t = tx.mm(pw) if tx is not None else None
     if tw is not None:
         t = px.mm(tw) if t is None else t + px.mm(tw)
-    p = p + pb
     if tb is not None:
         t = t + tb
     return fwAD.make_dual(p, _fit(t, p))
@@ -171,7 +163,9 @@ class FastForwardAD(TorchFunctionMode):
 
     - binary ``*``, ``+``, ``-``, ``/`` with exactly one dual operand: d(a∘b) from the dual side only,
       instead of PyTorch's zero-tensor tangent for the plain side (slow, see the module docstring);
-    - ``F.linear`` / ``torch.addmm`` with a dual input: W·[x; ẋ] as one matmul (W read once), plus τ·x.
+    - ``F.linear`` / ``torch.addmm`` (a layer's W·x + b): the tangent W·ẋ + τ·x + τ_b from the dual
+      operands only (a layer left out of the linearization has a plain W: PyTorch's rule would
+      multiply x by a zero-tensor tangent, the slow path above).
 
     Values are those of PyTorch's own rules up to float rounding; every other op (and every call
     with keyword arguments this mode does not know) takes the default path. Active only inside
@@ -179,22 +173,39 @@ class FastForwardAD(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # The mode is popped off the stack while this runs, so calls below take the default path.
         kwargs = kwargs or {}
-        with torch._C.DisableTorchFunction():
-            out = NotImplemented
-            f = _BINARY.get(func)
-            if f is not None:
-                if len(args) == 2 and not kwargs and _operand(args[0]) and _operand(args[1]):
-                    out = f(*args)
-            elif func is nn.functional.linear:
-                if len(args) + len(kwargs) <= 3 and set(kwargs) <= {"bias"}:
-                    out = _linear(*args, **kwargs)
-            elif func is torch.addmm:
-                if len(args) == 3 and set(kwargs) <= {"beta", "alpha"}:
-                    out = _addmm(*args, **kwargs)
-            if out is NotImplemented:
-                return func(*args, **kwargs)
-            return out
+        rule = _RULES.get(func)
+        if rule is not None:
+            out = rule(args, kwargs)
+            if out is not NotImplemented:
+                return out
+        return func(*args, **kwargs)
+
+
+def _binary_rule(f):
+    def rule(args, kwargs):
+        if len(args) == 2 and not kwargs and _operand(args[0]) and _operand(args[1]):
+            return f(*args)
+        return NotImplemented
+    return rule
+
+
+def _linear_rule(args, kwargs):
+    if len(args) + len(kwargs) <= 3 and set(kwargs) <= {"bias"}:
+        return _linear(*args, **kwargs)
+    return NotImplemented
+
+
+def _addmm_rule(args, kwargs):
+    if len(args) == 3 and set(kwargs) <= {"beta", "alpha"}:
+        return _addmm(*args, **kwargs)
+    return NotImplemented
+
+
+_RULES = {func: _binary_rule(f) for func, f in _BINARY.items()}
+_RULES[nn.functional.linear] = _linear_rule
+_RULES[torch.addmm] = _addmm_rule
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +288,8 @@ def linearized_generate(
         HfTaujpError: a ``past_key_values`` / ``cache`` argument, a non-dynamic cache implementation,
             assisted decoding, mismatched primals/tangents, or a model without ``generate``.
 
-    Cost per new token with the cache: one forward-mode pass over one token, ≈ 2–3× an ordinary cached
-    step in matmul work (W·[x; ẋ] and τ·x per layer); without the cache (``use_cache=False``) each step
+    Cost per new token with the cache: one forward-mode pass over one token, 3× an ordinary cached step
+    in matmul work (W·x, W·ẋ and τ·x per layer) plus forward AD's element-wise kernels; without the cache (``use_cache=False``) each step
     re-reads the whole prefix, O(n²) over the sequence.
     """
     _check_kwargs(model, args, kwargs)

@@ -25,6 +25,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from hf_taujp import generation
 from hf_taujp.generation import FastForwardAD, linearized_generate
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.linearize import linearize
@@ -208,23 +209,31 @@ def test_fast_forward_ad_rules_equal_torch_func_jvp(case):
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     x, tx, w, tw, b, tb = r(3, 4), r(3, 4), r(5, 4), r(5, 4), r(5), r(5)
-    y, xp = r(1, 4), r(3, 4)  # plain operands (no tangent)
+    y, xp, wp = r(1, 4), r(3, 4), r(5, 4)  # plain operands (no tangent): inputs, a layer left out
     fn = {
         "scalar": lambda x, w, b: [0.5 * x, x + 1.0, x - 2, x / 4.0, 3 - x, 2.0 + x, torch.mul(x, 0.3)],
         "broadcast": lambda x, w, b: [x * y, x + y, x - y, x / (y.abs() + 1), torch.add(x, y), y * x, b[:, None] * y],
         "reversed": lambda x, w, b: [y - x, y + x, y * x, torch.sub(y, x)],
         "linear": lambda x, w, b: [nn.functional.linear(x, w, b), nn.functional.linear(xp, w, b),
-                                   nn.functional.linear(x, w.detach() * 0 + w.sum() * 0 + r(5, 4))],
+                                   nn.functional.linear(x, wp, b), nn.functional.linear(x, wp)],
         "linear_no_bias": lambda x, w, b: [nn.functional.linear(x[None], w), nn.functional.linear(xp, w)],
-        "addmm": lambda x, w, b: [torch.addmm(b, x, w.t()), torch.addmm(b, xp, w.t()), torch.addmm(tb, x, tw.t())],
+        "addmm": lambda x, w, b: [torch.addmm(b, x, w.t()), torch.addmm(b, xp, w.t()), torch.addmm(b, x, wp.t())],
     }[case]
-    g.manual_seed(1)
     want_p, want_t = torch.func.jvp(fn, (x, w, b), (tx, tw, tb))
-    g.manual_seed(1)
     with fwAD.dual_level():
         with FastForwardAD():
             got = fn(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw), fwAD.make_dual(b, tb))
         pairs = [fwAD.unpack_dual(o) for o in got]
-    for (p, t), wp, wt in zip(pairs, want_p, want_t, strict=True):
-        torch.testing.assert_close(p, wp)
-        torch.testing.assert_close(t, wt)
+    for (p, t), ref_p, ref_t in zip(pairs, want_p, want_t, strict=True):
+        torch.testing.assert_close(p, ref_p)
+        torch.testing.assert_close(t, ref_t)
+
+
+def test_fast_rules_take_over_mixed_dual_plain_ops_and_leave_the_rest():
+    rules = generation._RULES
+    with fwAD.dual_level():
+        d = fwAD.make_dual(torch.ones(2), torch.ones(2))
+        assert rules[torch.Tensor.__mul__]((d, 0.5), {}) is not NotImplemented  # one dual side: explicit rule
+        assert rules[torch.Tensor.__mul__]((d, d), {}) is NotImplemented  # product rule: PyTorch's own
+        assert rules[torch.add]((d, 1.0), {"alpha": 2}) is NotImplemented  # unknown keyword: PyTorch's own
+        assert rules[torch.Tensor.__mul__]((torch.ones(2), 0.5), {}) is NotImplemented  # no dual at all
