@@ -229,8 +229,58 @@ def _collapse(x: Any) -> Any:
     return x
 
 
-def _linearized_output_hook(module, args, output):
-    return _collapse(output)
+class _LinearizedOutputs:
+    """The hooks where the linearization meets decoding.
+
+    On the model: every output of a forward becomes primal + tangent (f_lin) before generate reads it.
+    On the output layer (an ``nn.Linear`` head, e.g. ``lm_head``): when its result *is* the returned
+    ``logits`` (no soft-capping or other op after it, which the first forward checks), primal and
+    tangent are only ever summed, so from the second forward on the head computes
+    f_lin = W·(x + ẋ) + τ_W·x (+ b + τ_b) directly: two matrix-vector products instead of three, the
+    largest matmul of a decoding step at GPT-2's vocabulary.
+    """
+
+    def __init__(self, model: nn.Module, fuse_head: bool):
+        self.handles = [model.register_forward_hook(self._model_hook)]
+        head = model.get_output_embeddings() if fuse_head and hasattr(model, "get_output_embeddings") else None
+        # Only a plain Linear head whose forward is the class's (no accelerate / PEFT hook in its place).
+        self.head = head if type(head) is nn.Linear and "forward" not in vars(head) else None
+        self.head_out = None
+        self.fused = False
+        if self.head is not None:
+            self.handles.append(self.head.register_forward_hook(self._record_head))
+
+    def _record_head(self, module, args, output):
+        self.head_out = output
+
+    def _fused_head(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        px, tx = fwAD.unpack_dual(x)
+        pw, tw = fwAD.unpack_dual(head.weight)
+        pb, tb = fwAD.unpack_dual(head.bias) if head.bias is not None else (None, None)
+        out = nn.functional.linear(px if tx is None else px + tx, pw, pb)  # W·(x + ẋ) + b
+        if tw is not None:
+            out = out + nn.functional.linear(px, tw)  # + τ_W·x
+        if tb is not None:
+            out = out + tb
+        return out
+
+    def _model_hook(self, module, args, output):
+        if self.head is not None and not self.fused:
+            logits = output.get("logits") if isinstance(output, Mapping) else None
+            if logits is not None and logits is self.head_out:
+                self.fused = True
+                self.head.forward = self._fused_head  # instance attribute: nn.Module.__call__ uses it
+            else:
+                self.head = None  # something acts on the head's output: keep primal and tangent apart
+            self.head_out = None
+        return _collapse(output)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        if self.fused:
+            del self.head.forward
 
 
 def _check_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -309,8 +359,7 @@ def linearized_generate(
         stack.enter_context(_no_gradient_checkpointing(model))
         stack.enter_context(forward_ad_attention(model))
         stack.enter_context(_reparametrize_module(model, duals, tie_weights=True, strict=False))
-        handle = model.register_forward_hook(_linearized_output_hook)
-        stack.callback(handle.remove)
+        stack.callback(_LinearizedOutputs(model, fuse_head=fast).close)
         if fast:
             stack.enter_context(FastForwardAD())
         out = model.generate(*args, **kwargs)

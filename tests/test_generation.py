@@ -144,6 +144,39 @@ def test_beam_search_and_num_return_sequences_reorder_the_tangent_cache():
     torch.testing.assert_close(cached.sequences_scores, free.sequences_scores, atol=1e-5, rtol=1e-5)
 
 
+class SoftCappedGPT2(GPT2LMHeadModel):
+    """Logits soft-capped after the output layer (as Gemma 2 does): f_lin must linearize the tanh too."""
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+        out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+        return out
+
+
+@pytest.mark.parametrize("capped", [False, True])
+def test_output_layer_sums_primal_and_tangent_only_when_its_result_is_the_logits(capped, monkeypatch):
+    base = SoftCappedGPT2(tiny_gpt2().config).eval() if capped else tiny_gpt2()
+    lin = linearize(base, tangents=random_tau(base, scale=0.2))
+    calls = []
+    fused = generation._LinearizedOutputs._fused_head
+    monkeypatch.setattr(generation._LinearizedOutputs, "_fused_head", lambda self, x: calls.append(1) or fused(self, x))
+    x = torch.randint(2, V, (2, 5))
+    out = run(lin, input_ids=x, max_new_tokens=5, min_new_tokens=5)
+    assert len(calls) == (0 if capped else 4)  # every step after the checking first one
+    torch.testing.assert_close(step_logits(out), lin(input_ids=out.sequences[:, :-1]).logits[:, 4:], atol=2e-5, rtol=1e-5)
+    assert "forward" not in vars(base.lm_head)  # the head's own forward is back
+
+
+@pytest.mark.parametrize("linearized", ["weight_only", "left_out"])
+def test_fused_output_layer_with_a_partially_linearized_head(linearized):
+    base = tiny_llama()  # untied lm_head
+    tau = {n: t for n, t in random_tau(base).items() if (n == "lm_head.weight") == (linearized == "weight_only")}
+    lin = linearize(base, tangents=tau)
+    x = torch.randint(2, V, (2, 5))
+    out = run(lin, input_ids=x, max_new_tokens=4, min_new_tokens=4)
+    torch.testing.assert_close(step_logits(out), lin(input_ids=out.sequences[:, :-1]).logits[:, 4:], atol=2e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- PEFT and T5
 def test_peft_causal_lm_generate_takes_generation_config_and_logits_processors():
     base = tiny_gpt2()
