@@ -13,7 +13,8 @@ forward-mode dual tensors ``θ0 + ε·τ`` (``torch.autograd.forward_ad``):
   tensors, and each decoding step costs one token (O(n) per step instead of re-reading the prefix);
   beam reordering, ``num_return_sequences`` expansion and cache cropping act on both;
 - a forward hook on the model turns the dual logits into ``primal + tangent`` = f_lin(x) before
-  generate's logits processors see them (the hook is the one place the linearization meets decoding);
+  generate's logits processors see them (:class:`_LinearizedOutputs` is the one place the
+  linearization meets decoding);
 - encoder-decoder models (T5) are covered by the same mechanism: the encoder runs once with dual
   parameters and its outputs carry their tangents into every cross-attention step.
 
@@ -25,13 +26,16 @@ generated logits against :class:`~hf_taujp.linearize.LinearizedModule`'s jvp for
 float64 finite differences.
 
 Speed. PyTorch's forward AD is slow for a binary op between a dual and a plain operand (``0.5 * x``,
-``x + mask``): the missing tangent becomes an ``_efficientzerotensor`` whose kernels compute output
-shapes through Python meta functions, ≈ 60–230 µs per op whatever the size (measured here, torch 2.13
-CPU; an activation like GPT-2's tanh-GELU has four such ops). During generation a torch-function mode
-(:class:`FastForwardAD`) computes those ops, and linear layers, from their primal and tangent
-explicitly (same values). A linear layer still costs three matrix-vector products per token (W·x, W·ẋ,
-τ·x) against one: stacking [x; ẋ] into one two-row matmul was tried and is no faster with MKL on CPU
-(a two-row sgemm costs two one-row ones here). See ``benchmarks/bench_generation.py`` for the numbers.
+``x + mask``): the missing tangent becomes an ``_efficientzerotensor``, whose kernels find the output
+shape by running the op on the Meta device, and torch registers Python meta kernels for ``aten::mul``
+and friends (``torch/_meta_registrations.py``, in place of the C++ ones): ≈ 60–230 µs per op whatever
+the size (torch 2.13 CPU; GPT-2's tanh-GELU has four such ops; ``torch.func.jvp`` pays the same). During
+generation a torch-function mode (:class:`FastForwardAD`) computes those ops, and linear layers, from
+their primal and tangent explicitly (same values). A linear layer still costs three matrix-vector
+products per token (W·x, W·ẋ, τ·x) against one; stacking [x; ẋ] into one two-row matmul was tried
+and is no faster with MKL on CPU (a two-row sgemm costs two one-row ones here). The output layer needs
+only the sum, f_lin = W·(x + ẋ) + τ·x: two products (see :class:`_LinearizedOutputs`). Numbers:
+``benchmarks/bench_generation.py``.
 
 Limits: a cache passed in (``past_key_values``) cannot carry tangents from an earlier call and is
 refused; the cache of a ``return_dict_in_generate`` output is returned as ``None`` (its tangents end
