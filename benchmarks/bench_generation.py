@@ -1,7 +1,8 @@
 """Tokens/s of generation from a linearized causal LM, with and without the tangent-carrying KV cache.
 
-Command (the README's numbers):
-    python benchmarks/bench_generation.py --threads 1
+Commands (the README's numbers):
+    python benchmarks/bench_generation.py --threads 1               # GPT-2's vocabulary
+    python benchmarks/bench_generation.py --threads 1 --vocab 1000  # the transformer body dominates
 
 Model: GPT-2 architecture, random init, ``--layers 4 --hidden 256 --heads 4`` and GPT-2's vocabulary
 (50257; ``--vocab`` to change), batch 1, an 8-token prompt, greedy decoding with
@@ -10,16 +11,17 @@ linearized). Columns, each through ``generate(input_ids=..., max_new_tokens=N, .
 
 - ``ordinary``: the base model's own cached ``generate`` (the floor);
 - ``lin cached``: ``hf_taujp.linearize(model, tangents=τ).generate(...)``: dual-tensor parameters, the
-  KV cache carrying keys/values and their tangents, :class:`hf_taujp.generation.FastForwardAD` on;
+  KV cache carrying keys/values and their tangents, :class:`hf_taujp.generation.FastForwardAD` and the
+  summed output layer on;
 - ``lin torch-AD``: the same with PyTorch's own forward-AD rules everywhere (``fast=False``);
 - ``lin no cache``: ``use_cache=False``: each step re-reads the whole prefix (O(n²)).
 
 One warm-up call per column, then ``--repeats`` timed calls (default 1: one run) in interleaved order;
 the median is printed. Time is the process's CPU time (``time.process_time``): with one thread it is the
 wall time of a quiet machine, and it does not count the time another process holds the core (the
-machine these numbers come from is shared; wall time is printed too). Targets (issue 11): lin cached ≥ 3× faster than lin no cache at 256 new tokens, and
-≤ 2.2× the time of ordinary cached generation. On a shared machine the load average is printed: compare
-runs made under similar load.
+machine these numbers come from is shared; wall time is printed too). Targets (issue 11): lin cached
+≥ 3× faster than lin no cache at 256 new tokens, and ≤ 2.2× the time of ordinary cached generation.
+The load average is printed: compare runs made under similar load.
 """
 
 import argparse

@@ -343,8 +343,9 @@ def linearized_generate(
             assisted decoding, mismatched primals/tangents, or a model without ``generate``.
 
     Cost per new token with the cache: one forward-mode pass over one token, 3× an ordinary cached step
-    in matmul work (W·x, W·ẋ and τ·x per layer) plus forward AD's element-wise kernels; without the cache (``use_cache=False``) each step
-    re-reads the whole prefix, O(n²) over the sequence.
+    in matmul work (W·x, W·ẋ and τ·x per layer; the output layer two) plus forward AD's element-wise
+    kernels; without the cache (``use_cache=False``) each step re-reads the whole prefix, O(n²) over the
+    sequence.
     """
     _check_kwargs(model, args, kwargs)
     missing = [k for k in primals if k not in tangents]

@@ -163,7 +163,8 @@ def test_output_layer_sums_primal_and_tangent_only_when_its_result_is_the_logits
     x = torch.randint(2, V, (2, 5))
     out = run(lin, input_ids=x, max_new_tokens=5, min_new_tokens=5)
     assert len(calls) == (0 if capped else 4)  # every step after the checking first one
-    torch.testing.assert_close(step_logits(out), lin(input_ids=out.sequences[:, :-1]).logits[:, 4:], atol=2e-5, rtol=1e-5)
+    ref = lin(input_ids=out.sequences[:, :-1]).logits[:, 4:]
+    torch.testing.assert_close(step_logits(out), ref, atol=2e-5, rtol=1e-5)
     assert "forward" not in vars(base.lm_head)  # the head's own forward is back
 
 
@@ -174,7 +175,8 @@ def test_fused_output_layer_with_a_partially_linearized_head(linearized):
     lin = linearize(base, tangents=tau)
     x = torch.randint(2, V, (2, 5))
     out = run(lin, input_ids=x, max_new_tokens=4, min_new_tokens=4)
-    torch.testing.assert_close(step_logits(out), lin(input_ids=out.sequences[:, :-1]).logits[:, 4:], atol=2e-5, rtol=1e-5)
+    ref = lin(input_ids=out.sequences[:, :-1]).logits[:, 4:]
+    torch.testing.assert_close(step_logits(out), ref, atol=2e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- PEFT and T5
