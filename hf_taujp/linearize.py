@@ -455,13 +455,11 @@ class LinearizedModule(nn.Module):
         primal, tangent = self.jvp(*args, **kwargs)
         return with_loss(self.base_model, add_outputs(primal, tangent), loss_args)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy / sampled decoding of a causal LM through the linearized forward (no KV cache:
-        each step re-runs the full prefix, O(n²))."""
-        return _generate(self, input_ids, max_new_tokens, do_sample, temperature, top_k, eos_token_id, attention_mask)
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate`` decoding from f_lin, with a KV cache carrying primal and tangent
+        keys/values; takes every argument the base model's ``generate`` takes (see
+        :func:`hf_taujp.generation.linearized_generate`)."""
+        return _generate(self.base_model, self._primals(), self._tangents(), args, kwargs)
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
@@ -495,32 +493,13 @@ def _set_tangents(names: list[str], slots: list[torch.Tensor], tangents: Mapping
             slots[index[k]].copy_(v.to(dtype=slots[index[k]].dtype, device=slots[index[k]].device))
 
 
-def _generate(model, input_ids, max_new_tokens, do_sample, temperature, top_k, eos_token_id, attention_mask):
-    ids = input_ids
-    mask = attention_mask
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        kw = {"input_ids": ids}
-        if mask is not None:
-            kw["attention_mask"] = mask
-        logits = model(**kw)["logits"][:, -1, :].float()
-        if do_sample:
-            logits = logits / max(temperature, 1e-8)
-            if top_k is not None:
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
-        else:
-            nxt = logits.argmax(-1)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done |= nxt == eos_token_id
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if eos_token_id is not None and bool(done.all()):
-            break
-    return ids
+def _generate(base: nn.Module, primals: Mapping[str, torch.Tensor], tangents: Mapping[str, torch.Tensor],
+              args: tuple, kwargs: Mapping[str, Any]):
+    """Decoding from f_lin: see :func:`hf_taujp.generation.linearized_generate` (imported here lazily,
+    generation builds on this module)."""
+    from .generation import linearized_generate
+
+    return linearized_generate(base, primals, tangents, *args, **kwargs)
 
 
 def linearize(

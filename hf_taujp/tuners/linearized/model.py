@@ -243,29 +243,15 @@ class LinearizedModel(BaseTuner):
         primal, tangent = self.jvp(*args, **kwargs)
         return with_loss(self.model, add_outputs(primal, tangent), loss_args)
 
-    @torch.no_grad()
     def generate(self, *args, **kwargs):
-        """Decoding of a causal LM through f_lin (greedy or sampled, no KV cache: O(n²) in length).
-
-        Supported kwargs: ``input_ids``, ``attention_mask``, ``max_new_tokens`` (20), ``do_sample``,
-        ``temperature``, ``top_k``, ``eos_token_id``. With adapters disabled this is the base model's
-        ``generate``.
-        """
+        """transformers' ``generate`` decoding from f_lin (τ = sum of the active adapters), with a KV cache
+        carrying primal and tangent keys/values; every argument of the base model's ``generate`` is
+        accepted (see :func:`hf_taujp.generation.linearized_generate`). With adapters disabled this is
+        the base model's ``generate``."""
         if self._linearized_disabled or not self._active():
             return self.model.generate(*args, **kwargs)
-        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
-            raise HfTaujpError("generate() through the linearized model supports decoder-only models only.")
-        input_ids = args[0] if args else kwargs.pop("input_ids", None)
-        if input_ids is None:
-            raise HfTaujpError("generate() needs input_ids.")
-        allowed = {"attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "eos_token_id"}
-        ignored_none = {k for k, v in kwargs.items() if v is None}
-        unknown = sorted(set(kwargs) - allowed - ignored_none)
-        if unknown:
-            raise HfTaujpError(f"generate() through the linearized model does not support {unknown}; supported: {sorted(allowed)}.")
-        return _generate(self, input_ids, kwargs.get("max_new_tokens") or 20, bool(kwargs.get("do_sample", False)),
-                         kwargs.get("temperature") or 1.0, kwargs.get("top_k"), kwargs.get("eos_token_id"),
-                         kwargs.get("attention_mask"))
+        primals, tangents = self._primals_tangents(self._active())
+        return _generate(self.model, primals, tangents, args, kwargs)
 
     # ------------------------------------------------------------------ unloading
     @torch.no_grad()
