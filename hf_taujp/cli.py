@@ -10,8 +10,10 @@ __all__ = ["main", "COMMANDS"]
 
 # subcommand → (entry point "module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "glue": ("hf_taujp.recipes.glue:main",
+             "the main job: GLUE text-to-text task addition, non-linear / linear / τJp fine-tuning (see --help)"),
     "demo": ("hf_taujp.demo:main",
-             "fine-tune non-linear / linear / linear + τJp on small built-in tasks, merge, evaluate"),
+             "synthetic word-list tasks with a MiniLM zero-shot head (smoke demo, superseded by `glue`)"),
     "merge": ("hf_taujp.merging.recipe:cli_merge",
               "merge task vectors from a YAML recipe (see `hf-taujp merge --help`)"),
 }
@@ -40,7 +42,13 @@ def main(argv=None) -> int:
         print(f"hf-taujp: unknown command {cmd!r}\n{_usage()}", file=sys.stderr)
         return 2
     module, func = COMMANDS[cmd][0].split(":")
-    out = getattr(importlib.import_module(module), func)(rest)
+    from .hub import HfTaujpError
+
+    try:
+        out = getattr(importlib.import_module(module), func)(rest)
+    except HfTaujpError as e:  # a user error: one line, exit status 2 (tracebacks are for our bugs)
+        print(f"hf-taujp {cmd}: error: {e}", file=sys.stderr)
+        return 2
     return out if isinstance(out, int) else 0
 
 

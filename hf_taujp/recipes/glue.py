@@ -29,12 +29,12 @@ import time
 
 import torch
 
-from ..evaluation import DEFAULT_ALPHAS, _addition_protocol, format_table, taujp_matrix
+from ..evaluation import DEFAULT_ALPHAS, _addition_protocol, taujp_matrix
 from ..hub import HfTaujpError
 from ..linearize import match_parameter_names
 from ..task_vector import TaskVector, fingerprint
 from .models import SMOLLM2, load_text_model
-from .report import TAUJP_COLUMN_NOTE, addition_rows, per_task_rows, write_report
+from .report import TAUJP_COLUMN_NOTE, addition_rows, per_task_rows, table, write_report
 from .runner import METHODS, finetune, parse_methods
 from .tasks import GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load_task_spec, split_train_val
 from .text_to_text import (FrozenPrefix, TextToTextEncoder, answer_logits_output, decoder_layers, first_trained_layer,
@@ -321,8 +321,8 @@ def run_glue(
                                        ("Per-task normalized score at best α (dev)",
                                         per_task_rows(results["methods"], task_names, "best"))],
                          notes=notes)
-    print("\nTask addition on GLUE (dev set; α chosen on validation held out from train)\n" + format_table(rows_))
-    print("\nper-task normalized score at α = 1:\n" + format_table(per_task_rows(results["methods"], task_names)))
+    print("\nTask addition on GLUE (dev set; α chosen on validation held out from train)\n" + table(rows_))
+    print("\nper-task normalized score at α = 1:\n" + table(per_task_rows(results["methods"], task_names)))
     for n in notes:
         print(f"  - {n}")
     if push_to_hub:

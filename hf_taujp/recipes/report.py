@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from ..evaluation import format_table, plot_alpha_curves, save_json
 
-__all__ = ["mean_defined", "addition_rows", "per_task_rows", "write_report", "TAUJP_COLUMN_NOTE"]
+__all__ = ["mean_defined", "addition_rows", "per_task_rows", "write_report", "table", "TAUJP_COLUMN_NOTE"]
 
 TAUJP_COLUMN_NOTE = ("τJp off-diag: mean over task pairs t ≠ t' of ‖J f(x'; θ0)·τ_t‖ on held-out inputs x' of task t' "
                      "(how much task t's vector moves the outputs on the other tasks; lower = more disentangled)")
@@ -53,6 +53,12 @@ def per_task_rows(results: Mapping[str, Mapping], tasks: Sequence[str], key: str
     return rows
 
 
+def table(rows: Sequence[Mapping]) -> str:
+    """`format_table` over the union of the rows' keys (first-seen order); missing cells stay blank."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return format_table(rows, columns)
+
+
 def write_report(output_dir: str, results: dict, rows: list[dict], title: str, curves: Mapping[str, Mapping],
                  extra_tables: Sequence[tuple[str, list[dict]]] = (), notes: Sequence[str] = ()) -> dict:
     """Write results.json, results.md (tables + notes) and alpha_curves.png; returns their paths."""
@@ -64,9 +70,9 @@ def write_report(output_dir: str, results: dict, rows: list[dict], title: str, c
         paths["png"] = None
         results.setdefault("warnings", []).append(f"no α-curve plot: {e}")
     save_json(results, paths["json"])
-    text = [f"# {title}", "", "```", format_table(rows), "```", ""]
-    for name, table in extra_tables:
-        text += [f"## {name}", "", "```", format_table(table), "```", ""]
+    text = [f"# {title}", "", "```", table(rows), "```", ""]
+    for name, rows_ in extra_tables:
+        text += [f"## {name}", "", "```", table(rows_), "```", ""]
     text += [f"- {n}" for n in notes]
     from ..hub import atomic_write_text
 

@@ -278,7 +278,7 @@ def load_task_spec(path_or_dict) -> list[tuple[TextTask, dict[str, list[Row]]]]:
         if e.get("dev"):
             dev = read_rows(os.path.join(root, e["dev"]), e.get("format"))
         else:
-            train, dev = split_train_val(train, fraction=0.2, max_size=None, seed=0)
+            train, dev = split_train_val(train, fraction=0.2, max_size=None, min_size=1, seed=0)
         task.validate(train, "train")
         task.validate(dev, "dev")
         out.append((task, {"train": train, "dev": dev}))

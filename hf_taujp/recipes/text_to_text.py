@@ -124,12 +124,18 @@ class TextToTextEncoder:
 
         Returns ``{"input_ids": [...], "labels": [...]}`` (labels only when ``answer`` is given).
         """
+        answers = self.answer_ids(task)
+        # Causal: the prompt leaves room for the LONGEST label word, so every choice (and the τJp input)
+        # sees the same prompt, whatever the answer's length.
+        room = self.max_length - (max(len(a) for a in answers) if self.family == "causal" else 0)
+        if room < 1:
+            raise HfTaujpError(f"task {task.name!r}: max_length {self.max_length} leaves no room for a prompt")
+        prompt = self._prompt_ids(task, row, room)
         if answer is None:
-            return {"input_ids": self._prompt_ids(task, row, self.max_length)}
-        ans = self.answer_ids(task)[answer]
+            return {"input_ids": prompt}
+        ans = answers[answer]
         if self.family == "seq2seq":
-            return {"input_ids": self._prompt_ids(task, row, self.max_length), "labels": list(ans)}
-        prompt = self._prompt_ids(task, row, self.max_length - len(ans))
+            return {"input_ids": prompt, "labels": list(ans)}
         return {"input_ids": prompt + list(ans), "labels": [-100] * len(prompt) + list(ans)}
 
     def encode_train(self, task: TextTask, rows) -> list[dict]:
