@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "pyyaml>=6.0",
     "numpy>=1.26",
+    # GLUE metrics (Matthews correlation, F1) of the recipes.
+    "scikit-learn>=1.3",
 ]
 
 EXTRAS = {
@@ -31,6 +33,7 @@ EXTRAS = {
     # Test-only: olah serves local git repos as a read-only Hub mirror on loopback.
     "dev": [
         "pytest>=8.0",
+        "scikit-learn>=1.3",
         "olah>=0.4",
         "matplotlib>=3.7",
         "gguf>=0.10",
@@ -49,6 +52,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_taujp", "hf_taujp.*"]),
+    # The GLUE sample the main job runs on by default (see hf_taujp/recipes/data/glue_sample/SOURCE.md).
+    package_data={"hf_taujp.recipes": ["data/glue_sample/*.md", "data/glue_sample/*/*.tsv"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["hf-taujp=hf_taujp.cli:main"]},
