@@ -1,0 +1,313 @@
+"""Linearized scaled-dot-product attention: fused primal, blockwise closed-form tangent, O(L) memory.
+
+PyTorch has no forward-mode AD rule for its fused SDPA kernels (pytorch#98164, #117629, #128971,
+#165530), so a jvp through attention normally runs the math kernel and keeps (B, H, L, L) score
+matrices for the primal, the tangent and their backward. :func:`linearized_sdpa` is a drop-in for
+``torch.nn.functional.scaled_dot_product_attention`` (no dropout) that works inside
+``torch.func.jvp`` / ``torch.autograd.forward_ad`` and under backward through the tangent:
+
+* **primal** O = softmax(S)·V, S = s·Q·Kᵀ + M, by the fused kernel (the CPU flash kernel
+  ``_scaled_dot_product_flash_attention_for_cpu``, which also returns the row log-sum-exp; elsewhere
+  ``F.scaled_dot_product_attention`` with every backend allowed);
+* **tangent** (sCM paper, Lu & Song, arXiv 2410.11081, App. F), with P = softmax(S):
+
+      tS = s·(tQ·Kᵀ + Q·tKᵀ) + tM,      tO = P·tV + (P∘tS)·V − rowsum(P∘tS) ⊙ O,
+
+  computed over blocks of ``chunk_size`` query rows (exact: every block holds complete softmax
+  rows, P = exp(S − lse)); memory O(B·H·chunk·L) instead of O(B·H·L²);
+* **backward through the tangent**: tO is linear in (tQ, tK, tV) with the attention Jacobian at
+  (Q, K, V) as its matrix, so ∂⟨g, tO⟩/∂(tQ, tK, tV) is the ordinary attention backward at (Q, K, V)
+  with dO := g — the fused SDPA backward (CPU flash backward with the saved log-sum-exp). This is
+  the linearized fine-tuning case: the primal has no trainable input, τ reaches attention only
+  through tangents. When the primal inputs (Q, K, V, a float mask) or the mask tangent require
+  grad too, the second-order terms are needed: then each query block is recomputed with autograd
+  and differentiated on its own (exact for every input, still O(chunk·L) memory, ≈ 2–3× slower).
+
+Shapes: query (B, Hq, Lq, E), key (B, Hk, Lk, E), value (B, Hk, Lk, Ev); Hq = Hk, or Hq a multiple
+of Hk with ``enable_gqa=True`` (key/value heads are repeated with differentiable ops, as
+transformers' ``repeat_kv``); ``attn_mask`` bool (True = attend) or float (added to S), broadcastable
+to (B, Hq, Lq, Lk); ``is_causal`` is upper-left aligned as in PyTorch. Output (B, Hq, Lq, Ev).
+
+Not covered (raise :class:`UnsupportedAttentionError`; the caller falls back to the math path):
+dropout_p > 0 (one jvp must sample one dropout mask for primal and tangent), nested tensors,
+attn_mask together with is_causal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .hub import HfTaujpError
+
+__all__ = ["linearized_sdpa", "UnsupportedAttentionError", "default_chunk_size"]
+
+_ALL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.MATH]
+# Tests set this to False to exercise the device-agnostic path (F.sdpa + recompute backward) on CPU.
+_USE_CPU_FLASH = True
+
+
+class UnsupportedAttentionError(HfTaujpError):
+    """The attention call uses a feature the linearized kernel does not cover (dropout, is_causal + mask)."""
+
+
+def default_chunk_size(batch_heads: int, q_len: int, k_len: int, head_dim: int) -> int:
+    """Query rows per block: one (B·H, chunk, Lk) block holds about as many elements as Q itself
+    (B·H·Lq·E), at least 2^18 elements, so the tangent's extra memory stays O(L) (a few Q-sized blocks)."""
+    budget = max(batch_heads * q_len * head_dim, 1 << 18)
+    return max(1, min(q_len, budget // max(1, batch_heads * k_len)))
+
+
+def _cpu_flash(q: torch.Tensor) -> bool:
+    return _USE_CPU_FLASH and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                                         torch.float16)
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive form of a mask: bool True→0, False→−inf (the CPU flash kernel takes float masks only)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _fused_forward(q, k, v, mask, is_causal, scale):
+    """(O, lse or None) by a fused kernel; plain tensors (no duals) only."""
+    if _cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+    with sdpa_kernel(_ALL_BACKENDS):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                                scale=scale), None
+
+
+def _fused_backward(g, q, k, v, mask, out, lse, is_causal, scale):
+    """The attention vjp at (q, k, v): (dQ, dK, dV) for dO = g (fused backward kernel)."""
+    if lse is not None and _cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+    with torch.enable_grad(), sdpa_kernel(_ALL_BACKENDS):
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        o = torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=is_causal, scale=scale)
+        return torch.autograd.grad(o, qkv, g)
+
+
+def _block_mask(mask, is_causal, i0, i1, lq, lk, device):
+    """The additive (float) or boolean mask of query rows i0:i1, or None."""
+    if is_causal:
+        rows = torch.arange(i0, i1, device=device)[:, None]
+        return rows >= torch.arange(lk, device=device)[None, :]
+    if mask is None:
+        return None
+    return mask[..., i0:i1, :] if mask.shape[-2] != 1 else mask
+
+
+def _scores(q_c, k, scale, m_c):
+    s = torch.matmul(q_c, k.transpose(-2, -1)).mul_(scale) if not q_c.requires_grad and not k.requires_grad \
+        else torch.matmul(q_c, k.transpose(-2, -1)) * scale
+    if m_c is None:
+        return s
+    if m_c.dtype == torch.bool:
+        return s.masked_fill(~m_c, float("-inf"))
+    return s + m_c
+
+
+def _probs(s, lse_c):
+    """P = exp(S − lse) of a block (rows that are fully masked give 0, as the fused kernels do)."""
+    if lse_c is None:
+        lse_c = torch.logsumexp(s, dim=-1, keepdim=True)
+        lse_c = lse_c.masked_fill(torch.isinf(lse_c), 0.0)
+    return torch.exp(s - lse_c)
+
+
+def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale):
+    """tO of one block of query rows (differentiable ops; o_c / lse_c may be None: then recomputed)."""
+    p = _probs(_scores(q_c, k, scale, m_c), lse_c)
+    if o_c is None:
+        o_c = torch.matmul(p, v)
+    ts = None
+    if tq_c is not None:
+        ts = torch.matmul(tq_c, k.transpose(-2, -1))
+    if tk is not None:
+        ts = torch.matmul(q_c, tk.transpose(-2, -1)) if ts is None else ts + torch.matmul(q_c, tk.transpose(-2, -1))
+    if ts is not None:
+        ts = ts * scale
+    if tm_c is not None:
+        ts = tm_c if ts is None else ts + tm_c
+    to = torch.matmul(p, tv) if tv is not None else None
+    if ts is not None:
+        a = p * ts
+        part = torch.matmul(a, v) - a.sum(-1, keepdim=True) * o_c
+        to = part if to is None else to + part
+    return to
+
+
+def _blocks(lq, chunk):
+    return [(i, min(lq, i + chunk)) for i in range(0, lq, chunk)]
+
+
+def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
+    """tO over query blocks, without autograd (the linear map applied to (tq, tk, tv, tm))."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    shape = torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]) + (lq, v.shape[-1])
+    res = torch.zeros(shape, dtype=q.dtype, device=q.device)
+    if tq is None and tk is None and tv is None and tm is None:
+        return res
+    with torch.no_grad():
+        for i0, i1 in _blocks(lq, chunk):
+            m_c = _block_mask(mask, is_causal, i0, i1, lq, lk, q.device)
+            tm_c = None if tm is None else (tm[..., i0:i1, :] if tm.shape[-2] != 1 else tm)
+            lse_c = None if lse is None else lse[..., i0:i1, None].to(q.dtype)
+            res[..., i0:i1, :] = _tangent_block(q[..., i0:i1, :], k, v, out[..., i0:i1, :], lse_c, m_c,
+                                                None if tq is None else tq[..., i0:i1, :], tk, tv, tm_c, scale)
+    return res
+
+
+class _AttentionTangent(torch.autograd.Function):
+    """tO = J_attn(Q, K, V, M)·(tQ, tK, tV, tM); backward = the attention vjp at (Q, K, V) when only the
+    tangents need grad, else a per-block recomputation with autograd (second-order terms included)."""
+
+    @staticmethod
+    def forward(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
+        return _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk = inputs
+        ctx.save_for_backward(q, k, v, mask, out, lse, tq, tk, tv, tm)
+        ctx.is_causal, ctx.scale, ctx.chunk = is_causal, scale, chunk
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, mask, out, lse, tq, tk, tv, tm = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = [None] * 13
+        if not any(need[i] for i in (0, 1, 2, 3, 9)):
+            # linear in the tangents: the attention vjp at the primal point (fused backward)
+            dq, dk, dv = _fused_backward(g, q, k, v, mask, out, lse, ctx.is_causal, ctx.scale)
+            grads[6], grads[7], grads[8] = (dq if need[6] else None), (dk if need[7] else None), (dv if need[8] else None)
+            return tuple(grads)
+        return _blockwise_grads(g, need, q, k, v, mask, tq, tk, tv, tm, ctx.is_causal, ctx.scale, ctx.chunk)
+
+
+def _blockwise_grads(g, need, q, k, v, mask, tq, tk, tv, tm, is_causal, scale, chunk, primal=False):
+    """Gradients of ⟨g, tO⟩ (or ⟨g, O⟩ with ``primal=True``) for every input that needs one, query block by
+    query block with autograd on the recomputed block (O(chunk·L) memory; input indices as in
+    `_AttentionTangent.forward`)."""
+    idx = {0: q, 1: k, 2: v, 3: mask, 6: tq, 7: tk, 8: tv, 9: tm}
+    wanted = [i for i, t in idx.items() if need[i] and t is not None]
+    grads: list = [None] * 13
+    for i in wanted:
+        grads[i] = torch.zeros_like(idx[i])
+    lq, lk = q.shape[-2], k.shape[-2]
+    for i0, i1 in _blocks(lq, chunk):
+        with torch.enable_grad():
+            leaves = {i: idx[i].detach().requires_grad_() for i in wanted}
+            get = lambda i: leaves.get(i, idx[i])  # noqa: E731
+            qq, tqq, mm, tmm = get(0), get(6), get(3), get(9)
+            m_c = _block_mask(mm, is_causal, i0, i1, lq, lk, q.device)
+            tm_c = None if tmm is None else (tmm[..., i0:i1, :] if tmm.shape[-2] != 1 else tmm)
+            if primal:
+                to = torch.matmul(_probs(_scores(qq[..., i0:i1, :], get(1), scale, m_c), None), get(2))
+            else:
+                to = _tangent_block(qq[..., i0:i1, :], get(1), get(2), None, None, m_c,
+                                    None if tqq is None else tqq[..., i0:i1, :], get(7), get(8), tm_c, scale)
+            ins = [leaves[i] for i in wanted]
+            gs = torch.autograd.grad(to, ins, g[..., i0:i1, :], allow_unused=True)
+        for i, gi in zip(wanted, gs):
+            if gi is not None:
+                grads[i] += gi
+    return tuple(grads)
+
+
+class _LinearizedSDPA(torch.autograd.Function):
+    """O = attention(Q, K, V, M) by a fused kernel, with a forward-AD (jvp) rule and an ordinary backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, mask, is_causal, scale, chunk):
+        out, lse = _fused_forward(q, k, v, mask, is_causal, scale)
+        return out, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, is_causal, scale, chunk = inputs
+        out, lse = output
+        if lse is not None:
+            ctx.mark_non_differentiable(lse)
+        ctx.save_for_forward(q, k, v, mask, out, lse)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.is_causal, ctx.scale, ctx.chunk = is_causal, scale, chunk
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, tm, *_):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        if tm is not None and mask is not None and mask.dtype == torch.bool:
+            tm = None
+        to = _AttentionTangent.apply(q, k, v, mask, out, lse, tq, tk, tv, tm, ctx.is_causal, ctx.scale, ctx.chunk)
+        return to, None
+
+    @staticmethod
+    def backward(ctx, g, _g_lse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if need[3]:  # a trainable additive bias (e.g. relative positions): dM = dS, block by block
+            grads = _blockwise_grads(g, tuple(need[:4]) + (False,) * 9, q, k, v, mask, None, None, None, None,
+                                     ctx.is_causal, ctx.scale, ctx.chunk, primal=True)
+            return grads[:4] + (None, None, None)
+        dq, dk, dv = _fused_backward(g, q, k, v, mask, out, lse, ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def linearized_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with a forward-AD rule: fused primal, blockwise tangent.
+
+    Args:
+        query, key, value, attn_mask, is_causal, scale, enable_gqa: as in
+            ``torch.nn.functional.scaled_dot_product_attention`` (shapes in the module docstring).
+        dropout_p: must be 0.
+        chunk_size: query rows per tangent block (default :func:`default_chunk_size`).
+
+    Returns:
+        (B, Hq, Lq, Ev), equal to SDPA's output up to rounding; inside ``torch.func.jvp`` its tangent is
+        the closed form above, and gradients flow through the tangent to (tQ, tK, tV).
+
+    Raises:
+        UnsupportedAttentionError: dropout_p > 0, is_causal with attn_mask, nested tensors, a head
+            count mismatch without enable_gqa.
+    """
+    if dropout_p:
+        raise UnsupportedAttentionError(f"linearized_sdpa has no dropout (dropout_p={dropout_p}); use the math path")
+    if is_causal and attn_mask is not None:
+        raise UnsupportedAttentionError("linearized_sdpa: is_causal and attn_mask together (as SDPA, pick one)")
+    if query.is_nested or key.is_nested or value.is_nested:
+        raise UnsupportedAttentionError("linearized_sdpa: nested tensors are not supported")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise UnsupportedAttentionError(
+            f"linearized_sdpa expects 4-D (B, H, L, E) inputs, got {query.dim()}, {key.dim()}, {value.dim()}-D")
+    hq, hk = query.shape[1], key.shape[1]
+    if hq != hk:
+        if not enable_gqa or hq % hk or value.shape[1] != hk:
+            raise UnsupportedAttentionError(
+                f"linearized_sdpa: {hq} query heads vs {hk} key/value heads (enable_gqa={enable_gqa})")
+        # differentiable repeat (as transformers' repeat_kv): tangents and gradients follow
+        key = key.repeat_interleave(hq // hk, dim=1)
+        value = value.repeat_interleave(hq // hk, dim=1)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    bh = query.shape[0] * hq
+    chunk = chunk_size or default_chunk_size(bh, query.shape[-2], key.shape[-2], query.shape[-1])
+    out, _ = _LinearizedSDPA.apply(query, key, value, attn_mask, bool(is_causal), scale, int(chunk))
+    return out
