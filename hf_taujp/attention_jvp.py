@@ -24,8 +24,8 @@ matrices for the primal, the tangent and their backward. :func:`linearized_sdpa`
   and differentiated on its own (exact for every input, still O(chunk·L) memory, ≈ 2–3× slower).
 
 Shapes: query (B, Hq, Lq, E), key (B, Hk, Lk, E), value (B, Hk, Lk, Ev); Hq = Hk, or Hq a multiple
-of Hk with ``enable_gqa=True`` (key/value heads are repeated with differentiable ops, as
-transformers' ``repeat_kv``); ``attn_mask`` bool (True = attend) or float (added to S), broadcastable
+of Hk with ``enable_gqa=True`` (query head h uses key/value head h // (Hq/Hk), as transformers'
+``repeat_kv``; nothing is repeated in memory); ``attn_mask`` bool (True = attend) or float (added to S), broadcastable
 to (B, Hq, Lq, Lk); ``is_causal`` is upper-left aligned as in PyTorch. Output (B, Hq, Lq, Ev).
 
 Not covered (raise :class:`UnsupportedAttentionError`; the caller falls back to the math path):
@@ -80,7 +80,7 @@ def _fused_forward(q, k, v, mask, is_causal, scale):
             q, k, v, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
     with sdpa_kernel(_ALL_BACKENDS):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                                scale=scale), None
+                                                                scale=scale, enable_gqa=q.shape[1] != k.shape[1]), None
 
 
 def _fused_backward(g, q, k, v, mask, out, lse, is_causal, scale):
@@ -90,28 +90,42 @@ def _fused_backward(g, q, k, v, mask, out, lse, is_causal, scale):
             g.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
     with torch.enable_grad(), sdpa_kernel(_ALL_BACKENDS):
         qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-        o = torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=is_causal, scale=scale)
+        o = torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                                             enable_gqa=q.shape[1] != k.shape[1])
         return torch.autograd.grad(o, qkv, g)
 
 
-def _block_mask(mask, is_causal, i0, i1, lq, lk, device):
-    """The additive (float) or boolean mask of query rows i0:i1, or None."""
-    if is_causal:
-        rows = torch.arange(i0, i1, device=device)[:, None]
-        return rows >= torch.arange(lk, device=device)[None, :]
+# Blocks of query rows. With GQA (Hq = g·Hk) the query-side tensors of a block are regrouped by key head,
+# (B, Hq, c, ·) → (B, Hk, g·c, ·), so every block is one batched matmul against the Hk key/value heads and
+# K, V, tK, tV are never repeated (the CPU flash kernels take Hq ≠ Hk natively).
+def _rows(x, i0, i1, hk):
+    """Query-side rows i0:i1 of x (B, Hq, Lq, ·), grouped by key head: (B, Hk, g·(i1−i0), ·)."""
+    return x.unflatten(1, (hk, -1))[..., i0:i1, :].flatten(2, 3)
+
+
+def _put_rows(res, i0, i1, hk, block):
+    res.unflatten(1, (hk, -1))[..., i0:i1, :] = block.unflatten(2, (-1, i1 - i0))
+
+
+def _block_mask(mask, is_causal, i0, i1, hk, lk, device):
+    """Mask of query rows i0:i1, broadcastable to the grouped scores (B, Hk, g, c, Lk); bool or additive."""
+    if is_causal:  # upper-left aligned, as SDPA
+        return torch.arange(i0, i1, device=device)[:, None] >= torch.arange(lk, device=device)[None, :]
     if mask is None:
         return None
-    return mask[..., i0:i1, :] if mask.shape[-2] != 1 else mask
+    m = mask[..., i0:i1, :] if mask.shape[-2] != 1 else mask
+    return m.unsqueeze(2) if m.shape[1] == 1 else m.unflatten(1, (hk, -1))
 
 
-def _scores(q_c, k, scale, m_c):
-    s = torch.matmul(q_c, k.transpose(-2, -1)).mul_(scale) if not q_c.requires_grad and not k.requires_grad \
-        else torch.matmul(q_c, k.transpose(-2, -1)) * scale
+def _scores(q_c, k, scale, m_c, c):
+    """S = scale·q_c·kᵀ (+ mask) of a grouped block: (B, Hk, g·c, Lk)."""
+    s = torch.matmul(q_c, k.transpose(-2, -1))
+    s = s.mul_(scale) if not s.requires_grad else s * scale
     if m_c is None:
         return s
-    if m_c.dtype == torch.bool:
-        return s.masked_fill(~m_c, float("-inf"))
-    return s + m_c
+    s5 = s.unflatten(2, (-1, c))
+    s5 = s5.masked_fill(~m_c, float("-inf")) if m_c.dtype == torch.bool else s5 + m_c
+    return s5.flatten(2, 3)
 
 
 def _probs(s, lse_c):
@@ -119,12 +133,12 @@ def _probs(s, lse_c):
     if lse_c is None:
         lse_c = torch.logsumexp(s, dim=-1, keepdim=True)
         lse_c = lse_c.masked_fill(torch.isinf(lse_c), 0.0)
-    return torch.exp(s - lse_c)
+    return torch.exp(s - lse_c) if s.requires_grad else s.sub_(lse_c).exp_()
 
 
-def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale):
-    """tO of one block of query rows (differentiable ops; o_c / lse_c may be None: then recomputed)."""
-    p = _probs(_scores(q_c, k, scale, m_c), lse_c)
+def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale, c):
+    """tO of one grouped block of query rows (differentiable ops; o_c / lse_c None: recomputed)."""
+    p = _probs(_scores(q_c, k, scale, m_c, c), lse_c)
     if o_c is None:
         o_c = torch.matmul(p, v)
     ts = None
@@ -135,10 +149,12 @@ def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale):
     if ts is not None:
         ts = ts * scale
     if tm_c is not None:
-        ts = tm_c if ts is None else ts + tm_c
+        ts5 = tm_c.expand(p.unflatten(2, (-1, c)).shape) if ts is None else ts.unflatten(2, (-1, c)) + tm_c
+        ts = ts5.flatten(2, 3)
     to = torch.matmul(p, tv) if tv is not None else None
     if ts is not None:
-        a = p * ts
+        own = tq_c is not None or tk is not None  # ts is a fresh tensor (not a view of tM): may be reused
+        a = ts.mul_(p) if own and not (p.requires_grad or ts.requires_grad) else p * ts
         part = torch.matmul(a, v) - a.sum(-1, keepdim=True) * o_c
         to = part if to is None else to + part
     return to
@@ -150,18 +166,18 @@ def _blocks(lq, chunk):
 
 def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
     """tO over query blocks, without autograd (the linear map applied to (tq, tk, tv, tm))."""
-    lq, lk = q.shape[-2], k.shape[-2]
-    shape = torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]) + (lq, v.shape[-1])
-    res = torch.zeros(shape, dtype=q.dtype, device=q.device)
+    lq, lk, hk = q.shape[-2], k.shape[-2], k.shape[1]
+    res = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     if tq is None and tk is None and tv is None and tm is None:
         return res
     with torch.no_grad():
         for i0, i1 in _blocks(lq, chunk):
-            m_c = _block_mask(mask, is_causal, i0, i1, lq, lk, q.device)
-            tm_c = None if tm is None else (tm[..., i0:i1, :] if tm.shape[-2] != 1 else tm)
-            lse_c = None if lse is None else lse[..., i0:i1, None].to(q.dtype)
-            res[..., i0:i1, :] = _tangent_block(q[..., i0:i1, :], k, v, out[..., i0:i1, :], lse_c, m_c,
-                                                None if tq is None else tq[..., i0:i1, :], tk, tv, tm_c, scale)
+            m_c = _block_mask(mask, is_causal, i0, i1, hk, lk, q.device)
+            tm_c = None if tm is None else _block_mask(tm, False, i0, i1, hk, lk, q.device)
+            lse_c = None if lse is None else _rows(lse[..., None], i0, i1, hk).to(q.dtype)
+            to = _tangent_block(_rows(q, i0, i1, hk), k, v, _rows(out, i0, i1, hk), lse_c, m_c,
+                                None if tq is None else _rows(tq, i0, i1, hk), tk, tv, tm_c, scale, i1 - i0)
+            _put_rows(res, i0, i1, hk, to)
     return res
 
 
@@ -201,21 +217,22 @@ def _blockwise_grads(g, need, q, k, v, mask, tq, tk, tv, tm, is_causal, scale, c
     grads: list = [None] * 13
     for i in wanted:
         grads[i] = torch.zeros_like(idx[i])
-    lq, lk = q.shape[-2], k.shape[-2]
+    lq, lk, hk = q.shape[-2], k.shape[-2], k.shape[1]
     for i0, i1 in _blocks(lq, chunk):
         with torch.enable_grad():
             leaves = {i: idx[i].detach().requires_grad_() for i in wanted}
             get = lambda i: leaves.get(i, idx[i])  # noqa: E731
-            qq, tqq, mm, tmm = get(0), get(6), get(3), get(9)
-            m_c = _block_mask(mm, is_causal, i0, i1, lq, lk, q.device)
-            tm_c = None if tmm is None else (tmm[..., i0:i1, :] if tmm.shape[-2] != 1 else tmm)
+            qq, tqq, mm, tmm, c = get(0), get(6), get(3), get(9), i1 - i0
+            m_c = _block_mask(mm, is_causal, i0, i1, hk, lk, q.device)
+            q_c = _rows(qq, i0, i1, hk)
             if primal:
-                to = torch.matmul(_probs(_scores(qq[..., i0:i1, :], get(1), scale, m_c), None), get(2))
+                to = torch.matmul(_probs(_scores(q_c, get(1), scale, m_c, c), None), get(2))
             else:
-                to = _tangent_block(qq[..., i0:i1, :], get(1), get(2), None, None, m_c,
-                                    None if tqq is None else tqq[..., i0:i1, :], get(7), get(8), tm_c, scale)
+                tm_c = None if tmm is None else _block_mask(tmm, False, i0, i1, hk, lk, q.device)
+                to = _tangent_block(q_c, get(1), get(2), None, None, m_c,
+                                    None if tqq is None else _rows(tqq, i0, i1, hk), get(7), get(8), tm_c, scale, c)
             ins = [leaves[i] for i in wanted]
-            gs = torch.autograd.grad(to, ins, g[..., i0:i1, :], allow_unused=True)
+            gs = torch.autograd.grad(to, ins, _rows(g, i0, i1, hk), allow_unused=True)
         for i, gi in zip(wanted, gs):
             if gi is not None:
                 grads[i] += gi
@@ -303,9 +320,15 @@ def linearized_sdpa(
         if not enable_gqa or hq % hk or value.shape[1] != hk:
             raise UnsupportedAttentionError(
                 f"linearized_sdpa: {hq} query heads vs {hk} key/value heads (enable_gqa={enable_gqa})")
-        # differentiable repeat (as transformers' repeat_kv): tangents and gradients follow
-        key = key.repeat_interleave(hq // hk, dim=1)
-        value = value.repeat_interleave(hq // hk, dim=1)
+    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
+        raise UnsupportedAttentionError(f"linearized_sdpa: batch sizes differ ({query.shape[0]}, {key.shape[0]}, "
+                                        f"{value.shape[0]}); SDPA's batch broadcasting is not covered")
+    if attn_mask is not None:
+        if attn_mask.dim() > 4:
+            raise UnsupportedAttentionError(f"linearized_sdpa: attn_mask has {attn_mask.dim()} dims (at most 4)")
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if attn_mask.shape[1] not in (1, hq):
+            raise UnsupportedAttentionError(f"linearized_sdpa: attn_mask heads {attn_mask.shape[1]} vs {hq} query heads")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     bh = query.shape[0] * hq
     chunk = chunk_size or default_chunk_size(bh, query.shape[-2], key.shape[-2], query.shape[-1])

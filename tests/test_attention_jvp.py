@@ -25,7 +25,8 @@ def _mask(kind, dtype=torch.float64):
         m[1, ..., :3] = False  # left padding of the second sequence ...
         m[1, :, :3, :3] = torch.eye(3, dtype=torch.bool)  # ... whose pad rows attend to themselves (no empty row)
         return m
-    return torch.randn(B, 1, L, L, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    heads = HQ if kind == "head-bias" else 1  # one additive bias per query head (GQA: regrouped by key head)
+    return torch.randn(B, heads, L, L, dtype=dtype, generator=torch.Generator().manual_seed(3))
 
 
 def _inputs(dtype=torch.float64, hk=HK):
@@ -52,7 +53,7 @@ def kernel(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("kind", ["causal", "padded", "bias"])
+@pytest.mark.parametrize("kind", ["causal", "padded", "bias", "head-bias"])
 @pytest.mark.parametrize("hk", [HK, HQ], ids=["gqa", "mha"])
 def test_primal_tangent_and_tangent_gradient_match_math_path(kernel, kind, hk):
     primals, tangents = _inputs(hk=hk)
