@@ -137,24 +137,30 @@ def jvp_sdpa_attention_forward(module, query, key, value, attention_mask, dropou
     """
     from transformers.integrations import sdpa_attention as hf_sdpa
 
-    from .attention_jvp import linearized_sdpa
+    from .attention_jvp import UnsupportedAttentionError, linearized_sdpa
 
-    if dropout or kwargs.get("softcap") is not None:
+    def transformers_sdpa():  # the math kernel inside forward_ad_attention
         return hf_sdpa.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                               scaling=scaling, is_causal=is_causal, position_bias=position_bias,
                                               **kwargs)
-    q_length = query.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(q_length > 1 and attention_mask is None and is_causal)
-    if is_causal and key.shape[2] > q_length:  # as transformers: empty static cache at prefill
-        key, value = key[:, :, :q_length], value[:, :, :q_length]
-        if position_bias is not None:
-            position_bias = position_bias[:, :, :, :q_length]
-    if position_bias is not None:
-        attention_mask = hf_sdpa.create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
-        is_causal = False
-    out = linearized_sdpa(query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling,
-                          enable_gqa=query.shape[1] != key.shape[1])
+
+    if dropout or kwargs.get("softcap") is not None:
+        return transformers_sdpa()
+    q, k, v, mask, bias = query, key, value, attention_mask, position_bias
+    q_length = q.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_length > 1 and mask is None and causal)
+    if causal and k.shape[2] > q_length:  # as transformers: empty static cache at prefill
+        k, v = k[:, :, :q_length], v[:, :, :q_length]
+        if bias is not None:
+            bias = bias[:, :, :, :q_length]
+    if bias is not None:
+        mask = hf_sdpa.create_position_bias_mask(bias, mask, causal, q, k)
+        causal = False
+    try:
+        out = linearized_sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    except UnsupportedAttentionError:  # a shape case the op does not cover (e.g. batch broadcasting)
+        return transformers_sdpa()
     return out.transpose(1, 2).contiguous(), None
 
 

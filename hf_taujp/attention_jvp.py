@@ -30,7 +30,7 @@ to (B, Hq, Lq, Lk); ``is_causal`` is upper-left aligned as in PyTorch. Output (B
 
 Not covered (raise :class:`UnsupportedAttentionError`; the caller falls back to the math path):
 dropout_p > 0 (one jvp must sample one dropout mask for primal and tangent), nested tensors,
-attn_mask together with is_causal.
+attn_mask together with is_causal, is_causal with Lq > Lk, batch broadcasting between query and key.
 """
 
 from __future__ import annotations
@@ -108,22 +108,28 @@ def _put_rows(res, i0, i1, hk, block):
 
 
 def _block_mask(mask, is_causal, i0, i1, hk, lk, device):
-    """Mask of query rows i0:i1, broadcastable to the grouped scores (B, Hk, g, c, Lk); bool or additive."""
+    """Mask of query rows i0:i1, broadcastable to the grouped scores (B, Hk, g, c, n); bool or additive.
+
+    Causal: a block only sees keys 0:i1 (n = i1: the keys after it are skipped, halving the work as the
+    fused kernels do), and only its diagonal (c, c) part is masked: returned as the bool triangle."""
     if is_causal:  # upper-left aligned, as SDPA
-        return torch.arange(i0, i1, device=device)[:, None] >= torch.arange(lk, device=device)[None, :]
+        return torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=device).tril_()
     if mask is None:
         return None
     m = mask[..., i0:i1, :] if mask.shape[-2] != 1 else mask
     return m.unsqueeze(2) if m.shape[1] == 1 else m.unflatten(1, (hk, -1))
 
 
-def _scores(q_c, k, scale, m_c, c):
-    """S = scale·q_c·kᵀ (+ mask) of a grouped block: (B, Hk, g·c, Lk)."""
+def _scores(q_c, k, scale, m_c, c, causal):
+    """S = scale·q_c·kᵀ (+ mask) of a grouped block: (B, Hk, g·c, n)."""
     s = torch.matmul(q_c, k.transpose(-2, -1))
     s = s.mul_(scale) if not s.requires_grad else s * scale
     if m_c is None:
         return s
     s5 = s.unflatten(2, (-1, c))
+    if causal:  # the last c keys are the block's own rows: mask their upper triangle in place
+        s5[..., -c:].masked_fill_(~m_c, float("-inf"))
+        return s
     s5 = s5.masked_fill(~m_c, float("-inf")) if m_c.dtype == torch.bool else s5 + m_c
     return s5.flatten(2, 3)
 
@@ -136,24 +142,30 @@ def _probs(s, lse_c):
     return torch.exp(s - lse_c) if s.requires_grad else s.sub_(lse_c).exp_()
 
 
-def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale, c):
-    """tO of one grouped block of query rows (differentiable ops; o_c / lse_c None: recomputed)."""
-    p = _probs(_scores(q_c, k, scale, m_c, c), lse_c)
+def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale, c, causal, kk=None):
+    """tO of one grouped block of query rows (differentiable ops; o_c / lse_c None: recomputed).
+
+    k, v, tk, tv: the keys the block sees; kk: optionally cat([k, tk], -1), so that
+    tQ·Kᵀ + Q·tKᵀ = cat([tQ, Q], -1)·kkᵀ is one matmul."""
+    p = _probs(_scores(q_c, k, scale, m_c, c, causal), lse_c)
     if o_c is None:
         o_c = torch.matmul(p, v)
     ts = None
-    if tq_c is not None:
+    if tq_c is not None and tk is not None:
+        kk = torch.cat([k, tk], -1) if kk is None else kk
+        ts = torch.matmul(torch.cat([tq_c, q_c], -1), kk.transpose(-2, -1))
+    elif tq_c is not None:
         ts = torch.matmul(tq_c, k.transpose(-2, -1))
-    if tk is not None:
-        ts = torch.matmul(q_c, tk.transpose(-2, -1)) if ts is None else ts + torch.matmul(q_c, tk.transpose(-2, -1))
+    elif tk is not None:
+        ts = torch.matmul(q_c, tk.transpose(-2, -1))
+    own = ts is not None  # ts is a fresh tensor (not a view of tM): may be reused in place
     if ts is not None:
-        ts = ts * scale
+        ts = ts.mul_(scale) if not ts.requires_grad else ts * scale
     if tm_c is not None:
         ts5 = tm_c.expand(p.unflatten(2, (-1, c)).shape) if ts is None else ts.unflatten(2, (-1, c)) + tm_c
         ts = ts5.flatten(2, 3)
     to = torch.matmul(p, tv) if tv is not None else None
     if ts is not None:
-        own = tq_c is not None or tk is not None  # ts is a fresh tensor (not a view of tM): may be reused
         a = ts.mul_(p) if own and not (p.requires_grad or ts.requires_grad) else p * ts
         part = torch.matmul(a, v) - a.sum(-1, keepdim=True) * o_c
         to = part if to is None else to + part
@@ -164,6 +176,10 @@ def _blocks(lq, chunk):
     return [(i, min(lq, i + chunk)) for i in range(0, lq, chunk)]
 
 
+def _keys(x, n):
+    return None if x is None else x[..., :n, :]
+
+
 def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
     """tO over query blocks, without autograd (the linear map applied to (tq, tk, tv, tm))."""
     lq, lk, hk = q.shape[-2], k.shape[-2], k.shape[1]
@@ -171,12 +187,15 @@ def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
     if tq is None and tk is None and tv is None and tm is None:
         return res
     with torch.no_grad():
+        kk = torch.cat([k, tk], -1) if tq is not None and tk is not None else None
         for i0, i1 in _blocks(lq, chunk):
+            n = i1 if is_causal else lk
             m_c = _block_mask(mask, is_causal, i0, i1, hk, lk, q.device)
             tm_c = None if tm is None else _block_mask(tm, False, i0, i1, hk, lk, q.device)
             lse_c = None if lse is None else _rows(lse[..., None], i0, i1, hk).to(q.dtype)
-            to = _tangent_block(_rows(q, i0, i1, hk), k, v, _rows(out, i0, i1, hk), lse_c, m_c,
-                                None if tq is None else _rows(tq, i0, i1, hk), tk, tv, tm_c, scale, i1 - i0)
+            to = _tangent_block(_rows(q, i0, i1, hk), _keys(k, n), _keys(v, n), _rows(out, i0, i1, hk), lse_c, m_c,
+                                None if tq is None else _rows(tq, i0, i1, hk), _keys(tk, n), _keys(tv, n), tm_c,
+                                scale, i1 - i0, is_causal, _keys(kk, n))
             _put_rows(res, i0, i1, hk, to)
     return res
 
@@ -223,14 +242,17 @@ def _blockwise_grads(g, need, q, k, v, mask, tq, tk, tv, tm, is_causal, scale, c
             leaves = {i: idx[i].detach().requires_grad_() for i in wanted}
             get = lambda i: leaves.get(i, idx[i])  # noqa: E731
             qq, tqq, mm, tmm, c = get(0), get(6), get(3), get(9), i1 - i0
+            n = i1 if is_causal else lk
             m_c = _block_mask(mm, is_causal, i0, i1, hk, lk, q.device)
             q_c = _rows(qq, i0, i1, hk)
             if primal:
-                to = torch.matmul(_probs(_scores(q_c, get(1), scale, m_c, c), None), get(2))
+                to = torch.matmul(_probs(_scores(q_c, _keys(get(1), n), scale, m_c, c, is_causal), None),
+                                  _keys(get(2), n))
             else:
                 tm_c = None if tmm is None else _block_mask(tmm, False, i0, i1, hk, lk, q.device)
-                to = _tangent_block(q_c, get(1), get(2), None, None, m_c,
-                                    None if tqq is None else _rows(tqq, i0, i1, hk), get(7), get(8), tm_c, scale, c)
+                to = _tangent_block(q_c, _keys(get(1), n), _keys(get(2), n), None, None, m_c,
+                                    None if tqq is None else _rows(tqq, i0, i1, hk), _keys(get(7), n),
+                                    _keys(get(8), n), tm_c, scale, c, is_causal)
             ins = [leaves[i] for i in wanted]
             gs = torch.autograd.grad(to, ins, _rows(g, i0, i1, hk), allow_unused=True)
         for i, gi in zip(wanted, gs):
@@ -303,13 +325,17 @@ def linearized_sdpa(
         the closed form above, and gradients flow through the tangent to (tQ, tK, tV).
 
     Raises:
-        UnsupportedAttentionError: dropout_p > 0, is_causal with attn_mask, nested tensors, a head
-            count mismatch without enable_gqa.
+        UnsupportedAttentionError: dropout_p > 0, is_causal with attn_mask or with more queries than keys,
+            nested tensors, a head count mismatch without enable_gqa, batch broadcasting between
+            query and key/value.
     """
     if dropout_p:
         raise UnsupportedAttentionError(f"linearized_sdpa has no dropout (dropout_p={dropout_p}); use the math path")
     if is_causal and attn_mask is not None:
         raise UnsupportedAttentionError("linearized_sdpa: is_causal and attn_mask together (as SDPA, pick one)")
+    if is_causal and query.shape[-2] > key.shape[-2]:
+        raise UnsupportedAttentionError(f"linearized_sdpa: is_causal with {query.shape[-2]} queries > "
+                                        f"{key.shape[-2]} keys is not covered")
     if query.is_nested or key.is_nested or value.is_nested:
         raise UnsupportedAttentionError("linearized_sdpa: nested tensors are not supported")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:

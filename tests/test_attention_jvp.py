@@ -214,3 +214,30 @@ class _Spy:
 
     def __exit__(self, *exc):
         self.mp.undo()
+
+
+def test_t5_learned_position_bias_through_the_mask_matches_math_path():
+    """T5 adds a *trainable* relative-position bias to the scores (passed as position_bias, merged into a float
+    mask): its tangent and the gradient for it go through the mask input of the op."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").double()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randint(1, 40, (2, 7), generator=g), torch.randint(1, 40, (2, 5), generator=g)
+    am = torch.ones_like(x)
+    am[1, -2:] = 0
+    tau0 = {n: 0.05 * torch.randn(p.shape, dtype=p.dtype, generator=g) for n, p in model.named_parameters()}
+    results = {}
+    for path in ("fused", "math"):
+        lin = linearize(model, tangents=tau0)
+        calls = []
+        with forward_ad_attention(attention=path), _Spy(calls):
+            out = lin(input_ids=x, attention_mask=am, labels=y)
+        assert bool(calls) == (path == "fused")
+        results[path] = (out.logits.detach(), torch.autograd.grad(out.loss, [p for p in lin.parameters() if p.requires_grad]))
+    torch.testing.assert_close(results["fused"][0], results["math"][0])
+    for a, b in zip(results["fused"][1], results["math"][1]):
+        torch.testing.assert_close(a, b)
