@@ -12,7 +12,8 @@ Three computations, each ending in the gradients a training step needs:
   kernel, then backward from a loss on the tangent to (tQ, tK, tV);
 * (c) ``ours``: the same with :func:`hf_taujp.attention_jvp.linearized_sdpa`.
 
-Time: median over ``--reps`` runs after one warm-up. Peak memory: the high-water mark of bytes allocated
+Time: median over ``--reps`` runs after one warm-up, wall clock and process CPU time (with one thread on a
+shared machine the CPU time is the steadier measure: it does not count time spent waiting for a core). Peak memory: the high-water mark of bytes allocated
 during the call (inputs excluded), from torch.profiler's allocation events (``profile_memory=True``),
 one profiled run per computation; every length runs in a fresh subprocess. (c)/(a) and (b)/(c) ratios
 are printed; targets (issue 13) at L = 2048: memory (c) ≤ 1.6× (a) and ≥ 4× below (b), time (c) ≤ 2.5× (a).
@@ -72,15 +73,18 @@ def child(length: int, reps: int, threads: int, skip_math_above: int) -> dict:
     if "math jvp" in fns:
         res["max |Δgrad|"] = max((a - b).abs().max().item() for a, b in zip(math_jvp(), ours()))
     times: dict[str, list[float]] = {n: [] for n in fns}
+    cpu: dict[str, list[float]] = {n: [] for n in fns}
     for n, fn in fns.items():
         fn()  # warm-up
     for _ in range(reps):  # interleaved, so that a change in machine load hits all alike
         for n, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[n].append(time.perf_counter() - t0)
+            cpu[n].append(time.process_time() - c0)
     for n, fn in fns.items():
         res[f"{n} ms"] = 1000 * statistics.median(times[n])
+        res[f"{n} cpu ms"] = 1000 * statistics.median(cpu[n])
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         res[f"{n} MiB"] = _peak_bytes(prof) / 2**20
@@ -128,13 +132,15 @@ def main(argv=None) -> None:
             "L": r["L"],
             "(a) sdpa ms": r["sdpa ms"], "(b) math jvp ms": r.get("math jvp ms", float("nan")), "(c) ours ms": r["ours ms"],
             "time c/a": r["ours ms"] / r["sdpa ms"],
+            "CPU time c/a": r["ours cpu ms"] / r["sdpa cpu ms"],
+            "CPU time b/a": r["math jvp cpu ms"] / r["sdpa cpu ms"] if "math jvp cpu ms" in r else float("nan"),
             "(a) MiB": r["sdpa MiB"], "(b) MiB": m if m is not None else float("nan"), "(c) MiB": r["ours MiB"],
             "mem c/a": r["ours MiB"] / r["sdpa MiB"],
             "mem b/c": (m / r["ours MiB"]) if m is not None else float("nan"),
             "max |Δgrad| b vs c": r.get("max |Δgrad|", float("nan")),
         })
     print(f"Attention fwd + bwd, Llama-shaped heads ({HQ} q / {HK} kv heads, dim {E}), batch 1, causal, fp32, CPU, "
-          f"{rows[0]['threads']} thread(s); median of {a.reps} after a warm-up; peak = allocated bytes "
+          f"{rows[0]['threads']} thread(s); median of {a.reps} after a warm-up (ms: wall clock); peak = allocated bytes "
           f"(torch.profiler); load average before {load0:.2f}, after {os.getloadavg()[0]:.2f}")
     print(format_table(table, floatfmt=".3g"))
 
