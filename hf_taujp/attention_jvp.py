@@ -103,8 +103,10 @@ def _rows(x, i0, i1, hk):
     return x.unflatten(1, (hk, -1))[..., i0:i1, :].flatten(2, 3)
 
 
-def _put_rows(res, i0, i1, hk, block):
-    res.unflatten(1, (hk, -1))[..., i0:i1, :] = block.unflatten(2, (-1, i1 - i0))
+def _join_rows(blocks, hk):
+    """Inverse of `_rows` over consecutive blocks [(i1 − i0, (B, Hk, g·c, ·)), ...]: (B, Hq, Lq, ·).
+    Concatenated rather than written in place, so that the op also runs under torch.func.vmap."""
+    return torch.cat([b.unflatten(2, (-1, c)) for c, b in blocks], dim=3).flatten(1, 2)
 
 
 def _block_mask(mask, is_causal, i0, i1, hk, lk, device):
@@ -183,9 +185,9 @@ def _keys(x, n):
 def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
     """tO over query blocks, without autograd (the linear map applied to (tq, tk, tv, tm))."""
     lq, lk, hk = q.shape[-2], k.shape[-2], k.shape[1]
-    res = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     if tq is None and tk is None and tv is None and tm is None:
-        return res
+        return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    blocks = []
     with torch.no_grad():
         kk = torch.cat([k, tk], -1) if tq is not None and tk is not None else None
         for i0, i1 in _blocks(lq, chunk):
@@ -196,13 +198,15 @@ def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
             to = _tangent_block(_rows(q, i0, i1, hk), _keys(k, n), _keys(v, n), _rows(out, i0, i1, hk), lse_c, m_c,
                                 None if tq is None else _rows(tq, i0, i1, hk), _keys(tk, n), _keys(tv, n), tm_c,
                                 scale, i1 - i0, is_causal, _keys(kk, n))
-            _put_rows(res, i0, i1, hk, to)
-    return res
+            blocks.append((i1 - i0, to))
+        return _join_rows(blocks, hk)
 
 
 class _AttentionTangent(torch.autograd.Function):
     """tO = J_attn(Q, K, V, M)·(tQ, tK, tV, tM); backward = the attention vjp at (Q, K, V) when only the
     tangents need grad, else a per-block recomputation with autograd (second-order terms included)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):

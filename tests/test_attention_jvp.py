@@ -241,3 +241,19 @@ def test_t5_learned_position_bias_through_the_mask_matches_math_path():
     torch.testing.assert_close(results["fused"][0], results["math"][0])
     for a, b in zip(results["fused"][1], results["math"][1]):
         torch.testing.assert_close(a, b)
+
+
+def test_runs_under_vmap_of_jvp():
+    """torch.func.vmap over a jvp (per-example tangents) gives the per-example math-path tangents."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(3, 1, HQ, 6, E, dtype=torch.float64, generator=g)
+    kv = torch.randn(3, 1, HK, 6, E, dtype=torch.float64, generator=g)
+
+    def tangent(fn, kw):
+        return lambda q, kv: torch.func.jvp(lambda a, b: fn(a, b, b, is_causal=True, enable_gqa=True, **kw),
+                                            (q, kv), (torch.ones_like(q), kv))[1]
+
+    got = torch.func.vmap(tangent(linearized_sdpa, {"chunk_size": 4}))(q, kv)
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = torch.stack([tangent(F.scaled_dot_product_attention, {})(a, b) for a, b in zip(q, kv)])
+    torch.testing.assert_close(got, ref)
