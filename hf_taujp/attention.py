@@ -82,8 +82,7 @@ def forward_ad_attention(module: torch.nn.Module | None = None, attention: str |
     changed: list[tuple[object, str]] = []
     swapped = None
     try:
-        if path == "fused":
-            swapped = _swap_sdpa(jvp_sdpa_attention_forward)
+        swapped = _swap_sdpa(path)
         if module is not None:
             target = "sdpa" if _supports_sdpa(module) else "eager"
             for cfg in _configs(module):
@@ -101,23 +100,25 @@ def forward_ad_attention(module: torch.nn.Module | None = None, attention: str |
         _PATH.reset(token)
 
 
-def _swap_sdpa(fn):
-    """Put ``fn`` in transformers' class-wide attention registry under "sdpa"; return the undo.
+def _swap_sdpa(path: str):
+    """Put the function of ``path`` in transformers' class-wide attention registry under "sdpa"; return the undo.
 
     The class-wide mapping (``AttentionInterface._global_mapping``) is what every model's
-    ``ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", ...)`` reads unless a model file overrides "sdpa"
-    locally (such a model keeps its own function, which then runs on the math kernel). Not thread-safe
-    against a second thread entering and leaving the block in a different order.
+    ``ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", ...)`` reads. Only transformers' own
+    ``sdpa_attention_forward`` is replaced: an "sdpa" registered by the user, or one a model file overrides
+    locally, is kept and runs on the math kernel. ``"math"`` puts transformers' function back (a math block
+    nested in a fused one). Not thread-safe against a second thread entering and leaving in another order.
     """
     try:
         from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
     except ImportError:  # pragma: no cover - transformers is a dependency
         return None
     mapping = AttentionInterface._global_mapping
     previous = mapping.get("sdpa")
-    if previous is None:  # pragma: no cover - every transformers 5 has it
+    if previous not in (sdpa_attention_forward, jvp_sdpa_attention_forward):
         return None
-    mapping["sdpa"] = fn
+    mapping["sdpa"] = jvp_sdpa_attention_forward if path == "fused" else sdpa_attention_forward
 
     def undo():
         mapping["sdpa"] = previous

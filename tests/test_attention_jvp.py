@@ -257,3 +257,38 @@ def test_runs_under_vmap_of_jvp():
     with sdpa_kernel([SDPBackend.MATH]):
         ref = torch.stack([tangent(F.scaled_dot_product_attention, {})(a, b) for a, b in zip(q, kv)])
     torch.testing.assert_close(got, ref)
+
+
+def test_math_block_nested_in_a_fused_one_runs_math_and_everything_is_restored():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = tiny_llama()
+    x = torch.randint(0, 64, (1, 6))
+    lin = linearize(model, target_modules=["q_proj"])
+    calls = []
+    with forward_ad_attention(attention="fused"), _Spy(calls):
+        with forward_ad_attention(attention="math"):
+            lin(input_ids=x)  # its own forward_ad_attention() inherits "math"
+        assert calls == []
+        lin(input_ids=x)
+        assert calls
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward
+
+
+def test_a_user_registered_sdpa_is_kept():
+    """An "sdpa" the user registered may compute something else: it is not replaced (math kernel instead)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def custom(*a, **k):
+        seen.append(1)
+        return sdpa_attention_forward(*a, **k)
+
+    AttentionInterface.register("sdpa", custom)
+    try:
+        out = linearize(tiny_llama(), target_modules=["q_proj"])(input_ids=torch.randint(0, 64, (1, 5)))
+        assert seen and torch.isfinite(out.logits).all()
+        assert AttentionInterface._global_mapping["sdpa"] is custom
+    finally:
+        AttentionInterface.register("sdpa", sdpa_attention_forward)
