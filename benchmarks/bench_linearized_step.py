@@ -192,15 +192,18 @@ def sweep(a) -> None:
                 if out.returncode:
                     raise SystemExit(f"{mode} L={seq} failed:\n{out.stderr[-3000:]}")
                 res[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"  L={seq} round {r + 1}/{a.rounds} {mode}: {statistics.median(res[mode][-1]['wall']):.2f} s/step",
+                print(f"  L={seq} round {r + 1}/{a.rounds} {mode}: {statistics.median(res[mode][-1]['wall']):.2f} s/step "
+                      f"(CPU {statistics.median(res[mode][-1]['cpu']):.2f} s)",
                       file=sys.stderr, flush=True)
         row = {m: {"wall": statistics.median([w for x in rs for w in x["wall"]]),
+                   "cpu": statistics.median([c for x in rs for c in x["cpu"]]),
                    "step": max(x["step_rss_mib"] for x in rs)} for m, rs in res.items()}
         n = row["normal"]
-        table.append({"L": seq, "batch": batch, "normal s": n["wall"], "linearized s": row["linearized"]["wall"],
-                      "math-attn s": row["linearized-math"]["wall"],
-                      "time lin/normal": row["linearized"]["wall"] / n["wall"],
-                      "time math/normal": row["linearized-math"]["wall"] / n["wall"],
+        table.append({"L": seq, "batch": batch, "normal CPU s": n["cpu"], "linearized CPU s": row["linearized"]["cpu"],
+                      "math-attn CPU s": row["linearized-math"]["cpu"],
+                      "CPU lin/normal": row["linearized"]["cpu"] / n["cpu"],
+                      "CPU math/normal": row["linearized-math"]["cpu"] / n["cpu"],
+                      "wall lin/normal": row["linearized"]["wall"] / n["wall"],
                       "normal MiB": n["step"], "linearized MiB": row["linearized"]["step"],
                       "math-attn MiB": row["linearized-math"]["step"],
                       "mem lin/normal": row["linearized"]["step"] / max(n["step"], 1),
@@ -209,7 +212,8 @@ def sweep(a) -> None:
 
     print(f"Llama-shaped (SmolLM2-135M widths, {a.sweep_layers} layers, vocab {a.sweep_vocab}, random init), "
           f"{a.sweep_tokens} tokens per batch, CPU, {a.threads or 'default'} thread(s), median of {a.rounds}x{a.steps} "
-          f"steps; memory = step RSS (peak − RSS after build); load average before {load0[0]:.2f}, after "
+          f"steps (CPU s: process CPU time per step, the steady measure on a shared machine); memory = step RSS "
+          f"(peak − RSS after build); load average before {load0[0]:.2f}, after "
           f"{os.getloadavg()[0]:.2f}")
     print(format_table(table, floatfmt=".3g"))
 

@@ -188,6 +188,11 @@ def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
     if tq is None and tk is None and tv is None and tm is None:
         return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     blocks = []
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # blocks in float32 (as the fused kernels accumulate): O(L) copies
+        q, k, v, out, tq, tk, tv, tm = (None if t is None else t.float() if t.is_floating_point() else t
+                                        for t in (q, k, v, out, tq, tk, tv, tm))
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
     with torch.no_grad():
         kk = torch.cat([k, tk], -1) if tq is not None and tk is not None else None
         for i0, i1 in _blocks(lq, chunk):
@@ -199,7 +204,7 @@ def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
                                 None if tq is None else _rows(tq, i0, i1, hk), _keys(tk, n), _keys(tv, n), tm_c,
                                 scale, i1 - i0, is_causal, _keys(kk, n))
             blocks.append((i1 - i0, to))
-        return _join_rows(blocks, hk)
+        return _join_rows(blocks, hk).to(dtype)
 
 
 class _AttentionTangent(torch.autograd.Function):

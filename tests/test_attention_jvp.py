@@ -292,3 +292,17 @@ def test_a_user_registered_sdpa_is_kept():
         assert AttentionInterface._global_mapping["sdpa"] is custom
     finally:
         AttentionInterface.register("sdpa", sdpa_attention_forward)
+
+
+def test_bfloat16_tangent_is_as_accurate_as_the_math_path():
+    """Low-precision inputs: blocks run in float32, so the bf16 tangent's error against float64 is no larger
+    than that of the math kernel's bf16 tangent (up to one bf16 rounding)."""
+    primals, tangents = _inputs()
+    f = _attn(linearized_sdpa, "causal")
+    _, ref = torch.func.jvp(f, primals, tangents)
+    low = lambda xs: tuple(x.detach().to(torch.bfloat16) for x in xs)  # noqa: E731
+    _, ours = torch.func.jvp(f, low(primals), low(tangents))
+    with sdpa_kernel([SDPBackend.MATH]):
+        _, math_ = torch.func.jvp(_attn(F.scaled_dot_product_attention, "causal"), low(primals), low(tangents))
+    err, err_math = ((t.double() - ref).abs().max().item() for t in (ours, math_))
+    assert ours.dtype == torch.bfloat16 and err <= err_math + 2**-7 * ref.abs().max().item()
