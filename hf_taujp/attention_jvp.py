@@ -21,7 +21,9 @@ matrices for the primal, the tangent and their backward. :func:`linearized_sdpa`
   the linearized fine-tuning case: the primal has no trainable input, τ reaches attention only
   through tangents. When the primal inputs (Q, K, V, a float mask) or the mask tangent require
   grad too, the second-order terms are needed: then each query block is recomputed with autograd
-  and differentiated on its own (exact for every input, still O(chunk·L) memory, ≈ 2–3× slower).
+  and differentiated on its own (exact for every input, still O(chunk·L) memory, slower: one more
+  block forward and an autograd backward per block; not measured). The primal's own backward
+  (a loss on O) is the fused SDPA backward, or the same blockwise recomputation for a trainable mask.
 
 Shapes: query (B, Hq, Lq, E), key (B, Hk, Lk, E), value (B, Hk, Lk, Ev); Hq = Hk, or Hq a multiple
 of Hk with ``enable_gqa=True`` (query head h uses key/value head h // (Hq/Hk), as transformers'

@@ -306,3 +306,20 @@ def test_bfloat16_tangent_is_as_accurate_as_the_math_path():
         _, math_ = torch.func.jvp(_attn(F.scaled_dot_product_attention, "causal"), low(primals), low(tangents))
     err, err_math = ((t.double() - ref).abs().max().item() for t in (ours, math_))
     assert ours.dtype == torch.bfloat16 and err <= err_math + 2**-7 * ref.abs().max().item()
+
+
+def test_dual_tensors_of_torch_autograd_forward_ad():
+    import torch.autograd.forward_ad as fwAD
+
+    (q, k, v), (tq, tk, tv) = _inputs()
+
+    def tangent(fn):
+        with fwAD.dual_level():
+            out = fn(*(fwAD.make_dual(a, b) for a, b in ((q, tq), (k, tk), (v, tv))), is_causal=True, enable_gqa=True)
+            return fwAD.unpack_dual(out).tangent
+
+    t = tangent(linearized_sdpa)
+    with sdpa_kernel([SDPBackend.MATH]):
+        t_ref = tangent(F.scaled_dot_product_attention)
+    torch.testing.assert_close(t, t_ref)
+    torch.testing.assert_close(torch.autograd.grad(t.sum(), tk)[0], torch.autograd.grad(t_ref.sum(), tk)[0])
