@@ -222,6 +222,8 @@ class _AttentionTangent(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk = inputs
+        if not any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 9)):
+            tq = tk = tv = tm = None  # the fused backward does not read them: do not keep them alive
         ctx.save_for_backward(q, k, v, mask, out, lse, tq, tk, tv, tm)
         ctx.is_causal, ctx.scale, ctx.chunk = is_causal, scale, chunk
 
