@@ -323,3 +323,15 @@ def test_dual_tensors_of_torch_autograd_forward_ad():
         t_ref = tangent(F.scaled_dot_product_attention)
     torch.testing.assert_close(t, t_ref)
     torch.testing.assert_close(torch.autograd.grad(t.sum(), tk)[0], torch.autograd.grad(t_ref.sum(), tk)[0])
+
+
+def test_causal_with_fewer_queries_than_keys_is_upper_left_aligned_like_sdpa(kernel):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, HQ, 5, E, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(B, HK, 9, E, dtype=torch.float64, generator=g) for _ in range(2))
+    tangents = tuple(torch.randn(x.shape, dtype=torch.float64, generator=g) for x in (q, k, v))
+    _, t = torch.func.jvp(lambda *x: linearized_sdpa(*x, is_causal=True, enable_gqa=True, chunk_size=2), (q, k, v), tangents)
+    with sdpa_kernel([SDPBackend.MATH]):
+        _, t_ref = torch.func.jvp(lambda *x: F.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True),
+                                  (q, k, v), tangents)
+    torch.testing.assert_close(t, t_ref)
