@@ -3,6 +3,14 @@
 Command (the closing note's numbers):
     python benchmarks/bench_linearized_step.py                       # batch 4 x 128 tokens, 3 timed steps, 2 rounds
     python benchmarks/bench_linearized_step.py --threads 1 --plain   # one thread; add a bare torch.func.jvp reference
+    python benchmarks/bench_linearized_step.py --threads 1 --sweep   # sequence-length sweep, Llama-shaped (below)
+
+``--sweep``: SmolLM2-135M shapes (hidden 576, 9 query / 3 key-value heads, MLP 1536, RoPE), random init,
+``--sweep-layers`` layers (default 2) and a ``--sweep-vocab`` vocabulary (default 8192) so that L = 2048
+fits a CPU budget; L ∈ ``--lengths`` (default 128, 512, 2048) at a constant 2048 tokens per batch
+(batch = 2048 / L). Modes: ``normal``, ``linearized`` (attention by hf_taujp's linearized SDPA, the
+default) and ``linearized-math`` (the math-kernel reference, ``forward_ad_attention(attention="math")``).
+Issue-13 targets: linearized / normal ≤ 1.8× time at every L, ≤ 1.6× step memory at L = 2048.
 
 Modes (each step = forward, task loss, backward, zero_grad; the model in train mode, dropout 0):
 - ``normal``: every parameter trainable, ``model(input_ids, labels=input_ids).loss.backward()``.
@@ -34,25 +42,38 @@ import sys
 import time
 
 
-def _build(mode: str, batch: int, seq: int):
+def _model(arch: str, layers: int, vocab: int, seq: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if arch == "llama":  # SmolLM2-135M's shapes (config.json of HuggingFaceTB/SmolLM2-135M), fewer layers / vocab
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=max(seq, 2048),
+                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, attention_dropout=0.0)
+        return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").train(), cfg.vocab_size
+    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).train(), cfg.vocab_size
+
+
+def _build(mode: str, batch: int, seq: int, arch: str = "gpt2", layers: int = 2, vocab: int = 8192):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg).train()
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    model, vocab_size = _model(arch, layers, vocab, seq)
+    x = torch.randint(0, vocab_size, (batch, seq))
     if mode == "normal":
         def step():
             model(input_ids=x, labels=x).loss.backward()
             model.zero_grad(set_to_none=True)
-    elif mode == "linearized":
+    elif mode in ("linearized", "linearized-math"):
+        from hf_taujp.attention import forward_ad_attention
         from hf_taujp.linearize import linearize
 
         lin = linearize(model)
+        path = "math" if mode == "linearized-math" else None
 
         def step():
-            lin(input_ids=x, labels=x).loss.backward()
+            with forward_ad_attention(attention=path):
+                lin(input_ids=x, labels=x).loss.backward()
             lin.zero_grad(set_to_none=True)
     elif mode == "plain-jvp":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -78,12 +99,13 @@ def _build(mode: str, batch: int, seq: int):
     return step
 
 
-def run_mode(mode: str, batch: int, seq: int, steps: int, threads: int | None) -> dict:
+def run_mode(mode: str, batch: int, seq: int, steps: int, threads: int | None, arch: str = "gpt2", layers: int = 2,
+             vocab: int = 8192) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    step = _build(mode, batch, seq)
+    step = _build(mode, batch, seq, arch, layers, vocab)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     wall, cpu = [], []
     for i in range(steps + 1):  # the first step is a warm-up (allocator, lazy init)
@@ -105,11 +127,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="fresh subprocesses per mode, interleaved")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--plain", action="store_true", help="also time a bare torch.func.jvp implementation")
+    ap.add_argument("--sweep", action="store_true", help="sequence-length sweep on a Llama-shaped model (see top)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--sweep-layers", type=int, default=2)
+    ap.add_argument("--sweep-vocab", type=int, default=8192)
+    ap.add_argument("--sweep-tokens", type=int, default=2048, help="tokens per batch (batch = tokens / L)")
+    ap.add_argument("--arch", default="gpt2", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.mode:
-        print(json.dumps(run_mode(a.mode, a.batch, a.seq, a.steps, a.threads)))
+        print(json.dumps(run_mode(a.mode, a.batch, a.seq, a.steps, a.threads, a.arch, a.sweep_layers, a.sweep_vocab)))
         return
+    if a.sweep:
+        return sweep(a)
     modes = ["normal", "linearized"] + (["plain-jvp"] if a.plain else [])
     load0 = os.getloadavg()
     results: dict[str, list[dict]] = {m: [] for m in modes}
@@ -143,6 +173,49 @@ def main() -> None:
     for m, r in rows.items():
         print(f"| {m:<11}| {r['wall']:>13.2f} | {r['cpu']:>10.2f} | {r['peak']:>12.0f} | {r['step']:>12.0f} |"
               f" {r['wall'] / n['wall']:>9.2f}x | {r['step'] / max(n['step'], 1):>13.2f}x |")
+
+
+def sweep(a) -> None:
+    """Linearized vs normal step on a Llama-shaped model at several sequence lengths (fresh subprocess each)."""
+    modes = ["normal", "linearized", "linearized-math"]
+    load0 = os.getloadavg()
+    table = []
+    for seq in a.lengths:
+        batch = max(1, a.sweep_tokens // seq)
+        res: dict[str, list[dict]] = {m: [] for m in modes}
+        for r in range(a.rounds):
+            for mode in (modes if r % 2 == 0 else modes[::-1]):
+                cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--arch", "llama", "--batch", str(batch),
+                       "--seq", str(seq), "--steps", str(a.steps), "--sweep-layers", str(a.sweep_layers),
+                       "--sweep-vocab", str(a.sweep_vocab)] + (["--threads", str(a.threads)] if a.threads else [])
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{mode} L={seq} failed:\n{out.stderr[-3000:]}")
+                res[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  L={seq} round {r + 1}/{a.rounds} {mode}: {statistics.median(res[mode][-1]['wall']):.2f} s/step "
+                      f"(CPU {statistics.median(res[mode][-1]['cpu']):.2f} s)",
+                      file=sys.stderr, flush=True)
+        row = {m: {"wall": statistics.median([w for x in rs for w in x["wall"]]),
+                   "cpu": statistics.median([c for x in rs for c in x["cpu"]]),
+                   "step": max(x["step_rss_mib"] for x in rs)} for m, rs in res.items()}
+        n = row["normal"]
+        table.append({"L": seq, "batch": batch, "normal CPU s": n["cpu"], "linearized CPU s": row["linearized"]["cpu"],
+                      "math-attn CPU s": row["linearized-math"]["cpu"],
+                      "CPU lin/normal": row["linearized"]["cpu"] / n["cpu"],
+                      "CPU math/normal": row["linearized-math"]["cpu"] / n["cpu"],
+                      "wall lin/normal": row["linearized"]["wall"] / n["wall"],
+                      "normal MiB": n["step"], "linearized MiB": row["linearized"]["step"],
+                      "math-attn MiB": row["linearized-math"]["step"],
+                      "mem lin/normal": row["linearized"]["step"] / max(n["step"], 1),
+                      "mem math/normal": row["linearized-math"]["step"] / max(n["step"], 1)})
+    from hf_taujp.evaluation import format_table
+
+    print(f"Llama-shaped (SmolLM2-135M widths, {a.sweep_layers} layers, vocab {a.sweep_vocab}, random init), "
+          f"{a.sweep_tokens} tokens per batch, CPU, {a.threads or 'default'} thread(s), median of {a.rounds}x{a.steps} "
+          f"steps (CPU s: process CPU time per step, the steady measure on a shared machine); memory = step RSS "
+          f"(peak − RSS after build); load average before {load0[0]:.2f}, after "
+          f"{os.getloadavg()[0]:.2f}")
+    print(format_table(table, floatfmt=".3g"))
 
 
 if __name__ == "__main__":

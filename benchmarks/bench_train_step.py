@@ -7,7 +7,8 @@ randomly initialised GPT-2-shaped causal LM; reg sets = 3 other "tasks", reg bat
 
     python benchmarks/bench_train_step.py [--layers 4 --hidden 256 --seq 128 --batch 8 --steps 8 --ratio 0.125 --threads 0 --repeats 2]
 
-Reports the median step time after 2 warm-up steps, peak RSS (CPU) or peak CUDA memory, the part of
+Reports the median step time (wall clock, and process CPU time: with --threads 1 on a shared machine the
+steadier measure, it does not count waiting for a core) after 2 warm-up steps, peak RSS (CPU) or peak CUDA memory, the part of
 it added during training (peak − RSS just before `train()`: activations, gradients, optimizer state;
 the imports and model are a common floor of several hundred MiB on CPU), and ratios to non-linear FT.
 """
@@ -54,14 +55,15 @@ def child(a) -> dict:
     train = [{"input_ids": (x := torch.randint(0, a.vocab, (a.seq,), generator=g)), "labels": x} for _ in range(n)]
     regs = {f"task{i}": [{"input_ids": torch.randint(0, a.vocab, (a.seq,), generator=g)} for _ in range(64)]
             for i in range(3)} if lam > 0 else None
-    times = []
+    times, cpu = [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            cpu.append(time.process_time() - self.c)
 
     with tempfile.TemporaryDirectory() as d:
         args = TauJpConfig(output_dir=d, max_steps=a.steps + 2, per_device_train_batch_size=a.batch,
@@ -79,7 +81,8 @@ def child(a) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     n_params = sum(p.numel() for p in model.parameters())
-    return {"method": a.method, "step_s": statistics.median(times[2:]), "peak_mib": peak,
+    return {"method": a.method, "step_s": statistics.median(times[2:]), "cpu_s": statistics.median(cpu[2:]),
+            "peak_mib": peak,
             "train_mib": peak - before, "params": n_params}
 
 
@@ -108,6 +111,7 @@ def main(argv=None) -> None:
     # Rounds over all methods (order reversed every other round) so that a change in machine load hits
     # every method alike; per method the fastest round's median step time is kept (peak memory: max).
     best: dict[str, dict] = {}
+    load0 = os.getloadavg()[0]
     for rnd in range(a.repeats):
         for method in (list(METHODS) if rnd % 2 == 0 else list(METHODS)[::-1]):
             cmd = [sys.executable, os.path.abspath(__file__), "--method", method] + [
@@ -122,13 +126,17 @@ def main(argv=None) -> None:
                 r["peak_mib"] = max(r["peak_mib"], best[method]["peak_mib"])
                 r["train_mib"] = max(r["train_mib"], best[method]["train_mib"])
                 r["step_s"] = min(r["step_s"], best[method]["step_s"])
+                r["cpu_s"] = min(r["cpu_s"], best[method]["cpu_s"])
             best[method] = r
             print(f"done: {method} (round {rnd + 1}/{a.repeats})", file=sys.stderr)
     rows = [best[m] for m in METHODS if m in best]
     from hf_taujp.evaluation import format_table
 
     ref = next((r for r in rows if r["method"] == "non-linear FT"), rows[0])
+    lin = next((r for r in rows if r["method"] == "linear FT"), ref)
     table = [{"method": r["method"], "step ms": round(1000 * r["step_s"], 1), "× non-linear": r["step_s"] / ref["step_s"],
+              "CPU ms": round(1000 * r["cpu_s"], 1), "CPU × non-linear": r["cpu_s"] / ref["cpu_s"],
+              "CPU × linear": r["cpu_s"] / lin["cpu_s"],
               "peak MiB": round(r["peak_mib"]), "peak − pre-train MiB": round(r["train_mib"]),
               "× mem (peak − pre)": r["train_mib"] / ref["train_mib"]} for r in rows]
     import torch
@@ -136,8 +144,11 @@ def main(argv=None) -> None:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {a.threads or torch.get_num_threads()} threads"
     print(f"GPT-2-shaped LM: {a.layers} layers, hidden {a.hidden}, seq {a.seq}, batch {a.batch}, reg ratio "
           f"{a.ratio:g} (3 reg tasks), {rows[0]['params'] / 1e6:.1f}M params, {dev}; median of {a.steps} steps, "
-          f"best of {a.repeats} rounds")
+          f"best of {a.repeats} rounds; load average before {load0:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     print(format_table(table, floatfmt=".2f"))
+    r = a.ratio
+    print(f"Targets (issue 13): τJp cyclic / linear ≤ 1 + 1.1·r + 0.02 = {1 + 1.1 * r + 0.02:.3f}; strict (T − 1 = 3 "
+          f"other tasks) / linear ≤ 1 + 1.1·3·r = {1 + 3.3 * r:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,26 +2,41 @@
 
 PyTorch has no forward-mode AD rule for the fused SDPA kernels (flash / memory-efficient, the CPU
 flash kernel included; pytorch#98164, #117629), and FlashAttention-2/3, flex attention, paged and
-Hub-kernel implementations have no JVP. Inside :func:`forward_ad_attention` attention runs on a path
-forward AD can differentiate: the math SDPA backend, and models loaded with any other implementation
-(``flash_attention_2``, ``flex_attention``, ``paged|…``, a kernel repo, one registered with
-``transformers.AttentionInterface``) are switched to ``"sdpa"`` (math) for the duration of the block,
-or to ``"eager"`` for a model class that does not support SDPA. Both compute the same softmax
-attention, so only rounding changes. Every config touched is restored afterwards, also on error.
+Hub-kernel implementations have no JVP. Inside :func:`forward_ad_attention`:
 
-Cost: the math kernel materialises the (batch, heads, L, L) score matrix that fused kernels avoid;
-irrelevant at L ≲ 1k, quadratic memory beyond.
+* models loaded with any implementation other than eager/sdpa (``flash_attention_2``,
+  ``flex_attention``, ``paged|…``, a kernel repo, one registered with ``transformers.AttentionInterface``)
+  are switched to ``"sdpa"`` for the duration of the block, or to ``"eager"`` for a model class that
+  does not support SDPA; every config touched is restored afterwards, also on error;
+* ``attention="fused"`` (the default): transformers' ``"sdpa"`` attention function is replaced by
+  :func:`jvp_sdpa_attention_forward`, which runs :func:`hf_taujp.attention_jvp.linearized_sdpa`
+  (fused primal, blockwise closed-form tangent, fused backward: O(L) memory, see that module);
+  calls it does not cover (dropout > 0 in train mode) go to the math kernel;
+* ``attention="math"``: the reference path, PyTorch's decomposed math SDPA kernel under forward AD,
+  which materialises (batch, heads, L, L) score matrices for the primal, the tangent and their
+  backward (quadratic memory: at L = 2048 it dominates a step, benchmarks/bench_attention_jvp.py);
+* ``"eager"`` models and code calling ``F.scaled_dot_product_attention`` directly always run the
+  math path (``sdpa_kernel([SDPBackend.MATH])`` is active in the block).
+
+All compute the same softmax attention, so only rounding changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["forward_ad_attention", "SAFE_ATTN_IMPLEMENTATIONS"]
+from .hub import HfTaujpError
+
+__all__ = ["forward_ad_attention", "SAFE_ATTN_IMPLEMENTATIONS", "ATTENTION_PATHS", "jvp_sdpa_attention_forward"]
+
+ATTENTION_PATHS = ("fused", "math")
+# The path chosen by the innermost enclosing forward_ad_attention(attention=...); None: "fused".
+_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("hf_taujp_attention_path", default=None)
 
 # Implementations whose forward is made of ordinary differentiable ops (with the math SDPA backend).
 SAFE_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -45,15 +60,29 @@ def _configs(module: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def forward_ad_attention(module: torch.nn.Module | None = None) -> Iterator[None]:
+def forward_ad_attention(module: torch.nn.Module | None = None, attention: str | None = None) -> Iterator[None]:
     """Route attention to a forward-AD-capable path inside the block.
 
-    ``sdpa_kernel([SDPBackend.MATH])`` pins SDPA to its decomposed math kernel, and configs whose
-    ``_attn_implementation`` is not eager/sdpa (e.g. ``flash_attention_2``, ``flex_attention``) are
-    set to ``"sdpa"`` and restored on exit, so the user-visible config never changes.
+    Args:
+        module: a model whose configs with an ``_attn_implementation`` other than eager/sdpa (e.g.
+            ``flash_attention_2``, ``flex_attention``) are set to ``"sdpa"`` inside the block and restored
+            on exit, so the user-visible config never changes.
+        attention: ``"fused"`` (linearized SDPA, O(L) memory) or ``"math"`` (the reference math kernel);
+            ``None`` inherits the choice of an enclosing ``forward_ad_attention`` block, else ``"fused"``.
+            So ``with forward_ad_attention(attention="math"): trainer.train()`` picks the math path for
+            every jvp the library runs inside.
+
+    Raises:
+        HfTaujpError: an unknown ``attention`` value.
     """
+    if attention is not None and attention not in ATTENTION_PATHS:
+        raise HfTaujpError(f"forward_ad_attention(attention={attention!r}): choose one of {ATTENTION_PATHS}")
+    path = attention or _PATH.get() or "fused"
+    token = _PATH.set(path)
     changed: list[tuple[object, str]] = []
+    swapped = None
     try:
+        swapped = _swap_sdpa(path)
         if module is not None:
             target = "sdpa" if _supports_sdpa(module) else "eager"
             for cfg in _configs(module):
@@ -66,6 +95,74 @@ def forward_ad_attention(module: torch.nn.Module | None = None) -> Iterator[None
     finally:
         for cfg, impl in reversed(changed):
             _set_impl(cfg, impl)
+        if swapped is not None:
+            swapped()
+        _PATH.reset(token)
+
+
+def _swap_sdpa(path: str):
+    """Put the function of ``path`` in transformers' class-wide attention registry under "sdpa"; return the undo.
+
+    The class-wide mapping (``AttentionInterface._global_mapping``) is what every model's
+    ``ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", ...)`` reads. Only transformers' own
+    ``sdpa_attention_forward`` is replaced: an "sdpa" registered by the user, or one a model file overrides
+    locally, is kept and runs on the math kernel. ``"math"`` puts transformers' function back (a math block
+    nested in a fused one). Not thread-safe against a second thread entering and leaving in another order.
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    mapping = AttentionInterface._global_mapping
+    previous = mapping.get("sdpa")
+    if previous not in (sdpa_attention_forward, jvp_sdpa_attention_forward):
+        return None
+    mapping["sdpa"] = jvp_sdpa_attention_forward if path == "fused" else sdpa_attention_forward
+
+    def undo():
+        mapping["sdpa"] = previous
+
+    return undo
+
+
+def jvp_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                               position_bias=None, **kwargs):
+    """transformers' ``sdpa_attention_forward`` (same arguments and decisions: causal flag, key crop,
+    position-bias mask) computed by :func:`hf_taujp.attention_jvp.linearized_sdpa`.
+
+    query (B, Hq, Lq, E), key/value (B, Hk, Lk, E) with Hq a multiple of Hk (GQA), attention_mask bool or
+    additive float (B | 1, 1 | Hq, Lq, Lk) or None; returns ((B, Lq, Hq, Ev) contiguous, None).
+    Dropout > 0 (train mode with attention dropout) is not covered: that call runs transformers' own
+    function, i.e. the math kernel inside the block.
+    """
+    from transformers.integrations import sdpa_attention as hf_sdpa
+
+    from .attention_jvp import UnsupportedAttentionError, linearized_sdpa
+
+    def transformers_sdpa():  # the math kernel inside forward_ad_attention
+        return hf_sdpa.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, is_causal=is_causal, position_bias=position_bias,
+                                              **kwargs)
+
+    if dropout or kwargs.get("softcap") is not None:
+        return transformers_sdpa()
+    q, k, v, mask, bias = query, key, value, attention_mask, position_bias
+    q_length = q.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_length > 1 and mask is None and causal)
+    if causal and k.shape[2] > q_length:  # as transformers: empty static cache at prefill
+        k, v = k[:, :, :q_length], v[:, :, :q_length]
+        if bias is not None:
+            bias = bias[:, :, :, :q_length]
+    if bias is not None:
+        mask = hf_sdpa.create_position_bias_mask(bias, mask, causal, q, k)
+        causal = False
+    try:
+        out = linearized_sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    except UnsupportedAttentionError:  # a shape case the op does not cover (e.g. batch broadcasting)
+        return transformers_sdpa()
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _supports_sdpa(module: torch.nn.Module) -> bool:

@@ -248,7 +248,8 @@ class TauJpTrainer(Trainer):
         self._taujp_loaders: dict[str, DataLoader] | None = None
         self._taujp_iters: dict[str, Iterator] = {}
         self._taujp_epochs: dict[str, int] = {}
-        self._taujp_log: dict[str, list[float]] = {"taujp_penalty": [], "task_loss": []}
+        # Logged means: running (sum, count) kept on the device, read once per logging step (no per-step host sync).
+        self._taujp_log: dict[str, list] = {"taujp_penalty": [None, 0], "task_loss": [None, 0]}
         self.taujp_visits: deque[tuple[str, ...]] = deque(maxlen=1024)
         self._theta0: dict[str, torch.Tensor] | None = None
         self._adapter: str | None = None
@@ -426,12 +427,19 @@ class TauJpTrainer(Trainer):
                 ga_penalty = penalty / self.current_gradient_accumulation_steps
             else:
                 ga_penalty = penalty
-            self._taujp_log["taujp_penalty"].append(penalty.detach().float().item())
-            self._taujp_log["task_loss"].append(loss.detach().float().item())
+            self._taujp_record("taujp_penalty", penalty)
+            self._taujp_record("task_loss", loss)
             loss = loss + a.taujp_lambda * ga_penalty.to(loss.dtype)
         elif model.training:
-            self._taujp_log["task_loss"].append(loss.detach().float().item())
+            self._taujp_record("task_loss", loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _taujp_record(self, key: str, value: torch.Tensor) -> None:
+        """Add a scalar to the running sum of `key` on its device (synchronised only in `log`)."""
+        acc = self._taujp_log[key]
+        v = value.detach().float()
+        acc[0] = v if acc[0] is None else acc[0] + v
+        acc[1] += 1
 
     def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         """transformers 5's rule (Trainer.training_step) for 'the loss is already scaled for GA'."""
@@ -443,13 +451,17 @@ class TauJpTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mean `taujp_penalty` / `task_loss` since the last log (averaged over processes)."""
         if "loss" in logs:  # training logs only, not eval
-            for key, values in self._taujp_log.items():
-                has = torch.tensor([float(len(values) > 0)], device=self.args.device)
-                mean = torch.tensor([sum(values) / len(values) if values else 0.0], device=self.args.device)
+            for key, acc in self._taujp_log.items():
+                total, count = acc
+                # [has values, mean] of this process, averaged over processes (one host sync per key and log)
+                stats = torch.zeros(2, device=self.args.device)
+                if count:
+                    stats[0] = 1.0
+                    stats[1] = total.to(stats.device) / count
                 if self.accelerator.num_processes > 1:
-                    has = self.accelerator.reduce(has, "mean")
-                    mean = self.accelerator.reduce(mean, "mean")
-                if has.item() > 0:
-                    logs[key] = round(mean.item() / has.item(), 6)
-                values.clear()
+                    stats = self.accelerator.reduce(stats, "mean")
+                has, mean = stats.tolist()
+                if has > 0:
+                    logs[key] = round(mean / has, 6)
+                acc[0], acc[1] = None, 0
         super().log(logs, *args, **kwargs)

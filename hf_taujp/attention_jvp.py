@@ -1,0 +1,375 @@
+"""Linearized scaled-dot-product attention: fused primal, blockwise closed-form tangent, O(L) memory.
+
+PyTorch has no forward-mode AD rule for its fused SDPA kernels (pytorch#98164, #117629, #128971,
+#165530), so a jvp through attention normally runs the math kernel and keeps (B, H, L, L) score
+matrices for the primal, the tangent and their backward. :func:`linearized_sdpa` is a drop-in for
+``torch.nn.functional.scaled_dot_product_attention`` (no dropout) that works inside
+``torch.func.jvp`` / ``torch.autograd.forward_ad`` and under backward through the tangent:
+
+* **primal** O = softmax(S)·V, S = s·Q·Kᵀ + M, by the fused kernel (the CPU flash kernel
+  ``_scaled_dot_product_flash_attention_for_cpu``, which also returns the row log-sum-exp; elsewhere
+  ``F.scaled_dot_product_attention`` with every backend allowed);
+* **tangent** (sCM paper, Lu & Song, arXiv 2410.11081, App. F), with P = softmax(S):
+
+      tS = s·(tQ·Kᵀ + Q·tKᵀ) + tM,      tO = P·tV + (P∘tS)·V − rowsum(P∘tS) ⊙ O,
+
+  computed over blocks of ``chunk_size`` query rows (exact: every block holds complete softmax
+  rows, P = exp(S − lse)); memory O(B·H·chunk·L) instead of O(B·H·L²);
+* **backward through the tangent**: tO is linear in (tQ, tK, tV) with the attention Jacobian at
+  (Q, K, V) as its matrix, so ∂⟨g, tO⟩/∂(tQ, tK, tV) is the ordinary attention backward at (Q, K, V)
+  with dO := g — the fused SDPA backward (CPU flash backward with the saved log-sum-exp). This is
+  the linearized fine-tuning case: the primal has no trainable input, τ reaches attention only
+  through tangents. When the primal inputs (Q, K, V, a float mask) or the mask tangent require
+  grad too, the second-order terms are needed: then each query block is recomputed with autograd
+  and differentiated on its own (exact for every input, still O(chunk·L) memory, slower: one more
+  block forward and an autograd backward per block; not measured). The primal's own backward
+  (a loss on O) is the fused SDPA backward, or the same blockwise recomputation for a trainable mask.
+
+Shapes: query (B, Hq, Lq, E), key (B, Hk, Lk, E), value (B, Hk, Lk, Ev); Hq = Hk, or Hq a multiple
+of Hk with ``enable_gqa=True`` (query head h uses key/value head h // (Hq/Hk), as transformers'
+``repeat_kv``; nothing is repeated in memory); ``attn_mask`` bool (True = attend) or float (added to S), broadcastable
+to (B, Hq, Lq, Lk); ``is_causal`` is upper-left aligned as in PyTorch. Output (B, Hq, Lq, Ev).
+
+Not covered (raise :class:`UnsupportedAttentionError`; the caller falls back to the math path):
+dropout_p > 0 (one jvp must sample one dropout mask for primal and tangent), nested tensors,
+attn_mask together with is_causal, is_causal with Lq > Lk, batch broadcasting between query and key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .hub import HfTaujpError
+
+__all__ = ["linearized_sdpa", "UnsupportedAttentionError", "default_chunk_size"]
+
+_ALL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.MATH]
+# Tests set this to False to exercise the device-agnostic path (F.sdpa + recompute backward) on CPU.
+_USE_CPU_FLASH = True
+
+
+class UnsupportedAttentionError(HfTaujpError):
+    """The attention call uses a feature the linearized kernel does not cover (dropout, is_causal + mask)."""
+
+
+def default_chunk_size(batch_heads: int, q_len: int, k_len: int, head_dim: int) -> int:
+    """Query rows per block: one (B·H, chunk, Lk) block holds about as many elements as Q itself
+    (B·H·Lq·E), at least 2^18 elements, so the tangent's extra memory stays O(L) (a few Q-sized blocks)."""
+    budget = max(batch_heads * q_len * head_dim, 1 << 18)
+    return max(1, min(q_len, budget // max(1, batch_heads * k_len)))
+
+
+def _cpu_flash(q: torch.Tensor) -> bool:
+    return _USE_CPU_FLASH and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                                         torch.float16)
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive form of a mask: bool True→0, False→−inf (the CPU flash kernel takes float masks only)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _fused_forward(q, k, v, mask, is_causal, scale):
+    """(O, lse or None) by a fused kernel; plain tensors (no duals) only."""
+    if _cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+    with sdpa_kernel(_ALL_BACKENDS):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                                scale=scale, enable_gqa=q.shape[1] != k.shape[1]), None
+
+
+def _fused_backward(g, q, k, v, mask, out, lse, is_causal, scale):
+    """The attention vjp at (q, k, v): (dQ, dK, dV) for dO = g (fused backward kernel)."""
+    if lse is not None and _cpu_flash(q):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+    with torch.enable_grad(), sdpa_kernel(_ALL_BACKENDS):
+        qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+        o = torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                                             enable_gqa=q.shape[1] != k.shape[1])
+        return torch.autograd.grad(o, qkv, g)
+
+
+# Blocks of query rows. With GQA (Hq = g·Hk) the query-side tensors of a block are regrouped by key head,
+# (B, Hq, c, ·) → (B, Hk, g·c, ·), so every block is one batched matmul against the Hk key/value heads and
+# K, V, tK, tV are never repeated (the CPU flash kernels take Hq ≠ Hk natively).
+def _rows(x, i0, i1, hk):
+    """Query-side rows i0:i1 of x (B, Hq, Lq, ·), grouped by key head: (B, Hk, g·(i1−i0), ·)."""
+    return x.unflatten(1, (hk, -1))[..., i0:i1, :].flatten(2, 3)
+
+
+def _join_rows(blocks, hk):
+    """Inverse of `_rows` over consecutive blocks [(i1 − i0, (B, Hk, g·c, ·)), ...]: (B, Hq, Lq, ·).
+    Concatenated rather than written in place, so that the op also runs under torch.func.vmap."""
+    return torch.cat([b.unflatten(2, (-1, c)) for c, b in blocks], dim=3).flatten(1, 2)
+
+
+def _block_mask(mask, is_causal, i0, i1, hk, lk, device):
+    """Mask of query rows i0:i1, broadcastable to the grouped scores (B, Hk, g, c, n); bool or additive.
+
+    Causal: a block only sees keys 0:i1 (n = i1: the keys after it are skipped, halving the work as the
+    fused kernels do), and only its diagonal (c, c) part is masked: returned as the bool triangle."""
+    if is_causal:  # upper-left aligned, as SDPA
+        return torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=device).tril_()
+    if mask is None:
+        return None
+    m = mask[..., i0:i1, :] if mask.shape[-2] != 1 else mask
+    return m.unsqueeze(2) if m.shape[1] == 1 else m.unflatten(1, (hk, -1))
+
+
+def _scores(q_c, k, scale, m_c, c, causal):
+    """S = scale·q_c·kᵀ (+ mask) of a grouped block: (B, Hk, g·c, n)."""
+    s = torch.matmul(q_c, k.transpose(-2, -1))
+    s = s.mul_(scale) if not s.requires_grad else s * scale
+    if m_c is None:
+        return s
+    s5 = s.unflatten(2, (-1, c))
+    if causal:  # the last c keys are the block's own rows: mask their upper triangle in place
+        s5[..., -c:].masked_fill_(~m_c, float("-inf"))
+        return s
+    s5 = s5.masked_fill(~m_c, float("-inf")) if m_c.dtype == torch.bool else s5 + m_c
+    return s5.flatten(2, 3)
+
+
+def _probs(s, lse_c):
+    """P = exp(S − lse) of a block (rows that are fully masked give 0, as the fused kernels do)."""
+    if lse_c is None:
+        lse_c = torch.logsumexp(s, dim=-1, keepdim=True)
+        lse_c = lse_c.masked_fill(torch.isinf(lse_c), 0.0)
+    return torch.exp(s - lse_c) if s.requires_grad else s.sub_(lse_c).exp_()
+
+
+def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale, c, causal, kk=None):
+    """tO of one grouped block of query rows (differentiable ops; o_c / lse_c None: recomputed).
+
+    k, v, tk, tv: the keys the block sees; kk: optionally cat([k, tk], -1), so that
+    tQ·Kᵀ + Q·tKᵀ = cat([tQ, Q], -1)·kkᵀ is one matmul."""
+    p = _probs(_scores(q_c, k, scale, m_c, c, causal), lse_c)
+    if o_c is None:
+        o_c = torch.matmul(p, v)
+    ts = None
+    if tq_c is not None and tk is not None:
+        kk = torch.cat([k, tk], -1) if kk is None else kk
+        ts = torch.matmul(torch.cat([tq_c, q_c], -1), kk.transpose(-2, -1))
+    elif tq_c is not None:
+        ts = torch.matmul(tq_c, k.transpose(-2, -1))
+    elif tk is not None:
+        ts = torch.matmul(q_c, tk.transpose(-2, -1))
+    own = ts is not None  # ts is a fresh tensor (not a view of tM): may be reused in place
+    if ts is not None:
+        ts = ts.mul_(scale) if not ts.requires_grad else ts * scale
+    if tm_c is not None:
+        ts5 = tm_c.expand(p.unflatten(2, (-1, c)).shape) if ts is None else ts.unflatten(2, (-1, c)) + tm_c
+        ts = ts5.flatten(2, 3)
+    to = torch.matmul(p, tv) if tv is not None else None
+    if ts is not None:
+        a = ts.mul_(p) if own and not (p.requires_grad or ts.requires_grad) else p * ts
+        part = torch.matmul(a, v) - a.sum(-1, keepdim=True) * o_c
+        to = part if to is None else to + part
+    return to
+
+
+def _blocks(lq, chunk):
+    return [(i, min(lq, i + chunk)) for i in range(0, lq, chunk)]
+
+
+def _keys(x, n):
+    return None if x is None else x[..., :n, :]
+
+
+def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
+    """tO over query blocks, without autograd (the linear map applied to (tq, tk, tv, tm))."""
+    lq, lk, hk = q.shape[-2], k.shape[-2], k.shape[1]
+    if tq is None and tk is None and tv is None and tm is None:
+        return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    blocks = []
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # blocks in float32 (as the fused kernels accumulate): O(L) copies
+        q, k, v, out, tq, tk, tv, tm = (None if t is None else t.float() if t.is_floating_point() else t
+                                        for t in (q, k, v, out, tq, tk, tv, tm))
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+    with torch.no_grad():
+        kk = torch.cat([k, tk], -1) if tq is not None and tk is not None else None
+        for i0, i1 in _blocks(lq, chunk):
+            n = i1 if is_causal else lk
+            m_c = _block_mask(mask, is_causal, i0, i1, hk, lk, q.device)
+            tm_c = None if tm is None else _block_mask(tm, False, i0, i1, hk, lk, q.device)
+            lse_c = None if lse is None else _rows(lse[..., None], i0, i1, hk).to(q.dtype)
+            to = _tangent_block(_rows(q, i0, i1, hk), _keys(k, n), _keys(v, n), _rows(out, i0, i1, hk), lse_c, m_c,
+                                None if tq is None else _rows(tq, i0, i1, hk), _keys(tk, n), _keys(tv, n), tm_c,
+                                scale, i1 - i0, is_causal, _keys(kk, n))
+            blocks.append((i1 - i0, to))
+        return _join_rows(blocks, hk).to(dtype)
+
+
+class _AttentionTangent(torch.autograd.Function):
+    """tO = J_attn(Q, K, V, M)·(tQ, tK, tV, tM); backward = the attention vjp at (Q, K, V) when only the
+    tangents need grad, else a per-block recomputation with autograd (second-order terms included)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
+        return _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk = inputs
+        if not any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 9)):
+            tq = tk = tv = tm = None  # the fused backward does not read them: do not keep them alive
+        ctx.save_for_backward(q, k, v, mask, out, lse, tq, tk, tv, tm)
+        ctx.is_causal, ctx.scale, ctx.chunk = is_causal, scale, chunk
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, mask, out, lse, tq, tk, tv, tm = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = [None] * 13
+        if not any(need[i] for i in (0, 1, 2, 3, 9)):
+            # linear in the tangents: the attention vjp at the primal point (fused backward)
+            dq, dk, dv = _fused_backward(g, q, k, v, mask, out, lse, ctx.is_causal, ctx.scale)
+            grads[6], grads[7], grads[8] = (dq if need[6] else None), (dk if need[7] else None), (dv if need[8] else None)
+            return tuple(grads)
+        return _blockwise_grads(g, need, q, k, v, mask, tq, tk, tv, tm, ctx.is_causal, ctx.scale, ctx.chunk)
+
+
+def _blockwise_grads(g, need, q, k, v, mask, tq, tk, tv, tm, is_causal, scale, chunk, primal=False):
+    """Gradients of ⟨g, tO⟩ (or ⟨g, O⟩ with ``primal=True``) for every input that needs one, query block by
+    query block with autograd on the recomputed block (O(chunk·L) memory; input indices as in
+    `_AttentionTangent.forward`)."""
+    idx = {0: q, 1: k, 2: v, 3: mask, 6: tq, 7: tk, 8: tv, 9: tm}
+    wanted = [i for i, t in idx.items() if need[i] and t is not None]
+    grads: list = [None] * 13
+    for i in wanted:
+        grads[i] = torch.zeros_like(idx[i])
+    lq, lk, hk = q.shape[-2], k.shape[-2], k.shape[1]
+    for i0, i1 in _blocks(lq, chunk):
+        with torch.enable_grad():
+            leaves = {i: idx[i].detach().requires_grad_() for i in wanted}
+            get = lambda i: leaves.get(i, idx[i])  # noqa: E731
+            qq, tqq, mm, tmm, c = get(0), get(6), get(3), get(9), i1 - i0
+            n = i1 if is_causal else lk
+            m_c = _block_mask(mm, is_causal, i0, i1, hk, lk, q.device)
+            q_c = _rows(qq, i0, i1, hk)
+            if primal:
+                to = torch.matmul(_probs(_scores(q_c, _keys(get(1), n), scale, m_c, c, is_causal), None),
+                                  _keys(get(2), n))
+            else:
+                tm_c = None if tmm is None else _block_mask(tmm, False, i0, i1, hk, lk, q.device)
+                to = _tangent_block(q_c, _keys(get(1), n), _keys(get(2), n), None, None, m_c,
+                                    None if tqq is None else _rows(tqq, i0, i1, hk), _keys(get(7), n),
+                                    _keys(get(8), n), tm_c, scale, c, is_causal)
+            ins = [leaves[i] for i in wanted]
+            gs = torch.autograd.grad(to, ins, _rows(g, i0, i1, hk), allow_unused=True)
+        for i, gi in zip(wanted, gs):
+            if gi is not None:
+                grads[i] += gi
+    return tuple(grads)
+
+
+class _LinearizedSDPA(torch.autograd.Function):
+    """O = attention(Q, K, V, M) by a fused kernel, with a forward-AD (jvp) rule and an ordinary backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, mask, is_causal, scale, chunk):
+        out, lse = _fused_forward(q, k, v, mask, is_causal, scale)
+        return out, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, is_causal, scale, chunk = inputs
+        out, lse = output
+        if lse is not None:
+            ctx.mark_non_differentiable(lse)
+        ctx.save_for_forward(q, k, v, mask, out, lse)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.is_causal, ctx.scale, ctx.chunk = is_causal, scale, chunk
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, tm, *_):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        if tm is not None and mask is not None and mask.dtype == torch.bool:
+            tm = None
+        to = _AttentionTangent.apply(q, k, v, mask, out, lse, tq, tk, tv, tm, ctx.is_causal, ctx.scale, ctx.chunk)
+        return to, None
+
+    @staticmethod
+    def backward(ctx, g, _g_lse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if need[3]:  # a trainable additive bias (e.g. relative positions): dM = dS, block by block
+            grads = _blockwise_grads(g, tuple(need[:4]) + (False,) * 9, q, k, v, mask, None, None, None, None,
+                                     ctx.is_causal, ctx.scale, ctx.chunk, primal=True)
+            return grads[:4] + (None, None, None)
+        dq, dk, dv = _fused_backward(g, q, k, v, mask, out, lse, ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def linearized_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with a forward-AD rule: fused primal, blockwise tangent.
+
+    Args:
+        query, key, value, attn_mask, is_causal, scale, enable_gqa: as in
+            ``torch.nn.functional.scaled_dot_product_attention`` (shapes in the module docstring).
+        dropout_p: must be 0.
+        chunk_size: query rows per tangent block (default :func:`default_chunk_size`).
+
+    Returns:
+        (B, Hq, Lq, Ev), equal to SDPA's output up to rounding; inside ``torch.func.jvp`` its tangent is
+        the closed form above, and gradients flow through the tangent to (tQ, tK, tV).
+
+    Raises:
+        UnsupportedAttentionError: dropout_p > 0, is_causal with attn_mask or with more queries than keys,
+            nested tensors, a head count mismatch without enable_gqa, batch broadcasting between
+            query and key/value.
+    """
+    if dropout_p:
+        raise UnsupportedAttentionError(f"linearized_sdpa has no dropout (dropout_p={dropout_p}); use the math path")
+    if is_causal and attn_mask is not None:
+        raise UnsupportedAttentionError("linearized_sdpa: is_causal and attn_mask together (as SDPA, pick one)")
+    if is_causal and query.shape[-2] > key.shape[-2]:
+        raise UnsupportedAttentionError(f"linearized_sdpa: is_causal with {query.shape[-2]} queries > "
+                                        f"{key.shape[-2]} keys is not covered")
+    if query.is_nested or key.is_nested or value.is_nested:
+        raise UnsupportedAttentionError("linearized_sdpa: nested tensors are not supported")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise UnsupportedAttentionError(
+            f"linearized_sdpa expects 4-D (B, H, L, E) inputs, got {query.dim()}, {key.dim()}, {value.dim()}-D")
+    hq, hk = query.shape[1], key.shape[1]
+    if hq != hk:
+        if not enable_gqa or hq % hk or value.shape[1] != hk:
+            raise UnsupportedAttentionError(
+                f"linearized_sdpa: {hq} query heads vs {hk} key/value heads (enable_gqa={enable_gqa})")
+    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
+        raise UnsupportedAttentionError(f"linearized_sdpa: batch sizes differ ({query.shape[0]}, {key.shape[0]}, "
+                                        f"{value.shape[0]}); SDPA's batch broadcasting is not covered")
+    if attn_mask is not None:
+        if attn_mask.dim() > 4:
+            raise UnsupportedAttentionError(f"linearized_sdpa: attn_mask has {attn_mask.dim()} dims (at most 4)")
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if attn_mask.shape[1] not in (1, hq):
+            raise UnsupportedAttentionError(f"linearized_sdpa: attn_mask heads {attn_mask.shape[1]} vs {hq} query heads")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    bh = query.shape[0] * hq
+    chunk = chunk_size or default_chunk_size(bh, query.shape[-2], key.shape[-2], query.shape[-1])
+    out, _ = _LinearizedSDPA.apply(query, key, value, attn_mask, bool(is_causal), scale, int(chunk))
+    return out
