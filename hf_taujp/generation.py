@@ -355,13 +355,13 @@ def linearized_generate(
     for k, p in primals.items():
         if tuple(tangents[k].shape) != tuple(p.shape):
             raise HfTaujpError(f"Tangent {k!r} has shape {tuple(tangents[k].shape)}, parameter has {tuple(p.shape)}.")
-    from .linearize import _no_gradient_checkpointing  # one implementation of the checkpointing switch
+    from .linearize import jvp_ready  # one implementation of the checkpointing / eval-mode switch
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(fwAD.dual_level())
         duals = {k: fwAD.make_dual(p.detach(), tangents[k].detach().to(dtype=p.dtype, device=p.device))
                  for k, p in primals.items()}
-        stack.enter_context(_no_gradient_checkpointing(model))
+        stack.enter_context(jvp_ready(model, "eval"))  # decoding: the authors' eval-mode linearization point
         stack.enter_context(forward_ad_attention(model))
         stack.enter_context(_reparametrize_module(model, duals, tie_weights=True, strict=False))
         stack.callback(_LinearizedOutputs(model, fuse_head=fast).close)

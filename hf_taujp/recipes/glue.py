@@ -47,14 +47,19 @@ EMBEDDED, HUB = "embedded", "hub"
 
 
 def _threads(threads: int) -> int:
-    """torch CPU threads: `threads` > 0 as given; 0 = one per physical core pair, at least 1.
+    """torch CPU threads: `threads` > 0 as given; 0 = the cores other processes leave free, at least 1.
 
-    On a machine shared with other jobs, as many OpenMP threads as cores spin against the other process
-    (measured: a 98 s run took 17 min); one thread per two cores keeps most of the speed on a quiet machine
-    and degrades gracefully on a busy one."""
+    OpenMP threads that outnumber the free cores spin against the other processes (measured here: a run
+    that took 98 s on a quiet machine took 17 min beside a busy process), so the default counts the
+    cores minus the 1-minute load average (`os.getloadavg`) at start-up."""
     if threads > 0:
         return threads
-    return max(1, (os.cpu_count() or 2) // 2)
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def _rows(rows, n, seed):
@@ -398,14 +403,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--push-to-hub", default=None, metavar="REPO")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per two cores, which holds up "
-                   "on a machine shared with other jobs)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the cores left free by other "
+                   "processes, from the load average; oversubscribed threads make a shared machine 10× slower)")
     return p
 
 
 def main(argv=None) -> dict:
     a = add_arguments(argparse.ArgumentParser(prog="hf-taujp glue", description=__doc__.split("\n")[0])).parse_args(argv)
     torch.set_num_threads(_threads(a.threads))
+    print(f"[hf-taujp glue] torch threads: {torch.get_num_threads()} (--threads)")
     tm = [t.strip() for t in a.target_modules.split(",")] if a.target_modules else None
     return run_glue(a.model, a.tasks, data_dir=a.data_dir, task_spec=a.task_spec, methods=a.methods,
                     output_dir=a.output_dir, steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr,

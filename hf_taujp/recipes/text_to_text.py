@@ -308,16 +308,19 @@ class FrozenPrefix:
 
     def features(self, examples: list[dict], desc: str = "frozen prefix") -> list[dict]:
         """Copies of ``examples`` with ``features`` in place of ``input_ids``."""
-        out = []
-        for i in tqdm(range(0, len(examples), self.batch_size), desc=desc, leave=False):
-            chunk = examples[i:i + self.batch_size]
+        out: list[dict | None] = [None] * len(examples)
+        # Batches of similar length waste little compute on padding; the order is restored below.
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+        for i in tqdm(range(0, len(order), self.batch_size), desc=desc, leave=False):
+            idx = order[i:i + self.batch_size]
+            chunk = [examples[j] for j in idx]
             batch = self.encoder.collate([{k: v for k, v in e.items() if k != "labels"} for e in chunk])
             h = self._hidden(batch)
-            for j, e in enumerate(chunk):
+            for j, e in zip(idx, chunk):
                 n = len(e["input_ids"])
                 f = {k: v for k, v in e.items() if k != "input_ids"}
-                f["features"] = h[j, h.shape[1] - n:].clone()
-                out.append(f)
+                f["features"] = h[idx.index(j), h.shape[1] - n:].clone()
+                out[j] = f
         return out
 
     @torch.no_grad()
@@ -331,12 +334,16 @@ class FrozenPrefix:
         ``encode_choices`` would give) and the N prompt-only examples with ``features``.
         """
         cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        choices, prompt_out = [], []
+        K = len(answers)
+        choices: list = [None] * (len(prompts) * K)
+        prompt_out: list = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]))  # little padding
         was = self.model.training
         self.model.eval()
         try:
-            for i in tqdm(range(0, len(prompts), self.batch_size), desc=desc, leave=False):
-                chunk = prompts[i:i + self.batch_size]
+            for i in tqdm(range(0, len(order), self.batch_size), desc=desc, leave=False):
+                idx = order[i:i + self.batch_size]
+                chunk = [prompts[j] for j in idx]
                 batch = self.encoder.collate([{"input_ids": e["input_ids"]} for e in chunk])
                 from transformers import DynamicCache
 
@@ -344,7 +351,8 @@ class FrozenPrefix:
                 h = self._run(dict(batch, use_cache=True, **{cache_kw: cache}))
                 lengths = [len(e["input_ids"]) for e in chunk]
                 feats = [h[j, h.shape[1] - n:].clone() for j, n in enumerate(lengths)]
-                prompt_out += [{"features": f} for f in feats]
+                for j, f in zip(idx, feats):
+                    prompt_out[j] = {"features": f}
                 per_answer = []
                 for ans in answers:
                     c = copy.deepcopy(cache)
@@ -357,7 +365,8 @@ class FrozenPrefix:
                 for j, f in enumerate(feats):
                     n = lengths[j]
                     for k, ans in enumerate(answers):
-                        choices.append({"features": torch.cat([f, per_answer[k][j]]), "labels": [-100] * n + list(ans)})
+                        choices[idx[j] * K + k] = {"features": torch.cat([f, per_answer[k][j]]),
+                                                   "labels": [-100] * n + list(ans)}
         finally:
             self.model.train(was)
         return choices, prompt_out
@@ -457,13 +466,18 @@ def rank_scores(model: nn.Module, encoder: TextToTextEncoder, num_choices: int, 
         if missing:
             raise HfTaujpError(f"tangents name parameters the model lacks: {missing[:3]}")
         primals = {k: params[k] for k in tangents}
-    per = max(1, batch_size // K) * K
+    per = max(1, batch_size // K)
     use_cache = {"use_cache": False} if _accepts_kw(model, "use_cache") else {}
+    n_rows = len(choices) // K
+    key = "features" if choices and "features" in choices[0] else "input_ids"
+    # rows (groups of K choices) in order of length: batches waste little on padding; order restored below
+    order = sorted(range(n_rows), key=lambda r: max(len(choices[r * K + k][key]) for k in range(K)))
     out = []
     try:
-        for i in tqdm(range(0, len(choices), per), desc=desc, leave=False):
-            chunk = choices[i:i + per]
-            n = len(chunk) // K
+        for i in tqdm(range(0, n_rows, per), desc=desc, leave=False):
+            rows = order[i:i + per]
+            chunk = [choices[r * K + k] for r in rows for k in range(K)]
+            n = len(rows)
             batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in encoder.collate(chunk).items()}
             inputs, labels = _scoring_inputs(model, batch, encoder.family)
             if tangents is None:
@@ -476,7 +490,8 @@ def rank_scores(model: nn.Module, encoder: TextToTextEncoder, num_choices: int, 
                 out.append(torch.stack(cols, -1).cpu())
     finally:
         model.train(was)
-    return torch.cat(out)
+    scores = torch.cat(out)
+    return scores[torch.argsort(torch.tensor(order))] if order else scores
 
 
 def predict_scores(scores: torch.Tensor) -> torch.Tensor:
