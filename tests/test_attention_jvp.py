@@ -191,9 +191,12 @@ def test_gpt2_train_mode_dropout_falls_back_to_math_path():
     cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32, attn_pdrop=0.1)
     model = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").train()
     calls = []
-    with _Spy(calls):
-        out = linearize(model)(input_ids=torch.randint(0, 50, (2, 9)), labels=torch.randint(0, 50, (2, 9)))
+    with _Spy(calls):  # mode="train": dropout inside the jvp (the default linearizes the eval-mode model)
+        out = linearize(model, mode="train")(input_ids=torch.randint(0, 50, (2, 9)), labels=torch.randint(0, 50, (2, 9)))
     assert calls == [] and torch.isfinite(out.loss)
+    with _Spy(calls):  # default: eval-mode linearization point, no dropout, so the fused op serves
+        out = linearize(model)(input_ids=torch.randint(0, 50, (2, 9)), labels=torch.randint(0, 50, (2, 9)))
+    assert calls and torch.isfinite(out.loss)
 
 
 class _Spy:
