@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "fine-tune non-linear / linear / linear + τJp on small built-in tasks, merge, evaluate"),
     "merge": ("hf_taujp.merging.recipe:cli_merge",
               "merge task vectors from a YAML recipe (see `hf-taujp merge --help`)"),
+    "toxicity": ("hf_taujp.recipes.toxicity:main",
+                 "toxicity negation with a causal LM: fine-tune on toxic text, subtract the vector, toxicity vs perplexity"),
 }
 
 
