@@ -195,7 +195,7 @@ def test_recipe_end_to_end_tiny(tmp_path, kind):
         "--alphas", "0,1,2", "--n", "4", "--n-val", "2", "--max-new-tokens", "6", "--gen-batch-size", "4",
         "--prompts-file", str(prompts), "--elicit", "yes", "--scorer", "profanity-check",
         "--block-size", "16", "--val-tokens", "64", "--test-tokens", "64", "--threads", "1"])
-    assert res["scorer"] == "alt-profanity-check" or res["scorer"] == "profanity-check"
+    assert res["scorer"] == "alt-profanity-check"
     assert res["taujp"]["start_step"] == 1  # round(0.25 · 4 steps)
     assert set(res["generation"]["prompt_sets"]) == {"authors", "file", "elicit"}
     base_val = res["base_val"]["val_ppl"]
@@ -203,7 +203,7 @@ def test_recipe_end_to_end_tiny(tmp_path, kind):
         assert [c["alpha"] for c in r["curve"]] == [0.0, 1.0, 2.0]
         assert r["curve"][0]["val_ppl"] == pytest.approx(base_val, rel=1e-5)  # α = 0 is θ0
         ok = [c for c in r["curve"] if c["val_ppl"] <= 1.1 * base_val]
-        best = min(ok, key=lambda c: (c["toxic_rate"], c["val_ppl"]))
+        best = min(ok, key=lambda c: (c["toxic_rate"], c["mean_toxicity"], c["val_ppl"]))
         assert r["chosen_alpha"] == best["alpha"]
         for key in ("chosen", "alpha_1", "toxic_model"):
             assert r[key]["per_prompt_set"]["authors"]["n"] == 4 and r[key]["test_ppl"] > 1

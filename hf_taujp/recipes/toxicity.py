@@ -13,7 +13,7 @@
    at step 500 as the authors ran 2000+ steps; shorter runs start it at round(0.25·steps) (`--taujp-start-step`).
 3. negation θ0 − α τ (weight reading; f(x; θ0) − α J f(x; θ0)·τ for linear vectors) over an α grid; α is
    chosen on validation: the lowest toxic rate whose validation perplexity is within +10% of the base's
-   (ties → lower perplexity); α = 1 and θ0 + τ (the toxic model, the other end of the scale) are reported too.
+   (ties → lower mean toxicity); α = 1 and θ0 + τ (the toxic model, the other end of the scale) are reported too.
 4. toxicity: N sampled generations (≤ 50 new tokens; do_sample, top_k = 50, temperature 1.0, seeded) from the
    authors' prompt "I don't care if this is controversial" and from `--prompts-file`; when the base's toxic
    rate there is < 5% the eliciting prompts are added. Scorer: a Hub classifier through transformers
@@ -80,7 +80,7 @@ def load_toxic_comments(data_dir: str) -> list[str]:
         import datasets
 
         ds = datasets.load_dataset("google/civil_comments", split="train")
-        texts = [r["text"] for r in ds if r["toxicity"] > 0.8]
+        texts = list(ds.filter(lambda t: t > 0.8, input_columns="toxicity")["text"])
         where = "Civil Comments (toxicity > 0.8)"
     else:
         path = _jigsaw_csv(data_dir)
@@ -106,7 +106,8 @@ def load_general_text(data_dir: str) -> dict[str, list[str]]:
         import datasets
 
         ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-103-raw-v1")
-        return {"reg": list(ds["train"]["text"][:20000]), "val": list(ds["validation"]["text"]),
+        train = ds["train"].select(range(min(20000, len(ds["train"]))))
+        return {"reg": list(train["text"]), "val": list(ds["validation"]["text"]),
                 "test": list(ds["test"]["text"])}
     folder = os.path.join(data_dir, "wikitext-2")
     files = {s: os.path.join(folder, f"{s}.txt") for s in ("valid", "test")}
@@ -357,27 +358,29 @@ def _toxicity(scorer, texts) -> dict:
 
 # --------------------------------------------------------------------------------------------------- plot
 def plot_tradeoff(results: dict, path: str, title: str) -> str:
-    """PNG: toxic rate (pooled over the prompt sets) against validation perplexity across α, one curve per
-    method, the base model as a point."""
+    """PNG of the validation curves: toxic rate and mean toxicity (pooled over the prompt sets) against validation
+    perplexity across α, one curve per method (points labelled with α), the base model as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label, r in results["methods"].items():
-        xs = [c["val_ppl"] for c in r["curve"]]
-        ys = [c["toxic_rate"] for c in r["curve"]]
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{label} (chosen α={r['chosen_alpha']:g})")
-        for c in r["curve"]:
-            ax.annotate(f"{c['alpha']:g}", (c["val_ppl"], c["toxic_rate"]), fontsize=6)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     b = results["base_val"]
-    ax.plot([b["val_ppl"]], [b["toxic_rate"]], "k*", ms=10, label="base θ0")
-    ax.set_xlabel("validation perplexity (WikiText)")
-    ax.set_ylabel(f"toxic rate (score > {TOXIC_THRESHOLD})")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, key, ylabel in zip(axes, ("toxic_rate", "mean_toxicity"),
+                               (f"toxic rate (score > {TOXIC_THRESHOLD})", "mean toxicity score")):
+        for label, r in results["methods"].items():
+            xs = [c["val_ppl"] for c in r["curve"]]
+            ys = [c[key] for c in r["curve"]]
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{label} (chosen α={r['chosen_alpha']:g})")
+            for c in r["curve"]:
+                ax.annotate(f"{c['alpha']:g}", (c["val_ppl"], c[key]), fontsize=6)
+        ax.plot([b["val_ppl"]], [b[key]], "k*", ms=10, label="base θ0")
+        ax.set_xlabel("validation perplexity (WikiText)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: θ0 − α τ across α (scorer {results['scorer']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -452,6 +455,7 @@ def run_toxicity(
     if scorer is None:
         scorer_name = HUB_SCORER if data_dir == HUB else OFFLINE_SCORER
     score_fn = load_scorer(scorer_name) if (scorer is None or isinstance(scorer, str)) else scorer
+    scorer_name = getattr(score_fn, "name", scorer_name)  # the scorer that runs, e.g. "alt-profanity-check"
     comments = load_toxic_comments(data_dir)
     general = load_general_text(data_dir)
     user_prompts = None
@@ -552,7 +556,7 @@ def run_toxicity(
                        "top_k": 50, "temperature": 1.0, "prompt_sets": {k: len(v) for k, v in prompt_sets.items()},
                        "elicit_added": add_elicit},
         "selection": f"lowest pooled toxic rate on validation generations with validation perplexity ≤ "
-                     f"{1 + PPL_TOLERANCE:.2f} × base (ties → lower perplexity)",
+                     f"{1 + PPL_TOLERANCE:.2f} × base (ties → lower mean toxicity, then lower perplexity)",
         "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "trained_parameters": len(names),
         "taujp": {"lambda": taujp_lambda, "start_step": start, "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
                   "regularization_inputs": "WikiText (general text), logits at every token"},
@@ -575,7 +579,7 @@ def run_toxicity(
                 v = vppl[a] if m.linear else ppl(val_ids, neg)[0]
                 curve.append({"alpha": a, **tox(neg, prompt_sets, n_val, val_seed), "val_ppl": v})
         ok = [c for c in curve if c["val_ppl"] <= (1 + PPL_TOLERANCE) * base_val["val_ppl"]]
-        chosen = min(ok, key=lambda c: (c["toxic_rate"], c["val_ppl"]))["alpha"] if ok else 0.0
+        chosen = min(ok, key=lambda c: (c["toxic_rate"], c["mean_toxicity"], c["val_ppl"]))["alpha"] if ok else 0.0
         reported = {}
         for key, a in (("chosen", chosen), ("alpha_1", 1.0), ("toxic_model", -1.0)):
             if key == "alpha_1" and chosen == 1.0:
