@@ -66,7 +66,8 @@ PPL_TOLERANCE = 0.10  # validation perplexity within +10% of the base
 
 # --------------------------------------------------------------------------------------------------- data
 def _jigsaw_csv(data_dir: str) -> str:
-    for cand in (os.path.join(data_dir, "toxic", "jigsaw_subset", "test.csv"), os.path.join(data_dir, "jigsaw_subset", "test.csv"),
+    for cand in (os.path.join(data_dir, "toxic", "jigsaw_subset", "test.csv"),
+                 os.path.join(data_dir, "jigsaw_subset", "test.csv"),
                  os.path.join(data_dir, "test.csv")):
         if os.path.isfile(cand):
             return cand
@@ -643,7 +644,8 @@ def _write(output_dir: str, results: dict, rows: list[dict], title: str) -> dict
              f"perplexity: WikiText test, blocks of {results['perplexity']['block_size']} tokens, stride "
              f"{results['perplexity']['stride']}", f"α selection: {results['selection']}",
              f"θ0 + τ: the fine-tuned toxic model (α = −1), the other end of the scale",
-             f"τJp: λ = {results['taujp']['lambda']}, penalty from step {results['taujp']['start_step']} of {results['steps']}"]
+             f"τJp: λ = {results['taujp']['lambda']}, penalty from step {results['taujp']['start_step']} "
+             f"of {results['steps']}"]
     text = [f"# {title}", "", "```", format_table(rows), "```", "", *[f"- {n}" for n in notes]]
     atomic_write_text(paths["markdown"], "\n".join(text) + "\n")
     return paths
