@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "synthetic word-list tasks with a MiniLM zero-shot head (smoke demo, superseded by `glue`)"),
     "merge": ("hf_taujp.merging.recipe:cli_merge",
               "merge task vectors from a YAML recipe (see `hf-taujp merge --help`)"),
+    "toxicity": ("hf_taujp.recipes.toxicity:main",
+                 "toxicity negation with a causal LM: fine-tune on toxic text, subtract the vector, toxicity vs perplexity"),
 }
 
 
