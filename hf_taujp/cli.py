@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "fine-tune non-linear / linear / linear + τJp on small built-in tasks, merge, evaluate"),
     "merge": ("hf_taujp.merging.recipe:cli_merge",
               "merge task vectors from a YAML recipe (see `hf-taujp merge --help`)"),
+    "clip": ("hf_taujp.recipes.clip:main",
+             "CLIP vision task addition / negation with frozen zero-shot heads (see `hf-taujp clip --help`)"),
 }
 
 
