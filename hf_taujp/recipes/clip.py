@@ -21,6 +21,10 @@
    absolute and normalized accuracy (merged / single-task accuracy of the same method), results table,
    JSON and α-curve PNG (:mod:`hf_taujp.recipes.report`).
 
+Task vectors are keyed by the image tower's parameter names (`vision_model.*`, `visual_projection.weight`,
+the CLIPModel's own) and fingerprinted on it: they apply to `CLIPVisionModelWithProjection.from_pretrained(model)`
+(`TaskVector.apply_to`, `linear=True` for the linearized reading).
+
 Data: online through `datasets.load_dataset` (:data:`VISION_TASKS` lists one Hub id per task); the
 validation split that chooses α is carved out of train (10%, ≤ 5000, seeded); results are on the test
 split. Offline: `data_dir` = a folder with `mnist/` and `fashion_mnist/` IDX `.gz` files (the original
@@ -248,7 +252,7 @@ def tiny_clip(image_size: int = 28, patch_size: int = 7, seed: int = 0):
                          num_attention_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
                          eos_token_id=3),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=patch_size),
+                           image_size=image_size, patch_size=patch_size, projection_dim=16),
         projection_dim=16,
     )
     torch.manual_seed(seed)
@@ -272,7 +276,9 @@ def image_encoder(clip) -> nn.Module:
     names `vision_model.*` and `visual_projection.weight`, the CLIPModel's own, so task vectors apply to both."""
     from transformers import CLIPVisionModelWithProjection
 
-    enc = CLIPVisionModelWithProjection._from_config(clip.config.vision_config, attn_implementation="eager")
+    cfg = copy.deepcopy(clip.config.vision_config)
+    cfg.projection_dim = clip.config.projection_dim  # a CLIPConfig keeps it at the top level only
+    enc = CLIPVisionModelWithProjection._from_config(cfg, attn_implementation="eager")
     enc.vision_model = clip.vision_model
     enc.visual_projection = clip.visual_projection
     return enc.eval()
