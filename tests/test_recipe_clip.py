@@ -156,7 +156,7 @@ def test_linear_addition_matches_apply_to(tiny):
     def acc(t, s, emb):
         return C._accuracy(clf, tid[t], emb, gold[(t, s)])
 
-    res = C._evaluate_addition(enc, clf, METHODS["linear"], vecs, ["a", "b"], pix, emb0, acc, [0.0, 0.5, 1.0], (), 4)
+    res = C._evaluate_addition(enc, METHODS["linear"], vecs, ["a", "b"], pix, emb0, acc, [0.0, 0.5, 1.0], (), 4)
     merged = (vecs["a"] + vecs["b"]).apply_to(enc, 1.0, linear=True)
     for t in ("a", "b"):
         with torch.no_grad():
