@@ -203,6 +203,21 @@ def test_dataset_without_the_expected_split(monkeypatch):
         C.load_vision_task(C.VISION_TASKS["mnist"], C.HUB)
 
 
+def test_hub_dataset_class_names_and_subsample(monkeypatch):
+    import datasets
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["banded", "bubbly_x"])})
+    imgs = [np.full((5, 5, 3), i, np.uint8) for i in range(10)]
+    ds = datasets.DatasetDict({s: datasets.Dataset.from_dict({"image": imgs, "label": [i % 2 for i in range(10)]},
+                                                             features=feats) for s in ("train", "test")})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds)
+    data = C.load_vision_task(C.VISION_TASKS["dtd"], C.HUB, max_train=4, max_test=3, seed=1)
+    assert data["classnames"] == ["banded", "bubbly x"]
+    assert len(data["train"]) == 4 and len(data["test"]) == 3
+    for im, y in data["train"]:  # each image still carries its own label
+        assert y == int(np.asarray(im)[0, 0, 0]) % 2
+
+
 def test_image_channels_and_sizes(tiny):
     from PIL import Image
 

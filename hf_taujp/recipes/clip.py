@@ -148,11 +148,13 @@ def read_idx(path: str) -> np.ndarray:
     return arr.reshape(dims)
 
 
-def load_vision_task(task: VisionTask, data_dir: str = HUB) -> dict:
+def load_vision_task(task: VisionTask, data_dir: str = HUB, *, max_train: int | None = None,
+                     max_test: int | None = None, seed: int = 0) -> dict:
     """`{"train": [(image, label)], "test": [...], "classnames": [...]}` of one task.
 
     data_dir: "hub" (`datasets.load_dataset(task.hub_id, task.hub_config)`) or a folder with `<task.idx_dir>/`
     IDX files (offline MNIST / Fashion-MNIST).
+    max_train, max_test: seeded subsamples (rows in dataset order), taken before images are decoded.
     Raises HfTaujpError: no offline files for the task, a dataset without the expected split or columns,
     no class names (neither built in nor a `ClassLabel` feature).
     """
@@ -166,7 +168,8 @@ def load_vision_task(task: VisionTask, data_dir: str = HUB) -> dict:
             y = read_idx(os.path.join(d, f"{prefix}-labels-idx1-ubyte.gz"))
             if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
                 raise HfTaujpError(f"{d}: {prefix} images {x.shape} and labels {y.shape} do not match")
-            out[split] = list(zip(x, y.tolist()))
+            keep = _rows(range(len(y)), max_train if split == "train" else max_test, seed)
+            out[split] = [(x[j], int(y[j])) for j in keep]
         if task.classnames is None:
             raise HfTaujpError(f"class names missing for task {task.name!r}")
         out["classnames"] = list(task.classnames)
@@ -187,8 +190,10 @@ def load_vision_task(task: VisionTask, data_dir: str = HUB) -> dict:
         names = tuple(n.replace("_", " ") for n in getattr(feat, "names", None) or ())
     if not names:
         raise HfTaujpError(f"class names missing for task {task.name!r}: give VisionTask(classnames=...)")
-    out = {s: list(zip(ds[split][task.image_column], ds[split][task.label_column]))
-           for s, split in (("train", task.train_split), ("test", task.test_split))}
+    out = {}
+    for s, split, n in (("train", task.train_split, max_train), ("test", task.test_split, max_test)):
+        part = ds[split].select(_rows(range(len(ds[split])), n, seed))  # decode only the images used
+        out[s] = list(zip(part[task.image_column], part[task.label_column]))
     out["classnames"] = list(names)
     return out
 
@@ -498,8 +503,8 @@ def run_clip(
             is negated in turn. "none" skips negation.
         max_train, max_test: seeded subsamples per task (None = all); validation = `val_fraction` of train, ≤ `max_val`.
             Memory: the validation and test images are kept preprocessed (3 × H × W float32 each: 0.6 MB at 224²,
-            e.g. 12 GB for SUN397's ~20k test images), and online the used training images are decoded
-            into memory: bound both with `max_train` / `max_test` on large datasets.
+            e.g. 12 GB for SUN397's ~20k test images), and the used training images are kept decoded:
+            bound both with `max_train` / `max_test` on large datasets.
         alphas: the α grid of addition and negation; `shape_alphas` are plotted, never chosen.
     Raises HfTaujpError for bad input (unknown task / method, < 2 tasks, bad control, missing data or
     class names), before any training.
@@ -530,12 +535,12 @@ def run_clip(
     # ---- data (all checks before the model is loaded)
     rows, classnames = {}, {}
     for i, name in enumerate(task_names):
-        data = load_vision_task(VISION_TASKS[name], data_dir)
-        train = _rows(data["train"], max_train, seed + i)
+        data = load_vision_task(VISION_TASKS[name], data_dir, max_train=max_train, max_test=max_test, seed=seed + i)
+        train = data["train"]
         n = len(train)
         train, val = split_train_val(train, fraction=val_fraction, max_size=max_val, min_size=min(32, max(1, n // 4)),
                                      seed=seed + i)
-        rows[name] = {"train": train, "val": val, "test": _rows(data["test"], max_test, seed + i)}
+        rows[name] = {"train": train, "val": val, "test": data["test"]}
         classnames[name] = data["classnames"]
         bad = sorted({y for s in rows[name].values() for _, y in s if not 0 <= y < len(classnames[name])})
         if bad:
