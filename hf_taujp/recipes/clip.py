@@ -380,7 +380,8 @@ class ZeroShotCLIP(nn.Module):
         logits = torch.einsum("bd,bcd->bc", feats, w)
         return logits.masked_fill(~self.head_mask[task_ids], torch.finfo(logits.dtype).min)
 
-    def forward(self, pixel_values, task_ids=None, labels=None, **_):
+    def forward(self, pixel_values, task_ids=None, labels=None):
+        # no **kwargs: the Trainer then keeps scaling the (mean) loss for gradient accumulation itself
         emb = self.image_encoder(pixel_values=pixel_values).image_embeds
         if task_ids is None:
             task_ids = torch.zeros(emb.shape[0], dtype=torch.long, device=emb.device)
