@@ -460,7 +460,8 @@ def _embed(encoder, pixels: torch.Tensor, batch_size: int, tangents: Mapping | N
 
 def _accuracy(clf: ZeroShotCLIP, task_id: int, emb: torch.Tensor, gold: torch.Tensor) -> float:
     ids = torch.full((emb.shape[0],), task_id, dtype=torch.long)
-    return float((clf.classify(emb, ids.to(clf.heads.device)).argmax(-1).cpu() == gold).float().mean())
+    dev = clf.heads.device
+    return float((clf.classify(emb.to(dev), ids.to(dev)).argmax(-1).cpu() == gold).float().mean())
 
 
 def run_clip(
@@ -549,9 +550,11 @@ def run_clip(
     # ---- model and heads
     print(f"[hf-taujp clip] loading {model}")
     clip, tokenizer, processor = load_clip(model, seed=seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the Trainer's choice, for evaluation too
+    clip.to(device)
     heads = {n: zero_shot_head(clip, tokenizer, classnames[n], VISION_TASKS[n].templates) for n in task_names}
     encoder = image_encoder(clip)
-    clf = ZeroShotCLIP(encoder, heads).eval()
+    clf = ZeroShotCLIP(encoder, heads).to(device).eval()
     del clip.text_model  # the text tower is done once the heads exist
     model_name = getattr(clip.config, "_name_or_path", None) or str(model)
     fp = fingerprint(encoder)
