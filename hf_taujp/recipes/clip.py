@@ -414,8 +414,15 @@ def finetune_clip(clf: ZeroShotCLIP, method: Method, train_dataset, args, *, dat
         model.image_encoder = linearize(model.image_encoder, parameter_names=names)
     else:
         model.image_encoder.requires_grad_(True)
+    # torch AdamW with weight decay on every trained tensor, as the authors (the Trainer's default exempts biases and
+    # LayerNorm weights by module type, which τ of a linearized encoder, one ParameterList, would not get: the two
+    # readings would be decayed differently); the cosine schedule with warm-up is still the Trainer's, from args.
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run_args.learning_rate,
+                            weight_decay=run_args.weight_decay, betas=(run_args.adam_beta1, run_args.adam_beta2),
+                            eps=run_args.adam_epsilon)
     trainer = TauJpTrainer(model=model, args=run_args, train_dataset=train_dataset, data_collator=data_collator,
-                           regularization_datasets=regularization_datasets if method.taujp else None)
+                           regularization_datasets=regularization_datasets if method.taujp else None,
+                           optimizers=(opt, None))
     result = trainer.train()
     steps = max(1, trainer.state.global_step)
     runtime = result.metrics.get("train_runtime", float("nan"))
