@@ -34,6 +34,11 @@ normalise); grayscale is expanded to RGB first.
 Optimiser defaults are the authors' (task_vectors / tangent_task_arithmetic): AdamW lr 1e-5, weight
 decay 0.1, cosine schedule with 500 warm-up steps, grad clip 1, batch 128; τJp λ 0.1, reg batch 16
 (ratio 1/8), cyclic. `model="tiny"` builds a tiny random CLIP (tests, CI, the notebook's offline mode).
+
+Differences from the authors' runs, on purpose or not yet done: τJp regularizes on the other tasks' *training*
+inputs (theirs: validation inputs plus ImageNet; here validation chooses α, so it stays unseen); negation's control
+is one of the tasks (ImageNet, their control, is not wired in); a fixed number of steps per task rather than
+their per-dataset epochs.
 """
 
 from __future__ import annotations
@@ -256,8 +261,9 @@ def tiny_clip(image_size: int = 28, patch_size: int = 7, seed: int = 0):
                            image_size=image_size, patch_size=patch_size, projection_dim=16),
         projection_dim=16,
     )
-    torch.manual_seed(seed)
-    model = CLIPModel._from_config(cfg, attn_implementation="eager").eval()
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = CLIPModel._from_config(cfg, attn_implementation="eager").eval()
     processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     return model, tokenizer, processor
 
