@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "merge task vectors from a YAML recipe (see `hf-taujp merge --help`)"),
     "toxicity": ("hf_taujp.recipes.toxicity:main",
                  "toxicity negation with a causal LM: fine-tune on toxic text, subtract the vector, toxicity vs perplexity"),
+    "clip": ("hf_taujp.recipes.clip:main",
+             "CLIP vision task addition / negation with frozen zero-shot heads (see `hf-taujp clip --help`)"),
 }
 
 

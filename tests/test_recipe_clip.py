@@ -1,0 +1,297 @@
+"""The CLIP vision recipe (hf_taujp.recipes.clip) on a tiny random CLIP, offline."""
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from hf_taujp import HfTaujpError, TaskVector
+from hf_taujp.evaluation import _addition_protocol, evaluate_task_negation
+from hf_taujp.linearize import linearize
+from hf_taujp.recipes import clip as C
+from hf_taujp.recipes.runner import METHODS
+
+HAS_DATA = all(os.path.isdir(os.path.join(SHARED_DATA, d)) for d in ("mnist", "fashion_mnist"))
+needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"MNIST / Fashion-MNIST IDX files not in {SHARED_DATA}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return C.tiny_clip(image_size=28, patch_size=7, seed=0)
+
+
+def _heads(clip, tok):
+    return {"a": C.zero_shot_head(clip, tok, ["cat", "dog", "car"], ("a {c}.", "the {c}!")),
+            "b": C.zero_shot_head(clip, tok, ["x", "y"], ("{c}",))}
+
+
+def test_zero_shot_head_is_the_normalised_mean_of_template_embeddings(tiny):
+    clip, tok, _ = tiny
+    names, templates = ["cat", "dog", "car"], ("a photo of a {c}.", "the {c}!", "{c}")
+    head = C.zero_shot_head(clip, tok, names, templates)
+    m64 = copy.deepcopy(clip).double()
+    rows = []
+    with torch.no_grad():
+        for c in names:  # one text at a time, no padding, float64
+            embs = []
+            for t in templates:
+                ids = tok(t.replace("{c}", c), return_tensors="pt")["input_ids"]
+                pooled = m64.text_model(input_ids=ids).pooler_output
+                e = m64.text_projection(pooled)[0]
+                embs.append(e / e.norm())
+            h = torch.stack(embs).mean(0)
+            rows.append(h / h.norm())
+        want = m64.logit_scale.exp() * torch.stack(rows)
+    assert head.shape == (3, clip.config.projection_dim)
+    torch.testing.assert_close(head.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_logits_are_head_times_normalised_embedding(tiny):
+    clip, tok, _ = tiny
+    heads = _heads(clip, tok)
+    clf = C.ZeroShotCLIP(C.image_encoder(clip), heads).eval()
+    x = torch.randn(4, 3, 28, 28)
+    out = clf(pixel_values=x, task_ids=torch.tensor([0, 1, 1, 0]), labels=torch.tensor([2, 1, 0, 0]))
+    f = clip.get_image_features(pixel_values=x)
+    f = f if isinstance(f, torch.Tensor) else f.pooler_output
+    f = f / f.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(out.logits[0], f[0] @ heads["a"].T)
+    torch.testing.assert_close(out.logits[1, :2], f[1] @ heads["b"].T)
+    assert out.logits[1, 2] == torch.finfo(out.logits.dtype).min  # task b has 2 classes
+    assert not any(p.requires_grad for p in [clf.heads]) and "heads" in dict(clf.named_buffers())
+
+
+def _fd_penalty(encoder, tau, x, h=1e-4):
+    """mean_b ‖(f(θ0 + hτ) − f(θ0 − hτ)) / 2h‖ on image_embeds, float64."""
+    enc = copy.deepcopy(encoder).double()
+    outs = []
+    with torch.no_grad():
+        for s in (1, -1):
+            e2 = copy.deepcopy(enc)
+            p2 = dict(e2.named_parameters())
+            for n, t in tau.items():
+                p2[n].add_(s * h * t.double())
+            outs.append(e2(pixel_values=x.double()).image_embeds)
+    return ((outs[0] - outs[1]) / (2 * h)).norm(dim=-1).mean().item()
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_penalty_on_image_embeddings_equals_finite_differences(tiny, tmp_path, linear):
+    from hf_taujp.trainer import TauJpConfig, TauJpTrainer
+
+    clip, tok, proc = tiny
+    enc = C.image_encoder(copy.deepcopy(clip))
+    clf = C.ZeroShotCLIP(enc, _heads(clip, tok)).eval()
+    tau = {n: 0.05 * torch.randn_like(p) for n, p in enc.named_parameters()}
+    rows = [{"image": np.random.randint(0, 255, (28, 28), dtype=np.uint8), "labels": 1, "task_ids": 0} for _ in range(4)]
+    args = TauJpConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                       use_cpu=True, remove_unused_columns=False, taujp_lambda=0.1, taujp_output="image_embeds")
+    if linear:
+        clf.image_encoder = linearize(enc, parameter_names=list(tau))
+        clf.image_encoder.set_tangents(tau)
+    else:
+        clf.requires_grad_(False)
+        enc.requires_grad_(True)
+    collator = C.ImageCollator(proc)
+    trainer = TauJpTrainer(model=clf, args=args, train_dataset=rows, data_collator=collator,
+                           regularization_datasets={"other": rows})
+    if not linear:  # θ0 was snapshot by the trainer; now move the weights to θ0 + τ
+        with torch.no_grad():
+            for n, p in enc.named_parameters():
+                p.add_(tau[n])
+    batch = collator(rows)
+    got = trainer.taujp_penalty_on(clf, {"pixel_values": batch["pixel_values"], "task_ids": batch["task_ids"]})
+    if not linear:
+        with torch.no_grad():
+            for n, p in enc.named_parameters():
+                p.sub_(tau[n])
+    want = _fd_penalty(enc, tau, batch["pixel_values"])
+    assert abs(got.item() - want) <= 1e-3 * want
+
+
+def test_normalized_accuracy_and_best_alpha_on_fixed_accuracies():
+    acc = {0.0: {"a": 0.2, "b": 0.4}, 0.5: {"a": 0.6, "b": 0.6}, 1.0: {"a": 0.5, "b": 0.3}}
+    single = {s: {"a": 0.8, "b": 0.6} for s in ("val", "test")}
+    r = _addition_protocol(["a", "b"], single, [0.0, 0.5, 1.0], True, lambda a, t, s, _m: acc[a][t])
+    # by hand: α = 0.5 → (0.6/0.8 + 0.6/0.6)/2 = 0.875; α = 1 → (0.5/0.8 + 0.3/0.6)/2 = 0.5625
+    assert r["best_alpha"] == 0.5
+    assert r["best"]["avg_norm"] == pytest.approx(0.875)
+    assert r["one_shot"]["avg_norm"] == pytest.approx(0.5625)
+    assert r["one_shot"]["avg_abs"] == pytest.approx(0.4)
+
+
+def test_negation_rule_on_fixed_accuracies():
+    """α minimising target accuracy subject to control ≥ 0.95 × base control (Ilharco et al. 2023)."""
+    base = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    tv = TaskVector({"weight": -torch.ones(1, 1)}, kind="nonlinear")  # θ0 − α·τ has weight α
+    target = {0.0: 0.9, 0.25: 0.6, 0.5: 0.3, 0.75: 0.1, 1.0: 0.05}
+    control = {0.0: 0.8, 0.25: 0.79, 0.5: 0.77, 0.75: 0.70, 1.0: 0.5}  # 0.95 × 0.8 = 0.76: α ≤ 0.5 allowed
+
+    def eval_fn(model, which, split):
+        a = round(float(model.weight.detach()), 2)
+        return (target if which == "target" else control)[a]
+
+    r = evaluate_task_negation(base, tv, eval_fn, alphas=sorted(target))
+    assert r["alpha"] == 0.5 and r["target"] == 0.3 and r["control"] == 0.77
+
+
+def test_linear_addition_matches_apply_to(tiny):
+    """The recipe's one-jvp evaluation of θ0 + α Σ τ (linear) equals TaskVector.apply_to(linear=True)."""
+    clip, tok, _ = tiny
+    enc = C.image_encoder(copy.deepcopy(clip))
+    clf = C.ZeroShotCLIP(enc, _heads(clip, tok)).eval()
+    vecs = {t: TaskVector({n: 0.3 * torch.randn_like(p) for n, p in enc.named_parameters()}, kind="linear")
+            for t in ("a", "b")}
+    pix = {(t, s): torch.randn(6, 3, 28, 28) for t in ("a", "b") for s in ("val", "test")}
+    gold = {(t, s): torch.randint(0, 2, (6,)) for t in ("a", "b") for s in ("val", "test")}
+    tid = {"a": 0, "b": 1}
+    emb0 = {k: C._embed(enc, v, 4) for k, v in pix.items()}
+
+    def acc(t, s, emb):
+        return C._accuracy(clf, tid[t], emb, gold[(t, s)])
+
+    res = C._evaluate_addition(enc, METHODS["linear"], vecs, ["a", "b"], pix, emb0, acc, [0.0, 0.5, 1.0], (), 4)
+    merged = (vecs["a"] + vecs["b"]).apply_to(enc, 1.0, linear=True)
+    for t in ("a", "b"):
+        with torch.no_grad():
+            e = merged(pixel_values=pix[(t, "test")]).image_embeds
+        assert res["one_shot"]["abs"][t] == pytest.approx(acc(t, "test", e))
+        with torch.no_grad():
+            e1 = vecs[t].apply_to(enc, 1.0, linear=True)(pixel_values=pix[(t, "test")]).image_embeds
+        assert res["single"]["test"][t] == pytest.approx(acc(t, "test", e1))
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_unknown_task_and_bad_control():
+    with pytest.raises(HfTaujpError, match="unknown task"):
+        C.run_clip(C.TINY, "mnist,imagenet9000", data_dir=SHARED_DATA)
+    with pytest.raises(HfTaujpError, match="at least 2"):
+        C.run_clip(C.TINY, "mnist", data_dir=SHARED_DATA)
+    with pytest.raises(HfTaujpError, match="negation-control"):
+        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=SHARED_DATA, negation_control="svhn")
+    with pytest.raises(HfTaujpError, match="no offline IDX"):
+        C.load_vision_task(C.VISION_TASKS["cars"], SHARED_DATA)
+
+
+def test_class_names_missing(tiny, monkeypatch):
+    clip, tok, _ = tiny
+    with pytest.raises(HfTaujpError, match="class names missing"):
+        C.zero_shot_head(clip, tok, [], ("a {c}",))
+    with pytest.raises(HfTaujpError, match="templates"):
+        C.zero_shot_head(clip, tok, ["x"], ("no slot",))
+    import datasets
+
+    ds = datasets.DatasetDict({s: datasets.Dataset.from_dict({"image": [np.zeros((4, 4), np.uint8)], "label": [0]})
+                               for s in ("train", "test")})  # label is a plain int column: no ClassLabel names
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds)
+    with pytest.raises(HfTaujpError, match="class names missing for task 'dtd'"):
+        C.load_vision_task(C.VISION_TASKS["dtd"], C.HUB)
+
+
+def test_dataset_without_the_expected_split(monkeypatch):
+    import datasets
+
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [np.zeros((4, 4), np.uint8)], "label": [0]})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds)
+    with pytest.raises(HfTaujpError, match="has no split 'test'"):
+        C.load_vision_task(C.VISION_TASKS["mnist"], C.HUB)
+
+
+def test_hub_dataset_class_names_and_subsample(monkeypatch):
+    import datasets
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["banded", "bubbly_x"])})
+    imgs = [np.full((5, 5, 3), i, np.uint8) for i in range(10)]
+    ds = datasets.DatasetDict({s: datasets.Dataset.from_dict({"image": imgs, "label": [i % 2 for i in range(10)]},
+                                                             features=feats) for s in ("train", "test")})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds)
+    data = C.load_vision_task(C.VISION_TASKS["dtd"], C.HUB, max_train=4, max_test=3, seed=1)
+    assert data["classnames"] == ["banded", "bubbly x"]
+    assert len(data["train"]) == 4 and len(data["test"]) == 3
+    for im, y in data["train"]:  # each image still carries its own label
+        assert y == int(np.asarray(im)[0, 0, 0]) % 2
+
+
+def test_image_channels_and_sizes(tiny):
+    from PIL import Image
+
+    _, _, proc = tiny
+    col = C.ImageCollator(proc)
+    imgs = [np.zeros((40, 33), np.uint8), np.zeros((28, 28, 1), np.uint8), np.zeros((50, 60, 3), np.uint8),
+            Image.new("L", (20, 20)), Image.new("RGBA", (31, 28))]
+    out = col([{"image": im, "labels": 0, "task_ids": 0} for im in imgs])
+    assert out["pixel_values"].shape == (5, 3, 28, 28)  # grayscale → RGB, any size → the processor's crop
+    for bad in (np.zeros((28, 28, 4), np.uint8), np.zeros((3, 28, 28), np.uint8), np.zeros((2, 28, 28, 3), np.uint8)):
+        with pytest.raises(HfTaujpError, match="image of shape"):
+            col([{"image": bad}])
+
+
+def test_read_idx_rejects_other_files(tmp_path):
+    p = tmp_path / "x.gz"
+    import gzip
+
+    with gzip.open(p, "wb") as f:
+        f.write(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00")
+    with pytest.raises(HfTaujpError, match="not an IDX uint8"):
+        C.read_idx(str(p))
+    with pytest.raises(HfTaujpError, match="not found"):
+        C.read_idx(str(tmp_path / "missing.gz"))
+
+
+# ------------------------------------------------------------------------------------ end to end
+@needs_data
+def test_recipe_end_to_end_tiny_clip(tmp_path):
+    out = str(tmp_path / "run")
+    r = C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=SHARED_DATA, methods="nonlinear,linear,taujp",
+                   output_dir=out, steps=2, batch_size=8, learning_rate=1e-3, warmup_steps=1, max_train=40, max_test=16,
+                   alphas=(0.0, 0.5, 1.0), shape_alphas=(1.5,), eval_batch_size=64, matrix_examples=8)
+    for f in ("results.json", "results.md", "alpha_curves.png", "zero_shot_heads.safetensors", "zero_shot_heads.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved["taujp"]["output"] == "image_embeds" and saved["taujp"]["reg_batch_size"] == 1
+    assert saved["sizes"]["mnist"]["train"] + saved["sizes"]["mnist"]["val"] == 40
+    heads = json.load(open(os.path.join(out, "zero_shot_heads.json")))
+    assert heads["fashion_mnist"]["classnames"][-1] == "ankle boot" and heads["mnist"]["templates"]
+    from safetensors.torch import load_file
+
+    clip, tok, _ = C.tiny_clip(seed=0)
+    torch.testing.assert_close(load_file(os.path.join(out, "zero_shot_heads.safetensors"))["mnist"],
+                               C.zero_shot_head(clip, tok, heads["mnist"]["classnames"], heads["mnist"]["templates"]))
+    from transformers import CLIPVisionModelWithProjection
+
+    clip.save_pretrained(str(tmp_path / "clip"))  # the vectors apply to the image tower loaded from the CLIP folder
+    enc = CLIPVisionModelWithProjection.from_pretrained(str(tmp_path / "clip"))
+    names = {n for n, _ in enc.named_parameters()}
+    for m, kind in (("nonlinear", "nonlinear"), ("linear", "linear"), ("taujp", "linear")):
+        for t in ("mnist", "fashion_mnist"):
+            tv = TaskVector.from_pretrained(os.path.join(out, "task_vectors", m, t))
+            assert tv.kind == kind and set(tv.keys()) == names and tv.task == t
+            tv.check_compatible(enc)  # same base fingerprint
+    for label, res in r["methods"].items():
+        for key in ("one_shot", "best"):
+            for t in ("mnist", "fashion_mnist"):
+                single = res["single"]["test"][t]
+                want = res[key]["abs"][t] / single if single > 0 else None
+                assert res[key]["norm"][t] == pytest.approx(want)
+        assert res["best_alpha"] in (0.0, 0.5, 1.0)
+        assert res["one_shot"]["alpha"] == 1.0 and len(res["taujp_matrix"]) == 2
+        neg = r["negation"][label]["mnist"]
+        assert neg["alpha"] in (0.0, 0.5, 1.0)
+        ok = [c for c in neg["curve"] if c["control"] >= 0.95 * neg["base"]["val"]["control"]]
+        assert neg["alpha"] in [c["alpha"] for c in ok if c["target"] == min(x["target"] for x in ok)]
+    assert "fashion_mnist" not in r["negation"]["linear FT"]  # the control is not negated
+    assert r["table"][0]["method"] == "zero-shot θ0" and "norm (α=1)" in r["table"][0]
+
+
+def test_cli_entry():
+    from hf_taujp.cli import COMMANDS
+
+    assert COMMANDS["clip"][0] == "hf_taujp.recipes.clip:main"
+    with pytest.raises(SystemExit):
+        C.main(["--help"])
