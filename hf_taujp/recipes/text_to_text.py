@@ -418,14 +418,31 @@ class FrozenPrefix:
 
 
 # --------------------------------------------------------------------------------------------- scoring
-def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, family: str) -> torch.Tensor:
-    """Σ over label tokens of log p(token); logits (B, T, V) [or (B, T, V, A) for α grids handled by caller]."""
+def _label_positions(labels: torch.Tensor, family: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, position, token) of every label token whose log-probability is summed: a causal LM's logits at
+    position j predict the token at j + 1; a seq2seq decoder's logits at j predict label j."""
     if family == "causal":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    valid = labels != -100
-    tok = lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (tok * valid).sum(-1)
+        rows, pos = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+        return rows, pos, labels[rows, pos + 1]
+    rows, pos = torch.nonzero(labels != -100, as_tuple=True)
+    return rows, pos, labels[rows, pos]
+
+
+def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, family: str,
+                    tangent: torch.Tensor | None = None, alphas: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """Σ over label tokens of log p(token), (B,) — or (B, len(alphas)) for the logits ``logits + α·tangent``.
+
+    Only the rows of the label tokens are normalised (log-softmax over the vocabulary), so an α grid
+    costs one (tokens × V) log-softmax per α, not one over every kept position."""
+    rows, pos, tok = _label_positions(labels, family)
+    sel = logits[rows, pos].float()  # (M, V)
+    tsel = tangent[rows, pos].float() if tangent is not None else None
+    out = torch.zeros(labels.shape[0], len(alphas) if tangent is not None else 1, dtype=torch.float32, device=logits.device)
+    for j, a in enumerate(alphas if tangent is not None else (None,)):
+        z = sel if a is None else sel + a * tsel
+        lp = z.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        out[:, j].index_add_(0, rows, lp)
+    return out if tangent is not None else out[:, 0]
 
 
 def _scoring_inputs(model: nn.Module, batch: dict, family: str) -> tuple[dict, torch.Tensor]:
@@ -485,9 +502,8 @@ def rank_scores(model: nn.Module, encoder: TextToTextEncoder, num_choices: int, 
                 out.append(_label_logprobs(logits, labels, encoder.family).view(n, K).cpu())
             else:
                 p_out, t_out = linearized_forward(model, primals, tangents, (), inputs)
-                p, t = p_out["logits"].float(), t_out["logits"].float()
-                cols = [_label_logprobs(p + a * t, labels, encoder.family).view(n, K) for a in alphas]
-                out.append(torch.stack(cols, -1).cpu())
+                lp = _label_logprobs(p_out["logits"], labels, encoder.family, t_out["logits"], alphas)
+                out.append(lp.view(n, K, len(alphas)).cpu())
     finally:
         model.train(was)
     scores = torch.cat(out)

@@ -643,7 +643,7 @@ def _write(output_dir: str, results: dict, rows: list[dict], title: str) -> dict
              f"{results['generation']['max_new_tokens']} new tokens, do_sample, top_k 50, temperature 1.0",
              f"perplexity: WikiText test, blocks of {results['perplexity']['block_size']} tokens, stride "
              f"{results['perplexity']['stride']}", f"α selection: {results['selection']}",
-             f"θ0 + τ: the fine-tuned toxic model (α = −1), the other end of the scale",
+             "θ0 + τ: the fine-tuned toxic model (α = −1), the other end of the scale",
              f"τJp: λ = {results['taujp']['lambda']}, penalty from step {results['taujp']['start_step']} "
              f"of {results['steps']}"]
     text = [f"# {title}", "", "```", format_table(rows), "```", "", *[f"- {n}" for n in notes]]
