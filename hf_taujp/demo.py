@@ -14,7 +14,7 @@
    the encoder — exactly the setting of task addition in Ilharco et al. (2023) and Yoshida et al. (2025);
 4. fine-tunes the last two encoder layers of θ0 three ways per task: non-linear FT, linear FT
    (`hf_taujp.linearize`: f(x; θ0) + J f(x; θ0)·τ), and linear FT + τJp (`TauJpTrainer`, the other
-   tasks' validation inputs as regularization sets, λ = 0.1), 25 AdamW steps of 16 examples, lr 1e-3
+   tasks' training inputs as regularization sets, λ = 0.1), 25 AdamW steps of 16 examples, lr 1e-3
    with cosine decay (the paper: cosine too), dropout off (f and J deterministic, as CLIP in the paper).
    The demo runs **strict** mode (Eq. 10) with 8 reg examples per other task and step, not the paper's
    cyclic 1/8. Measured on this demo (MiniLM, 25 steps): cyclic with 4-example reg batches *raised*
@@ -288,7 +288,10 @@ def run_demo(
     names = _trainable_names(base, n_layers)
     fp = fingerprint(base)
     ds = {t: {s: _encode(data[t][s], i, tokenize, max_len) for s in ("train", "val", "test")} for i, t in enumerate(tasks)}
-    unlabeled_val = {t: [{k: v for k, v in r.items() if k != "labels"} for r in ds[t]["val"]] for t in tasks}
+    # τJp regularizes on the other tasks' TRAINING inputs; the τJp matrix is measured on held-out TEST
+    # inputs; α is chosen on validation: three disjoint sets (never the inputs the results are measured on).
+    unlabeled = {s: {t: [{k: v for k, v in r.items() if k != "labels"} for r in ds[t][s]] for t in tasks}
+                 for s in ("train", "test")}
 
     def eval_fn(m, task, split):
         return accuracy(m, ds[task][split], batch_size=64)
@@ -317,7 +320,7 @@ def run_demo(
             print(f"[hf-taujp demo] {method} on {t}")
             trainer = TauJpTrainer(
                 model=train_model, args=args, train_dataset=ds[t]["train"],
-                regularization_datasets={o: unlabeled_val[o] for o in tasks if o != t} if lam > 0 else None,
+                regularization_datasets={o: unlabeled["train"][o] for o in tasks if o != t} if lam > 0 else None,
             )
             trainer.train()
             meta = dict(base_model=model_name, base_fingerprint=fp, task=t,
@@ -341,7 +344,7 @@ def run_demo(
         # Linear vectors: accuracies for the whole α grid from one jvp per task and split (f_lin is linear in α).
         res = evaluate_task_addition(base, vectors[method], alphas=alphas, linear=(kind == "linear"), batch_size=64,
                                      datasets={t: {s: ds[t][s] for s in ("val", "test")} for t in tasks})
-        mat = taujp_matrix(base, vectors[method], {t: unlabeled_val[t] for t in tasks}, batch_size=64,
+        mat = taujp_matrix(base, vectors[method], {t: unlabeled["test"][t] for t in tasks}, batch_size=64,
                            max_examples=8 if quick else 32)["matrix"]
         off = [mat[i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j]
         res["taujp_matrix"] = mat

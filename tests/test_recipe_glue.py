@@ -308,3 +308,36 @@ def test_smollm2_loader_gives_a_trainable_saveable_float_model(tmp_path):
     assert m.dtype == torch.float32 and m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
     m.save_pretrained(tmp_path / "copy")  # refused for a GGUF-loaded (quantized-flagged) model
     assert os.path.isfile(tmp_path / "copy" / "config.json")
+
+
+def test_t5_greedy_generation_decoding(tmp_path):
+    """--decode generate: predictions are the label word the greedy output equals ("no label" otherwise);
+    at α = 0 the linearized model decodes exactly as the base model."""
+    from hf_taujp.recipes.models import load_text_model
+    from hf_taujp.recipes.text_to_text import generate_scores
+
+    model, tok, family = load_text_model(tiny_model_dir(tmp_path, "t5"))
+    enc = TextToTextEncoder(tok, family, decoder_start_token_id=model.config.decoder_start_token_id)
+    task = GLUE_TASKS["sst2"]
+    prompts = enc.encode_prompts(task, load_task_data(task, SAMPLE)["dev"][:6])
+    got = generate_scores(model, enc, task, prompts, batch_size=4)
+    assert got.shape == (6, 3) and torch.equal(got.sum(1), torch.ones(6))
+    batch = enc.collate(prompts)
+    texts = tok.batch_decode(model.generate(**batch, max_new_tokens=2, do_sample=False), skip_special_tokens=True)
+    want = [task.words.index(t.strip()) if t.strip() in task.words else 2 for t in texts]
+    assert got.argmax(1).tolist() == want
+    tau = {n: 0.1 * torch.randn_like(p) for n, p in model.named_parameters() if "decoder.block.1" in n}
+    lin = generate_scores(model, enc, task, prompts, batch_size=4, tangents=tau, alphas=(0.0, 1.0))
+    assert torch.equal(lin[..., 0], got)
+    with pytest.raises(HfTaujpError, match="seq2seq"):
+        generate_scores(model, TextToTextEncoder(tok, "causal"), task, prompts)
+
+
+def test_recipe_with_generation_decoding_on_tiny_t5(tmp_path):
+    res = glue_recipe.run_glue(tiny_model_dir(tmp_path, "t5"), ("sst2", "rte"), methods="nonlinear,linear",
+                               output_dir=str(tmp_path / "o"), steps=1, batch_size=4, max_train=60, max_dev=6,
+                               alphas=(0.0, 1.0), shape_alphas=(), layers=None, matrix_examples=4, decode="generate")
+    assert res["decode"] == "generate" and set(res["methods"]) == {"non-linear FT", "linear FT"}
+    d = tiny_model_dir(tmp_path, "llama")
+    with pytest.raises(HfTaujpError, match="seq2seq"):
+        glue_recipe.run_glue(d, ("sst2", "rte"), decode="generate", output_dir=str(tmp_path / "p"))

@@ -38,7 +38,7 @@ from .report import TAUJP_COLUMN_NOTE, addition_rows, per_task_rows, table, writ
 from .runner import METHODS, finetune, parse_methods
 from .tasks import GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load_task_spec, split_train_val
 from .text_to_text import (FrozenPrefix, TextToTextEncoder, answer_logits_output, decoder_layers, first_trained_layer,
-                           rank_scores)
+                           generate_scores, rank_scores)
 
 __all__ = ["run_glue", "main", "add_arguments", "SHAPE_ALPHAS", "EMBEDDED", "HUB"]
 
@@ -163,6 +163,7 @@ def run_glue(
     matrix_examples: int = 32,
     eval_batch_size: int = 32,
     prefix_cache: bool = True,
+    decode: str = "rank",
     push_to_hub: str | None = None,
     seed: int = 0,
 ) -> dict:
@@ -185,6 +186,8 @@ def run_glue(
         max_train, max_dev: subsample train / dev per task (seeded); None = all.
         alphas: the α grid searched on validation; `shape_alphas` are also plotted, never chosen.
         prefix_cache: cache the frozen lower layers' outputs (causal LMs; checked against the full model).
+        decode: "rank" (rank classification over the label words) or "generate" (seq2seq only: greedy
+            decoding, the prediction is the label word the output equals, else wrong; as the authors decode T5).
     Raises HfTaujpError for bad input, before any training.
     """
     t_start = time.time()
@@ -200,6 +203,8 @@ def run_glue(
         raise HfTaujpError(f"--tasks needs at least 2 distinct tasks (τJp regularizes on the others), got {task_names}")
     if not alphas:
         raise HfTaujpError("the α grid is empty")
+    if decode not in ("rank", "generate"):
+        raise HfTaujpError(f"decode must be 'rank' or 'generate', got {decode!r}")
     if push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -231,6 +236,8 @@ def run_glue(
     print(f"[hf-taujp glue] loading {model}")
     base, tokenizer, family = load_text_model(model)
     base.eval()
+    if decode == "generate" and family != "seq2seq":
+        raise HfTaujpError("--decode generate is for seq2seq (T5) models; causal LMs use rank classification")
     names = _trained_names(base, family, layers, target_modules)
     keep_logits = family == "causal" and "logits_to_keep" in __import__("inspect").signature(base.forward).parameters
     encoder = TextToTextEncoder(tokenizer, family, max_length=max_length, keep_logits=keep_logits,
@@ -271,6 +278,8 @@ def run_glue(
             e = ex[name]
             e["val"] = encoder.encode_choices(t, rows[name]["val"])
             e["test"] = encoder.encode_choices(t, rows[name]["test"])
+            if decode == "generate":
+                e["val_gen"], e["test_gen"] = e["val_prompts"], e["test_prompts"]
             del e["val_prompts"]
     for name in task_names:
         e = ex[name]
@@ -282,6 +291,9 @@ def run_glue(
           f"{len(names)} trained tensors, {steps} steps × {batch_size}")
 
     def choices_scores(split, name, tangents=None, alphas_=(1.0,)):
+        if decode == "generate":
+            return generate_scores(eval_model, encoder, task_objs[name], ex[name][f"{split}_gen"],
+                                   batch_size=eval_batch_size, tangents=tangents, alphas=alphas_, desc=f"{name}/{split}")
         return rank_scores(eval_model, encoder, len(task_objs[name].words), ex[name][split], batch_size=eval_batch_size,
                            tangents=tangents, alphas=alphas_, desc=f"{name}/{split}")
 
@@ -304,7 +316,7 @@ def run_glue(
                "sizes": {n: {**{s: len(rows[n][s]) for s in ("train", "val", "test")}, "train_used": len(ex[n]["train"])}
                          for n in task_names},
                "splits": {"val": "held out from train (chooses α)", "test": "GLUE dev set (reported)"},
-               "trained_parameters": len(names), "frozen_prefix": prefix_info, "steps": steps,
+               "trained_parameters": len(names), "decode": decode, "frozen_prefix": prefix_info, "steps": steps,
                "batch_size": batch_size, "learning_rate": learning_rate,
                "taujp": {"lambda": lambdas if len(lambdas) > 1 else lambdas[0], "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
                          "start_step": taujp_start_step, "output": penalized_output,
@@ -443,13 +455,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2, help="train the last N decoder layers (0: all parameters)")
     p.add_argument("--target-modules", default=None, help="comma list of module names (PEFT matching) instead of --layers")
     p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens (longer prompts are cut)")
-    p.add_argument("--max-train", type=int, default=None, help="training rows per task (seeded subsample)")
+    p.add_argument("--max-train", type=int, default=None, help="training rows per task (seeded subsample) before 10%% "
+                   "(≤ 5000) is held out as the validation split; each method trains on steps × batch of the rest")
     p.add_argument("--max-dev", type=int, default=None, help="dev rows per task (seeded subsample; default all)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
+    p.add_argument("--decode", default="rank", choices=["rank", "generate"],
+                   help="rank classification over the label words, or (T5) greedy generation matched to them")
     p.add_argument("--push-to-hub", default=None, metavar="REPO")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the cores left free by other "
-                   "processes, from the load average; oversubscribed threads make a shared machine 10× slower)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the cores idle at start-up, "
+                   "measured over 0.5 s; threads beyond the free cores make a shared machine 10× slower)")
     return p
 
 
@@ -463,5 +478,5 @@ def main(argv=None) -> dict:
                     taujp_lambda=a.taujp_lambda if len(a.taujp_lambda) > 1 else a.taujp_lambda[0], taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
                     taujp_start_step=a.taujp_start_step, penalized_output=a.penalized_output,
                     layers=a.layers if tm is None else None, target_modules=tm, max_length=a.max_length,
-                    max_train=a.max_train, max_dev=a.max_dev, prefix_cache=a.prefix_cache,
+                    max_train=a.max_train, max_dev=a.max_dev, prefix_cache=a.prefix_cache, decode=a.decode,
                     push_to_hub=a.push_to_hub, seed=a.seed)

@@ -35,7 +35,7 @@ from ..hub import HfTaujpError
 from ..linearize import linearized_forward
 from .tasks import TextTask
 
-__all__ = ["TextToTextEncoder", "FrozenPrefix", "rank_scores", "predict_scores", "answer_logits_output"]
+__all__ = ["TextToTextEncoder", "FrozenPrefix", "rank_scores", "generate_scores", "predict_scores", "answer_logits_output"]
 
 PENALIZED_OUTPUTS = ("answer", "all")
 
@@ -508,6 +508,48 @@ def rank_scores(model: nn.Module, encoder: TextToTextEncoder, num_choices: int, 
         model.train(was)
     scores = torch.cat(out)
     return scores[torch.argsort(torch.tensor(order))] if order else scores
+
+
+@torch.no_grad()
+def generate_scores(model: nn.Module, encoder: TextToTextEncoder, task: TextTask, prompts: list[dict], *,
+                    batch_size: int = 32, tangents: Mapping[str, torch.Tensor] | None = None,
+                    alphas: Sequence[float] = (1.0,), desc: str = "generating") -> torch.Tensor:
+    """Greedy decoding of a seq2seq model, as the τJp authors decode T5: the prediction is the label word
+    the generated text equals (after stripping), else "no label" (counted wrong).
+
+    Returns one-hot scores (N, K + 1[, len(alphas)]): column K is "no label", so ``argmax(1)`` gives the
+    predicted index. With ``tangents`` the model is the linearized f(x; θ0) + α·J f(x; θ0)·τ, decoded
+    through :mod:`hf_taujp.generation` (tangent KV cache), once per α.
+    """
+    from ..linearize import linearize
+
+    if encoder.family != "seq2seq":
+        raise HfTaujpError("generation decoding is for seq2seq (T5) models; causal LMs use rank classification")
+    words = [w.strip() for w in task.words]
+    K = len(words)
+    max_new = max(len(a) for a in encoder.answer_ids(task)) + 1
+    dev = _device(model)
+    was = model.training
+    model.eval()
+    cols = []
+    try:
+        for a in (alphas if tangents is not None else (None,)):
+            gen_model = model if a is None else linearize(
+                model, parameter_names=list(tangents), tangents={k: a * v for k, v in tangents.items()})
+            preds = []
+            for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+                batch = encoder.collate(prompts[i:i + batch_size])
+                out = gen_model.generate(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                                         max_new_tokens=max_new, do_sample=False, num_beams=1)
+                for text in encoder.tokenizer.batch_decode(out, skip_special_tokens=True):
+                    text = text.strip()
+                    preds.append(words.index(text) if text in words else K)
+            cols.append(torch.nn.functional.one_hot(torch.tensor(preds), K + 1).float())
+    finally:
+        model.train(was)
+        if tangents is not None:
+            model.requires_grad_(False)
+    return torch.stack(cols, -1) if tangents is not None else cols[0]
 
 
 def predict_scores(scores: torch.Tensor) -> torch.Tensor:
