@@ -341,3 +341,15 @@ def test_recipe_with_generation_decoding_on_tiny_t5(tmp_path):
     d = tiny_model_dir(tmp_path, "llama")
     with pytest.raises(HfTaujpError, match="seq2seq"):
         glue_recipe.run_glue(d, ("sst2", "rte"), decode="generate", output_dir=str(tmp_path / "p"))
+
+
+def test_several_lambdas_train_taujp_once_each_and_choose_on_validation(tmp_path):
+    res = glue_recipe.run_glue(tiny_model_dir(tmp_path, "llama"), ("sst2", "rte"), methods="linear,taujp",
+                               output_dir=str(tmp_path / "o"), steps=1, batch_size=4, max_train=60, max_dev=6,
+                               alphas=(0.0, 1.0), shape_alphas=(), layers=2, matrix_examples=4, taujp_lambda=(0.01, 0.1))
+    assert list(res["methods"]) == ["linear FT", "linear FT + τJp (λ=0.01)", "linear FT + τJp (λ=0.1)"]
+    sel = res["lambda_selection"]["linear FT + τJp"]
+    val = {lam: next(c["avg_abs"] for c in res["methods"][f"linear FT + τJp (λ={lam:g})"]["curve"] if c["alpha"] == 1.0)
+           for lam in (0.01, 0.1)}
+    assert sel["validation_score_at_alpha_1"] == val and sel["chosen"] == max(val, key=lambda k: (val[k], -k))
+    assert (tmp_path / "o" / "task_vectors" / "taujp_lambda0.1" / "rte" / "config.json").is_file()

@@ -195,8 +195,9 @@ def run_glue(
     lambdas = [float(x) for x in (taujp_lambda if isinstance(taujp_lambda, (list, tuple)) else [taujp_lambda])]
     if not lambdas or any(not (x >= 0) for x in lambdas) or len(set(lambdas)) != len(lambdas):
         raise HfTaujpError(f"taujp_lambda must be one or more distinct numbers >= 0, got {taujp_lambda!r}")
-    runs = [(m, lam, m.label if len(lambdas) == 1 else f"{m.label} (λ={lam:g})",
-             m.name.replace("+", "_") + ("" if len(lambdas) == 1 else f"_lambda{lam:g}"))
+    several = len(lambdas) > 1
+    runs = [(m, lam, f"{m.label} (λ={lam:g})" if several and m.taujp else m.label,
+             m.name.replace("+", "_") + (f"_lambda{lam:g}" if several and m.taujp else ""))
             for m in method_list for lam in (lambdas if m.taujp else [lambdas[0]])]
     task_names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     if len(task_names) < 2 or len(set(task_names)) != len(task_names):
