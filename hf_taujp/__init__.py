@@ -26,7 +26,8 @@ _LAZY = {
     **dict.fromkeys(
         ["disentanglement_error", "evaluate_task_addition", "evaluate_task_negation", "format_table",
          "plot_alpha_curves", "taujp_matrix"], ".evaluation"),
-    **dict.fromkeys(["BaseModelMismatchError", "CorruptFileError", "HfTaujpError", "UnsafeFileError"], ".hub"),
+    **dict.fromkeys(["ArtifactNotFoundError", "BaseModelMismatchError", "CorruptFileError", "HfTaujpError",
+                     "UnsafeFileError"], ".errors"),
     **dict.fromkeys(
         ["MERGE_METHODS", "FisherStatistics", "GramStatistics", "estimate_fisher", "estimate_gram", "merge",
          "merge_from_config", "merge_streaming", "register_merge_method", "search_coefficients"], ".merging"),
@@ -57,7 +58,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .attention import forward_ad_attention
     from .evaluation import (disentanglement_error, evaluate_task_addition, evaluate_task_negation,
                              format_table, plot_alpha_curves, taujp_matrix)
-    from .hub import BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
+    from .errors import ArtifactNotFoundError, BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
     from .merging import (MERGE_METHODS, FisherStatistics, GramStatistics, estimate_fisher, estimate_gram, merge,
                           merge_from_config, merge_streaming, register_merge_method, search_coefficients)
     from .task_vector import TaskVector, cosine_matrix, fingerprint
@@ -104,6 +105,7 @@ __all__ = [
     "__version__",
     # errors
     "HfTaujpError",
+    "ArtifactNotFoundError",
     "BaseModelMismatchError",
     "CorruptFileError",
     "UnsafeFileError",

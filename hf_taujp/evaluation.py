@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .hub import HfTaujpError, atomic_write_text
+from .errors import HfTaujpError
+from .hub import atomic_write_text
 from .linearize import LOSS_KEYS, linearized_forward
 
 __all__ = [

@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import ArtifactNotFoundError, BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
+
 __all__ = [
     "HfTaujpError",
     "BaseModelMismatchError",
@@ -50,26 +52,6 @@ __all__ = [
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _DEFAULT_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.yaml", "*.txt"]
-
-
-class HfTaujpError(ValueError):
-    """Base class of every error hf-taujp raises on bad input."""
-
-
-class BaseModelMismatchError(HfTaujpError):
-    """Two artifacts (or an artifact and a model) refer to different base models."""
-
-
-class CorruptFileError(HfTaujpError):
-    """A file is truncated, unreadable or inconsistent with its index / config."""
-
-
-class UnsafeFileError(HfTaujpError):
-    """A repository or folder offers only pickle-based weights, which hf-taujp refuses to load."""
-
-
-class ArtifactNotFoundError(HfTaujpError):
-    """A local folder does not exist, or a Hub repo / revision could not be found or reached."""
 
 
 # --------------------------------------------------------------------------------------------

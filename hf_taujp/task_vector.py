@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import hub
-from .hub import BaseModelMismatchError, CorruptFileError, HfTaujpError
+from .errors import BaseModelMismatchError, CorruptFileError, HfTaujpError
 
 __all__ = ["TaskVector", "fingerprint", "cosine_matrix", "FORMAT", "FORMAT_VERSION", "PREFIX"]
 

@@ -42,3 +42,40 @@ def test_merge_entry_point_does_not_import_the_trainer():
 def test_linearize_is_the_function_even_after_its_submodule_is_imported():
     out = _run("import importlib; m = importlib.import_module('hf_taujp.linearize'); from hf_taujp import linearize; print(callable(linearize), linearize is m.linearize)")
     assert out == "True True"
+
+
+# Where each name was importable before the restructuring (issue 14): the same object must still be there.
+_MOVED = {
+    "hf_taujp.errors": ["HfTaujpError", "ArtifactNotFoundError", "BaseModelMismatchError", "CorruptFileError",
+                        "UnsafeFileError", "TiedWeightsError", "TauJpConfigError", "TauJpUnsupportedError",
+                        "MissingRegularizationDataError", "RegularizationInputError", "UnsupportedAttentionError",
+                        "MergeConfigError", "MissingStatisticsError"],
+}
+_OLD_HOMES = {
+    "hf_taujp.hub": ["HfTaujpError", "ArtifactNotFoundError", "BaseModelMismatchError", "CorruptFileError",
+                     "UnsafeFileError", "atomic_write_text", "push_folder_to_hub"],
+    "hf_taujp.tied": ["TiedWeightsError"],
+    "hf_taujp.trainer": ["TauJpConfigError", "TauJpUnsupportedError"],
+    "hf_taujp.trainer.taujp_config": ["TauJpConfigError"],
+    "hf_taujp.trainer.taujp_trainer": ["TauJpUnsupportedError", "MissingRegularizationDataError",
+                                       "RegularizationInputError"],
+    "hf_taujp.attention_jvp": ["UnsupportedAttentionError"],
+    "hf_taujp.merging": ["MissingStatisticsError"],
+    "hf_taujp.merging.methods": ["MergeConfigError", "MissingStatisticsError"],
+}
+
+
+def test_errors_live_in_one_module_and_keep_their_old_import_paths():
+    import importlib
+
+    errors = importlib.import_module("hf_taujp.errors")
+    for name in _MOVED["hf_taujp.errors"]:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.HfTaujpError) and issubclass(cls, ValueError), name
+        assert cls.__module__ == "hf_taujp.errors", name
+    for module, names in _OLD_HOMES.items():
+        mod = importlib.import_module(module)
+        for name in names:
+            assert hasattr(mod, name), f"{module}.{name}"
+            if hasattr(errors, name):
+                assert getattr(mod, name) is getattr(errors, name), f"{module}.{name}"

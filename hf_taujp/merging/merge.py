@@ -9,7 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compat import check_same_base, describe_base, same_base
-from ..hub import BaseModelMismatchError, HfTaujpError, read_json, resolve_pretrained_dir
+from ..errors import BaseModelMismatchError, HfTaujpError
+from ..hub import read_json, resolve_pretrained_dir
 from ..task_vector import TaskVector, fingerprint
 from ..tied import canonical_tensors, model_class_for, tied_groups
 from .methods import (MergeConfigError, MissingStatisticsError, MethodSpec, check_finite, get_method_spec,

@@ -30,15 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..hub import HfTaujpError
-
-
-class MergeConfigError(HfTaujpError):
-    """Bad merge parameters (unknown method, density outside (0, 1], wrong number of weights, ...)."""
-
-
-class MissingStatisticsError(HfTaujpError):
-    """A method needs a per-task statistic (Fisher / Gram matrix) that was not given."""
+from ..errors import HfTaujpError, MergeConfigError, MissingStatisticsError
 
 
 MERGE_METHODS: dict[str, Callable[..., torch.Tensor]] = {}

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..hub import HfTaujpError
+from ..errors import HfTaujpError
 from .statistics import GramStatistics
 
 _LABEL_KEYS = ("labels", "label")

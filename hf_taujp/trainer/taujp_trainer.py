@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from transformers import Trainer
 
 from ..attention import forward_ad_attention
-from ..hub import HfTaujpError
+from ..errors import (HfTaujpError, MissingRegularizationDataError, RegularizationInputError,
+                      TauJpUnsupportedError)
 from ..linearize import _accepts, jvp_ready
 from .penalty import output_mask, prepare_reg_batch, select_output, taujp_penalty
 from .taujp_config import TauJpConfig, TauJpConfigError
@@ -47,18 +48,6 @@ __all__ = [
     "RegularizationInputError",
 ]
 
-
-
-class TauJpUnsupportedError(HfTaujpError):
-    """The training setup cannot run the τJp penalty (FSDP, DeepSpeed ZeRO, PEFT adapters other than LINEARIZED / LoRA)."""
-
-
-class MissingRegularizationDataError(HfTaujpError):
-    """taujp_lambda > 0 but no (or an empty) regularization dataset was given."""
-
-
-class RegularizationInputError(HfTaujpError):
-    """A regularization dataset's inputs do not fit the model (checked on one batch before training)."""
 
 
 def _linearized_jvp(model: torch.nn.Module) -> Callable | None:

@@ -17,7 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...hub import HfTaujpError
+from ...errors import HfTaujpError
 
 TAU_ATTR = "linearized_tau"
 _TAU_NAME = re.compile(rf"(^|\.){TAU_ATTR}\.")

@@ -16,7 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ...hub import HfTaujpError
+from ...errors import HfTaujpError
 from ...linearize import (
     _accepts,
     _generate,
