@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .errors import HfTaujpError
 from .hub import atomic_write_text
 from .linearize import LOSS_KEYS, linearized_forward
+from .merging.search import DEFAULT_GRID
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -40,7 +41,7 @@ __all__ = [
     "plot_alpha_curves",
 ]
 
-DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
+DEFAULT_ALPHAS = DEFAULT_GRID  # α grid of the task-arithmetic protocol: one definition, in merging.search
 # The package's one list of loss inputs (gold labels are read from the first present, `labels` first).
 _LABEL_KEYS = LOSS_KEYS
 

@@ -79,3 +79,14 @@ def test_errors_live_in_one_module_and_keep_their_old_import_paths():
             assert hasattr(mod, name), f"{module}.{name}"
             if hasattr(errors, name):
                 assert getattr(mod, name) is getattr(errors, name), f"{module}.{name}"
+
+
+def test_one_definition_per_concern():
+    # issue 14: the α grid, the loss-key list and the statistics check each exist once.
+    from hf_taujp import evaluation, linearize
+    from hf_taujp.merging import merge, methods, regmean, search, streaming
+
+    assert evaluation.DEFAULT_ALPHAS is search.DEFAULT_GRID
+    assert search.DEFAULT_GRID == tuple(i / 20 for i in range(21))
+    assert regmean.LOSS_KEYS is linearize.LOSS_KEYS and evaluation.LOSS_KEYS is linearize.LOSS_KEYS
+    assert merge.require_statistics is methods.require_statistics is streaming.require_statistics

@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HfTaujpError
+from ..linearize import LOSS_KEYS
 from .statistics import GramStatistics
 
-_LABEL_KEYS = ("labels", "label")
 
 
 def _conv1d_cls():
@@ -123,7 +123,7 @@ def estimate_gram(
                     raise HfTaujpError(f"estimate_gram needs dict batches (a DataLoader / list of dicts of tensors, or "
                                        f"a dataset of dict examples), got a {type(batch).__name__}")
                 batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
-                         if k not in _LABEL_KEYS}
+                         if k not in LOSS_KEYS}
                 n_b = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
                 if max_examples is not None:
                     left = max_examples - count

@@ -29,7 +29,7 @@ from ..task_vector import FORMAT as TV_FORMAT, fingerprint
 from ..tied import TiedWeightsError, tied_groups_of_folder
 from .merge import (BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible,
                     statistics_sizes, weight_layout)
-from .methods import MergeConfigError, MissingStatisticsError, check_finite, get_method_spec, parameter_seed
+from .methods import MergeConfigError, MissingStatisticsError, check_finite, get_method_spec, parameter_seed, require_statistics
 from .safetensors_io import ShardedWriter, StreamReader
 
 
@@ -183,14 +183,7 @@ def merge_streaming(
                                "with TaskVector.apply_to(base, linear=True)")
     needs = spec.needs
     stat_paths = {"fisher": fishers, "gram": grams}.get(needs) if needs else None
-    if needs and (not stat_paths or len(stat_paths) != len(vectors)):
-        arg = "fishers" if needs == "fisher" else "grams"
-        raise MissingStatisticsError(f"method {method!r} needs one {needs} folder per task vector ({arg}=...)")
-    if "base_fisher" in spec.driver_args and base_fisher is None:
-        raise MissingStatisticsError(
-            f"method {method!r} needs the base model's Fisher H0 (base_fisher=...): without it the prior is δ "
-            "alone and the merge equals fisher_average with λ inert; estimate it with estimate_fisher(base, data) "
-            "or use method='fisher_average'")
+    require_statistics(method, spec, stat_paths, len(vectors), base_fisher, noun="folder")
     # tied parameters of the base's architecture (hf_taujp.tied), built on the meta device
     groups = tied_groups_of_folder(base_dir, trust_remote_code=trust_remote_code)
     readers: list[StreamReader] = []
