@@ -7,7 +7,7 @@ default); the others (TIES, DARE, RegMean, ...) see whole tensors, read into two
 buffers the size of the largest tensor: peak ≈ 2 (K + 1) × the largest tensor plus the method's
 working set, never K × the model. One I/O thread reads the next job and writes the previous result
 while the caller's thread merges. Inputs are read with ``pread`` and the output written with
-``pwrite`` at precomputed offsets (``safetensors_io``), so neither memory-mapped input pages nor
+``pwrite`` at precomputed offsets (``hf_taujp.safetensors_io``), so neither memory-mapped input pages nor
 output shards accumulate in memory.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..tied import TiedWeightsError, tied_groups_of_folder
 from .merge import (BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible,
                     statistics_sizes, weight_layout)
 from .methods import MergeConfigError, MissingStatisticsError, check_finite, get_method_spec, parameter_seed, require_statistics
-from .safetensors_io import ShardedWriter, StreamReader
+from ..safetensors_io import SafetensorsReader, ShardedWriter
 
 
 @contextlib.contextmanager
@@ -68,7 +68,7 @@ def _files_to_copy(base_dir: str) -> list[str]:
     return out
 
 
-def _aliases(reader: StreamReader, groups, canon_of: dict, label: str) -> dict[str, str]:
+def _aliases(reader: SafetensorsReader, groups, canon_of: dict, label: str) -> dict[str, str]:
     """{canonical name: the name ``reader`` stores it under} for tied groups (rule of ``hf_taujp.tied``):
     several stored members must be equal, else ``TiedWeightsError``."""
     out = {}
@@ -95,7 +95,7 @@ def _model_prefix(d: str) -> str:
     raise hub.CorruptFileError(f"no model.safetensors (or index) in base folder {d!r}")
 
 
-def _folder_fingerprint(reader: StreamReader) -> str:
+def _folder_fingerprint(reader: SafetensorsReader) -> str:
     """``fingerprint`` of the base folder's weights, from ~256 entries per tensor read through memory maps."""
     state, maps = reader.sampled_state()
     try:
@@ -109,13 +109,13 @@ def _folder_fingerprint(reader: StreamReader) -> str:
                 pass
 
 
-def _stat_reader(folder: str, label: str) -> tuple[StreamReader, dict]:
+def _stat_reader(folder: str, label: str) -> tuple[SafetensorsReader, dict]:
     d = hub.resolve_pretrained_dir(folder)
     cfg = hub.read_json(os.path.join(d, "config.json"), "statistics config")
     fmt = str(cfg.get("format", ""))
     if fmt not in ("hf-taujp/fisher", "hf-taujp/gram"):
         raise hub.HfTaujpError(f"{label} {folder!r} is not an hf-taujp statistics folder (format {fmt!r})")
-    return StreamReader(d, fmt.split("/")[1]), cfg
+    return SafetensorsReader(d, fmt.split("/")[1]), cfg
 
 
 def merge_streaming(
@@ -186,9 +186,9 @@ def merge_streaming(
     require_statistics(method, spec, stat_paths, len(vectors), base_fisher, noun="folder")
     # tied parameters of the base's architecture (hf_taujp.tied), built on the meta device
     groups = tied_groups_of_folder(base_dir, trust_remote_code=trust_remote_code)
-    readers: list[StreamReader] = []
+    readers: list[SafetensorsReader] = []
     try:
-        base_r = StreamReader(base_dir, _model_prefix(base_dir))
+        base_r = SafetensorsReader(base_dir, _model_prefix(base_dir))
         readers.append(base_r)
         if check_base_model and any(c.get("base_fingerprint") for c in cfgs):
             check_base(cfgs, {_folder_fingerprint(base_r)}, f"{base!r}", labels)
@@ -200,7 +200,7 @@ def merge_streaming(
         for g in groups:
             c = next(n for n in g if n in base_set)
             canon_of.update({n: c for n in g})
-        vec_r = [StreamReader(d, "task_vector") for d in vdirs]
+        vec_r = [SafetensorsReader(d, "task_vector") for d in vdirs]
         readers += vec_r
         stat_readers, bfr, stat_cfgs = None, None, []
         if needs:
@@ -247,10 +247,10 @@ def merge_streaming(
         names = [n for n in base_keys if output_kind == "model" or (n in in_vec and canon_of.get(n, n) == n)]
 
         def merged_here(n):
-            return n in in_vec and base_r.dtype(n).is_floating_point
+            return n in in_vec and base_r.torch_dtype(n).is_floating_point
 
         def out_dt(n):
-            bd = base_r.dtype(n)
+            bd = base_r.torch_dtype(n)
             return (out_dtype or bd) if bd.is_floating_point else bd
 
         chunk = int(chunk_elements)
@@ -283,7 +283,7 @@ def merge_streaming(
 
                 def get(r, slot):
                     rn = stored(r, name)
-                    return None if rn is None else r.read_into(rn, start, buf((par, slot), r.dtype(rn), n))
+                    return None if rn is None else r.read_into(rn, start, buf((par, slot), r.torch_dtype(rn), n))
             else:
                 par, shape = j % 2, base_r.shape(name)
 
@@ -291,7 +291,7 @@ def merge_streaming(
                     rn = stored(r, name)
                     if rn is None:
                         return None
-                    out = buf((par, slot, "full"), r.dtype(rn), math.prod(r.shape(rn)), full_size)
+                    out = buf((par, slot, "full"), r.torch_dtype(rn), math.prod(r.shape(rn)), full_size)
                     return r.read_into(rn, 0, out).reshape(r.shape(rn))
             b = get(base_r, "base")
             if not merged_here(name):
