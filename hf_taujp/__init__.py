@@ -31,7 +31,8 @@ _LAZY = {
     **dict.fromkeys(
         ["MERGE_METHODS", "FisherStatistics", "GramStatistics", "estimate_fisher", "estimate_gram", "merge",
          "merge_from_config", "merge_streaming", "register_merge_method", "search_coefficients"], ".merging"),
-    **dict.fromkeys(["TaskVector", "cosine_matrix", "fingerprint"], ".task_vector"),
+    "fingerprint": ".fingerprints",
+    **dict.fromkeys(["TaskVector", "cosine_matrix"], ".task_vector"),
     **dict.fromkeys(["TauJpConfig", "TauJpTrainer", "taujp_penalty"], ".trainer"),
     **dict.fromkeys(["PEFT_TYPE_LINEARIZED", "LinearizedConfig", "LinearizedModel"], ".tuners"),
 }
@@ -61,7 +62,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .errors import ArtifactNotFoundError, BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
     from .merging import (MERGE_METHODS, FisherStatistics, GramStatistics, estimate_fisher, estimate_gram, merge,
                           merge_from_config, merge_streaming, register_merge_method, search_coefficients)
-    from .task_vector import TaskVector, cosine_matrix, fingerprint
+    from .fingerprints import fingerprint
+    from .task_vector import TaskVector, cosine_matrix
     from .trainer import TauJpConfig, TauJpTrainer, taujp_penalty
     from .tuners import PEFT_TYPE_LINEARIZED, LinearizedConfig, LinearizedModel
 

@@ -62,6 +62,7 @@ _OLD_HOMES = {
     "hf_taujp.attention_jvp": ["UnsupportedAttentionError"],
     "hf_taujp.merging": ["MissingStatisticsError"],
     "hf_taujp.merging.methods": ["MergeConfigError", "MissingStatisticsError"],
+    "hf_taujp.task_vector": ["TaskVector", "fingerprint"],
 }
 
 
@@ -94,3 +95,12 @@ def test_one_definition_per_concern():
     assert search.DEFAULT_GRID == tuple(i / 20 for i in range(21))
     assert regmean.LOSS_KEYS is linearize.LOSS_KEYS and evaluation.LOSS_KEYS is linearize.LOSS_KEYS
     assert merge.require_statistics is methods.require_statistics is streaming.require_statistics
+
+
+def test_split_modules_are_re_exported():
+    import importlib
+
+    from hf_taujp import fingerprints, peft_conversion, task_vector
+
+    assert task_vector.fingerprint is fingerprints.fingerprint is importlib.import_module("hf_taujp").fingerprint
+    assert task_vector.tensors_from_peft is peft_conversion.tensors_from_peft

@@ -277,7 +277,7 @@ def estimate_fisher(
         model.train(was_training)
     if count == 0:
         raise HfTaujpError("estimate_fisher got no examples")
-    from ..task_vector import fingerprint
+    from ..fingerprints import fingerprint
 
     fp = fingerprint(model)
     return FisherStatistics({n: s / count for n, s in sums.items()}, num_examples=count,

@@ -150,7 +150,7 @@ def estimate_gram(
     layout = {f"{n}.weight": lay for n, (_, lay) in layers.items()}
     fp = None
     if base is not None:
-        from ..task_vector import fingerprint
+        from ..fingerprints import fingerprint
 
         fp = fingerprint(base)
     cfg = getattr(base if base is not None else model, "config", None)
