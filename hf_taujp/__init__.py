@@ -14,9 +14,6 @@ Data flows one way: base model → linearize → train (τJp) → task vector �
 __version__ = "0.1.0"
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 from typing import TYPE_CHECKING
 
 # Public names -> defining submodule. Loaded on first attribute access (PEP 562): `hf-taujp merge`
@@ -68,40 +65,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .tuners import PEFT_TYPE_LINEARIZED, LinearizedConfig, LinearizedModel
 
 
-def _register_with_peft() -> None:
-    """Register the "LINEARIZED" PEFT type as soon as both hf_taujp and peft are imported.
+# Register the "LINEARIZED" PEFT type as soon as peft is imported (hf_taujp/peft_registration.py says
+# why and how), without importing peft here.
+from .peft_registration import register_when_peft_is_imported  # noqa: E402
 
-    `PeftModel.from_pretrained(base, adapter_dir)` looks the type up in PEFT's dictionaries, so it must
-    be registered after `import hf_taujp` — but importing peft (and transformers) eagerly would cost
-    every entry point seconds. If peft is already loaded, register now; otherwise a one-shot import
-    hook registers right after peft's own import finishes.
-    """
-    if "peft" in sys.modules:
-        importlib.import_module(".tuners", __name__)
-        return
-
-    class _AfterPeftImport(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname != "peft":
-                return None
-            sys.meta_path.remove(self)  # one shot; the real finders resolve peft
-            spec = importlib.util.find_spec("peft")
-            if spec is None or spec.loader is None:
-                return spec
-            loader = spec.loader
-            original_exec = loader.exec_module
-
-            def exec_module(module):
-                original_exec(module)
-                importlib.import_module(".tuners", __name__)
-
-            loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _AfterPeftImport())
-
-
-_register_with_peft()
+register_when_peft_is_imported()
 
 __all__ = [
     "__version__",

@@ -104,3 +104,28 @@ def test_split_modules_are_re_exported():
 
     assert task_vector.fingerprint is fingerprints.fingerprint is importlib.import_module("hf_taujp").fingerprint
     assert task_vector.tensors_from_peft is peft_conversion.tensors_from_peft
+
+
+def test_installed_peft_is_the_admitted_range_and_registration_is_one_module():
+    # The tuner registry we extend is private PEFT API: the metadata admits only the minor we test here.
+    import tomllib
+    from pathlib import Path
+
+    import peft
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    req = next(Requirement(d) for d in deps if Requirement(d).name == "peft")
+    assert req.specifier.contains(peft.__version__), (str(req), peft.__version__)
+    out = _run(
+        "import sys, hf_taujp; print('peft' in sys.modules)\n"
+        "from peft import PeftConfig, get_peft_model\n"
+        "from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING\n"
+        "from hf_taujp import peft_registration\n"
+        "from hf_taujp.tuners import register_linearized\n"
+        "from hf_taujp.tuners.linearized.layer import LinearizedTau\n"
+        "from hf_taujp.tuners.linearized.model import LinearizedModel\n"
+        "print(register_linearized is peft_registration.register_linearized, PEFT_TYPE_TO_PREFIX_MAPPING['LINEARIZED'],\n"
+        "      LinearizedModel.tuner_layer_cls is LinearizedTau)"
+    )
+    assert out.splitlines() == ["False", "True linearized_tau True"]
