@@ -321,7 +321,7 @@ class TauJpTrainer(Trainer):
             model.train(was_training)
 
     def _with_no_cache(self, model, batch: dict) -> dict:
-        # DynamicCache is not a tensor output: forward AD cannot carry it (RESEARCH.md). Linearized models
+        # DynamicCache is not a tensor output: torch.func.jvp carries tensors only. Linearized models
         # add use_cache=False themselves when their base declares it; a plain model gets it only when its
         # forward declares it (one rule: linearize._accepts). Cached per model.
         cache = self.__dict__.setdefault("_taujp_use_cache", {})
