@@ -28,7 +28,7 @@ gradients, optimiser-free). The machine load (``os.getloadavg``) is printed befo
 machine OpenMP threads wait for each other at every kernel, which hurts the many small element-wise kernels
 of forward-mode AD far more than large matmuls; compare ``--threads 1`` there.
 
-FLOP floor (docs, RESEARCH.md): per linear layer the ordinary step costs 3 matmuls (forward, dX, dW), the
+FLOP floor: per linear layer the ordinary step costs 3 matmuls (forward, dX, dW), the
 linearized one 5 (primal W·x, tangent τ·x + W·ẋ, backward dτ and dẋ): ≈ 5/3 = 1.67×.
 """
 

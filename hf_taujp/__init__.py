@@ -14,9 +14,6 @@ Data flows one way: base model → linearize → train (τJp) → task vector �
 __version__ = "0.1.0"
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 from typing import TYPE_CHECKING
 
 # Public names -> defining submodule. Loaded on first attribute access (PEP 562): `hf-taujp merge`
@@ -26,11 +23,13 @@ _LAZY = {
     **dict.fromkeys(
         ["disentanglement_error", "evaluate_task_addition", "evaluate_task_negation", "format_table",
          "plot_alpha_curves", "taujp_matrix"], ".evaluation"),
-    **dict.fromkeys(["BaseModelMismatchError", "CorruptFileError", "HfTaujpError", "UnsafeFileError"], ".hub"),
+    **dict.fromkeys(["ArtifactNotFoundError", "BaseModelMismatchError", "CorruptFileError", "HfTaujpError",
+                     "UnsafeFileError"], ".errors"),
     **dict.fromkeys(
         ["MERGE_METHODS", "FisherStatistics", "GramStatistics", "estimate_fisher", "estimate_gram", "merge",
          "merge_from_config", "merge_streaming", "register_merge_method", "search_coefficients"], ".merging"),
-    **dict.fromkeys(["TaskVector", "cosine_matrix", "fingerprint"], ".task_vector"),
+    "fingerprint": ".fingerprints",
+    **dict.fromkeys(["TaskVector", "cosine_matrix"], ".task_vector"),
     **dict.fromkeys(["TauJpConfig", "TauJpTrainer", "taujp_penalty"], ".trainer"),
     **dict.fromkeys(["PEFT_TYPE_LINEARIZED", "LinearizedConfig", "LinearizedModel"], ".tuners"),
 }
@@ -57,53 +56,26 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .attention import forward_ad_attention
     from .evaluation import (disentanglement_error, evaluate_task_addition, evaluate_task_negation,
                              format_table, plot_alpha_curves, taujp_matrix)
-    from .hub import BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
+    from .errors import ArtifactNotFoundError, BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
     from .merging import (MERGE_METHODS, FisherStatistics, GramStatistics, estimate_fisher, estimate_gram, merge,
                           merge_from_config, merge_streaming, register_merge_method, search_coefficients)
-    from .task_vector import TaskVector, cosine_matrix, fingerprint
+    from .fingerprints import fingerprint
+    from .task_vector import TaskVector, cosine_matrix
     from .trainer import TauJpConfig, TauJpTrainer, taujp_penalty
     from .tuners import PEFT_TYPE_LINEARIZED, LinearizedConfig, LinearizedModel
 
 
-def _register_with_peft() -> None:
-    """Register the "LINEARIZED" PEFT type as soon as both hf_taujp and peft are imported.
+# Register the "LINEARIZED" PEFT type as soon as peft is imported (hf_taujp/peft_registration.py says
+# why and how), without importing peft here.
+from .peft_registration import register_when_peft_is_imported  # noqa: E402
 
-    `PeftModel.from_pretrained(base, adapter_dir)` looks the type up in PEFT's dictionaries, so it must
-    be registered after `import hf_taujp` — but importing peft (and transformers) eagerly would cost
-    every entry point seconds. If peft is already loaded, register now; otherwise a one-shot import
-    hook registers right after peft's own import finishes.
-    """
-    if "peft" in sys.modules:
-        importlib.import_module(".tuners", __name__)
-        return
-
-    class _AfterPeftImport(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname != "peft":
-                return None
-            sys.meta_path.remove(self)  # one shot; the real finders resolve peft
-            spec = importlib.util.find_spec("peft")
-            if spec is None or spec.loader is None:
-                return spec
-            loader = spec.loader
-            original_exec = loader.exec_module
-
-            def exec_module(module):
-                original_exec(module)
-                importlib.import_module(".tuners", __name__)
-
-            loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _AfterPeftImport())
-
-
-_register_with_peft()
+register_when_peft_is_imported()
 
 __all__ = [
     "__version__",
     # errors
     "HfTaujpError",
+    "ArtifactNotFoundError",
     "BaseModelMismatchError",
     "CorruptFileError",
     "UnsafeFileError",

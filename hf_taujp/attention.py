@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .hub import HfTaujpError
+from .errors import HfTaujpError
 
 __all__ = ["forward_ad_attention", "SAFE_ATTN_IMPLEMENTATIONS", "ATTENTION_PATHS", "jvp_sdpa_attention_forward"]
 

@@ -42,7 +42,7 @@ import math
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .hub import HfTaujpError
+from .errors import HfTaujpError, UnsupportedAttentionError
 
 __all__ = ["linearized_sdpa", "UnsupportedAttentionError", "default_chunk_size"]
 
@@ -50,10 +50,6 @@ _ALL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
                  SDPBackend.MATH]
 # Tests set this to False to exercise the device-agnostic path (F.sdpa + recompute backward) on CPU.
 _USE_CPU_FLASH = True
-
-
-class UnsupportedAttentionError(HfTaujpError):
-    """The attention call uses a feature the linearized kernel does not cover (dropout, is_causal + mask)."""
 
 
 def default_chunk_size(batch_heads: int, q_len: int, k_len: int, head_dim: int) -> int:

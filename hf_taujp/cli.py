@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         print(f"hf-taujp: unknown command {cmd!r}\n{_usage()}", file=sys.stderr)
         return 2
     module, func = COMMANDS[cmd][0].split(":")
-    from .hub import HfTaujpError
+    from .errors import HfTaujpError
 
     try:
         out = getattr(importlib.import_module(module), func)(rest)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .hub import BaseModelMismatchError
+from .errors import BaseModelMismatchError
 
 __all__ = ["same_base", "check_same_base", "describe_base"]
 

@@ -51,7 +51,7 @@ from .evaluation import (
     save_json,
     taujp_matrix,
 )
-from .hub import HfTaujpError
+from .errors import HfTaujpError
 from .linearize import linearize
 from .task_vector import TaskVector, fingerprint
 from .trainer import TauJpConfig, TauJpTrainer

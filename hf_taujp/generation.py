@@ -58,7 +58,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 
 from .attention import forward_ad_attention
-from .hub import HfTaujpError
+from .errors import HfTaujpError
 
 __all__ = ["linearized_generate", "FastForwardAD"]
 

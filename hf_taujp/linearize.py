@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .attention import forward_ad_attention
-from .hub import HfTaujpError
+from .errors import HfTaujpError
 
 __all__ = [
     "linearized_forward",

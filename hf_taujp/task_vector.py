@@ -21,7 +21,6 @@ Rules (documented choices):
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import re
@@ -33,7 +32,9 @@ from typing import Any
 import torch
 
 from . import hub
-from .hub import BaseModelMismatchError, CorruptFileError, HfTaujpError
+from .errors import BaseModelMismatchError, CorruptFileError, HfTaujpError
+from .fingerprints import fingerprint  # re-exported: hf_taujp.task_vector.fingerprint
+from .peft_conversion import tensors_from_peft
 
 __all__ = ["TaskVector", "fingerprint", "cosine_matrix", "FORMAT", "FORMAT_VERSION", "PREFIX"]
 
@@ -41,53 +42,6 @@ FORMAT = "hf-taujp/task_vector"
 FORMAT_VERSION = 1
 PREFIX = "task_vector"
 KINDS = ("nonlinear", "linear")
-_SAMPLES_PER_TENSOR = 256
-
-
-# --------------------------------------------------------------------------------------------
-# Fingerprint
-# --------------------------------------------------------------------------------------------
-def _state_of(model_or_state_dict) -> dict[str, torch.Tensor]:
-    if isinstance(model_or_state_dict, torch.nn.Module):
-        return model_or_state_dict.state_dict()
-    if isinstance(model_or_state_dict, Mapping):
-        return dict(model_or_state_dict)
-    raise HfTaujpError(f"Expected a torch.nn.Module or a state dict, got {type(model_or_state_dict).__name__}.")
-
-
-def fingerprint(model_or_state_dict) -> str:
-    """A short identifier of a set of base weights, equal for fp32 / bf16 / fp16 loads of them and for
-    every way the same weights are listed (a model, its ``state_dict()``, ``named_parameters()``, a
-    ``save_pretrained`` folder that dropped tied copies or buffers).
-
-    For every floating tensor, the *signs* (x > 0) of up to 256 entries at deterministic evenly spaced
-    flat positions are taken with its shape; the SHA-256 (first 32 hex digits, prefixed ``"tjp2-"``)
-    is of the sorted set of these (shape, signs) keys. Signs survive rounding to any of these dtypes
-    (only |x| < 3e-8 can flush to zero in fp16), whereas rounded values do not (double rounding
-    fp32→fp16→bf16 differs from fp32→bf16 for about 1 value in 16). Names are not hashed and a repeated
-    key counts once, so tied weights (GPT-2's lm_head / wte, T5's shared / embed_tokens, BERT's decoder /
-    word embeddings) count once whichever name a source kept; tensors whose sampled signs are all
-    equal (LayerNorm ones, zero biases, most buffers) and non-floating buffers carry no identity and
-    are skipped. It tells different checkpoints apart (another pretraining, another seed, another
-    architecture); it is not meant to tell θ0 from a slightly fine-tuned θ0.
-    """
-    state = _state_of(model_or_state_dict)
-    keys: set[bytes] = set()
-    for t in state.values():
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and t.device.type != "meta"):
-            continue
-        flat = t.detach().reshape(-1)
-        n = flat.numel()
-        k = min(n, _SAMPLES_PER_TENSOR)
-        idx = torch.div(torch.arange(k, dtype=torch.int64) * n, k, rounding_mode="floor").to(flat.device)
-        signs = bytes((flat[idx] > 0).to("cpu", torch.uint8).tolist())
-        if len(set(signs)) > 1:
-            keys.add(repr(tuple(t.shape)).encode() + b"|" + signs)
-    h = hashlib.sha256()
-    for key in sorted(keys):
-        h.update(len(key).to_bytes(4, "little"))
-        h.update(key)
-    return "tjp2-" + h.hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +169,7 @@ class TaskVector:
 
         - peft_type ``"LINEARIZED"``: saved keys ``base_model.model.<module>.linearized_tau.<p>`` →
           ``<module>.<p>``, ``kind="linear"``.
-        - LoRA: the change ``merge_and_unload`` makes to each base weight (see ``_lora_from_state``):
+        - LoRA: the change ``merge_and_unload`` makes to each base weight (see ``hf_taujp.peft_conversion``):
           s·B·A with s = lora_alpha / r (``use_rslora``: lora_alpha / √r; Hu et al. 2021, Eq. 3;
           Kalajievic 2023), r / α per layer from ``rank_pattern`` / ``alpha_pattern``, laid out per layer
           (transposed for transformers' Conv1D, not for nn.Linear), embeddings, ``lora_bias``, trained
@@ -226,72 +180,13 @@ class TaskVector:
         so its layer types and fingerprint are taken from there when ``base`` is not given.
         Raises ``HfTaujpError`` naming any LoRA variant or layer type it does not convert.
         """
-        from .hub import read_json
-
-        obj = peft_model_or_adapter_dir
-        live = None
-        if isinstance(obj, (str, os.PathLike)):
-            directory = hub.resolve_pretrained_dir(obj, revision=meta.pop("revision", None), token=meta.pop("token", None))
-            config = read_json(os.path.join(directory, "adapter_config.json"), what="adapter config")
-            sd = hub.load_safetensors(directory, "adapter_model")
-        elif isinstance(obj, torch.nn.Module) and hasattr(obj, "peft_config"):
-            if adapter_name not in obj.peft_config:
-                raise HfTaujpError(f"Adapter {adapter_name!r} not in the PEFT model (has {sorted(obj.peft_config)}).")
-            live = obj
-            pc = obj.peft_config[adapter_name]
-            config = pc.to_dict() if hasattr(pc, "to_dict") else dict(vars(pc))
-            sd = cls._peft_state(obj, config, adapter_name)
-            # bias="all" / "lora_only" train θ0's own biases in place: the live model no longer holds θ0.
-            if base is None and "base_fingerprint" not in meta and config.get("bias", "none") == "none":
-                base_sd = _peft_base_state(obj)
-                if base_sd is not None:
-                    meta["base_fingerprint"] = fingerprint(base_sd)
-        else:
-            raise HfTaujpError(f"from_peft expects a PeftModel or an adapter folder / repo id, got {type(obj).__name__}.")
-        peft_type = str(config.get("peft_type", "")).split(".")[-1].upper()
-        meta.setdefault("base_model", config.get("base_model_name_or_path"))
-        meta.setdefault("base_model_revision", config.get("revision"))
-        if peft_type == "LINEARIZED":
-            tensors, kind = _linearized_from_state(sd), "linear"
-        elif peft_type == "LORA":
-            tensors, kind = _lora_from_state(sd, config, base if base is not None else live), "nonlinear"
-        else:
-            raise HfTaujpError(f"Unsupported PEFT type {peft_type!r}: from_peft handles LINEARIZED and LORA adapters.")
-        if not tensors:
-            raise HfTaujpError("The adapter holds no tensors to turn into a task vector.")
+        tensors, kind, meta = tensors_from_peft(peft_model_or_adapter_dir, base, adapter_name, meta)
         tv = cls(tensors, kind=kind, **meta)
         if base is not None:
             tv._check_against(_params_of(base), what="base model")
             if tv.base_fingerprint is None and not any(p.device.type == "meta" for p in base.parameters()):
                 tv.base_fingerprint = fingerprint(base)  # a meta-device base has no values to fingerprint
         return tv
-
-    @staticmethod
-    def _peft_state(model, config, adapter_name) -> dict[str, torch.Tensor]:
-        # Reproduce the saved key format (adapter name stripped) from the live parameters, so that
-        # the in-memory and the saved adapter follow one conversion path.
-        peft_type = str(config.get("peft_type", "")).split(".")[-1].upper()
-        marker = {"LINEARIZED": "linearized_tau", "LORA": None}.get(peft_type)
-        out = {}
-        if marker is None:
-            from peft.utils import get_peft_model_state_dict
-
-            return {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
-        for name, p in model.named_parameters():
-            token = f".{marker}.{adapter_name}."
-            if token in name:
-                out[name.replace(token, f".{marker}.")] = p.detach()
-        if peft_type == "LINEARIZED":
-            # modules_to_save (e.g. a classification head) are trained normally: their task-vector entry is h − h0,
-            # read off PEFT's wrapper, which keeps h0 as `original_module` and h as `modules_to_save[adapter]`.
-            from peft.utils.other import ModulesToSaveWrapper
-
-            for path, module in model.named_modules():
-                if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                    h0 = dict(module.original_module.named_parameters())
-                    for pname, h in module.modules_to_save[adapter_name].named_parameters():
-                        out[f"{path}.{_SAVED_DELTA}.{pname}"] = (h - h0[pname]).detach()
-        return out
 
     # ---------------------------------------------------------------- mapping protocol
     def keys(self):
@@ -750,197 +645,3 @@ def cosine_matrix(vectors: Iterable[TaskVector]) -> torch.Tensor:
             val = d / (norms[i] * norms[j]) if norms[i] and norms[j] else 0.0
             c[i, j] = c[j, i] = val
     return c
-
-
-# --------------------------------------------------------------------------------------------
-# PEFT conversion
-# --------------------------------------------------------------------------------------------
-_PEFT_PREFIX = "base_model.model."
-
-
-def _strip(key: str) -> str:
-    return key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-
-
-def _peft_base_state(peft_model) -> dict[str, torch.Tensor] | None:
-    """θ0 as the plain base model's state dict, read from inside a PEFT model (LoRA wraps layers as
-    ``<m>.base_layer``; linearized τ sits in ``<m>.linearized_tau``). None when the layout is not
-    recognised (e.g. ``modules_to_save`` copies), so no wrong fingerprint is ever recorded."""
-    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    out = {}
-    for k, v in inner.state_dict().items():
-        if ".linearized_tau." in k or re.search(r"(^|\.)lora_[A-Za-z_]+\.", k):
-            continue
-        if "modules_to_save" in k or "original_module" in k:
-            return None
-        out[k.replace(".base_layer.", ".")] = v
-    return out
-
-
-_SAVED_DELTA = "modules_to_save_delta"  # in-memory marker of h − h0 for a LINEARIZED adapter's modules_to_save
-
-
-def _linearized_from_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    full = []
-    for k, t in sd.items():
-        marker = ".linearized_tau." if ".linearized_tau." in k else f".{_SAVED_DELTA}." if f".{_SAVED_DELTA}." in k else None
-        if marker is None:
-            full.append(k)
-            continue
-        module, pname = _strip(k).split(marker, 1)
-        out[f"{module}.{pname}" if module else pname] = t.detach().clone()
-    if full:
-        raise HfTaujpError(
-            f"The LINEARIZED adapter holds full weights {full[:3]} (its modules_to_save, e.g. a classification head), "
-            "not deltas: a task vector needs h − h0. Load the adapter (peft.PeftModel.from_pretrained(base, folder)) "
-            "and call TaskVector.from_peft on that model, which reads h0 from the base."
-        )
-    return out
-
-
-def _pattern_value(module: str, patterns: Mapping[str, Any] | None, default):
-    # PEFT's get_pattern_key: a pattern matches a module path by full regex match on a suffix.
-    for pat, val in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pat})$", module):
-            return val
-    return default
-
-
-# LoraConfig fields that change what merge_and_unload computes beyond W + s·B·A (+ the bias / DoRA
-# rules below), or that move θ0 itself at initialisation: refused by name, never silently ignored.
-_LORA_UNSUPPORTED = {
-    "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "arrow_config": "Arrow", "use_bdlora": "BD-LoRA",
-    "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
-    "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)", "modules_to_save": "modules_to_save",
-    "megatron_config": "Megatron layers", "loftq_config": "LoftQ (θ0 is replaced at initialisation)",
-    "corda_config": "CorDA (θ0 is replaced at initialisation)", "lora_ga_config": "LoRA-GA (θ0 is replaced at initialisation)",
-}
-
-
-def _layer_kind(module: torch.nn.Module) -> str:
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return "conv1d_t"  # weight stored (in, out): PEFT sets fan_in_fan_out=True for it whatever the config says
-    if isinstance(module, torch.nn.Embedding):
-        return "embedding"
-    if isinstance(module, torch.nn.Linear):
-        return "linear"
-    return type(module).__name__
-
-
-def _lora_layers(model: torch.nn.Module, modules: Iterable[str]) -> dict[str, tuple[str, torch.nn.Module]]:
-    """``{module path: (kind, base layer)}`` from a plain base model or a live PEFT model."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = {}
-    for m in modules:
-        try:
-            mod = inner.get_submodule(m)
-        except AttributeError:
-            raise HfTaujpError(f"LoRA module {m!r} is not a module of the given base model.") from None
-        if hasattr(mod, "get_base_layer"):
-            mod = mod.get_base_layer()
-        out[m] = (_layer_kind(mod), mod)
-    return out
-
-
-def _lora_from_state(
-    sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], model: torch.nn.Module | None = None
-) -> dict[str, torch.Tensor]:
-    """τ of a LoRA adapter, as PEFT's ``merge_and_unload`` writes it into the base (PEFT 0.21 ``lora/layer.py``).
-
-    Per layer, with s = α/r (``use_rslora``: α/√r; r and α from ``rank_pattern`` / ``alpha_pattern``):
-    - ``nn.Linear``: ΔW = s·B·A, shape (out, in); transformers' ``Conv1D`` (GPT-2; weight (in, out)):
-      (s·B·A)ᵀ. PEFT picks the orientation per layer from the layer type, so ``model`` is required.
-    - ``nn.Embedding``: ΔW = s·(B_e·A_e)ᵀ, shape (num_embeddings, dim).
-    - ``lora_bias=True``: Δb = s·b_B (the bias of lora_B).
-    - DoRA (Liu et al. 2024, Eq. 5): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_c, the norm taken per output row of
-      the (out, in) matrix (per embedding dimension for embeddings); τ = W' − W needs θ0 from ``model``.
-    - ``bias="all"`` / ``"lora_only"``: the saved biases are full values; Δb = b_saved − b_0.
-    ``model``: the base model or a live PEFT model (layer types, and θ0 for DoRA / biases). Convolution,
-    MultiheadAttention and parameter-targeting LoRA layers, and the variants in ``_LORA_UNSUPPORTED``,
-    are refused by name.
-    """
-    for key, name in _LORA_UNSUPPORTED.items():
-        if config.get(key):
-            raise HfTaujpError(f"LoRA adapters using {name} ({key}={config[key]!r}) are not supported by from_peft.")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
-        raise HfTaujpError(
-            f"init_lora_weights={init!r} replaces θ0 at initialisation; the adapter is not a delta of the original "
-            "base. Convert it with PEFT's path_initial_model_for_weight_conversion first."
-        )
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    biases: dict[str, torch.Tensor] = {}
-    for k, t in sd.items():
-        stripped = _strip(k)
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
-                         r"lora_magnitude_vector(?:\.weight)?)", stripped)
-        if m:
-            parts.setdefault(m.group(1), {})[m.group(2).replace(".weight", "") if "magnitude" in m.group(2) else m.group(2)] = t
-        elif stripped.endswith(".bias") and config.get("bias", "none") != "none" and "lora_" not in stripped:
-            biases[stripped.replace(".base_layer.", ".")] = t
-        else:
-            raise HfTaujpError(
-                f"LoRA adapter key {k!r} is neither a LoRA factor nor a trained bias: not supported by from_peft."
-            )
-    if model is None:
-        raise HfTaujpError(
-            "A LoRA adapter needs base= (the base model; one built on the meta device from its config suffices "
-            "unless the adapter uses DoRA or trains biases): PEFT transposes ΔW for transformers' Conv1D layers "
-            "(GPT-2) and not for nn.Linear, per layer, and the saved adapter does not record which layer is which."
-        )
-    layers = _lora_layers(model, parts)
-    out: dict[str, torch.Tensor] = {}
-    for module, p in parts.items():
-        kind, layer = layers[module]
-        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
-        a, b = (p.get("lora_embedding_A"), p.get("lora_embedding_B")) if emb else (p.get("lora_A.weight"), p.get("lora_B.weight"))
-        if a is None or b is None:
-            raise CorruptFileError(f"LoRA module {module!r} lacks its A or B factor (has {sorted(p)}).")
-        if kind not in ("linear", "conv1d_t", "embedding") or (kind == "embedding") != emb or a.dim() != 2:
-            raise HfTaujpError(
-                f"LoRA module {module!r} wraps a {kind} layer: from_peft supports LoRA on nn.Linear, transformers' "
-                "Conv1D and nn.Embedding (convolution / MultiheadAttention LoRA layers are not supported)."
-            )
-        r = _pattern_value(module, config.get("rank_pattern"), config.get("r"))
-        alpha = _pattern_value(module, config.get("alpha_pattern"), config.get("lora_alpha"))
-        if r != a.shape[0]:
-            raise CorruptFileError(f"LoRA module {module!r}: config rank {r} but A has shape {tuple(a.shape)}.")
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        dt = torch.promote_types(a.dtype, b.dtype)
-        delta_oi = (b.double() @ a.double()) * scale  # (out, in) for Linear / Conv1D; (dim, num_embeddings) for Embedding
-        delta = delta_oi.T if kind in ("conv1d_t", "embedding") else delta_oi  # stored orientation of the weight
-        w = layer.weight
-        if tuple(delta.shape) != tuple(w.shape):
-            raise HfTaujpError(f"LoRA module {module!r}: ΔW has shape {tuple(delta.shape)}, the base weight {tuple(w.shape)}.")
-        if "lora_magnitude_vector" in p:
-            if w.device.type == "meta":
-                raise HfTaujpError(f"DoRA module {module!r} needs the base weights (base= is on the meta device).")
-            w0 = w.detach().double().to(delta.device)
-            mag = p["lora_magnitude_vector"].double().to(delta.device)
-            full = w0 + delta
-            if kind == "linear":
-                new = (mag / full.norm(dim=1)).view(-1, 1) * full
-            else:  # Conv1D (in, out) and Embedding (num, dim): one norm per column of the stored weight
-                new = (mag / full.norm(dim=0)).view(1, -1) * full
-            delta = new - w0
-        out[f"{module}.weight"] = delta.to(dt).contiguous()
-        if "lora_B.bias" in p:
-            out[f"{module}.bias"] = (p["lora_B.bias"].double() * scale).to(dt)
-    if biases and hasattr(model, "get_base_model"):
-        raise HfTaujpError(
-            f"bias={config.get('bias')!r} trains the base model's own biases in place, so the PEFT model no longer "
-            "holds their θ0 values: pass base= (the original base model)."
-        )
-    params = _params_of(model)
-    for name, saved in biases.items():
-        base_b = params.get(name, params.get(name.rsplit(".", 1)[0] + ".base_layer.bias"))
-        if base_b is None or base_b.device.type == "meta":
-            raise HfTaujpError(f"Trained bias {name!r} (bias={config.get('bias')!r}) needs its θ0 value from base=.")
-        if name in out:
-            raise HfTaujpError(f"Bias {name!r} is trained both as lora_bias and as bias={config.get('bias')!r}.")
-        out[name] = (saved.double() - base_b.detach().double().to(saved.device)).to(saved.dtype)
-    return out

@@ -26,13 +26,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .hub import HfTaujpError
+from .errors import HfTaujpError, TiedWeightsError
 
 __all__ = ["TiedWeightsError", "tied_groups", "tied_groups_of_folder", "canonical_tensors", "model_class_for"]
-
-
-class TiedWeightsError(HfTaujpError):
-    """A task vector holds different values for parameters the base ties together."""
 
 
 def tied_groups(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> list[tuple[str, ...]]:

@@ -1,4 +1,5 @@
-"""Merge library: methods registry, merge(), statistics (issue 4)."""
+"""Merge library: the method registry (``methods``), in-memory ``merge`` and out-of-core ``merge_streaming``,
+per-task statistics (Fisher, Gram), YAML recipes and the coefficient search."""
 from .methods import (
     MERGE_METHODS,
     METHOD_SPECS,

@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from ..hub import HfTaujpError
+from ..errors import HfTaujpError
 from .statistics import FisherStatistics
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "decoder_input_ids",
@@ -277,7 +277,7 @@ def estimate_fisher(
         model.train(was_training)
     if count == 0:
         raise HfTaujpError("estimate_fisher got no examples")
-    from ..task_vector import fingerprint
+    from ..fingerprints import fingerprint
 
     fp = fingerprint(model)
     return FisherStatistics({n: s / count for n, s in sums.items()}, num_examples=count,

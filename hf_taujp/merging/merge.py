@@ -9,24 +9,28 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compat import check_same_base, describe_base, same_base
-from ..hub import BaseModelMismatchError, HfTaujpError, read_json, resolve_pretrained_dir
+from ..errors import BaseModelMismatchError, HfTaujpError
+from ..hub import read_json, resolve_pretrained_dir
 from ..task_vector import TaskVector, fingerprint
 from ..tied import canonical_tensors, model_class_for, tied_groups
 from .methods import (MergeConfigError, MissingStatisticsError, MethodSpec, check_finite, get_method_spec,
-                      parameter_seed)
+                      parameter_seed, require_statistics)
 
 # files fetched from a Hub base: weights, configs, tokenizer files, chat template and custom code (never pickles)
 BASE_PATTERNS = ["*.json", "*.safetensors", "*.md", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# The output dtypes a merge may be asked for by name (a user-facing choice, not a file format: the
+# safetensors dtype codes live with the safetensors I/O).
+_OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64}
 
 
 def _as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[str(dtype).replace("torch.", "")]
+        return _OUTPUT_DTYPES[str(dtype).replace("torch.", "")]
     except KeyError:
-        raise MergeConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise MergeConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_OUTPUT_DTYPES)}") from None
 
 
 def _load_vector(v: Any) -> TaskVector:
@@ -259,16 +263,8 @@ def merge(
     needs = spec.needs
     stats, layouts, bfd = None, {}, None
     if needs:
-        given, arg = (fishers, "fishers") if needs == "fisher" else (grams, "grams")
-        if not given:
-            raise MissingStatisticsError(f"method {method!r} needs one {needs} statistic per task vector ({arg}=...)")
-        if len(given) != len(vectors):
-            raise MissingStatisticsError(f"got {len(given)} {needs} statistics for {len(vectors)} task vectors")
-        if "base_fisher" in spec.driver_args and base_fisher is None:
-            raise MissingStatisticsError(
-                f"method {method!r} needs the base model's Fisher H0 (base_fisher=...): without it the prior is δ "
-                "alone and the merge equals fisher_average with λ inert; estimate it with estimate_fisher(base, data) "
-                "or use method='fisher_average'")
+        given = fishers if needs == "fisher" else grams
+        require_statistics(method, spec, given, len(vectors), base_fisher)
         pairs = [_load_stat(f, needs) for f in given]
         for f in given:
             layouts.update((getattr(f, "extra", None) or {}).get("weight_layout") or {})

@@ -30,15 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..hub import HfTaujpError
-
-
-class MergeConfigError(HfTaujpError):
-    """Bad merge parameters (unknown method, density outside (0, 1], wrong number of weights, ...)."""
-
-
-class MissingStatisticsError(HfTaujpError):
-    """A method needs a per-task statistic (Fisher / Gram matrix) that was not given."""
+from ..errors import HfTaujpError, MergeConfigError, MissingStatisticsError
 
 
 MERGE_METHODS: dict[str, Callable[..., torch.Tensor]] = {}
@@ -128,6 +120,25 @@ def get_merge_method(name: str) -> Callable[..., torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------- helpers
+def require_statistics(method: str, spec: MethodSpec, given: Sequence | None, n_vectors: int, base_fisher: Any,
+                       noun: str = "statistic") -> None:
+    """``MissingStatisticsError`` unless the statistics ``spec.needs`` are given, one per task vector, and the
+    base Fisher when the method's driver takes ``base_fisher`` (both merge paths call it; ``noun`` says what
+    the caller passes: statistics objects or folders)."""
+    needs = spec.needs
+    if needs:
+        arg = "fishers" if needs == "fisher" else "grams"
+        if not given:
+            raise MissingStatisticsError(f"method {method!r} needs one {needs} {noun} per task vector ({arg}=...)")
+        if len(given) != n_vectors:
+            raise MissingStatisticsError(f"got {len(given)} {needs} {noun}s for {n_vectors} task vectors ({arg}=...)")
+    if "base_fisher" in spec.driver_args and base_fisher is None:
+        raise MissingStatisticsError(
+            f"method {method!r} needs the base model's Fisher H0 (base_fisher=...): without it the prior is δ "
+            "alone and the merge equals fisher_average with λ inert; estimate it with estimate_fisher(base, data) "
+            "or use method='fisher_average'")
+
+
 def check_finite(res: torch.Tensor, name: str) -> None:
     """``HfTaujpError`` if the merged ``res`` has NaN / ±inf (both merge paths call it). One float32 sum
     (NaN / inf propagate through it) is ~30x cheaper than an ``isfinite`` mask; only a non-finite sum

@@ -19,10 +19,10 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..hub import HfTaujpError
+from ..errors import HfTaujpError
+from ..linearize import LOSS_KEYS
 from .statistics import GramStatistics
 
-_LABEL_KEYS = ("labels", "label")
 
 
 def _conv1d_cls():
@@ -123,7 +123,7 @@ def estimate_gram(
                     raise HfTaujpError(f"estimate_gram needs dict batches (a DataLoader / list of dicts of tensors, or "
                                        f"a dataset of dict examples), got a {type(batch).__name__}")
                 batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
-                         if k not in _LABEL_KEYS}
+                         if k not in LOSS_KEYS}
                 n_b = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
                 if max_examples is not None:
                     left = max_examples - count
@@ -150,7 +150,7 @@ def estimate_gram(
     layout = {f"{n}.weight": lay for n, (_, lay) in layers.items()}
     fp = None
     if base is not None:
-        from ..task_vector import fingerprint
+        from ..fingerprints import fingerprint
 
         fp = fingerprint(base)
     cfg = getattr(base if base is not None else model, "config", None)

@@ -9,7 +9,9 @@ from tqdm.auto import tqdm
 from .merge import merge
 from .methods import MergeConfigError
 
-DEFAULT_GRID = [round(0.05 * i, 2) for i in range(21)]
+# The α grid of the task-arithmetic protocol (0.00…1.00 step 0.05), the one definition in the package:
+# `hf_taujp.evaluation.DEFAULT_ALPHAS` is this tuple.
+DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 
 
 def search_coefficients(

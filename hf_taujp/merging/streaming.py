@@ -7,7 +7,7 @@ default); the others (TIES, DARE, RegMean, ...) see whole tensors, read into two
 buffers the size of the largest tensor: peak ≈ 2 (K + 1) × the largest tensor plus the method's
 working set, never K × the model. One I/O thread reads the next job and writes the previous result
 while the caller's thread merges. Inputs are read with ``pread`` and the output written with
-``pwrite`` at precomputed offsets (``safetensors_io``), so neither memory-mapped input pages nor
+``pwrite`` at precomputed offsets (``hf_taujp.safetensors_io``), so neither memory-mapped input pages nor
 output shards accumulate in memory.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import os
 import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -29,8 +30,9 @@ from ..task_vector import FORMAT as TV_FORMAT, fingerprint
 from ..tied import TiedWeightsError, tied_groups_of_folder
 from .merge import (BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible,
                     statistics_sizes, weight_layout)
-from .methods import MergeConfigError, MissingStatisticsError, check_finite, get_method_spec, parameter_seed
-from .safetensors_io import ShardedWriter, StreamReader
+from .methods import (MergeConfigError, MethodSpec, MissingStatisticsError, check_finite, get_method_spec, parameter_seed,
+                      require_statistics)
+from ..safetensors_io import SafetensorsReader, ShardedWriter
 
 
 @contextlib.contextmanager
@@ -68,7 +70,7 @@ def _files_to_copy(base_dir: str) -> list[str]:
     return out
 
 
-def _aliases(reader: StreamReader, groups, canon_of: dict, label: str) -> dict[str, str]:
+def _aliases(reader: SafetensorsReader, groups, canon_of: dict, label: str) -> dict[str, str]:
     """{canonical name: the name ``reader`` stores it under} for tied groups (rule of ``hf_taujp.tied``):
     several stored members must be equal, else ``TiedWeightsError``."""
     out = {}
@@ -95,7 +97,7 @@ def _model_prefix(d: str) -> str:
     raise hub.CorruptFileError(f"no model.safetensors (or index) in base folder {d!r}")
 
 
-def _folder_fingerprint(reader: StreamReader) -> str:
+def _folder_fingerprint(reader: SafetensorsReader) -> str:
     """``fingerprint`` of the base folder's weights, from ~256 entries per tensor read through memory maps."""
     state, maps = reader.sampled_state()
     try:
@@ -109,13 +111,13 @@ def _folder_fingerprint(reader: StreamReader) -> str:
                 pass
 
 
-def _stat_reader(folder: str, label: str) -> tuple[StreamReader, dict]:
+def _stat_reader(folder: str, label: str) -> tuple[SafetensorsReader, dict]:
     d = hub.resolve_pretrained_dir(folder)
     cfg = hub.read_json(os.path.join(d, "config.json"), "statistics config")
     fmt = str(cfg.get("format", ""))
     if fmt not in ("hf-taujp/fisher", "hf-taujp/gram"):
         raise hub.HfTaujpError(f"{label} {folder!r} is not an hf-taujp statistics folder (format {fmt!r})")
-    return StreamReader(d, fmt.split("/")[1]), cfg
+    return SafetensorsReader(d, fmt.split("/")[1]), cfg
 
 
 def merge_streaming(
@@ -158,12 +160,95 @@ def merge_streaming(
     tensor and writes the previous result while this thread merges, with ``compute_threads`` torch
     intra-op threads (default 1; ``None`` leaves torch's setting). Returns ``output``.
     """
+    readers: list[SafetensorsReader] = []  # every open reader, closed whatever happens
+    try:
+        plan = _plan(base, vectors, method, readers, weights=weights, fishers=fishers, grams=grams,
+                     base_fisher=base_fisher, dtype=dtype, output_kind=output_kind, check_base_model=check_base_model,
+                     trust_remote_code=trust_remote_code, chunk_elements=chunk_elements, params=params)
+        with hub.atomic_dir(output) as tmp:
+            writer = ShardedWriter(tmp, plan.prefix, [(n, plan.base_r.shape(n), plan.out_dt(n)) for n in plan.names],
+                                   max_shard_size)
+            try:
+                _TensorLoop(plan, writer).run(compute_threads, progress)
+            except BaseException:
+                writer.close(check=False)
+                raise
+            writer.close()
+            _write_side_files(plan, tmp, base, vectors, recipe)
+    finally:
+        for r in readers:
+            r.close()
+    return output
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: which tensors, which statistics, the output layout (decided before the first read)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """Everything a streaming merge decides before reading its first tensor.
+
+    Readers: ``base_r`` (the base's weights), ``vec_r`` (one per vector), ``stat_readers`` (one
+    statistics folder per vector, or None) and ``bfr`` (the base Fisher, or None). Tied parameters:
+    ``canon_of`` maps each member of a tied group to its canonical name (the first the base folder
+    stores) and ``alias[id(reader)]`` maps canonical names to the name that reader stores. Output:
+    ``names`` (in the base's order), cut into ``jobs`` — ``("slice", name, start, n)`` for a range of
+    an elementwise merge, ``("full", name, 0, numel)`` for a tensor copied or merged whole.
+    """
+
+    spec: MethodSpec
+    method: str
+    params: dict
+    weights: Any
+    seed: Any
+    labels: list[str]
+    cfgs: list[dict]
+    vec_kind: str
+    output_kind: str
+    out_dtype: torch.dtype | None
+    base_dir: str
+    base_r: SafetensorsReader
+    vec_r: list[SafetensorsReader]
+    stat_readers: list[SafetensorsReader] | None
+    stat_paths: Sequence[str] | None
+    bfr: SafetensorsReader | None
+    base_fisher: str | None
+    canon_of: dict[str, str]
+    alias: dict[int, dict[str, str]]
+    layouts: dict
+    in_vec: set[str]
+    names: list[str]
+    jobs: list[tuple[str, str, int, int]]
+    chunk: int
+    prefix: str
+
+    def stored(self, r: SafetensorsReader, n: str) -> str | None:
+        """The name reader ``r`` holds output name ``n`` under, or None."""
+        if r is self.base_r:
+            return n if n in r else None
+        c = self.canon_of.get(n)
+        if c is not None and c in self.alias.get(id(r), {}):
+            return self.alias[id(r)][c]
+        return n if n in r and c is None else None
+
+    def merged_here(self, n: str) -> bool:
+        return n in self.in_vec and self.base_r.torch_dtype(n).is_floating_point
+
+    def out_dt(self, n: str) -> torch.dtype:
+        bd = self.base_r.torch_dtype(n)
+        return (self.out_dtype or bd) if bd.is_floating_point else bd
+
+
+def _plan(base, vectors, method, readers: list, *, weights, fishers, grams, base_fisher, dtype, output_kind,
+          check_base_model, trust_remote_code, chunk_elements, params) -> _Plan:
+    """Check the arguments and the folders (bases, kinds, shapes, statistics) and lay out the output;
+    every reader opened is appended to ``readers`` (the caller closes them). Raises before anything is
+    written: ``MergeConfigError``, ``MissingStatisticsError``, ``BaseModelMismatchError``, ``TiedWeightsError``."""
     if not vectors:
         raise MergeConfigError("empty list of task vectors: nothing to merge")
     if output_kind not in (None, "model", "task_vector"):
         raise MergeConfigError(f'output_kind must be "model" or "task_vector", got {output_kind!r}')
     spec = get_method_spec(method)
-    fn = spec.fn
     check_method_arguments(spec, params, weights=weights, fishers=fishers, grams=grams, base_fisher=base_fisher)
     out_dtype = _as_dtype(dtype)
     # a Hub base: its weights plus every file copied into the output (tokenizer models, chat template, code)
@@ -183,232 +268,224 @@ def merge_streaming(
                                "with TaskVector.apply_to(base, linear=True)")
     needs = spec.needs
     stat_paths = {"fisher": fishers, "gram": grams}.get(needs) if needs else None
-    if needs and (not stat_paths or len(stat_paths) != len(vectors)):
-        arg = "fishers" if needs == "fisher" else "grams"
-        raise MissingStatisticsError(f"method {method!r} needs one {needs} folder per task vector ({arg}=...)")
-    if "base_fisher" in spec.driver_args and base_fisher is None:
-        raise MissingStatisticsError(
-            f"method {method!r} needs the base model's Fisher H0 (base_fisher=...): without it the prior is δ "
-            "alone and the merge equals fisher_average with λ inert; estimate it with estimate_fisher(base, data) "
-            "or use method='fisher_average'")
+    require_statistics(method, spec, stat_paths, len(vectors), base_fisher, noun="folder")
     # tied parameters of the base's architecture (hf_taujp.tied), built on the meta device
     groups = tied_groups_of_folder(base_dir, trust_remote_code=trust_remote_code)
-    readers: list[StreamReader] = []
-    try:
-        base_r = StreamReader(base_dir, _model_prefix(base_dir))
-        readers.append(base_r)
-        if check_base_model and any(c.get("base_fingerprint") for c in cfgs):
-            check_base(cfgs, {_folder_fingerprint(base_r)}, f"{base!r}", labels)
-        base_keys = base_r.keys()
-        base_set = set(base_keys)
-        # canonical name of each tied group: the first member the base folder stores
-        groups = [g for g in groups if any(n in base_set for n in g)]
-        canon_of = {}
-        for g in groups:
-            c = next(n for n in g if n in base_set)
-            canon_of.update({n: c for n in g})
-        vec_r = [StreamReader(d, "task_vector") for d in vdirs]
-        readers += vec_r
-        stat_readers, bfr, stat_cfgs = None, None, []
-        if needs:
-            pairs = [_stat_reader(f, f"{needs} of {lab}") for f, lab in zip(stat_paths, labels)]
-            stat_readers = [r for r, _ in pairs]
-            stat_cfgs = [c for _, c in pairs]
-            readers += stat_readers
-            bcfg = None
-            if base_fisher is not None:
-                bfr, bcfg = _stat_reader(base_fisher, "base fisher")
-                readers.append(bfr)
-            statistics_sizes(spec, [c.get("num_examples") for c in stat_cfgs],
-                             None if bcfg is None else bcfg.get("num_examples"), bfr is not None, params, labels)
-        # per reader: {canonical name: stored name} for tied groups
-        alias = {id(r): _aliases(r, groups, canon_of, lab) for r, lab in zip(vec_r, labels)}
-        for k, r in enumerate(stat_readers or []):
-            alias[id(r)] = _aliases(r, groups, canon_of, f"{needs} of {labels[k]}")
-        if bfr is not None:
-            alias[id(bfr)] = _aliases(bfr, groups, canon_of, "base fisher")
+    base_r = SafetensorsReader(base_dir, _model_prefix(base_dir))
+    readers.append(base_r)
+    if check_base_model and any(c.get("base_fingerprint") for c in cfgs):
+        check_base(cfgs, {_folder_fingerprint(base_r)}, f"{base!r}", labels)
+    base_keys = base_r.keys()
+    base_set = set(base_keys)
+    # canonical name of each tied group: the first member the base folder stores
+    groups = [g for g in groups if any(n in base_set for n in g)]
+    canon_of = {}
+    for g in groups:
+        c = next(n for n in g if n in base_set)
+        canon_of.update({n: c for n in g})
+    vec_r = [SafetensorsReader(d, "task_vector") for d in vdirs]
+    readers += vec_r
+    stat_readers, bfr, stat_cfgs = None, None, []
+    if needs:
+        pairs = [_stat_reader(f, f"{needs} of {lab}") for f, lab in zip(stat_paths, labels)]
+        stat_readers = [r for r, _ in pairs]
+        stat_cfgs = [c for _, c in pairs]
+        readers += stat_readers
+        bcfg = None
+        if base_fisher is not None:
+            bfr, bcfg = _stat_reader(base_fisher, "base fisher")
+            readers.append(bfr)
+        statistics_sizes(spec, [c.get("num_examples") for c in stat_cfgs],
+                         None if bcfg is None else bcfg.get("num_examples"), bfr is not None, params, labels)
+    # per reader: {canonical name: stored name} for tied groups
+    alias = {id(r): _aliases(r, groups, canon_of, lab) for r, lab in zip(vec_r, labels)}
+    for k, r in enumerate(stat_readers or []):
+        alias[id(r)] = _aliases(r, groups, canon_of, f"{needs} of {labels[k]}")
+    if bfr is not None:
+        alias[id(bfr)] = _aliases(bfr, groups, canon_of, "base fisher")
 
-        def stored(r, n):
-            """The name reader ``r`` holds output name ``n`` under, or None."""
-            if r is base_r:
-                return n if n in r else None
-            c = canon_of.get(n)
-            if c is not None and c in alias.get(id(r), {}):
-                return alias[id(r)][c]
-            return n if n in r and c is None else None
+    for lab, r in zip(labels, vec_r):
+        extra = [k for k in r.keys() if k not in base_set and k not in canon_of]
+        if extra:
+            raise hub.BaseModelMismatchError(f"{lab} has parameters missing from the base: {sorted(extra)[:5]}")
+        for k in r.keys():
+            bk = canon_of.get(k, k)
+            if r.shape(k) != base_r.shape(bk):
+                raise hub.BaseModelMismatchError(f"{k}: {lab} has shape {r.shape(k)}, base {base_r.shape(bk)}")
+    layouts = {}
+    for c in stat_cfgs:
+        layouts.update(c.get("weight_layout") or {})
+    params = dict(params)
+    seed = params.pop("seed", None)
+    plan = _Plan(spec=spec, method=method, params=params, weights=weights, seed=seed, labels=labels, cfgs=cfgs,
+                 vec_kind=vec_kind, output_kind=output_kind, out_dtype=out_dtype, base_dir=base_dir, base_r=base_r,
+                 vec_r=vec_r, stat_readers=stat_readers, stat_paths=stat_paths, bfr=bfr, base_fisher=base_fisher,
+                 canon_of=canon_of, alias=alias, layouts=layouts, in_vec=set(), names=[], jobs=[],
+                 chunk=int(chunk_elements), prefix="model" if output_kind == "model" else "task_vector")
+    plan.in_vec = {n for n in base_keys if any(plan.stored(r, n) is not None for r in vec_r)}
+    plan.names = [n for n in base_keys if output_kind == "model" or (n in plan.in_vec and canon_of.get(n, n) == n)]
+    sliced = spec.elementwise and plan.chunk > 0
+    # Jobs in output order: ("slice", name, start, n) — a range of an elementwise merge, read into
+    # reused buffers — or ("full", name, 0, numel) — a whole tensor (copied or merged whole).
+    for n_ in plan.names:
+        total = math.prod(base_r.shape(n_))
+        if sliced and plan.merged_here(n_) and total > 0:
+            plan.jobs += [("slice", n_, st, min(plan.chunk, total - st)) for st in range(0, total, plan.chunk)]
+        else:
+            plan.jobs.append(("full", n_, 0, total))
+    return plan
 
-        for lab, r in zip(labels, vec_r):
-            extra = [k for k in r.keys() if k not in base_set and k not in canon_of]
-            if extra:
-                raise hub.BaseModelMismatchError(f"{lab} has parameters missing from the base: {sorted(extra)[:5]}")
-            for k in r.keys():
-                bk = canon_of.get(k, k)
-                if r.shape(k) != base_r.shape(bk):
-                    raise hub.BaseModelMismatchError(f"{k}: {lab} has shape {r.shape(k)}, base {base_r.shape(bk)}")
-        layouts = {}
-        for c in stat_cfgs:
-            layouts.update(c.get("weight_layout") or {})
-        seed = params.pop("seed", None)
-        prefix = "model" if output_kind == "model" else "task_vector"
-        in_vec = {n for n in base_keys if any(stored(r, n) is not None for r in vec_r)}
-        names = [n for n in base_keys if output_kind == "model" or (n in in_vec and canon_of.get(n, n) == n)]
 
-        def merged_here(n):
-            return n in in_vec and base_r.dtype(n).is_floating_point
+# --------------------------------------------------------------------------------------------
+# The per-tensor loop: read job j+1 on the I/O thread, merge job j here, write job j−1 there
+# --------------------------------------------------------------------------------------------
+class _TensorLoop:
+    """Runs a plan's jobs through two reused sets of read buffers (job parity): one filled by the I/O
+    thread while the other is merged; reused, so no fresh pages (page faults + zeroing) per tensor or
+    chunk. Whole-tensor jobs read into buffers of the largest such tensor's size."""
 
-        def out_dt(n):
-            bd = base_r.dtype(n)
-            return (out_dtype or bd) if bd.is_floating_point else bd
+    def __init__(self, plan: _Plan, writer: ShardedWriter):
+        self.plan, self.writer = plan, writer
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.full_size = max([n for kind, _, _, n in plan.jobs if kind == "full"], default=0)
 
-        chunk = int(chunk_elements)
-        sliced = spec.elementwise and chunk > 0
-        # Jobs in output order: ("slice", name, start, n) — a range of an elementwise merge, read into
-        # reused buffers — or ("full", name, 0, numel) — a whole tensor (copied or merged whole).
-        jobs = []
-        for n_ in names:
-            total = math.prod(base_r.shape(n_))
-            if sliced and merged_here(n_) and total > 0:
-                jobs += [("slice", n_, st, min(chunk, total - st)) for st in range(0, total, chunk)]
+    def _buf(self, key, dtype, n, size=None):
+        size = self.plan.chunk if size is None else size
+        t = self.buffers.get((key, dtype))
+        if t is None or t.numel() < n:
+            t = self.buffers[(key, dtype)] = torch.empty(max(size, n), dtype=dtype)
+        return t[:n]
+
+    def read(self, j: int):
+        """Job ``j``'s inputs (base, τs, statistics, base Fisher); runs in the I/O thread (pread releases the GIL)."""
+        plan = self.plan
+        kind, name, start, n = plan.jobs[j]
+        par = j % 2
+        if kind == "slice":
+            def get(r, slot):
+                rn = plan.stored(r, name)
+                return None if rn is None else r.read_into(rn, start, self._buf((par, slot), r.torch_dtype(rn), n))
+        else:
+            def get(r, slot):  # whole tensor, into a reused buffer of the largest tensor's size
+                rn = plan.stored(r, name)
+                if rn is None:
+                    return None
+                out = self._buf((par, slot, "full"), r.torch_dtype(rn), math.prod(r.shape(rn)), self.full_size)
+                return r.read_into(rn, 0, out).reshape(r.shape(rn))
+        b = get(plan.base_r, "base")
+        if not plan.merged_here(name):
+            return b, None, None, None
+        taus = [get(r, ("tau", k)) for k, r in enumerate(plan.vec_r)]
+        stats = None
+        if plan.stat_readers is not None:
+            stats = [get(r, ("stat", k)) for k, r in enumerate(plan.stat_readers)]
+        bf = get(plan.bfr, "bf") if plan.bfr is not None else None
+        return b, taus, stats, bf
+
+    def compute(self, name, b, taus, stats, bf) -> torch.Tensor:
+        """θ0 + method(θ0, τs) (or the merged Δ for a task-vector output) in the output dtype, never
+        a view of a reused read buffer; ``MissingStatisticsError`` for a statistic missing at ``name``."""
+        plan = self.plan
+        if taus is None:
+            return b.to(plan.out_dt(name)) if b.is_floating_point() else b
+        needs = plan.spec.needs
+        taus = [torch.zeros(b.shape, dtype=torch.float32) if t is None else
+                (t if t.dtype in (torch.float32, torch.float64) else t.float()) for t in taus]
+        kw = dict(plan.params)
+        if plan.seed is not None:  # by the canonical name: a stored tied copy draws the same masks
+            kw["seed"] = parameter_seed(plan.seed, plan.canon_of.get(name, name))
+        if stats is not None:
+            if needs == "gram":
+                if any(s is not None for s in stats):
+                    missing = [plan.labels[k] for k, s in enumerate(stats) if s is None]
+                    if missing:
+                        raise MissingStatisticsError(f"gram of {missing[0]} has no entry for {name} (others do)")
+                    kw["grams"] = stats
+                    kw["layout"] = weight_layout(name, plan.layouts, b.shape, stats[0].shape)
             else:
-                jobs.append(("full", n_, 0, total))
-        buffers: dict[tuple, torch.Tensor] = {}
+                for k, st in enumerate(stats):
+                    if st is None:
+                        raise MissingStatisticsError(
+                            f"{needs} of {plan.labels[k]} ({plan.stat_paths[k]!r}) has no entry for {name}")
+                kw["fishers"] = stats
+            if plan.bfr is not None:
+                if bf is None:  # the in-memory rule: no silent δ-only prior for this parameter
+                    raise MissingStatisticsError(f"base fisher ({plan.base_fisher!r}) has no entry for {name}")
+                kw["base_fisher"] = bf
+        if "name" in plan.spec.driver_args:
+            kw["name"] = name
+        delta = plan.spec.fn(b, taus, weights=plan.weights, **kw)
+        inputs = {t.untyped_storage().data_ptr() for t in [b, *taus, *(stats or []), bf] if t is not None}
+        if plan.output_kind == "model":
+            fresh = delta.untyped_storage().data_ptr() not in inputs
+            res = delta.add_(b) if fresh else delta + b  # in place: no second tensor-sized buffer
+        else:
+            res = delta
+        res = res.to(plan.out_dt(name))
+        if res.untyped_storage().data_ptr() in inputs:  # never hand a reused read buffer to the writer
+            res = res.clone()
+        check_finite(res, name)
+        return res
 
-        full_size = max([n for kind, _, _, n in jobs if kind == "full"], default=0)
+    def write(self, j: int, res: torch.Tensor) -> None:  # I/O thread
+        kind, name, start, n = self.plan.jobs[j]
+        if kind == "slice":
+            self.writer.write_range(name, start, res.reshape(-1))
+        else:
+            self.writer.write(name, res)
 
-        def buf(key, dtype, n, size=chunk):
-            # two sets (job parity): one being filled by the I/O thread while the other is merged;
-            # reused, so no fresh pages (page faults + zeroing) per tensor or chunk
-            t = buffers.get((key, dtype))
-            if t is None or t.numel() < n:
-                t = buffers[(key, dtype)] = torch.empty(max(size, n), dtype=dtype)
-            return t[:n]
+    def run(self, compute_threads: int | None, progress: bool) -> None:
+        plan, jobs = self.plan, self.plan.jobs
+        # One I/O thread runs reads and writes in submission order (read j+1, write j, read j+2, …):
+        # when the read of job j+1 is done, the write of job j−1 is too, so at most two jobs'
+        # buffers are alive. The merge itself runs on this thread.
+        with _intra_op_threads(compute_threads), ThreadPoolExecutor(1) as io:
+            nxt = io.submit(self.read, 0) if jobs else None
+            writes: deque = deque()
+            bar = tqdm(total=len(plan.names), desc=f"merge ({plan.method})", disable=not progress)
+            for j, (kind, name, start, n) in enumerate(jobs):
+                data = nxt.result()
+                nxt = io.submit(self.read, j + 1) if j + 1 < len(jobs) else None
+                while writes and writes[0].done():
+                    writes.popleft().result()  # surface a failed write now
+                res = self.compute(name, *data)
+                del data
+                writes.append(io.submit(self.write, j, res))
+                del res
+                if start + n == math.prod(plan.base_r.shape(name)):
+                    bar.update(1)
+            for w in writes:
+                w.result()
+            bar.close()
 
-        def read(j):  # runs in the I/O thread: pread releases the GIL
-            kind, name, start, n = jobs[j]
-            if kind == "slice":
-                par = j % 2
 
-                def get(r, slot):
-                    rn = stored(r, name)
-                    return None if rn is None else r.read_into(rn, start, buf((par, slot), r.dtype(rn), n))
-            else:
-                par, shape = j % 2, base_r.shape(name)
-
-                def get(r, slot):  # whole tensor, into a reused buffer of the largest tensor's size
-                    rn = stored(r, name)
-                    if rn is None:
-                        return None
-                    out = buf((par, slot, "full"), r.dtype(rn), math.prod(r.shape(rn)), full_size)
-                    return r.read_into(rn, 0, out).reshape(r.shape(rn))
-            b = get(base_r, "base")
-            if not merged_here(name):
-                return b, None, None, None
-            taus = [get(r, ("tau", k)) for k, r in enumerate(vec_r)]
-            stats = None
-            if stat_readers is not None:
-                stats = [get(r, ("stat", k)) for k, r in enumerate(stat_readers)]
-            bf = get(bfr, "bf") if bfr is not None else None
-            return b, taus, stats, bf
-
-        def write(j, res):  # I/O thread
-            kind, name, start, n = jobs[j]
-            if kind == "slice":
-                writer.write_range(name, start, res.reshape(-1))
-            else:
-                writer.write(name, res)
-
-        def compute(name, b, taus, stats, bf):
-            if taus is None:
-                return b.to(out_dt(name)) if b.is_floating_point() else b
-            taus = [torch.zeros(b.shape, dtype=torch.float32) if t is None else
-                    (t if t.dtype in (torch.float32, torch.float64) else t.float()) for t in taus]
-            kw = dict(params)
-            if seed is not None:  # by the canonical name: a stored tied copy draws the same masks
-                kw["seed"] = parameter_seed(seed, canon_of.get(name, name))
-            if stats is not None:
-                if needs == "gram":
-                    if any(s is not None for s in stats):
-                        missing = [labels[k] for k, s in enumerate(stats) if s is None]
-                        if missing:
-                            raise MissingStatisticsError(f"gram of {missing[0]} has no entry for {name} (others do)")
-                        kw["grams"] = stats
-                        kw["layout"] = weight_layout(name, layouts, b.shape, stats[0].shape)
-                else:
-                    for k, st in enumerate(stats):
-                        if st is None:
-                            raise MissingStatisticsError(f"{needs} of {labels[k]} ({stat_paths[k]!r}) has no entry for {name}")
-                    kw["fishers"] = stats
-                if bfr is not None:
-                    if bf is None:  # the in-memory rule: no silent δ-only prior for this parameter
-                        raise MissingStatisticsError(f"base fisher ({base_fisher!r}) has no entry for {name}")
-                    kw["base_fisher"] = bf
-            if "name" in spec.driver_args:
-                kw["name"] = name
-            delta = fn(b, taus, weights=weights, **kw)
-            inputs = {t.untyped_storage().data_ptr() for t in [b, *taus, *(stats or []), bf] if t is not None}
-            if output_kind == "model":
-                fresh = delta.untyped_storage().data_ptr() not in inputs
-                res = delta.add_(b) if fresh else delta + b  # in place: no second tensor-sized buffer
-            else:
-                res = delta
-            res = res.to(out_dt(name))
-            if res.untyped_storage().data_ptr() in inputs:  # never hand a reused read buffer to the writer
-                res = res.clone()
-            check_finite(res, name)
-            return res
-
-        with hub.atomic_dir(output) as tmp:
-            writer = ShardedWriter(tmp, prefix, [(n, base_r.shape(n), out_dt(n)) for n in names], max_shard_size)
-            try:
-                # One I/O thread runs reads and writes in submission order (read j+1, write j, read j+2, …):
-                # when the read of job j+1 is done, the write of job j−1 is too, so at most two jobs'
-                # buffers are alive. The merge itself runs on this thread.
-                with _intra_op_threads(compute_threads), ThreadPoolExecutor(1) as io:
-                    nxt = io.submit(read, 0) if jobs else None
-                    writes: deque = deque()
-                    bar = tqdm(total=len(names), desc=f"merge ({method})", disable=not progress)
-                    for j, (kind, name, start, n) in enumerate(jobs):
-                        data = nxt.result()
-                        nxt = io.submit(read, j + 1) if j + 1 < len(jobs) else None
-                        while writes and writes[0].done():
-                            writes.popleft().result()  # surface a failed write now
-                        res = compute(name, *data)
-                        del data
-                        writes.append(io.submit(write, j, res))
-                        del res
-                        if start + n == math.prod(base_r.shape(name)):
-                            bar.update(1)
-                    for w in writes:
-                        w.result()
-                    bar.close()
-            except BaseException:
-                writer.close(check=False)
-                raise
-            writer.close()
-            if output_kind == "model":
-                for fname in _files_to_copy(base_dir):
-                    shutil.copy2(os.path.join(base_dir, fname), os.path.join(tmp, fname))
-                if out_dtype is not None and os.path.isfile(os.path.join(tmp, "config.json")):
-                    cfg = hub.read_json(os.path.join(tmp, "config.json"))
-                    cfg["dtype"] = str(out_dtype).replace("torch.", "")
-                    with open(os.path.join(tmp, "config.json"), "w") as f:
-                        json.dump(cfg, f, indent=2)
-            else:
-                c0 = next((c for c in cfgs if c.get("base_fingerprint")), cfgs[0])
-                num = sum(int(torch.Size(base_r.shape(n)).numel()) for n in names)
-                with open(os.path.join(tmp, "config.json"), "w") as f:
-                    json.dump({"format": TV_FORMAT, "format_version": 1, "base_model": c0.get("base_model"),
-                               "base_model_revision": c0.get("base_model_revision"),
-                               "base_fingerprint": c0.get("base_fingerprint"), "kind": vec_kind,
-                               "task": f"merge:{method}", "training": {"merge_recipe": recipe or {}},
-                               "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
-                               "num_parameters": num}, f, indent=2)
-            hub.model_card(f"Merged with hf-taujp ({method})", "```json\n"
-                           + json.dumps(recipe or {"method": method, "vectors": list(map(str, vectors)),
-                                                  "weights": weights, **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}},
-                                        indent=2, default=str)
-                           + "\n```", base_model=base if isinstance(base, str) else None, tags=["merge"]).save(os.path.join(tmp, "README.md"))
-    finally:
-        for r in readers:
-            r.close()
-    return output
+# --------------------------------------------------------------------------------------------
+# The output folder's other files: configs / tokenizer copied from the base, or a task-vector config
+# --------------------------------------------------------------------------------------------
+def _write_side_files(plan: _Plan, tmp: str, base, vectors, recipe) -> None:
+    out_dtype, method = plan.out_dtype, plan.method
+    if plan.output_kind == "model":
+        for fname in _files_to_copy(plan.base_dir):
+            shutil.copy2(os.path.join(plan.base_dir, fname), os.path.join(tmp, fname))
+        if out_dtype is not None and os.path.isfile(os.path.join(tmp, "config.json")):
+            cfg = hub.read_json(os.path.join(tmp, "config.json"))
+            cfg["dtype"] = str(out_dtype).replace("torch.", "")
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+    else:
+        c0 = next((c for c in plan.cfgs if c.get("base_fingerprint")), plan.cfgs[0])
+        num = sum(int(torch.Size(plan.base_r.shape(n)).numel()) for n in plan.names)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"format": TV_FORMAT, "format_version": 1, "base_model": c0.get("base_model"),
+                       "base_model_revision": c0.get("base_model_revision"),
+                       "base_fingerprint": c0.get("base_fingerprint"), "kind": plan.vec_kind,
+                       "task": f"merge:{method}", "training": {"merge_recipe": recipe or {}},
+                       "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
+                       "num_parameters": num}, f, indent=2)
+    params = plan.params  # as before the split: the card lists the method's parameters but not the seed
+    hub.model_card(f"Merged with hf-taujp ({method})", "```json\n"
+                   + json.dumps(recipe or {"method": method, "vectors": list(map(str, vectors)),
+                                          "weights": plan.weights,
+                                          **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}},
+                                indent=2, default=str)
+                   + "\n```", base_model=base if isinstance(base, str) else None, tags=["merge"]).save(os.path.join(tmp, "README.md"))

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..hub import HfTaujpError
+from ..errors import HfTaujpError
 
 __all__ = ["taujp_penalty", "select_output", "penalty_terms", "output_mask", "prepare_reg_batch"]
 

@@ -17,16 +17,12 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..hub import HfTaujpError
+from ..errors import HfTaujpError, TauJpConfigError
 
 __all__ = ["TauJpConfig", "TauJpConfigError", "TAUJP_MODES", "TAUJP_NORMS"]
 
 TAUJP_MODES = ("cyclic", "strict")
 TAUJP_NORMS = ("l2", "sq_l2")
-
-
-class TauJpConfigError(HfTaujpError):
-    """A τJp setting is out of range (λ < 0, unknown mode / norm, batch ratio outside (0, 1])."""
 
 
 @dataclass

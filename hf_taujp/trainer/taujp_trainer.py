@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from transformers import Trainer
 
 from ..attention import forward_ad_attention
-from ..hub import HfTaujpError
+from ..errors import (HfTaujpError, MissingRegularizationDataError, RegularizationInputError,
+                      TauJpUnsupportedError)
 from ..linearize import _accepts, jvp_ready
 from .penalty import output_mask, prepare_reg_batch, select_output, taujp_penalty
 from .taujp_config import TauJpConfig, TauJpConfigError
@@ -47,18 +48,6 @@ __all__ = [
     "RegularizationInputError",
 ]
 
-
-
-class TauJpUnsupportedError(HfTaujpError):
-    """The training setup cannot run the τJp penalty (FSDP, DeepSpeed ZeRO, PEFT adapters other than LINEARIZED / LoRA)."""
-
-
-class MissingRegularizationDataError(HfTaujpError):
-    """taujp_lambda > 0 but no (or an empty) regularization dataset was given."""
-
-
-class RegularizationInputError(HfTaujpError):
-    """A regularization dataset's inputs do not fit the model (checked on one batch before training)."""
 
 
 def _linearized_jvp(model: torch.nn.Module) -> Callable | None:
@@ -332,7 +321,7 @@ class TauJpTrainer(Trainer):
             model.train(was_training)
 
     def _with_no_cache(self, model, batch: dict) -> dict:
-        # DynamicCache is not a tensor output: forward AD cannot carry it (RESEARCH.md). Linearized models
+        # DynamicCache is not a tensor output: torch.func.jvp carries tensors only. Linearized models
         # add use_cache=False themselves when their base declares it; a plain model gets it only when its
         # forward declares it (one rule: linearize._accepts). Cached per model.
         cache = self.__dict__.setdefault("_taujp_use_cache", {})

@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ...hub import HfTaujpError
+from ...errors import HfTaujpError
 from ...linearize import LINEARIZATION_MODES
 
 # PEFT's PeftType enum is closed to outside methods, so the type is a plain string registered in

@@ -17,17 +17,19 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...hub import HfTaujpError
+from ...errors import HfTaujpError
 
 TAU_ATTR = "linearized_tau"
 _TAU_NAME = re.compile(rf"(^|\.){TAU_ATTR}\.")
 
 
 class LinearizedTau(nn.ModuleDict, BaseTunerLayer):
-    """``{adapter name: ParameterDict{param name: τ}}`` for the direct parameters of one module.
+    """The method's tuner layer: ``{adapter name: ParameterDict{param name: τ}}`` for the direct
+    parameters of one module.
 
-    A PEFT tuner layer only so that PEFT's status / requires-grad helpers find the adapters; it
-    wraps nothing and is never called (the owning module's forward is unchanged).
+    A ``BaseTunerLayer`` so that PEFT's status / requires-grad helpers find the adapters; it holds τ
+    and wraps no computation (the owning module's forward is unchanged; the linearized forward is
+    one pass of the whole model). Why this layout meets PEFT's contract: :mod:`hf_taujp.peft_registration`.
     """
 
     adapter_layer_names = ("adapters",)

@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ...hub import HfTaujpError
+from ...errors import HfTaujpError
 from ...linearize import (
     _accepts,
     _generate,
@@ -54,7 +54,9 @@ class LinearizedModel(BaseTuner):
     """
 
     prefix: str = TAU_ATTR
-    tuner_layer_cls = BaseTunerLayer  # no layer is replaced; τ containers are found by name
+    # PEFT's layer class of this method (its default status / trainable / delete helpers look for it;
+    # this tuner overrides them, finding τ containers by name). See hf_taujp.peft_registration.
+    tuner_layer_cls = layer.LinearizedTau
     target_module_mapping: dict = {}
     # The linearization lives on this tuner, not in the model's modules: refusing shared-state tuners
     # is how PEFT's `inject_adapter_in_model` (used by transformers' `model.load_adapter`) avoids
@@ -67,7 +69,9 @@ class LinearizedModel(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict, **kwargs)
 
     # ------------------------------------------------------------------ injection
-    def _create_and_replace(self, *args, **kwargs):  # required by BaseTuner; injection is done in inject_adapter
+    def _create_and_replace(self, *args, **kwargs):
+        # Abstract in BaseTuner, called only by BaseTuner.inject_adapter, which this tuner overrides:
+        # nothing is replaced (τ sits beside θ0; hf_taujp.peft_registration explains the layout).
         raise NotImplementedError("LinearizedModel does not replace modules.")
 
     def _prepare_adapter_config(self, peft_config, model_config):
