@@ -152,7 +152,7 @@ def run_glue(
     taujp_batch_ratio: float = 0.25,
     taujp_start_step: int = 0,
     penalized_output: str = "answer",
-    layers: int | None = 2,
+    layers: int | None = 1,
     target_modules=None,
     max_length: int = 96,
     max_train: int | None = None,
@@ -453,7 +453,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--taujp-start-step", type=int, default=0)
     p.add_argument("--penalized-output", default="answer", choices=["answer", "all"],
                    help="logits the penalty sees: at the answer position, or at every prompt token")
-    p.add_argument("--layers", type=int, default=2, help="train the last N decoder layers (0: all parameters)")
+    p.add_argument("--layers", type=int, default=1, help="train the last N decoder layers (0: all parameters)")
     p.add_argument("--target-modules", default=None, help="comma list of module names (PEFT matching) instead of --layers")
     p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens (longer prompts are cut)")
     p.add_argument("--max-train", type=int, default=None, help="training rows per task (seeded subsample) before 10%% "
