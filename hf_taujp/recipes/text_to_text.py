@@ -288,23 +288,14 @@ class FrozenPrefix:
 
     @torch.no_grad()
     def _hidden(self, batch: dict) -> torch.Tensor:
-        captured = {}
-
-        def hook(_m, _inp, out):
-            captured["h"] = out[0] if isinstance(out, tuple) else out
-            raise _StopForward
-
-        handle = self.layers[self.start - 1].register_forward_hook(hook)
+        """Output of layer start − 1 for a collated batch (eval mode, no cache)."""
         was = self.model.training
         self.model.eval()
         try:
-            self.model(**{k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}, use_cache=False)
-        except _StopForward:
-            pass
+            return self._run({**{k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")},
+                              "use_cache": False})
         finally:
-            handle.remove()
             self.model.train(was)
-        return captured["h"]
 
     def features(self, examples: list[dict], desc: str = "frozen prefix") -> list[dict]:
         """Copies of ``examples`` with ``features`` in place of ``input_ids``."""
@@ -372,6 +363,8 @@ class FrozenPrefix:
         return choices, prompt_out
 
     def _run(self, inputs: dict) -> torch.Tensor:
+        """Run the model on `inputs` only up to layer start − 1 and return that layer's output: a hook
+        captures it and stops the forward there (the upper layers never run)."""
         captured = {}
 
         def hook(_m, _inp, out):
