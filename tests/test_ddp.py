@@ -1,6 +1,9 @@
 """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine (torchrun, DDP over gloo;
 `TrainingArguments(use_cpu=True)`): the τJp run finishes, the penalty reaches
-the log history, and both ranks end with identical parameters."""
+the log history, and both ranks end with identical parameters; the CLIP recipe under DDP matches one process.
+
+(`accelerate launch --cpu --num_processes 2` starts ONE process: accelerate 1.15's CPU launcher spawns several
+only through mpirun with `--mpirun_hostfile`; `--multi_gpu` goes through torchrun, which works on CPU.)"""
 
 import os
 import subprocess
@@ -90,14 +93,22 @@ CLIP_WORKER = textwrap.dedent('''
     C._save_heads = record("heads", C._save_heads)
     C.write_report = record("report", C.write_report)
     TaskVector.save_pretrained = record("task_vector", TaskVector.save_pretrained)
-    res = C.main(["--model", "tiny", "--tasks", "mnist,fashion_mnist", "--data-dir", data, "--methods", "nonlinear,taujp",
-                  "--output-dir", os.path.join(out, tag), "--steps", "3", "--batch-size", "8", "--lr", "1e-3",
-                  "--warmup-steps", "1", "--max-train", "45", "--max-test", "15", "--reg-ratio", "0.25", "--threads", "1"])
+    common = ["--model", "tiny", "--tasks", "mnist,fashion_mnist", "--data-dir", data, "--batch-size", "8",
+              "--lr", "1e-3", "--warmup-steps", "1", "--reg-ratio", "0.25", "--threads", "1"]
+    res = C.main(common + ["--methods", "nonlinear,taujp", "--output-dir", os.path.join(out, tag), "--steps", "3",
+                           "--max-train", "45", "--max-test", "15"])
     ddp = dist.is_initialized()
     rank = dist.get_rank() if ddp else 0
-    torch.save({"results": res, "tau": tau, "writes": writes, "world": dist.get_world_size() if ddp else 1,
-                "backend": dist.get_backend() if ddp else None,
-                "listing": sorted(os.listdir(os.path.join(out, tag)))}, os.path.join(out, f"{tag}-rank{rank}.pt"))
+    record_ = {"results": res, "tau": dict(tau), "writes": list(writes), "world": dist.get_world_size() if ddp else 1,
+               "backend": dist.get_backend() if ddp else None, "listing": sorted(os.listdir(os.path.join(out, tag)))}
+    # 19 training rows < steps × batch: the Trainer wraps around, and the 5 batches of 4 do not split evenly
+    # over 2 processes (accelerate's even_batches completes the short one); evaluation sets of 5 rows
+    if ddp:
+        tau.clear()
+        uneven = C.main(common + ["--methods", "taujp", "--output-dir", os.path.join(out, tag + "_uneven"),
+                                  "--steps", "4", "--max-train", "25", "--max-test", "5", "--negation-control", "none"])
+        record_["uneven"] = {"results": uneven, "tau": dict(tau)}
+    torch.save(record_, os.path.join(out, f"{tag}-rank{rank}.pt"))
 ''')
 
 
@@ -116,7 +127,9 @@ def test_clip_recipe_under_ddp_matches_one_process(tmp_path):
     the task vectors agree up to float summation order, the two processes' vectors agree exactly. Validation
     (11 rows) and test (15 rows, 9 for the held-out control) do not split evenly over 2 processes: evaluation
     pads the shares and gathers; both processes return the same results as the single process. Only rank 0
-    writes (heads, 4 task vectors, one report), and every file is in place when the processes return."""
+    writes (heads, 4 task vectors, one report), and every file is in place when the processes return. A second
+    run in the same processes has fewer training rows than steps × batch, split unevenly (5 batches of 4 over
+    2 processes): it finishes and the processes agree."""
     from clip_offline import offline_data_dir
 
     data = offline_data_dir(tmp_path, SHARED_DATA)  # mnist, fashion_mnist + a fake held-out control "svhn"
@@ -166,3 +179,10 @@ def test_clip_recipe_under_ddp_matches_one_process(tmp_path):
         mat, ref = res["taujp_matrix"], one["results"]["methods"][label]["taujp_matrix"]
         assert len(mat) == 2 and all(len(row) == 2 for row in mat)  # one row from each process
         np.testing.assert_allclose(mat, ref, rtol=1e-3)
+    # uneven shards: no deadlock (the launch returned), the processes still agree
+    u0, u1 = r0["uneven"], r1["uneven"]
+    assert u0["results"]["sizes"]["mnist"] == {"train": 19, "val": 6, "test": 5, "train_used": 19}
+    assert _timeless(u0["results"]) == _timeless(u1["results"]) and u0["results"]["negation"] == {}
+    for key, tau in u0["tau"].items():
+        for name, t in tau.items():
+            torch.testing.assert_close(t, u1["tau"][key][name], rtol=0, atol=0)

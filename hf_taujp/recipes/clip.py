@@ -73,9 +73,9 @@ from .report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, per_task_row
 from .runner import METHODS, Method, finetune, parse_methods
 from .tasks import split_train_val
 
-__all__ = ["VisionTask", "VISION_TASKS", "TINY", "IMAGENET", "run_clip", "negation_control_task", "check_images", "zero_shot_head", "ZeroShotCLIP", "ZeroShotOutput",
-           "ImageCollator", "load_clip", "tiny_clip", "load_vision_task", "read_idx", "to_rgb", "finetune_clip",
-           "main", "add_arguments"]
+__all__ = ["VisionTask", "VISION_TASKS", "TINY", "IMAGENET", "run_clip", "negation_control_task", "check_images",
+           "zero_shot_head", "ZeroShotCLIP", "ZeroShotOutput", "ImageCollator", "load_clip", "tiny_clip",
+           "load_vision_task", "read_idx", "to_rgb", "finetune_clip", "main", "add_arguments"]
 
 TINY = "tiny"
 HUB = "hub"
