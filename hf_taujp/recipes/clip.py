@@ -30,8 +30,8 @@ Data: online through `datasets.load_dataset` (:data:`VISION_TASKS` lists one Hub
 `ILSVRC/imagenet-1k`, with OpenAI's 1000 class names and 80 templates, for the negation control); the
 validation split that chooses α is carved out of train (10%, ≤ 5000, seeded); results are on the test
 split. Offline: `data_dir` = a folder with `mnist/` and `fashion_mnist/` IDX `.gz` files (the original
-LeCun / Zalando layout; any task can be stored as `<data_dir>/<task>/` in that layout). Images go through the model's own `CLIPImageProcessor` (resize, crop,
-normalise); grayscale is expanded to RGB first.
+LeCun / Zalando layout; any task can be stored as `<data_dir>/<task>/` in that layout). Images go through
+the model's own `CLIPImageProcessor` (resize, crop, normalise); grayscale is expanded to RGB first.
 
 Optimiser defaults are the authors' (task_vectors / tangent_task_arithmetic): AdamW lr 1e-5, weight
 decay 0.1, cosine schedule with 500 warm-up steps, grad clip 1, batch 128; τJp λ 0.1, reg batch 16
