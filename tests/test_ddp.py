@@ -43,6 +43,7 @@ WORKER = textwrap.dedent('''
     torch.save({"tau": model.get_tangents(), "n": tr.accelerator.num_processes, "log": tr.state.log_history,
                 "visits": list(tr.taujp_visits), "backend": torch.distributed.get_backend(),
                 "wrapped": type(tr.model_wrapped).__name__}, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()  # not at interpreter exit: gloo can abort there
 ''')
 
 
@@ -95,19 +96,24 @@ CLIP_WORKER = textwrap.dedent('''
     TaskVector.save_pretrained = record("task_vector", TaskVector.save_pretrained)
     common = ["--model", "tiny", "--tasks", "mnist,fashion_mnist", "--data-dir", data, "--batch-size", "8",
               "--lr", "1e-3", "--warmup-steps", "1", "--reg-ratio", "0.25", "--threads", "1"]
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    record_ = {}
+    if world > 1:
+        # 19 training rows < steps × batch: the Trainer wraps around, and the 5 batches of 4 do not split evenly
+        # over 2 processes (accelerate's even_batches completes the short one); evaluation sets of 5 rows
+        uneven = C.run_clip("tiny", "mnist,fashion_mnist", data_dir=data, methods="taujp", batch_size=8,
+                            learning_rate=1e-3, warmup_steps=1, taujp_batch_ratio=0.25, steps=4, max_train=25,
+                            max_test=5, negation_control="none", output_dir=os.path.join(out, tag + "_uneven"))
+        record_["uneven"] = {"results": uneven, "tau": dict(tau)}
+        record_["backend"] = dist.get_backend()
+        tau.clear()
+        writes.clear()
+    # the command itself (C.main: argument parsing, the run, then the process group is closed)
     res = C.main(common + ["--methods", "nonlinear,taujp", "--output-dir", os.path.join(out, tag), "--steps", "3",
                            "--max-train", "45", "--max-test", "15"])
-    ddp = dist.is_initialized()
-    rank = dist.get_rank() if ddp else 0
-    record_ = {"results": res, "tau": dict(tau), "writes": list(writes), "world": dist.get_world_size() if ddp else 1,
-               "backend": dist.get_backend() if ddp else None, "listing": sorted(os.listdir(os.path.join(out, tag)))}
-    # 19 training rows < steps × batch: the Trainer wraps around, and the 5 batches of 4 do not split evenly
-    # over 2 processes (accelerate's even_batches completes the short one); evaluation sets of 5 rows
-    if ddp:
-        tau.clear()
-        uneven = C.main(common + ["--methods", "taujp", "--output-dir", os.path.join(out, tag + "_uneven"),
-                                  "--steps", "4", "--max-train", "25", "--max-test", "5", "--negation-control", "none"])
-        record_["uneven"] = {"results": uneven, "tau": dict(tau)}
+    assert not dist.is_initialized()
+    record_.update({"results": res, "tau": dict(tau), "writes": list(writes), "world": world,
+                    "listing": sorted(os.listdir(os.path.join(out, tag)))})
     torch.save(record_, os.path.join(out, f"{tag}-rank{rank}.pt"))
 ''')
 
@@ -127,9 +133,9 @@ def test_clip_recipe_under_ddp_matches_one_process(tmp_path):
     the task vectors agree up to float summation order, the two processes' vectors agree exactly. Validation
     (11 rows) and test (15 rows, 9 for the held-out control) do not split evenly over 2 processes: evaluation
     pads the shares and gathers; both processes return the same results as the single process. Only rank 0
-    writes (heads, 4 task vectors, one report), and every file is in place when the processes return. A second
-    run in the same processes has fewer training rows than steps × batch, split unevenly (5 batches of 4 over
-    2 processes): it finishes and the processes agree."""
+    writes (heads, 4 task vectors, one report), and every file is in place when the processes return. Before
+    it, a run in the same processes has fewer training rows than steps × batch, split unevenly (5 batches of 4
+    over 2 processes): it finishes and the processes agree."""
     from clip_offline import offline_data_dir
 
     data = offline_data_dir(tmp_path, SHARED_DATA)  # mnist, fashion_mnist + a fake held-out control "svhn"
@@ -140,10 +146,12 @@ def test_clip_recipe_under_ddp_matches_one_process(tmp_path):
               "--num_machines", "1", "--main_process_port", str(29500 + (os.getpid() + 7) % 1000),
               "--mixed_precision", "no", "--dynamo_backend", "no"]
     for cmd in (launch + [str(script), str(tmp_path), data, "ddp"], [sys.executable, str(script), str(tmp_path), data, "one"]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        # a hang guard, generous: on a shared 2-core machine a nice'd launch can wait minutes for CPU
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1, one = (torch.load(tmp_path / f, weights_only=False) for f in ("ddp-rank0.pt", "ddp-rank1.pt", "one-rank0.pt"))
     assert (r0["world"], r1["world"], one["world"]) == (2, 2, 1) and r0["backend"] == "gloo"
+    assert r0["results"]["num_processes"] == 2 and one["results"]["num_processes"] == 1
     assert r0["results"]["num_processes"] == 2 and r0["results"]["per_device_batch_size"] == 4
     assert r0["results"]["taujp"]["reg_batch_size"] == one["results"]["taujp"]["reg_batch_size"] == 2
     # only the main process writes; when the processes return, everything is there and no temporary file is left

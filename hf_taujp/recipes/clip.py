@@ -934,9 +934,16 @@ def main(argv=None) -> dict:
     a = add_arguments(argparse.ArgumentParser(prog="hf-taujp clip", description=__doc__.split("\n")[0])).parse_args(argv)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # set by torchrun / accelerate launch
     torch.set_num_threads(a.threads if a.threads > 0 else max(1, _threads(0) // max(1, local)))
-    return run_clip(a.model, a.tasks, data_dir=a.data_dir, methods=a.methods, output_dir=a.output_dir, steps=a.steps,
-                    batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
-                    warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, taujp_lambda=a.taujp_lambda,
-                    taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
-                    negation_control=a.negation_control, max_train=a.max_train, max_test=a.max_test,
-                    eval_batch_size=a.eval_batch_size, push_to_hub=a.push_to_hub, seed=a.seed)
+    results = run_clip(a.model, a.tasks, data_dir=a.data_dir, methods=a.methods, output_dir=a.output_dir, steps=a.steps,
+                       batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
+                       warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, taujp_lambda=a.taujp_lambda,
+                       taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
+                       negation_control=a.negation_control, max_train=a.max_train, max_test=a.max_test,
+                       eval_batch_size=a.eval_batch_size, push_to_hub=a.push_to_hub, seed=a.seed)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # the command's process ends here: leaving the group to interpreter shutdown can abort the process
+        # (seen with gloo: "terminate called without an active exception") after everything was written
+        dist.destroy_process_group()
+    return results
