@@ -173,10 +173,137 @@ def test_unknown_task_and_bad_control():
         C.run_clip(C.TINY, "mnist,imagenet9000", data_dir=SHARED_DATA)
     with pytest.raises(HfTaujpError, match="at least 2"):
         C.run_clip(C.TINY, "mnist", data_dir=SHARED_DATA)
-    with pytest.raises(HfTaujpError, match="negation-control"):
-        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=SHARED_DATA, negation_control="svhn")
-    with pytest.raises(HfTaujpError, match="no offline IDX"):
+    with pytest.raises(HfTaujpError, match="no offline data"):
         C.load_vision_task(C.VISION_TASKS["cars"], SHARED_DATA)
+    with pytest.raises(HfTaujpError, match="global batch"):
+        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=SHARED_DATA, negation_control="none", batch_size=0)
+
+
+def test_negation_control_is_held_out_of_the_targets(tmp_path):
+    from clip_offline import offline_data_dir
+
+    tasks = ["mnist", "fashion_mnist"]
+    assert C.negation_control_task(None, tasks, C.HUB) == C.IMAGENET  # online: ImageNet, as the authors
+    assert C.negation_control_task("none", tasks, SHARED_DATA) is None
+    with_control = offline_data_dir(tmp_path, SHARED_DATA)  # + a fake "svhn" folder
+    assert C.negation_control_task(None, tasks, with_control) == "svhn"  # offline: the held-out task with data
+    with pytest.raises(HfTaujpError, match="also a target task"):
+        C.negation_control_task("fashion_mnist", tasks, with_control)
+    with pytest.raises(HfTaujpError, match="also a target task"):
+        C.negation_control_task(None, ["mnist", "imagenet"], C.HUB)
+    with pytest.raises(HfTaujpError, match="unknown task"):
+        C.negation_control_task("svhn9", tasks, with_control)
+    with pytest.raises(HfTaujpError, match="'cars' has no data"):
+        C.negation_control_task("cars", tasks, with_control)
+    # the shared kit holds only the two targets: no held-out task, and run_clip says so before loading anything
+    with pytest.raises(HfTaujpError, match="held out of the targets"):
+        C.run_clip(C.TINY, tasks, data_dir=SHARED_DATA)
+    with pytest.raises(HfTaujpError, match="also a target task"):
+        C.run_clip(C.TINY, tasks, data_dir=SHARED_DATA, negation_control="fashion_mnist")
+
+
+def _fake_hub(monkeypatch, sets):
+    """datasets.load_dataset → the DatasetDicts in `sets` (by Hub id); records the calls; no network."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None, *a, **k):
+        calls.append((path, name))
+        if path not in sets:
+            raise AssertionError(f"unexpected dataset {path}")
+        return sets[path]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def _image_set(n, classes, split_names=("train", "test"), mode="L", size=(28, 28), seed=0):
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    return datasets.DatasetDict({s: datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(rng.integers(0, 256, (*size[::-1], 3) if mode == "RGB" else size[::-1],
+                                                dtype=np.uint8), mode) for _ in range(n)],
+         "label": [int(v) for v in rng.integers(0, classes, n)]}, features=feats) for s in split_names})
+
+
+def test_imagenet_lists_are_openai_clip_s():
+    from hf_taujp.recipes.imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
+
+    task = C.VISION_TASKS[C.IMAGENET]
+    assert task.hub_id == "ILSVRC/imagenet-1k" and task.test_split == "validation"
+    assert task.classnames == IMAGENET_CLASSNAMES and task.templates == IMAGENET_TEMPLATES
+    assert len(IMAGENET_CLASSNAMES) == 1000 and len(IMAGENET_TEMPLATES) == 80
+    assert (IMAGENET_CLASSNAMES[0], IMAGENET_CLASSNAMES[1], IMAGENET_CLASSNAMES[999]) == ("tench", "goldfish", "toilet paper")
+    assert IMAGENET_TEMPLATES[0] == "a bad photo of a {c}." and all("{c}" in t for t in IMAGENET_TEMPLATES)
+
+
+def test_online_run_negates_against_imagenet(tmp_path, monkeypatch):
+    """The online code path (`data_dir="hub"`) on small local fake datasets: the default control is ImageNet,
+    loaded by its Hub id with its validation split as the test split, never trained, and every target is negated.
+    (The 1000 × 80 head costs ~13 s on the tiny CLIP here: the control's class list is cut to 7, its labels < 7.)"""
+    import dataclasses
+
+    imagenet = C.VISION_TASKS[C.IMAGENET]
+    monkeypatch.setitem(C.VISION_TASKS, C.IMAGENET, dataclasses.replace(
+        imagenet, classnames=imagenet.classnames[:7], templates=imagenet.templates[:3]))
+    calls = _fake_hub(monkeypatch, {
+        "ylecun/mnist": _image_set(24, 10, seed=1),
+        "zalando-datasets/fashion_mnist": _image_set(24, 10, seed=2),
+        "ILSVRC/imagenet-1k": _image_set(12, 7, ("train", "validation", "test"), mode="RGB", size=(40, 30), seed=3)})
+    out = str(tmp_path / "run")
+    r = C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, methods="linear", output_dir=out, steps=1,
+                   batch_size=4, warmup_steps=0, alphas=(0.0, 1.0), shape_alphas=(), eval_batch_size=64,
+                   matrix_examples=4)
+    assert ("ILSVRC/imagenet-1k", None) in calls
+    ctrl = r["negation_control"]
+    assert ctrl["name"] == "imagenet" and ctrl["classnames"] == list(imagenet.classnames[:7])
+    assert r["sizes"]["imagenet"] == {"train": 0, "val": 3, "test": 12, "train_used": 0}  # never trained
+    assert "imagenet" not in r["tasks"] and sorted(r["negation"]["linear FT"]) == ["fashion_mnist", "mnist"]
+    for neg in r["negation"]["linear FT"].values():
+        assert neg["base"]["test"]["control"] == pytest.approx(ctrl["zero_shot"])
+    heads = json.load(open(os.path.join(out, "zero_shot_heads.json")))
+    assert heads["imagenet"]["hub_id"] == "ILSVRC/imagenet-1k" and len(heads["imagenet"]["templates"]) == 3
+    assert sorted(os.listdir(os.path.join(out, "task_vectors", "linear"))) == ["fashion_mnist", "mnist"]
+
+
+def _no_model(monkeypatch):
+    def load_clip(*a, **k):
+        raise AssertionError("the model was loaded: the bad input was not caught before training")
+
+    monkeypatch.setattr(C, "load_clip", load_clip)
+
+
+def test_bad_data_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import datasets
+    from clip_offline import offline_data_dir, write_fake_task
+
+    _no_model(monkeypatch)
+    data = offline_data_dir(tmp_path, SHARED_DATA, held_out=None)
+    # offline: channels-first images, labels beyond the class names, no folder for the control
+    write_fake_task(os.path.join(data, "svhn"), 20, 6, shape=(3, 28, 28))
+    with pytest.raises(HfTaujpError, match=r"images of shape \(20, 3, 28, 28\)"):
+        C.run_clip(C.TINY, "mnist,svhn", data_dir=data, negation_control="none")
+    write_fake_task(os.path.join(data, "svhn"), 20, 6, classes=12)
+    with pytest.raises(HfTaujpError, match="outside the 10 class names"):
+        C.run_clip(C.TINY, "mnist,svhn", data_dir=data, negation_control="none")
+    with pytest.raises(HfTaujpError, match="no folder"):
+        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=data, negation_control="gtsrb")
+    # online: a dataset without the expected split; RGBA arrays (4 channels); empty image
+    bad = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [np.zeros((4, 4), np.uint8)] * 8,
+                                                                     "label": [0] * 8})})
+    _fake_hub(monkeypatch, {"ylecun/mnist": _image_set(24, 10), "zalando-datasets/fashion_mnist": bad})
+    with pytest.raises(HfTaujpError, match="has no split 'test'"):
+        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, negation_control="none")
+    for image, problem in ((np.zeros((8, 8, 4), np.uint8), r"\(8, 8, 4\)"), (np.zeros((0, 8), np.uint8), r"\(0,\)")):
+        rgba = datasets.DatasetDict({s: datasets.Dataset.from_dict({"image": [image] * 8, "label": [1] * 8})
+                                     for s in ("train", "test")})
+        _fake_hub(monkeypatch, {"ylecun/mnist": _image_set(24, 10), "zalando-datasets/fashion_mnist": rgba})
+        with pytest.raises(HfTaujpError, match="task 'fashion_mnist', .* images, row 0: image of shape " + problem):
+            C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, negation_control="none")
 
 
 def test_class_names_missing(tiny, monkeypatch):
@@ -247,8 +374,11 @@ def test_read_idx_rejects_other_files(tmp_path):
 # ------------------------------------------------------------------------------------ end to end
 @needs_data
 def test_recipe_end_to_end_tiny_clip(tmp_path):
+    from clip_offline import offline_data_dir
+
+    data = offline_data_dir(tmp_path, SHARED_DATA)  # + "svhn": fake RGB 32 × 32 images, the held-out control
     out = str(tmp_path / "run")
-    r = C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=SHARED_DATA, methods="nonlinear,linear,taujp",
+    r = C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=data, methods="nonlinear,linear,taujp",
                    output_dir=out, steps=2, batch_size=8, learning_rate=1e-3, warmup_steps=1, max_train=40, max_test=16,
                    alphas=(0.0, 0.5, 1.0), shape_alphas=(1.5,), eval_batch_size=64, matrix_examples=8)
     for f in ("results.json", "results.md", "alpha_curves.png", "zero_shot_heads.safetensors", "zero_shot_heads.json"):
@@ -258,6 +388,7 @@ def test_recipe_end_to_end_tiny_clip(tmp_path):
     assert saved["sizes"]["mnist"]["train"] + saved["sizes"]["mnist"]["val"] == 40
     heads = json.load(open(os.path.join(out, "zero_shot_heads.json")))
     assert heads["fashion_mnist"]["classnames"][-1] == "ankle boot" and heads["mnist"]["templates"]
+    assert heads["svhn"]["templates"] == list(C.VISION_TASKS["svhn"].templates)  # the control's head is saved too
     from safetensors.torch import load_file
 
     clip, tok, _ = C.tiny_clip(seed=0)
@@ -281,11 +412,14 @@ def test_recipe_end_to_end_tiny_clip(tmp_path):
                 assert res[key]["norm"][t] == pytest.approx(want)
         assert res["best_alpha"] in (0.0, 0.5, 1.0)
         assert res["one_shot"]["alpha"] == 1.0 and len(res["taujp_matrix"]) == 2
-        neg = r["negation"][label]["mnist"]
-        assert neg["alpha"] in (0.0, 0.5, 1.0)
-        ok = [c for c in neg["curve"] if c["control"] >= 0.95 * neg["base"]["val"]["control"]]
-        assert neg["alpha"] in [c["alpha"] for c in ok if c["target"] == min(x["target"] for x in ok)]
-    assert "fashion_mnist" not in r["negation"]["linear FT"]  # the control is not negated
+        assert sorted(r["negation"][label]) == ["fashion_mnist", "mnist"]  # every target; the control is held out
+        for neg in r["negation"][label].values():
+            assert neg["alpha"] in (0.0, 0.5, 1.0)
+            ok = [c for c in neg["curve"] if c["control"] >= 0.95 * neg["base"]["val"]["control"]]
+            assert neg["alpha"] in [c["alpha"] for c in ok if c["target"] == min(x["target"] for x in ok)]
+            assert neg["base"]["test"]["control"] == pytest.approx(r["negation_control"]["zero_shot"])
+    assert r["negation_control"]["name"] == "svhn" and "svhn" not in r["tasks"]
+    assert not os.path.exists(os.path.join(out, "task_vectors", "linear", "svhn"))  # never trained
     assert r["table"][0]["method"] == "zero-shot θ0" and "norm (α=1)" in r["table"][0]
 
 

@@ -16,8 +16,9 @@
    authors' choice for vision (Yoshida et al. 2025), on the other tasks' training inputs; the τJp matrix
    is measured on held-out (test) inputs.
 4. task addition θ0 + α Σ_t τ_t (α = 1 and α chosen on validation over 0…1 step 0.05, ties → nearest 1)
-   and task negation θ0 − α τ_target (α minimising target accuracy on validation with control accuracy
-   ≥ 0.95 × the base's; offline the control is another task, e.g. target MNIST, control Fashion-MNIST),
+   and task negation θ0 − α τ_target for every target (α minimising target accuracy on validation with
+   control accuracy ≥ 0.95 × the base's; the control is held out of the targets and never fine-tuned:
+   ImageNet online, as the authors, a held-out task offline, :func:`negation_control_task`),
    absolute and normalized accuracy (merged / single-task accuracy of the same method), results table,
    JSON and α-curve PNG (:mod:`hf_taujp.recipes.report`).
 
@@ -25,20 +26,25 @@ Task vectors are keyed by the image tower's parameter names (`vision_model.*`, `
 the CLIPModel's own) and fingerprinted on it: they apply to `CLIPVisionModelWithProjection.from_pretrained(model)`
 (`TaskVector.apply_to`, `linear=True` for the linearized reading).
 
-Data: online through `datasets.load_dataset` (:data:`VISION_TASKS` lists one Hub id per task); the
+Data: online through `datasets.load_dataset` (:data:`VISION_TASKS` lists one Hub id per task, and ImageNet,
+`ILSVRC/imagenet-1k`, with OpenAI's 1000 class names and 80 templates, for the negation control); the
 validation split that chooses α is carved out of train (10%, ≤ 5000, seeded); results are on the test
 split. Offline: `data_dir` = a folder with `mnist/` and `fashion_mnist/` IDX `.gz` files (the original
-LeCun / Zalando layout). Images go through the model's own `CLIPImageProcessor` (resize, crop,
-normalise); grayscale is expanded to RGB first.
+LeCun / Zalando layout; any task can be stored as `<data_dir>/<task>/` in that layout). Images go through
+the model's own `CLIPImageProcessor` (resize, crop, normalise); grayscale is expanded to RGB first.
 
 Optimiser defaults are the authors' (task_vectors / tangent_task_arithmetic): AdamW lr 1e-5, weight
 decay 0.1, cosine schedule with 500 warm-up steps, grad clip 1, batch 128; τJp λ 0.1, reg batch 16
 (ratio 1/8), cyclic. `model="tiny"` builds a tiny random CLIP (tests, CI, the notebook's offline mode).
 
+Multi-GPU: `accelerate launch --num_processes N -m hf_taujp clip ...` (DDP; on a CPU-only machine add
+`--multi_gpu`: `--cpu` alone starts one process). `--batch-size` stays the global batch (each process takes
+1/N), so N processes train on the same batches as one; evaluation is split over the processes and
+all-gathered; only the main process writes files (see :func:`run_clip`).
+
 Differences from the authors' runs, on purpose or not yet done: τJp regularizes on the other tasks' *training*
-inputs (theirs: validation inputs plus ImageNet; here validation chooses α, so it stays unseen); negation's control
-is one of the tasks (ImageNet, their control, is not wired in); a fixed number of steps per task rather than
-their per-dataset epochs.
+inputs (theirs: validation inputs plus ImageNet; here validation chooses α, so it stays unseen); a fixed
+number of steps per task rather than their per-dataset epochs.
 """
 
 from __future__ import annotations
@@ -62,13 +68,14 @@ from ..hub import HfTaujpError
 from ..linearize import LinearizedModule, linearized_forward
 from ..task_vector import fingerprint
 from .glue import SHAPE_ALPHAS, _rows, _threads, _weights_of
+from .imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 from .report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, per_task_rows, write_report
 from .runner import METHODS, Method, finetune, parse_methods
 from .tasks import split_train_val
 
-__all__ = ["VisionTask", "VISION_TASKS", "TINY", "run_clip", "zero_shot_head", "ZeroShotCLIP", "ZeroShotOutput",
-           "ImageCollator", "load_clip", "tiny_clip", "load_vision_task", "read_idx", "to_rgb", "finetune_clip",
-           "main", "add_arguments"]
+__all__ = ["VisionTask", "VISION_TASKS", "TINY", "IMAGENET", "run_clip", "negation_control_task", "check_images",
+           "zero_shot_head", "ZeroShotCLIP", "ZeroShotOutput", "ImageCollator", "load_clip", "tiny_clip",
+           "load_vision_task", "read_idx", "to_rgb", "finetune_clip", "main", "add_arguments"]
 
 TINY = "tiny"
 HUB = "hub"
@@ -97,7 +104,9 @@ class VisionTask:
     """One image-classification task: where its data lives and how its zero-shot head is built.
 
     `classnames=None` reads them from the dataset's `ClassLabel` feature (underscores → spaces).
-    `idx_dir`: the offline folder name holding `train-images-idx3-ubyte.gz` etc. (None: online only).
+    `idx_dir`: the offline folder (under `data_dir`) holding `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`,
+    `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz` (LeCun's MNIST layout; images (N, H, W) or
+    (N, H, W, 1 | 3) uint8); None = the task's name.
     """
 
     name: str
@@ -113,6 +122,9 @@ class VisionTask:
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+    def offline_dir(self, data_dir: str) -> str:
+        return os.path.join(data_dir, self.idx_dir or self.name)
 
 
 _FASHION = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -130,7 +142,12 @@ VISION_TASKS: dict[str, VisionTask] = {
     "gtsrb": VisionTask("gtsrb", "tanganke/gtsrb", TEMPLATES["gtsrb"]),
     "resisc45": VisionTask("resisc45", "tanganke/resisc45", TEMPLATES["resisc45"]),
     "sun397": VisionTask("sun397", "tanganke/sun397", TEMPLATES["sun397"]),
+    # The negation control of Ilharco et al. (2023) (never fine-tuned there): ILSVRC/imagenet-1k is the Hub's
+    # ImageNet-1k (gated: accept its terms and log in); its test split has no labels, so "validation" is the test.
+    "imagenet": VisionTask("imagenet", "ILSVRC/imagenet-1k", IMAGENET_TEMPLATES, IMAGENET_CLASSNAMES,
+                           test_split="validation"),
 }
+IMAGENET = "imagenet"
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -156,26 +173,32 @@ def load_vision_task(task: VisionTask, data_dir: str = HUB, *, max_train: int | 
                      max_test: int | None = None, seed: int = 0) -> dict:
     """`{"train": [(image, label)], "test": [...], "classnames": [...]}` of one task.
 
-    data_dir: "hub" (`datasets.load_dataset(task.hub_id, task.hub_config)`) or a folder with `<task.idx_dir>/`
-    IDX files (offline MNIST / Fashion-MNIST).
+    data_dir: "hub" (`datasets.load_dataset(task.hub_id, task.hub_config)`) or a folder with
+    `<task.idx_dir or task.name>/` IDX files (offline MNIST / Fashion-MNIST, or any task stored in that layout).
     max_train, max_test: seeded subsamples (rows in dataset order), taken before images are decoded.
-    Raises HfTaujpError: no offline files for the task, a dataset without the expected split or columns,
-    no class names (neither built in nor a `ClassLabel` feature).
+    Raises HfTaujpError: no offline folder for the task, a dataset without the expected split or columns, an
+    empty split, no class names (neither built in nor a `ClassLabel` feature), images that are neither
+    (H, W) nor (H, W, 1 | 3) (IDX files; Hub images are checked when used, see :func:`check_images`).
     """
     if data_dir != HUB:
-        if task.idx_dir is None:
-            raise HfTaujpError(f"task {task.name!r} has no offline IDX data; use --data-dir hub")
-        d = os.path.join(data_dir, task.idx_dir)
+        d = task.offline_dir(data_dir)
+        if not os.path.isdir(d):
+            raise HfTaujpError(f"task {task.name!r} has no offline data: no folder {d!r} with IDX files "
+                               "(use --data-dir hub, or store the task there in LeCun's MNIST layout)")
         out = {}
         for split, prefix in (("train", "train"), ("test", "t10k")):
             x = read_idx(os.path.join(d, f"{prefix}-images-idx3-ubyte.gz"))
             y = read_idx(os.path.join(d, f"{prefix}-labels-idx1-ubyte.gz"))
-            if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            if y.ndim != 1 or len(x) != len(y):
                 raise HfTaujpError(f"{d}: {prefix} images {x.shape} and labels {y.shape} do not match")
+            if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3))) or 0 in x.shape[1:]:
+                raise HfTaujpError(f"{d}: {prefix} images of shape {x.shape}: expected (N, H, W) or (N, H, W, 1 | 3)")
+            if not len(y):
+                raise HfTaujpError(f"{d}: the {split} split is empty")
             keep = _rows(range(len(y)), max_train if split == "train" else max_test, seed)
             out[split] = [(x[j], int(y[j])) for j in keep]
         if task.classnames is None:
-            raise HfTaujpError(f"class names missing for task {task.name!r}")
+            raise HfTaujpError(f"class names missing for task {task.name!r}: give VisionTask(classnames=...)")
         out["classnames"] = list(task.classnames)
         return out
     import datasets
@@ -184,6 +207,8 @@ def load_vision_task(task: VisionTask, data_dir: str = HUB, *, max_train: int | 
     for split in (task.train_split, task.test_split):
         if split not in ds:
             raise HfTaujpError(f"dataset {task.hub_id!r} has no split {split!r} (splits: {list(ds)})")
+        if not len(ds[split]):
+            raise HfTaujpError(f"dataset {task.hub_id!r}: the {split!r} split is empty")
         missing = [c for c in (task.image_column, task.label_column) if c not in ds[split].column_names]
         if missing:
             raise HfTaujpError(f"dataset {task.hub_id!r}[{split}] has no column(s) {missing} "
@@ -202,19 +227,40 @@ def load_vision_task(task: VisionTask, data_dir: str = HUB, *, max_train: int | 
     return out
 
 
+def _image_problem(image) -> str | None:
+    """Why `image` cannot go to the image processor (None when it can), without decoding it: PIL images of
+    any mode and size > 0; arrays (H, W), (H, W, 1) or (H, W, 3) channels-last with H, W > 0."""
+    if hasattr(image, "convert"):
+        return None if min(getattr(image, "size", (1, 1))) > 0 else f"empty PIL image of size {image.size}"
+    shape = tuple(image.shape) if isinstance(image, torch.Tensor) else np.shape(image)
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3))) or 0 in shape:
+        return (f"image of shape {shape}: expected (H, W), (H, W, 1) or (H, W, 3) channels-last with H, W > 0, "
+                "or a PIL image")
+    return None
+
+
+def check_images(images, what: str = "images") -> None:
+    """Raise HfTaujpError naming the first image that :func:`to_rgb` would refuse (shape / channel count);
+    sizes are the processor's business (it resizes and crops any H, W > 0). Cheap: no decoding."""
+    for i, im in enumerate(images):
+        problem = _image_problem(im)
+        if problem:
+            raise HfTaujpError(f"{what}, row {i}: {problem}")
+
+
 def to_rgb(image):
     """An image as RGB for the image processor: PIL images through `.convert("RGB")`; numpy / torch arrays
     (H, W), (H, W, 1) → channel repeated; (H, W, 3) kept.
 
     Raises HfTaujpError for arrays with another shape / channel count (e.g. RGBA arrays, (3, H, W))."""
+    problem = _image_problem(image)
+    if problem:
+        raise HfTaujpError(problem)
     if hasattr(image, "convert"):
         return image.convert("RGB")
     a = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if a.ndim == 2:
         a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 3):
-        raise HfTaujpError(f"image of shape {tuple(a.shape)}: expected (H, W), (H, W, 1) or (H, W, 3) channels-last, "
-                           "or a PIL image")
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
 
 
@@ -413,28 +459,127 @@ def finetune_clip(clf: ZeroShotCLIP, method: Method, train_dataset, args, *, dat
     return tv, stats
 
 
+# ------------------------------------------------------------------------------------ processes
+def _world() -> tuple[int, int]:
+    """(number of processes, rank of this one) of the running `torch.distributed` job, (1, 0) outside one.
+
+    Under `accelerate launch --num_processes N` / torchrun the Trainer's arguments start the process group
+    (:func:`run_clip` builds its `TauJpConfig` before any evaluation)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N·n, ...): the equal-shaped (n, ...) tensors of all N processes, concatenated in rank order."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _world()[0] > 1:
+        dist.barrier()
+
+
 # ------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def _embed(encoder, pixels: torch.Tensor, batch_size: int, tangents: Mapping | None = None):
-    """f(x) (N, D), or (f(x; θ0), J f(x; θ0)·τ) with `tangents` — one jvp per batch."""
+    """f(x) (N, D), or (f(x; θ0), J f(x; θ0)·τ) with `tangents` — one jvp per batch.
+
+    Under DDP (N processes) process r embeds rows [r·s, (r+1)·s), s = ceil(N_rows / N) (the last row repeated
+    so every share has s rows: every process joins the same collectives, none waits on a shorter one), and
+    the shares are all-gathered: every process returns the same full (N_rows, D) result, computed once."""
+    world, rank = _world()
+    n = len(pixels)
+    if world == 1 or n == 0:
+        out = _embed_local(encoder, pixels, batch_size, tangents)
+        return out.cpu() if tangents is None else tuple(t.cpu() for t in out)
+    share = -(-n // world)
+    if share * world > n:
+        pixels = torch.cat([pixels, pixels[-1:].expand(share * world - n, *pixels.shape[1:])])
+    out = _embed_local(encoder, pixels[rank * share:(rank + 1) * share], batch_size, tangents)
+    if tangents is None:
+        return _all_gather_rows(out)[:n].cpu()
+    return tuple(_all_gather_rows(t)[:n].cpu() for t in out)
+
+
+def _embed_local(encoder, pixels: torch.Tensor, batch_size: int, tangents: Mapping | None = None):
+    """:func:`_embed` on this process's rows, results on the encoder's device (float32)."""
     dev = next(encoder.parameters()).device
     params = dict(encoder.named_parameters())
     outs, tans = [], []
     for i in range(0, len(pixels), batch_size):
         x = pixels[i:i + batch_size].to(dev)
         if tangents is None:
-            outs.append(encoder(pixel_values=x).image_embeds.float().cpu())
+            outs.append(encoder(pixel_values=x).image_embeds.float())
         else:
             p, t = linearized_forward(encoder, {k: params[k] for k in tangents}, tangents, (), {"pixel_values": x})
-            outs.append(p.image_embeds.float().cpu())
-            tans.append(t.image_embeds.float().cpu())
+            outs.append(p.image_embeds.float())
+            tans.append(t.image_embeds.float())
     return torch.cat(outs) if tangents is None else (torch.cat(outs), torch.cat(tans))
+
+
+def _taujp_matrix(encoder, vectors: Mapping, heldout: Mapping, batch_size: int) -> list[list[float]]:
+    """:func:`hf_taujp.evaluation.taujp_matrix` rows (one per task vector, on `image_embeds`); under DDP row i
+    is computed by process i mod N and the rows are all-gathered (every process returns the whole matrix)."""
+    world, rank = _world()
+    names = list(vectors)
+    mine = [i for i in range(len(names)) if i % world == rank]
+    rows = taujp_matrix(encoder, {names[i]: vectors[names[i]] for i in mine}, heldout, output="image_embeds",
+                        batch_size=batch_size)["matrix"] if mine else []
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, list(zip(mine, rows)))
+    got = dict(pair for part in parts for pair in part)
+    return [got[i] for i in range(len(names))]
 
 
 def _accuracy(clf: ZeroShotCLIP, task_id: int, emb: torch.Tensor, gold: torch.Tensor) -> float:
     ids = torch.full((emb.shape[0],), task_id, dtype=torch.long)
     dev = clf.heads.device
     return float((clf.classify(emb.to(dev), ids.to(dev)).argmax(-1).cpu() == gold).float().mean())
+
+
+def negation_control_task(control: str | None, tasks: Sequence[str], data_dir: str = HUB) -> str | None:
+    """The control task of negation, held out of the target `tasks` (never fine-tuned), or None for "none".
+
+    Default (None): online (`data_dir="hub"`) ImageNet (:data:`IMAGENET`, Ilharco et al. 2023's control);
+    offline the first task of :data:`VISION_TASKS` that is not a target and has a folder in `data_dir`.
+    Raises HfTaujpError: an unknown task, a control that is also a target task, a control without data
+    (offline: no folder; the default when no held-out task has one).
+    """
+    if control == "none":
+        return None
+    if control is None:
+        if data_dir == HUB:
+            control = IMAGENET
+        else:
+            held_out = [n for n, t in VISION_TASKS.items() if n not in tasks and os.path.isdir(t.offline_dir(data_dir))]
+            if not held_out:
+                raise HfTaujpError(
+                    f"task negation needs a control task held out of the targets {list(tasks)}, and no other task has "
+                    f"offline data in {data_dir!r} (a <task>/ folder of IDX files): add one, name one with "
+                    "--negation-control, or skip negation with --negation-control none")
+            control = held_out[0]
+    if control not in VISION_TASKS:
+        raise HfTaujpError(f"--negation-control {control!r}: unknown task; known: {sorted(VISION_TASKS)} (or 'none')")
+    if control in tasks:
+        raise HfTaujpError(f"--negation-control {control!r} is also a target task {list(tasks)}: the control must be "
+                           f"held out (default: {IMAGENET} online, a held-out task offline; 'none' skips negation)")
+    if data_dir != HUB and not os.path.isdir(VISION_TASKS[control].offline_dir(data_dir)):
+        raise HfTaujpError(f"--negation-control {control!r} has no data: no folder "
+                           f"{VISION_TASKS[control].offline_dir(data_dir)!r} of IDX files (or 'none' skips negation)")
+    return control
 
 
 def run_clip(
@@ -472,17 +617,25 @@ def run_clip(
         tasks: names in :data:`VISION_TASKS` (≥ 2, distinct).
         data_dir: "hub" or a folder with `mnist/`, `fashion_mnist/` IDX files.
         steps, batch_size, learning_rate, weight_decay, warmup_steps, max_grad_norm: AdamW + cosine per task
-            and method (the authors' defaults).
+            and method (the authors' defaults). `batch_size` is the global batch: under DDP each of the N
+            processes takes batch_size / N images per step (so N processes train on the same batches as one).
         taujp_lambda, taujp_mode, taujp_batch_ratio: the penalty on `image_embeds` (TauJpConfig fields).
-        negation_control: the control task of negation (one of `tasks`; default the last); every other task
-            is negated in turn. "none" skips negation.
+        negation_control: the control task of negation, held out of `tasks` (:func:`negation_control_task`:
+            default ImageNet online, the first held-out task with data offline); every task is negated in turn.
+            "none" skips negation.
         max_train, max_test: seeded subsamples per task (None = all); validation = `val_fraction` of train, ≤ `max_val`.
             Memory: the validation and test images are kept preprocessed (3 × H × W float32 each: 0.6 MB at 224²,
             e.g. 12 GB for SUN397's ~20k test images), and the used training images are kept decoded:
             bound both with `max_train` / `max_test` on large datasets.
         alphas: the α grid of addition and negation; `shape_alphas` are plotted, never chosen.
-    Raises HfTaujpError for bad input (unknown task / method, < 2 tasks, bad control, missing data or
-    class names), before any training.
+    Raises HfTaujpError for bad input (unknown task / method, < 2 tasks, bad control, missing data, splits or
+    class names, labels outside the class names, images of another shape / channel count, a batch size that
+    the processes do not divide), before any training.
+
+    Multi-GPU (DDP): run the same call under `accelerate launch --num_processes N` (or torchrun). Training is
+    the Trainer's DDP; every process ends with the same task vectors; evaluation is split over the processes
+    (:func:`_embed` rows, τJp matrix rows) and all-gathered, so every process returns the same results; only
+    the main process writes files, and all processes return after its writes.
     """
     t_start = time.time()
     method_list = parse_methods(methods)
@@ -492,14 +645,11 @@ def run_clip(
         raise HfTaujpError(f"unknown task(s) {unknown}; known: {sorted(VISION_TASKS)}")
     if len(task_names) < 2 or len(set(task_names)) != len(task_names):
         raise HfTaujpError(f"--tasks needs at least 2 distinct tasks (τJp regularizes on the others), got {task_names}")
-    if negation_control is None:
-        negation_control = task_names[-1]
-    if negation_control != "none" and negation_control not in task_names:
-        raise HfTaujpError(f"--negation-control {negation_control!r} must be one of the tasks {task_names} (or 'none')")
     if not alphas:
         raise HfTaujpError("the α grid is empty")
     if data_dir != HUB and not os.path.isdir(data_dir):
         raise HfTaujpError(f"--data-dir {data_dir!r}: no such folder (use 'hub' or a folder with mnist/, fashion_mnist/)")
+    control = negation_control_task(negation_control, task_names, data_dir)
     if push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -507,37 +657,69 @@ def run_clip(
             validate_repo_id(push_to_hub)
         except HFValidationError as e:
             raise HfTaujpError(f"--push-to-hub {push_to_hub!r} is not a valid Hub repo id: {e}") from e
-    # ---- data (all checks before the model is loaded)
+    from ..trainer import TauJpConfig
+
+    # The Trainer's arguments, built first: under `accelerate launch` / torchrun they start the process group,
+    # and their device (cuda:<local rank>, or cpu) is where evaluation runs too.
+    args_common = dict(learning_rate=learning_rate, max_steps=steps, weight_decay=weight_decay,
+                       lr_scheduler_type="cosine", warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+                       optim="adamw_torch", logging_steps=max(1, steps // 4), save_strategy="no", report_to="none",
+                       seed=seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+                       taujp_lambda=taujp_lambda, taujp_mode=taujp_mode, taujp_batch_ratio=taujp_batch_ratio,
+                       taujp_output="image_embeds", disable_tqdm=True)
+    probe = TauJpConfig(output_dir=os.path.join(output_dir, "runs"), **args_common)
+    world, device, is_main = probe.world_size, probe.device, probe.process_index == 0
+    if batch_size < 1 or batch_size % world:
+        raise HfTaujpError(f"--batch-size {batch_size} is the global batch: it must be a positive multiple of the "
+                           f"{world} processes")
+    per_device = batch_size // world
+    args_common["per_device_train_batch_size"] = per_device
+    say = print if is_main else (lambda *a, **k: None)
+    # ---- data (all checks before the model is loaded; the main process downloads first, the others read its cache)
     rows, classnames = {}, {}
-    for i, name in enumerate(task_names):
-        data = load_vision_task(VISION_TASKS[name], data_dir, max_train=max_train, max_test=max_test, seed=seed + i)
-        train = data["train"]
-        n = len(train)
-        train, val = split_train_val(train, fraction=val_fraction, max_size=max_val, min_size=min(32, max(1, n // 4)),
-                                     seed=seed + i)
-        rows[name] = {"train": train, "val": val, "test": data["test"]}
-        classnames[name] = data["classnames"]
-        bad = sorted({y for s in rows[name].values() for _, y in s if not 0 <= y < len(classnames[name])})
-        if bad:
-            raise HfTaujpError(f"task {name!r}: labels {bad[:5]} outside the {len(classnames[name])} class names")
+    with probe.main_process_first(local=True, desc="datasets"):
+        for i, name in enumerate([*task_names, *([control] if control else [])]):
+            try:
+                data = load_vision_task(VISION_TASKS[name], data_dir, max_train=max_train, max_test=max_test,
+                                        seed=seed + i)
+            except HfTaujpError as e:
+                if name != control:
+                    raise
+                raise HfTaujpError(f"negation control {name!r}: {e} (choose another with --negation-control, or "
+                                   "'none')") from e
+            train = data["train"]
+            n = len(train)
+            train, val = split_train_val(train, fraction=val_fraction, max_size=max_val,
+                                         min_size=min(32, max(1, n // 4)), seed=seed + i)
+            rows[name] = {"train": train if name != control else [], "val": val, "test": data["test"]}
+            classnames[name] = data["classnames"]
+            bad = sorted({y for s in rows[name].values() for _, y in s if not 0 <= y < len(classnames[name])})
+            if bad:
+                raise HfTaujpError(f"task {name!r}: labels {bad[:5]} outside the {len(classnames[name])} class names")
+    eval_names = [*task_names, *([control] if control else [])]
+    n_used = steps * batch_size
+    used = {n: _rows(rows[n]["train"], n_used, seed + 100 + i) for i, n in enumerate(task_names)}
+    for n in eval_names:  # wrong channel counts / empty images fail here, not in the middle of training
+        for s, part in (("train", used.get(n, [])), ("val", rows[n]["val"]), ("test", rows[n]["test"])):
+            check_images((x for x, _ in part), f"task {n!r}, {s} images")
     # ---- model and heads
-    print(f"[hf-taujp clip] loading {model}")
-    clip, tokenizer, processor = load_clip(model, seed=seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the Trainer's choice, for evaluation too
+    say(f"[hf-taujp clip] loading {model} ({world} process{'es' if world > 1 else ''}, {per_device} images each per step)")
+    with probe.main_process_first(local=True, desc="model"):
+        clip, tokenizer, processor = load_clip(model, seed=seed)
     clip.to(device)
-    heads = {n: zero_shot_head(clip, tokenizer, classnames[n], VISION_TASKS[n].templates) for n in task_names}
+    heads = {n: zero_shot_head(clip, tokenizer, classnames[n], VISION_TASKS[n].templates) for n in eval_names}
     encoder = image_encoder(clip)
-    clf = ZeroShotCLIP(encoder, heads).to(device).eval()
+    clf = ZeroShotCLIP(encoder, {n: heads[n] for n in task_names}).to(device).eval()  # trained: target heads only
+    eval_clf = ZeroShotCLIP(encoder, heads).to(device).eval()  # + the control's head (task id = position)
     del clip.text_model  # the text tower is done once the heads exist
     model_name = getattr(clip.config, "_name_or_path", None) or str(model)
     fp = fingerprint(encoder)
     collator = ImageCollator(processor)
-    tid = {n: i for i, n in enumerate(task_names)}
-    n_used = steps * batch_size
+    tid = {n: i for i, n in enumerate(eval_names)}
     train_rows, pix, gold = {}, {}, {}
-    for i, n in enumerate(task_names):
-        used = _rows(rows[n]["train"], n_used, seed + 100 + i)
-        train_rows[n] = [{"image": x, "labels": y, "task_ids": tid[n]} for x, y in used]
+    for n in task_names:
+        train_rows[n] = [{"image": x, "labels": y, "task_ids": tid[n]} for x, y in used[n]]
+    for n in eval_names:
         for s in ("val", "test"):
             pix[(n, s)] = torch.cat([collator.pixels([x for x, _ in rows[n][s][j:j + 512]])
                                      for j in range(0, len(rows[n][s]), 512)])
@@ -545,58 +727,58 @@ def run_clip(
     emb0 = {k: _embed(encoder, v, eval_batch_size) for k, v in pix.items()}  # f(x; θ0), shared by every method
 
     def acc(n, s, emb):
-        return _accuracy(clf, tid[n], emb, gold[(n, s)])
+        return _accuracy(eval_clf, tid[n], emb, gold[(n, s)])
 
     zero_shot = {n: acc(n, "test", emb0[(n, "test")]) for n in task_names}
-    print("[hf-taujp clip] zero-shot test accuracy: " + ", ".join(f"{n} {v:.3f}" for n, v in zero_shot.items()))
-    from ..trainer import TauJpConfig
-
-    reg_bs = max(1, round(batch_size * taujp_batch_ratio))
-    args_common = dict(per_device_train_batch_size=batch_size, learning_rate=learning_rate, max_steps=steps,
-                       weight_decay=weight_decay, lr_scheduler_type="cosine", warmup_steps=warmup_steps,
-                       max_grad_norm=max_grad_norm, optim="adamw_torch", logging_steps=max(1, steps // 4),
-                       save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
-                       remove_unused_columns=False, taujp_lambda=taujp_lambda, taujp_mode=taujp_mode,
-                       taujp_batch_ratio=taujp_batch_ratio, taujp_output="image_embeds", disable_tqdm=True)
+    say("[hf-taujp clip] zero-shot test accuracy: " + ", ".join(f"{n} {v:.3f}" for n, v in zero_shot.items()))
+    probe.per_device_train_batch_size = per_device
+    reg_bs = probe.taujp_reg_batch_size  # per process: ceil(ratio × per-device batch)
     heldout = {n: [{"pixel_values": p} for p in pix[(n, "test")][:matrix_examples]] for n in task_names}
     results = {"model": model_name, "tasks": {n: {**VISION_TASKS[n].to_dict(), "classnames": classnames[n]}
                                               for n in task_names},
                "data": data_dir, "sizes": {n: {**{s: len(rows[n][s]) for s in ("train", "val", "test")},
-                                               "train_used": len(train_rows[n])} for n in task_names},
+                                               "train_used": len(used.get(n, []))} for n in eval_names},
                "splits": {"val": f"held out from train ({val_fraction:.0%}, ≤ {max_val}; chooses α)",
                           "test": "the dataset's test split (reported)"},
-               "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "weight_decay": weight_decay,
+               "steps": steps, "batch_size": batch_size, "num_processes": world, "per_device_batch_size": per_device,
+               "learning_rate": learning_rate, "weight_decay": weight_decay,
                "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm, "scheduler": "cosine",
                "taujp": {"lambda": taujp_lambda, "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
-                         "reg_batch_size": reg_bs, "output": "image_embeds",
-                         "regularization_inputs": "other tasks' training inputs"},
-               "zero_shot": zero_shot, "methods": {}, "negation": {}}
-    _save_heads(output_dir, heads, classnames, task_names)
+                         "reg_batch_size": reg_bs * world, "per_device_reg_batch_size": reg_bs,
+                         "output": "image_embeds", "regularization_inputs": "other tasks' training inputs"},
+               "zero_shot": zero_shot, "methods": {}, "negation": {},
+               "negation_control": None if control is None else {
+                   **VISION_TASKS[control].to_dict(), "classnames": classnames[control],
+                   "zero_shot": acc(control, "test", emb0[(control, "test")])}}
+    if is_main:
+        _save_heads(output_dir, heads, classnames, eval_names)
     for m in method_list:
         vectors, seconds = {}, []
         for n in task_names:
-            print(f"[hf-taujp clip] {m.label} on {n}")
+            say(f"[hf-taujp clip] {m.label} on {n}")
             args = TauJpConfig(output_dir=os.path.join(output_dir, "runs", m.name, n), **args_common)
             tv, stats = finetune_clip(
                 clf, m, train_rows[n], args, data_collator=collator,
                 regularization_datasets={o: train_rows[o] for o in task_names if o != n},
                 meta={"base_model": model_name, "base_fingerprint": fp, "task": n,
-                      "training": {"recipe": "clip", "head": "frozen zero-shot"}})
-            tv.save_pretrained(os.path.join(output_dir, "task_vectors", m.name.replace("+", "_"), n))
+                      "training": {"recipe": "clip", "head": "frozen zero-shot", "batch_size": batch_size,
+                                   "num_processes": world}})
+            if is_main:  # DDP keeps the processes' vectors equal; one writes them
+                tv.save_pretrained(os.path.join(output_dir, "task_vectors", m.name.replace("+", "_"), n))
             vectors[n] = tv
             seconds.append(stats["seconds_per_step"])
         res = _evaluate_addition(encoder, m, vectors, task_names, pix, emb0, acc, alphas, shape_alphas,
                                  eval_batch_size)
-        mat = taujp_matrix(encoder, vectors, heldout, output="image_embeds", batch_size=eval_batch_size)["matrix"]
+        mat = _taujp_matrix(encoder, vectors, heldout, eval_batch_size)
         off = [mat[i][j] for i in range(len(task_names)) for j in range(len(task_names)) if i != j]
         res["taujp_matrix"] = mat
         res["taujp_offdiag_mean"] = sum(off) / len(off)
         res["seconds_per_step"] = mean_defined(seconds)
         results["methods"][m.label] = res
-        if negation_control != "none":
-            results["negation"][m.label] = _evaluate_negation(encoder, m, vectors, task_names, negation_control,
+        if control:
+            results["negation"][m.label] = _evaluate_negation(encoder, m, vectors, task_names, control,
                                                               pix, acc, alphas, eval_batch_size)
-        print(f"[hf-taujp clip] {m.label}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
+        say(f"[hf-taujp clip] {m.label}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
     rows_ = addition_rows(results["methods"], zero_shot)
     if len(rows_) > 1:  # format_table takes its columns from the first row: the zero-shot row gets them all
         rows_[0] = {k: rows_[0].get(k) for k in rows_[1]}
@@ -611,23 +793,25 @@ def run_clip(
         "linear methods: linearized image encoder, non-linear head (normalize, then W) on its output",
         TAUJP_COLUMN_NOTE.replace("outputs", "image embeddings"),
         f"negation: θ0 − α τ_target, α minimising target accuracy (val) with control ≥ 0.95 × base control; "
-        f"control = {negation_control}",
+        f"control = {control or 'none (skipped)'}, a task held out of the targets",
     ]
     extra = [("Per-task normalized accuracy at α = 1 (test)", per_task_rows(results["methods"], task_names)),
              ("Per-task normalized accuracy at best α (test)", per_task_rows(results["methods"], task_names, "best"))]
     if neg_rows:
         extra.append(("Task negation (test; mean over targets)", neg_rows))
-    paths = write_report(output_dir, results, rows_, f"CLIP task addition ({model_name.split('/')[-1]})",
-                         results["methods"], extra_tables=extra, notes=notes)
-    print("\nTask addition (test split; α chosen on validation held out from train)\n" + format_table(rows_))
-    if neg_rows:
-        print("\nTask negation (test split)\n" + format_table(neg_rows))
-    if push_to_hub:
-        from .. import hub
+    if is_main:  # every process holds the same results (gathered evaluation); one writes them
+        paths = write_report(output_dir, results, rows_, f"CLIP task addition ({model_name.split('/')[-1]})",
+                             results["methods"], extra_tables=extra, notes=notes)
+        print("\nTask addition (test split; α chosen on validation held out from train)\n" + format_table(rows_))
+        if neg_rows:
+            print("\nTask negation (test split)\n" + format_table(neg_rows))
+        if push_to_hub:
+            from .. import hub
 
-        hub.push_folder_to_hub(os.path.join(output_dir, "task_vectors"), push_to_hub)
-        print(f"pushed task vectors to {push_to_hub}")
-    print(f"\nsaved: {paths['json']}, {paths['markdown']}, {paths['png']}, task vectors in {output_dir}/task_vectors/")
+            hub.push_folder_to_hub(os.path.join(output_dir, "task_vectors"), push_to_hub)
+            print(f"pushed task vectors to {push_to_hub}")
+        print(f"\nsaved: {paths['json']}, {paths['markdown']}, {paths['png']}, task vectors in {output_dir}/task_vectors/")
+    _barrier()  # when run_clip returns on any process, the main process has written everything
     return results
 
 
@@ -680,12 +864,11 @@ def _evaluate_addition(encoder, method, vectors, tasks, pix, emb0, acc, alphas, 
 
 
 def _evaluate_negation(encoder, method, vectors, tasks, control, pix, acc, alphas, bs) -> dict:
-    """θ0 − α τ_t for every task t ≠ control (:func:`hf_taujp.evaluation.evaluate_task_negation`), plus the
-    normalized target accuracy (negated / zero-shot) and control accuracy relative to the base."""
+    """θ0 − α τ_t for every target task t (:func:`hf_taujp.evaluation.evaluate_task_negation`; the control is held
+    out of the targets), plus the normalized target accuracy (negated / zero-shot) and control accuracy relative
+    to the base."""
     out = {}
     for t in tasks:
-        if t == control:
-            continue
 
         def eval_fn(model, which, split, t=t):
             n = t if which == "target" else control
@@ -725,7 +908,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="nonlinear,linear,taujp", help=f"comma list from {', '.join(METHODS)}")
     p.add_argument("--output-dir", default="hf_taujp_clip")
     p.add_argument("--steps", type=int, default=2000, help="training steps per task and method")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="global batch per step; under accelerate launch --num_processes N each process takes 1/N")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW peak learning rate (cosine schedule)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=500)
@@ -733,22 +917,33 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="taujp_lambda", type=float, default=0.1, help="τJp weight λ (penalty on image_embeds)")
     p.add_argument("--mode", dest="taujp_mode", default="cyclic", choices=["cyclic", "strict"])
     p.add_argument("--reg-ratio", dest="taujp_batch_ratio", type=float, default=0.125, help="reg batch / task batch (16/128)")
-    p.add_argument("--negation-control", default=None, help="control task of negation (default: the last task; 'none' skips)")
+    p.add_argument("--negation-control", default=None,
+                   help="control task of negation, held out of --tasks (default: imagenet with --data-dir hub, else the "
+                        "first other task with a folder in --data-dir; 'none' skips negation)")
     p.add_argument("--max-train", type=int, default=None, help="training rows per task (seeded subsample)")
     p.add_argument("--max-test", type=int, default=None, help="test rows per task (seeded subsample)")
     p.add_argument("--eval-batch-size", type=int, default=256)
     p.add_argument("--push-to-hub", default=None, metavar="REPO")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per two cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per process (0: the idle cores, shared by the processes on this machine)")
     return p
 
 
 def main(argv=None) -> dict:
     a = add_arguments(argparse.ArgumentParser(prog="hf-taujp clip", description=__doc__.split("\n")[0])).parse_args(argv)
-    torch.set_num_threads(_threads(a.threads))
-    return run_clip(a.model, a.tasks, data_dir=a.data_dir, methods=a.methods, output_dir=a.output_dir, steps=a.steps,
-                    batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
-                    warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, taujp_lambda=a.taujp_lambda,
-                    taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
-                    negation_control=a.negation_control, max_train=a.max_train, max_test=a.max_test,
-                    eval_batch_size=a.eval_batch_size, push_to_hub=a.push_to_hub, seed=a.seed)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # set by torchrun / accelerate launch
+    torch.set_num_threads(a.threads if a.threads > 0 else max(1, _threads(0) // max(1, local)))
+    results = run_clip(a.model, a.tasks, data_dir=a.data_dir, methods=a.methods, output_dir=a.output_dir, steps=a.steps,
+                       batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
+                       warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, taujp_lambda=a.taujp_lambda,
+                       taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
+                       negation_control=a.negation_control, max_train=a.max_train, max_test=a.max_test,
+                       eval_batch_size=a.eval_batch_size, push_to_hub=a.push_to_hub, seed=a.seed)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # the command's process ends here: leaving the group to interpreter shutdown can abort the process
+        # (seen with gloo: "terminate called without an active exception") after everything was written
+        dist.destroy_process_group()
+    return results
