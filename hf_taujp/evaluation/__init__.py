@@ -11,6 +11,8 @@
   et al. 2023 protocol).
 * `evaluate_task_negation`: θ0 − α τ_target, α minimising target accuracy subject to control accuracy
   ≥ 0.95 × the base model's control accuracy.
+* Both pick α with `hf_taujp.merging.search.select_coefficient`, the rule `search_coefficients` uses too
+  (ties to 1e-9 → α nearest 1 for addition, nearest 0 for negation; NaN scores never chosen).
 
 Results are plain dicts (JSON-serialisable); `format_table` prints them without pandas, `save_json`
 writes them atomically, `plot_alpha_curves` draws normalized accuracy against α (matplotlib).
