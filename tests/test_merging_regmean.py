@@ -92,3 +92,21 @@ def test_gpt2_conv1d_grams_mask_padding(tmp_path):
     with pytest.raises(MissingStatisticsError, match="no entry"):
         partial = {k: v for k, v in back.tensors.items() if "c_fc" not in k}
         merge(m, [tau, tau], "regmean", grams=[back, partial], progress=False)
+
+
+def test_gram_reads_a_list_of_examples_like_fisher_batches_it():
+    """A list of un-batched examples (plain values, no batched tensor) is batched here, the one data rule of
+    merging.statistics.example_batches: the Gram equals XᵀX / R over all rows, and max_examples cuts inside
+    a batch."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(7, 4, generator=g, dtype=D)
+    m = Tiny()
+    st = estimate_gram(m, [{"x": x.tolist(), "labels": 0} for x in X], batch_size=3, progress=False)
+    Xf = X.float().double()  # the collator builds float32 inputs
+    assert st.num_examples == 7
+    torch.testing.assert_close(st.tensors["lin.weight"].double(), Xf.T @ Xf / 7, rtol=1e-5, atol=1e-6)
+    st = estimate_gram(m, [{"x": x.tolist()} for x in X], batch_size=3, max_examples=4, progress=False)
+    assert st.num_examples == 4
+    torch.testing.assert_close(st.tensors["lin.weight"].double(), Xf[:4].T @ Xf[:4] / 4, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="needs dict batches"):
+        estimate_gram(m, [X], progress=False)
