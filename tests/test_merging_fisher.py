@@ -4,12 +4,13 @@ import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import GPT2ForSequenceClassification
 
 from hf_taujp import hub
 from hf_taujp.merging import MissingStatisticsError, merge
 from hf_taujp.merging.fisher import estimate_fisher
 from hf_taujp.merging.statistics import FisherStatistics
+from tests.tiny_models import tiny_gpt2, tiny_t5
 
 CFG = dict(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=16, attn_implementation="eager",
            bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -27,8 +28,7 @@ def _loop_fisher(model, examples, loglik):
 
 
 def test_causal_lm_padding_matches_loop():
-    torch.manual_seed(0)
-    m = GPT2LMHeadModel(GPT2Config(**CFG)).double().eval()
+    m = tiny_gpt2(seed=0, **CFG).double().eval()
     ids = torch.randint(1, 20, (4, 6))
     lengths = [6, 4, 6, 3]
     am = torch.zeros_like(ids)
@@ -50,8 +50,7 @@ def test_causal_lm_padding_matches_loop():
 
 
 def test_classification_matches_loop_and_sampling_uses_model():
-    torch.manual_seed(1)
-    m = GPT2ForSequenceClassification(GPT2Config(num_labels=3, **CFG)).double().eval()
+    m = tiny_gpt2(GPT2ForSequenceClassification, seed=1, num_labels=3, **CFG).double().eval()
     ids = torch.randint(1, 20, (5, 4))
     labels = torch.tensor([0, 2, 1, 1, 0])
     f = estimate_fisher(m, [{"input_ids": ids, "labels": labels}], empirical=True, progress=False)
@@ -92,8 +91,7 @@ def test_statistics_roundtrip_and_nan(tmp_path):
 
 
 def test_gradient_matching_end_to_end():
-    torch.manual_seed(2)
-    m = GPT2LMHeadModel(GPT2Config(**CFG)).eval()
+    m = tiny_gpt2(seed=2, **CFG).eval()
     ids = torch.randint(1, 20, (3, 5))
     f1 = estimate_fisher(m, [{"input_ids": ids}], progress=False, seed=1)
     f2 = estimate_fisher(m, [{"input_ids": ids[:2]}], progress=False, seed=2)
@@ -120,8 +118,7 @@ def test_gradient_matching_end_to_end():
 
 
 def test_sub_batches_and_seeded_sampling_are_consistent():
-    torch.manual_seed(3)
-    m = GPT2LMHeadModel(GPT2Config(**CFG)).double().eval()
+    m = tiny_gpt2(seed=3, **CFG).double().eval()
     ids = torch.randint(1, 20, (6, 5))
     data = [{"input_ids": ids}]
     whole = estimate_fisher(m, data, progress=False, seed=4)
@@ -137,11 +134,7 @@ def test_sub_batches_and_seeded_sampling_are_consistent():
 def test_seq2seq_t5_with_sdpa_and_padding_matches_loop():
     # default (SDPA) attention and padded encoder inputs: the mask fast paths and the fused kernel
     # must not break vmap; -100 labels and padded source tokens do not count
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(4)
-    m = T5ForConditionalGeneration(T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
-                                            decoder_start_token_id=0, pad_token_id=0)).double().eval()
+    m = tiny_t5(seed=4, vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1).double().eval()
     ids = torch.randint(1, 20, (3, 5))
     am = torch.ones_like(ids)
     am[2, 3:] = 0

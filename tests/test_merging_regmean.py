@@ -2,11 +2,11 @@
 linear weight equal the least-squares solution min_W Σ_t ‖X_t W − X_t W_t‖² computed by lstsq (float64)."""
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_taujp.merging import estimate_gram, merge
 from hf_taujp.merging.methods import MissingStatisticsError, regmean
 from hf_taujp.merging.statistics import GramStatistics
+from tests.tiny_models import GPT2_MINI, tiny_gpt2
 
 D = torch.float64
 
@@ -63,8 +63,7 @@ def test_off_diagonal_scaling_and_conv1d_layout():
 
 
 def test_gpt2_conv1d_grams_mask_padding(tmp_path):
-    torch.manual_seed(0)
-    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=30, n_positions=16)).double().eval()
+    m = tiny_gpt2(seed=0, **{**GPT2_MINI, "n_positions": 16}).double().eval()
     ids = torch.randint(0, 30, (3, 5))
     am = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
     st = estimate_gram(m, [{"input_ids": ids, "attention_mask": am}], progress=False, base=m)
