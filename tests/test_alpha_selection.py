@@ -9,6 +9,7 @@ from hf_taujp.errors import HfTaujpError
 from hf_taujp.evaluation import _addition_protocol, evaluate_task_negation
 from hf_taujp.merging import search_coefficients, select_coefficient
 from hf_taujp.task_vector import TaskVector
+from tests.tiny_models import Scalar
 
 NAN = float("nan")
 
@@ -105,12 +106,6 @@ def test_addition_falls_back_to_the_absolute_mean_when_no_normalized_score_exist
 
 
 # ------------------------------------------------------------------------------ negation follows it
-class Scalar(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-
 def _negation(target, control, alphas):
     """evaluate_task_negation on fixed tables {α: accuracy}; θ0 − α τ with τ = 1 puts w = −α."""
     def eval_fn(model, task, split):

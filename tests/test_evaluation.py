@@ -20,6 +20,7 @@ from hf_taujp.evaluation import (
     taujp_matrix,
 )
 from hf_taujp.task_vector import TaskVector
+from tests.tiny_models import Scalar
 from tests.tiny_models import tiny_bert as _tiny_bert
 
 
@@ -83,12 +84,6 @@ def test_disentanglement_error_matches_direct_count():
     want = float((pred(both, d1) != pred(dict(tv1.items()), d1)).float().mean()
                  + (pred(both, d2) != pred(dict(tv2.items()), d2)).float().mean())
     assert res["xi"][1][1] == pytest.approx(want)
-
-
-class Scalar(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
 
 
 def test_task_addition_picks_alpha_on_validation_and_normalizes():

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from hf_taujp.task_vector import TaskVector
-from tests.hub_server import OlahMirror
 from tests.tiny_models import tiny_gpt2
 
 CLIENT = """
@@ -19,12 +18,6 @@ tv = TaskVector.from_pretrained({repo!r}, revision={rev!r})
 save_file({{k: v.contiguous() for k, v in tv.items()}}, {out!r})
 print(json.dumps(tv.metadata()))
 """
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with OlahMirror(tmp_path_factory.mktemp("olah")) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

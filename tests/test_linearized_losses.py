@@ -21,7 +21,7 @@ from hf_taujp.hub import HfTaujpError
 from hf_taujp.linearize import LOSS_KEYS, linearize
 from hf_taujp.task_vector import TaskVector
 from hf_taujp.tuners.linearized import LinearizedConfig
-from tests.tiny_models import tiny_bert, tiny_clip, tiny_gpt2, tiny_t5
+from tests.tiny_models import random_tau, tiny_bert, tiny_clip, tiny_gpt2, tiny_t5
 
 
 def gpt2(**kw):
@@ -30,13 +30,6 @@ def gpt2(**kw):
 
 def t5():
     return tiny_t5().eval()
-
-
-def random_tau(pm, scale=0.05, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    tau = {n: scale * torch.randn(t.shape, generator=g) for n, t in pm.base_model.get_tangents().items()}
-    pm.base_model.set_tangents(tau)
-    return tau
 
 
 def own_loss(model, head: str, head_out, **inputs):

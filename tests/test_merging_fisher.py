@@ -10,21 +10,11 @@ from hf_taujp import hub
 from hf_taujp.merging import MissingStatisticsError, merge
 from hf_taujp.merging.fisher import estimate_fisher
 from hf_taujp.merging.statistics import FisherStatistics
+from tests.references import loop_fisher
 from tests.tiny_models import tiny_gpt2, tiny_t5
 
 CFG = dict(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=16, attn_implementation="eager",
            bos_token_id=0, eos_token_id=0, pad_token_id=0)
-
-
-def _loop_fisher(model, examples, loglik):
-    """Reference: one example at a time, ordinary backward, mean of squared gradients."""
-    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for ex in examples:
-        model.zero_grad()
-        loglik(ex).backward()
-        for n, p in model.named_parameters():
-            sums[n] += p.grad ** 2
-    return {n: s / len(examples) for n, s in sums.items()}
 
 
 def test_causal_lm_padding_matches_loop():
@@ -44,7 +34,7 @@ def test_causal_lm_padding_matches_loop():
         lp = torch.log_softmax(m(input_ids=x).logits[0, :-1], -1)
         return lp.gather(-1, x[0, 1:, None]).sum()
 
-    ref = _loop_fisher(m, range(4), loglik)
+    ref = loop_fisher(m, range(4), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)
 
@@ -58,7 +48,7 @@ def test_classification_matches_loop_and_sampling_uses_model():
     def loglik(i):
         return torch.log_softmax(m(input_ids=ids[i:i + 1]).logits[0], -1)[labels[i]]
 
-    ref = _loop_fisher(m, range(5), loglik)
+    ref = loop_fisher(m, range(5), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)
     # true Fisher (sampled labels) averaged over many samples ≈ E_y~p [g_y²] computed exactly
@@ -150,6 +140,6 @@ def test_seq2seq_t5_with_sdpa_and_padding_matches_loop():
         out = m(input_ids=ids[i:i + 1, :int(am[i].sum())], labels=lab)
         return torch.log_softmax(out.logits[0], -1).gather(-1, lab[0, :, None]).sum()
 
-    ref = _loop_fisher(m, range(3), loglik)
+    ref = loop_fisher(m, range(3), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)

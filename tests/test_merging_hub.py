@@ -8,7 +8,6 @@ gradient matching streamed from the repos, and compare with the formula computed
 import json
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
@@ -16,7 +15,6 @@ from transformers import GPT2LMHeadModel
 from hf_taujp import hub
 from hf_taujp.merging import FisherStatistics, GramStatistics, merge_from_config
 from hf_taujp.task_vector import TaskVector, fingerprint
-from tests.hub_server import OlahMirror
 from tests.tiny_models import GPT2_MINI, tiny_gpt2
 
 CLIENT = """
@@ -31,12 +29,6 @@ merge_streaming("org/base", ["org/tv0", "org/tv1"], {mout!r}, "gradient_matching
                 fishers=["org/fisher0", "org/fisher1"], base_fisher="org/fisherbase", progress=False)
 print(json.dumps({{"fisher": f.config(), "gram": g.config()}}))
 """
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with OlahMirror(tmp_path_factory.mktemp("olah")) as srv:
-        yield srv
 
 
 def _intercept(monkeypatch, server, calls):

@@ -18,6 +18,7 @@ from hf_taujp.merging.fisher import estimate_fisher, output_type_of
 from hf_taujp.merging.methods import MergeConfigError
 from hf_taujp.task_vector import TaskVector, fingerprint
 from hf_taujp.tied import TiedWeightsError, canonical_tensors, tied_groups
+from tests.references import loop_fisher
 from tests.tiny_models import GPT2_MINI, tiny_bert, tiny_gpt2
 
 WTE, HEAD = "transformer.wte.weight", "lm_head.weight"
@@ -302,16 +303,6 @@ def test_estimators_move_batches_to_the_model_device(monkeypatch):
 
 
 # ------------------------------------------------------------------ 6. Fisher by task, not by shape
-def _loop_fisher(model, examples, loglik):
-    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for ex in examples:
-        model.zero_grad()
-        loglik(ex).backward()
-        for n, p in model.named_parameters():
-            sums[n] += p.grad ** 2
-    return {n: s / len(examples) for n, s in sums.items()}
-
-
 def test_token_classification_fisher_is_not_shifted():
     m = tiny_gpt2(GPT2ForTokenClassification, seed=0, **{**GPT2_MINI, "vocab_size": 20}, num_labels=3,
                   attn_implementation="eager").double().eval()
@@ -331,7 +322,7 @@ def test_token_classification_fisher_is_not_shifted():
         keep = y != -100
         return lp[keep].gather(-1, y[keep, None]).sum()
 
-    ref = _loop_fisher(m, range(3), loglik)
+    ref = loop_fisher(m, range(3), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)
     # a list of examples (as the docstring says) gives the same Fisher as the batch
@@ -360,6 +351,6 @@ def test_masked_lm_fisher_scores_the_masked_positions():
         keep = labels[i] != -100
         return lp[keep].gather(-1, labels[i][keep, None]).sum()
 
-    ref = _loop_fisher(m, range(2), loglik)
+    ref = loop_fisher(m, range(2), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)

@@ -12,28 +12,17 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    GPT2LMHeadModel,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import Trainer, TrainingArguments
 
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.task_vector import TaskVector
 from hf_taujp.tuners.linearized import PEFT_TYPE_LINEARIZED, LinearizedConfig, LinearizedModel, register_linearized
-from tests.tiny_models import tiny_bert, tiny_clip, tiny_gpt2, tiny_llama, tiny_t5
+from tests.tiny_models import random_tau, tiny_bert, tiny_clip, tiny_gpt2, tiny_llama, tiny_t5
 
 
 # ---------------------------------------------------------------------------------------- helpers
 def gpt2():
     return tiny_gpt2(bos_token_id=0, eos_token_id=0).eval()
-
-
-def random_tau(peft_model, scale=0.05, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    tau = {n: scale * torch.randn(t.shape, generator=g) for n, t in peft_model.base_model.get_tangents().items()}
-    peft_model.base_model.set_tangents(tau)
-    return tau
 
 
 def fd_linearized(base, tau, fn, h=1e-4):

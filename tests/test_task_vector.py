@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
 
 from hf_taujp.hub import BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
 from hf_taujp.task_vector import TaskVector, cosine_matrix, fingerprint

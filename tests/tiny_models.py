@@ -45,6 +45,23 @@ _DROPOUT = {
 }
 
 
+class Scalar(torch.nn.Module):
+    """The smallest model: one parameter ``w`` = [0.0] (protocol tests read their scores off ``w``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def random_tau(peft_model, scale: float = 0.05, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Set every τ of a LINEARIZED PEFT model to ``scale`` × N(0, 1) (a generator seeded with ``seed``, in
+    the order of ``get_tangents()``) and return them."""
+    g = torch.Generator().manual_seed(seed)
+    tau = {n: scale * torch.randn(t.shape, generator=g) for n, t in peft_model.base_model.get_tangents().items()}
+    peft_model.base_model.set_tangents(tau)
+    return tau
+
+
 def _build(cls, config, seed, attn):
     if seed is not None:
         torch.manual_seed(seed)
