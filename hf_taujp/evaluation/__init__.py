@@ -25,7 +25,7 @@ included, stays importable from ``hf_taujp.evaluation``.
 # Re-exports (the private ones are imported by the recipes and tests).
 from ..linearize import LOSS_KEYS  # noqa: F401
 from .output import format_table, plot_alpha_curves, save_json
-from .predict import (_LABEL_KEYS, _batches, _collate, _default_predict, _device_of, _select, _to,  # noqa: F401
+from .predict import (_LABEL_KEYS, _batches, _collate, _default_predict, _device_of, _select, _split, _to,  # noqa: F401
                       accuracy, predictions)
 from .protocols import (DEFAULT_ALPHAS, _addition_protocol,  # noqa: F401
                         _linear_eval_fn, _linear_logits, _sum_vectors,

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..errors import HfTaujpError
 from ..linearize import linearized_forward
 from ..merging.search import DEFAULT_GRID, select_coefficient
-from .predict import _LABEL_KEYS, _batches, _device_of, _select, _to, accuracy, predictions
+from .predict import _batches, _device_of, _select, _split, accuracy, predictions
 
 DEFAULT_ALPHAS = DEFAULT_GRID  # α grid of the task-arithmetic protocol: one definition, in merging.search
 
@@ -87,11 +87,10 @@ def _linear_logits(base: torch.nn.Module, vectors: Sequence, dataset, batch_size
     base.eval()
     try:
         for batch in _batches(dataset, batch_size, collate_fn):
-            labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+            inputs, labels = _split(batch, dev)
             if labels is None:
                 raise HfTaujpError("accuracy needs labels ('labels' or 'label') in the evaluation dataset")
-            golds.append(torch.as_tensor(labels).cpu())
-            inputs = _to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, dev)
+            golds.append(labels)
             for i, v in enumerate(vectors):
                 tangents = {k: v[k] if k in v.keys() else torch.zeros_like(params[k]) for k in keys}
                 p, t = linearized_forward(base, primals, tangents, (), inputs)
