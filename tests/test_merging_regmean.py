@@ -109,3 +109,17 @@ def test_gram_reads_a_list_of_examples_like_fisher_batches_it():
     torch.testing.assert_close(st.tensors["lin.weight"].double(), Xf[:4].T @ Xf[:4] / 4, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="needs dict batches"):
         estimate_gram(m, [X], progress=False)
+
+
+@pytest.mark.parametrize("estimate", ["gram", "fisher"])
+def test_estimators_without_examples_raise_by_name(estimate):
+    from functools import partial
+
+    from hf_taujp.merging import estimate_fisher
+
+    m = Tiny()
+    fn = estimate_gram if estimate == "gram" else partial(estimate_fisher, output_type="sequence_classification")
+    with pytest.raises(Exception, match=f"estimate_{estimate} got no examples"):
+        fn(m, [], progress=False)
+    with pytest.raises(Exception, match=f"estimate_{estimate} got no examples"):
+        fn(m, [{"x": torch.zeros(2, 4)}], max_examples=0, progress=False)

@@ -100,8 +100,8 @@ def example_batches(
     ``max_examples`` examples come out in all; ``n`` = its examples (the leading dimension).
 
     Raises:
-        HfTaujpError: a batch that is not a dict, holds a tensor without a batch dimension, or no tensor
-            (``who`` names the caller).
+        HfTaujpError: a batch that is not a dict, holds a tensor without a batch dimension, or no tensor;
+            no example at all (``who`` names the caller).
     """
     if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and not any(
             isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[0].values()):
@@ -130,8 +130,10 @@ def _cut(loader, max_examples, device, drop, who) -> Iterator[tuple[dict, int]]:
         if max_examples is not None:
             left = max_examples - count
             if left <= 0:
-                return
+                break
             batch = {k: (v[:left] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             n = min(n, left)
         count += n
         yield batch, n
+    if count == 0:
+        raise HfTaujpError(f"{who} got no examples")
