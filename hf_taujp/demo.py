@@ -43,8 +43,6 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .evaluation import DEFAULT_ALPHAS, accuracy, evaluate_task_addition, format_table, taujp_matrix
 from .errors import HfTaujpError
-from .recipes.report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, table, write_report
-from .recipes.runner import METHODS, finetune
 from .task_vector import TaskVector, fingerprint
 from .trainer import TauJpConfig
 
@@ -243,6 +241,10 @@ def run_demo(
     seed: int = 0,
 ) -> dict:
     """Run the whole demo; returns the results dict (also saved as `<output_dir>/results.json`)."""
+    # imported here: `recipes` loads every recipe (GLUE, toxicity, CLIP), which `hf-taujp demo --help` never needs
+    from .recipes.report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, table, write_report
+    from .recipes.runner import METHODS, finetune
+
     t0 = time.time()
     tasks = list(tasks)
     if len(tasks) < 2:
