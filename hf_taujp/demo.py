@@ -31,7 +31,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import re
@@ -42,19 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .evaluation import (
-    DEFAULT_ALPHAS,
-    accuracy,
-    evaluate_task_addition,
-    format_table,
-    plot_alpha_curves,
-    save_json,
-    taujp_matrix,
-)
+from .evaluation import DEFAULT_ALPHAS, accuracy, evaluate_task_addition, format_table, taujp_matrix
 from .errors import HfTaujpError
-from .linearize import linearize
 from .task_vector import TaskVector, fingerprint
-from .trainer import TauJpConfig, TauJpTrainer
+from .trainer import TauJpConfig
 
 __all__ = ["TASKS", "build_tasks", "ZeroShotTextClassifier", "load_encoder", "run_demo", "main"]
 
@@ -251,6 +241,10 @@ def run_demo(
     seed: int = 0,
 ) -> dict:
     """Run the whole demo; returns the results dict (also saved as `<output_dir>/results.json`)."""
+    # imported here: `recipes` loads every recipe (GLUE, toxicity, CLIP), which `hf-taujp demo --help` never needs
+    from .recipes.report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, table, write_report
+    from .recipes.runner import METHODS, finetune
+
     t0 = time.time()
     tasks = list(tasks)
     if len(tasks) < 2:
@@ -296,81 +290,55 @@ def run_demo(
     def eval_fn(m, task, split):
         return accuracy(m, ds[task][split], batch_size=64)
 
-    methods = {"non-linear FT": ("nonlinear", 0.0), "linear FT": ("linear", 0.0), "linear FT + τJp": ("linear", taujp_lambda)}
-    vectors: dict[str, dict[str, TaskVector]] = {m: {} for m in methods}
-    for method, (kind, lam) in methods.items():
+    # the recipes' methods and their train-each-method loop (hf_taujp.recipes.runner.finetune)
+    methods = [METHODS["nonlinear"], METHODS["linear"], METHODS["taujp"]]
+    vectors: dict[str, dict[str, TaskVector]] = {m.label: {} for m in methods}
+    seconds: dict[str, list] = {m.label: [] for m in methods}
+    for method in methods:
         for t in tasks:
-            import copy
-
-            m = copy.deepcopy(base)
-            params = dict(m.named_parameters())
-            if kind == "linear":
-                train_model = linearize(m, parameter_names=names)
-            else:
-                for n in names:
-                    params[n].requires_grad_(True)
-                train_model = m
             args = TauJpConfig(
-                output_dir=os.path.join(output_dir, "runs", _SLUGS[method], t), max_steps=steps,
+                output_dir=os.path.join(output_dir, "runs", _SLUGS[method.label], t), max_steps=steps,
                 per_device_train_batch_size=batch_size, learning_rate=learning_rate, weight_decay=0.0,
                 lr_scheduler_type="cosine", warmup_steps=0, logging_steps=steps,
                 save_strategy="no", report_to="none", seed=seed, use_cpu=True, remove_unused_columns=False,
-                taujp_lambda=lam, taujp_mode=taujp_mode, taujp_batch_ratio=taujp_batch_ratio, disable_tqdm=False,
+                taujp_lambda=taujp_lambda, taujp_mode=taujp_mode, taujp_batch_ratio=taujp_batch_ratio,
+                disable_tqdm=False,
             )
-            print(f"[hf-taujp demo] {method} on {t}")
-            trainer = TauJpTrainer(
-                model=train_model, args=args, train_dataset=ds[t]["train"],
-                regularization_datasets={o: unlabeled["train"][o] for o in tasks if o != t} if lam > 0 else None,
-            )
-            trainer.train()
-            meta = dict(base_model=model_name, base_fingerprint=fp, task=t,
-                        training={"method": method, "steps": steps, "taujp_lambda": lam, "learning_rate": learning_rate,
-                                  "lr_scheduler": "cosine", "batch_size": batch_size,
-                                  **({"taujp_mode": taujp_mode, "taujp_batch_ratio": taujp_batch_ratio} if lam > 0 else {})})
-            if kind == "linear":
-                tv = TaskVector(train_model.get_tangents(), kind="linear", **meta)
-            else:
-                b = dict(base.named_parameters())
-                tv = TaskVector({n: (params[n].detach() - b[n].detach()) for n in names}, kind="nonlinear", **meta)
-            tv.save_pretrained(os.path.join(output_dir, "task_vectors", _SLUGS[method], t))
-            vectors[method][t] = tv
+            print(f"[hf-taujp demo] {method.label} on {t}")
+            tv, stats = finetune(base, names, method, ds[t]["train"], args,
+                                 regularization_datasets={o: unlabeled["train"][o] for o in tasks if o != t},
+                                 meta=dict(base_model=model_name, base_fingerprint=fp, task=t,
+                                           training={"lr_scheduler": "cosine"}))
+            tv.save_pretrained(os.path.join(output_dir, "task_vectors", _SLUGS[method.label], t))
+            vectors[method.label][t] = tv
+            seconds[method.label].append(stats["seconds_per_step"])
 
     results = {"model": model_name, "tasks": tasks, "steps": steps, "methods": {}}
     zero_shot = {t: eval_fn(base, t, "test") for t in tasks}
-    rows = [{"method": "zero-shot θ0", "α": "-", "abs (1-shot)": sum(zero_shot.values()) / len(tasks)}]
-    curves = {}
-    for method, (kind, _) in methods.items():
-        print(f"[hf-taujp demo] evaluating task addition: {method}")
+    for method in methods:
+        print(f"[hf-taujp demo] evaluating task addition: {method.label}")
         # Linear vectors: accuracies for the whole α grid from one jvp per task and split (f_lin is linear in α).
-        res = evaluate_task_addition(base, vectors[method], alphas=alphas, linear=(kind == "linear"), batch_size=64,
+        res = evaluate_task_addition(base, vectors[method.label], alphas=alphas, linear=method.linear, batch_size=64,
                                      datasets={t: {s: ds[t][s] for s in ("val", "test")} for t in tasks})
-        mat = taujp_matrix(base, vectors[method], {t: unlabeled["test"][t] for t in tasks}, batch_size=64,
+        mat = taujp_matrix(base, vectors[method.label], {t: unlabeled["test"][t] for t in tasks}, batch_size=64,
                            max_examples=8 if quick else 32)["matrix"]
         off = [mat[i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j]
         res["taujp_matrix"] = mat
         res["taujp_offdiag_mean"] = sum(off) / len(off)
-        results["methods"][method] = res
-        curves[method] = res
-        rows.append({
-            "method": method, "α": f"{res['best_alpha']:.2f}",
-            "single": sum(res["single"]["test"].values()) / len(tasks),
-            "abs (1-shot)": res["one_shot"]["avg_abs"], "norm (1-shot)": res["one_shot"]["avg_norm"],
-            "abs (best α)": res["best"]["avg_abs"], "norm (best α)": res["best"]["avg_norm"],
-            "τJp off-diag": res["taujp_offdiag_mean"],
-        })
+        res["seconds_per_step"] = mean_defined(seconds[method.label])
+        results["methods"][method.label] = res
     results["zero_shot"] = zero_shot
+    rows = addition_rows(results["methods"], zero_shot)
     results["table"] = rows
-    table = format_table(rows, ["method", "single", "abs (1-shot)", "norm (1-shot)", "α", "abs (best α)",
-                                "norm (best α)", "τJp off-diag"])
-    png = plot_alpha_curves(curves, os.path.join(output_dir, "alpha_curves.png"),
-                            title=f"Task addition, {len(tasks)} tasks ({model_name.split('/')[-1]})")
-    results["wall_time_s"] = round(time.time() - t0, 1)
-    save_json(results, os.path.join(output_dir, "results.json"))
-    print("\nTask addition (test accuracy; normalized = merged / single-task)\n" + table)
-    print(f"\nper-task test accuracy at best α:")
     per = [{"method": m, **{t: r["best"]["abs"][t] for t in tasks}} for m, r in results["methods"].items()]
+    results["wall_time_s"] = round(time.time() - t0, 1)
+    paths = write_report(output_dir, results, rows, f"Task addition, {len(tasks)} tasks ({model_name.split('/')[-1]})",
+                         results["methods"], extra_tables=[("Per-task test accuracy at best α", per)],
+                         notes=[TAUJP_COLUMN_NOTE])
+    print("\nTask addition (test accuracy; normalized = merged / single-task)\n" + table(rows))
+    print("\nper-task test accuracy at best α:")
     print(format_table(per))
-    print(f"\nsaved: {output_dir}/results.json, {png}, task vectors in {output_dir}/task_vectors/")
+    print(f"\nsaved: {paths['json']}, {paths['markdown']}, {paths['png']}, task vectors in {output_dir}/task_vectors/")
     if push_to_hub:
         from . import hub
 

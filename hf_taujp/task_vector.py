@@ -504,12 +504,7 @@ class TaskVector:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "base_model": self.base_model,
-            "base_model_revision": self.base_model_revision,
-            "base_fingerprint": self.base_fingerprint,
-            "kind": self.kind,
-            "task": self.task,
-            "training": self.training,
+            **self.metadata(),
             "dtype": dts[0] if len(dts) == 1 else dts,
             "num_parameters": self.num_parameters,
         }

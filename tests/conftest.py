@@ -16,6 +16,15 @@ SHARED_DATA = os.environ.get(
 )
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A read-only Hub on 127.0.0.1 (tests/hub_server.py), one per test module."""
+    from tests.hub_server import OlahMirror
+
+    with OlahMirror(tmp_path_factory.mktemp("olah")) as srv:
+        yield srv
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from torch.func import functional_call
-from transformers import BertConfig, BertForSequenceClassification
 
 from hf_taujp.evaluation import (
     DEFAULT_ALPHAS,
@@ -21,13 +20,13 @@ from hf_taujp.evaluation import (
     taujp_matrix,
 )
 from hf_taujp.task_vector import TaskVector
+from tests.tiny_models import Scalar
+from tests.tiny_models import tiny_bert as _tiny_bert
 
 
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return _tiny_bert(seed=seed, vocab_size=50, hidden_size=32, intermediate_size=64, max_position_embeddings=16,
+                      num_labels=3, dropout=0.0)
 
 
 def rows(n, seed):
@@ -85,12 +84,6 @@ def test_disentanglement_error_matches_direct_count():
     want = float((pred(both, d1) != pred(dict(tv1.items()), d1)).float().mean()
                  + (pred(both, d2) != pred(dict(tv2.items()), d2)).float().mean())
     assert res["xi"][1][1] == pytest.approx(want)
-
-
-class Scalar(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
 
 
 def test_task_addition_picks_alpha_on_validation_and_normalizes():

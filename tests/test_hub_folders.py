@@ -12,19 +12,19 @@ import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from hf_taujp import hub
 from hf_taujp.hub import ArtifactNotFoundError, HfTaujpError
 from hf_taujp.merging.statistics import FisherStatistics, GramStatistics
 from hf_taujp.task_vector import TaskVector
+from tests.tiny_models import tiny_gpt2 as _tiny_gpt2
 
 IDS = torch.tensor([[1, 5, 7, 11, 3, 2]])
 
 
 def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).eval()
+    return _tiny_gpt2(seed=seed, n_layer=1, n_embd=16, vocab_size=50, n_positions=16).eval()
 
 
 @pytest.fixture(scope="module")

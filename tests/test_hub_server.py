@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_taujp.task_vector import TaskVector
-from tests.hub_server import OlahMirror
+from tests.tiny_models import tiny_gpt2
 
 CLIENT = """
 import json, sys
@@ -22,15 +21,8 @@ print(json.dumps(tv.metadata()))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with OlahMirror(tmp_path_factory.mktemp("olah")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def vectors():
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=32))
+    base = tiny_gpt2(seed=0, vocab_size=101)
     g = torch.Generator().manual_seed(1)
     tau = {k: 0.01 * torch.randn(p.shape, generator=g) for k, p in base.named_parameters()}
     meta = dict(base_model="org/tiny-gpt2", base_model_revision="main", task="toy", training={"taujp_lambda": 0.1})

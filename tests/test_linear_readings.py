@@ -9,20 +9,19 @@ import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import hf_taujp  # noqa: F401  (registers LINEARIZED with PEFT)
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.task_vector import TaskVector, fingerprint
+from tests.tiny_models import tiny_gpt2
 
 peft = pytest.importorskip("peft")
 IDS = torch.tensor([[1, 5, 7, 11, 3, 2]])
 
 
 def tiny(cls=GPT2LMHeadModel, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, pad_token_id=0, num_labels=3)
-    return cls(cfg).eval()
+    return tiny_gpt2(cls, seed=seed, n_embd=16, vocab_size=40, n_positions=16, pad_token_id=0, num_labels=3).eval()
 
 
 def vector(base, kind, keys=("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight",

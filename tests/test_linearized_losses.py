@@ -12,46 +12,24 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
-    BertConfig,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
-    CLIPConfig,
-    CLIPModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.linearize import LOSS_KEYS, linearize
 from hf_taujp.task_vector import TaskVector
 from hf_taujp.tuners.linearized import LinearizedConfig
-
-
-def bert_cfg(**kw):
-    return BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                      max_position_embeddings=32, **kw)
+from tests.tiny_models import random_tau, tiny_bert, tiny_clip, tiny_gpt2, tiny_t5
 
 
 def gpt2(**kw):
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0, **kw)).eval()
+    return tiny_gpt2(bos_token_id=0, eos_token_id=0, **kw).eval()
 
 
 def t5():
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                                               decoder_start_token_id=0, pad_token_id=0)).eval()
-
-
-def random_tau(pm, scale=0.05, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    tau = {n: scale * torch.randn(t.shape, generator=g) for n, t in pm.base_model.get_tangents().items()}
-    pm.base_model.set_tangents(tau)
-    return tau
+    return tiny_t5().eval()
 
 
 def own_loss(model, head: str, head_out, **inputs):
@@ -81,8 +59,7 @@ HEADS = [
 
 @pytest.mark.parametrize("cls,task,head,loss_inputs,head_out", HEADS, ids=[h[1] for h in HEADS])
 def test_bert_heads_loss_is_the_models_own_loss_of_linearized_outputs(cls, task, head, loss_inputs, head_out):
-    torch.manual_seed(0)
-    base = cls(bert_cfg(num_labels=2 if task == "QUESTION_ANS" else 3)).eval()  # a QA head has 2 outputs
+    base = tiny_bert(cls, num_labels=2 if task == "QUESTION_ANS" else 3).eval()  # a QA head has 2 outputs
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type=task))
     with torch.no_grad():
         out0 = pm(input_ids=X, attention_mask=MASK, **loss_inputs)
@@ -100,8 +77,7 @@ def test_bert_heads_loss_is_the_models_own_loss_of_linearized_outputs(cls, task,
 def test_qa_loss_is_not_the_linearization_of_the_loss():
     """Passing start/end positions into the jvp gave L(θ0) + ∇L·τ, unbounded below: with τ and −τ the
     losses of the linearized outputs are both above that linear function's values, which average to L(θ0)."""
-    torch.manual_seed(0)
-    base = BertForQuestionAnswering(bert_cfg()).eval()
+    base = tiny_bert(BertForQuestionAnswering).eval()
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="QUESTION_ANS"))
     pos = {"start_positions": torch.tensor([1, 2, 3]), "end_positions": torch.tensor([3, 4, 5])}
     l0 = base(input_ids=X, **pos).loss.item()
@@ -136,12 +112,7 @@ def test_causal_lm_and_seq2seq_losses_are_the_models_own():
 def test_clip_contrastive_loss_is_transformers_own_of_linearized_logits():
     from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=16),
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=8, patch_size=4), projection_dim=8)
-    lin = linearize(CLIPModel(cfg).eval(), ["q_proj", "v_proj"])
+    lin = linearize(tiny_clip().eval(), ["q_proj", "v_proj"])
     with torch.no_grad():
         for t in lin.tau:
             t.normal_(0, 0.2)
@@ -159,7 +130,7 @@ def test_unsupported_loss_inputs_are_named_and_one_key_list():
     with pytest.raises(HfTaujpError, match="labels"):
         lin(input_ids=x, label=x)
     with pytest.raises(HfTaujpError, match="start_positions and end_positions"):
-        linearize(BertForQuestionAnswering(bert_cfg()).eval(), ["query"])(input_ids=X, start_positions=X[:, 0])
+        linearize(tiny_bert(BertForQuestionAnswering, seed=None).eval(), ["query"])(input_ids=X, start_positions=X[:, 0])
     # the trainer and evaluation strip the same keys the linearized forward pops
     from hf_taujp import evaluation
     from hf_taujp.trainer.penalty import prepare_reg_batch
@@ -174,8 +145,7 @@ def test_unsupported_loss_inputs_are_named_and_one_key_list():
                                            (BertForTokenClassification, "TOKEN_CLS", "classifier"),
                                            (BertForQuestionAnswering, "QUESTION_ANS", "qa_outputs")])
 def test_head_is_trained_saved_reloaded_and_carried_into_the_task_vector(tmp_path, cls, task, head):
-    torch.manual_seed(0)
-    base = cls(bert_cfg(num_labels=2 if task == "QUESTION_ANS" else 3)).eval()
+    base = tiny_bert(cls, num_labels=2 if task == "QUESTION_ANS" else 3).eval()
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type=task, target_modules=["query", "value"]))
     assert not any(n.startswith(head) for n in pm.base_model.parameter_names())  # the head is not linearized
     out = pm(input_ids=X, attention_mask=MASK)
@@ -208,7 +178,7 @@ def test_head_is_trained_saved_reloaded_and_carried_into_the_task_vector(tmp_pat
 
 def test_frozen_head_with_feature_extraction_and_explicit_modules_to_save():
     """CLIP-style zero-shot head: neither linearized nor trained (FEATURE_EXTRACTION adds no head)."""
-    base = BertForSequenceClassification(bert_cfg(num_labels=2)).eval()
+    base = tiny_bert(seed=None, num_labels=2).eval()
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="FEATURE_EXTRACTION",
                                                                    exclude_modules=["classifier"]))
     assert not any("classifier" in n for n, p in pm.named_parameters() if p.requires_grad)

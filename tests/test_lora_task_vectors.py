@@ -10,19 +10,18 @@ import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.task_vector import TaskVector, fingerprint
+from tests.tiny_models import tiny_gpt2
 
 peft = pytest.importorskip("peft")
 
 
 def tiny(cls=GPT2ForSequenceClassification, seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, pad_token_id=0,
-                     bos_token_id=1, eos_token_id=1, num_labels=3)
-    return cls(cfg).eval()
+    return tiny_gpt2(cls, seed=seed, n_embd=16, vocab_size=40, n_positions=16, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=1, num_labels=3).eval()
 
 
 def lora(base, **kw):

@@ -7,17 +7,17 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from hf_taujp import hub
 from hf_taujp.merging import FisherStatistics, merge_streaming
 from hf_taujp.merging import methods as M
 from hf_taujp.task_vector import TaskVector, fingerprint
+from tests.tiny_models import GPT2_MINI, tiny_gpt2
 
 
 def _model(seed):
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=30, n_positions=8))
+    return tiny_gpt2(seed=seed, **GPT2_MINI)
 
 
 @pytest.fixture()

@@ -4,31 +4,21 @@ import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import GPT2ForSequenceClassification
 
 from hf_taujp import hub
 from hf_taujp.merging import MissingStatisticsError, merge
 from hf_taujp.merging.fisher import estimate_fisher
 from hf_taujp.merging.statistics import FisherStatistics
+from tests.references import loop_fisher
+from tests.tiny_models import tiny_gpt2, tiny_t5
 
 CFG = dict(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=16, attn_implementation="eager",
            bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
-def _loop_fisher(model, examples, loglik):
-    """Reference: one example at a time, ordinary backward, mean of squared gradients."""
-    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for ex in examples:
-        model.zero_grad()
-        loglik(ex).backward()
-        for n, p in model.named_parameters():
-            sums[n] += p.grad ** 2
-    return {n: s / len(examples) for n, s in sums.items()}
-
-
 def test_causal_lm_padding_matches_loop():
-    torch.manual_seed(0)
-    m = GPT2LMHeadModel(GPT2Config(**CFG)).double().eval()
+    m = tiny_gpt2(seed=0, **CFG).double().eval()
     ids = torch.randint(1, 20, (4, 6))
     lengths = [6, 4, 6, 3]
     am = torch.zeros_like(ids)
@@ -44,14 +34,13 @@ def test_causal_lm_padding_matches_loop():
         lp = torch.log_softmax(m(input_ids=x).logits[0, :-1], -1)
         return lp.gather(-1, x[0, 1:, None]).sum()
 
-    ref = _loop_fisher(m, range(4), loglik)
+    ref = loop_fisher(m, range(4), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)
 
 
 def test_classification_matches_loop_and_sampling_uses_model():
-    torch.manual_seed(1)
-    m = GPT2ForSequenceClassification(GPT2Config(num_labels=3, **CFG)).double().eval()
+    m = tiny_gpt2(GPT2ForSequenceClassification, seed=1, num_labels=3, **CFG).double().eval()
     ids = torch.randint(1, 20, (5, 4))
     labels = torch.tensor([0, 2, 1, 1, 0])
     f = estimate_fisher(m, [{"input_ids": ids, "labels": labels}], empirical=True, progress=False)
@@ -59,7 +48,7 @@ def test_classification_matches_loop_and_sampling_uses_model():
     def loglik(i):
         return torch.log_softmax(m(input_ids=ids[i:i + 1]).logits[0], -1)[labels[i]]
 
-    ref = _loop_fisher(m, range(5), loglik)
+    ref = loop_fisher(m, range(5), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)
     # true Fisher (sampled labels) averaged over many samples ≈ E_y~p [g_y²] computed exactly
@@ -92,8 +81,7 @@ def test_statistics_roundtrip_and_nan(tmp_path):
 
 
 def test_gradient_matching_end_to_end():
-    torch.manual_seed(2)
-    m = GPT2LMHeadModel(GPT2Config(**CFG)).eval()
+    m = tiny_gpt2(seed=2, **CFG).eval()
     ids = torch.randint(1, 20, (3, 5))
     f1 = estimate_fisher(m, [{"input_ids": ids}], progress=False, seed=1)
     f2 = estimate_fisher(m, [{"input_ids": ids[:2]}], progress=False, seed=2)
@@ -120,8 +108,7 @@ def test_gradient_matching_end_to_end():
 
 
 def test_sub_batches_and_seeded_sampling_are_consistent():
-    torch.manual_seed(3)
-    m = GPT2LMHeadModel(GPT2Config(**CFG)).double().eval()
+    m = tiny_gpt2(seed=3, **CFG).double().eval()
     ids = torch.randint(1, 20, (6, 5))
     data = [{"input_ids": ids}]
     whole = estimate_fisher(m, data, progress=False, seed=4)
@@ -137,11 +124,7 @@ def test_sub_batches_and_seeded_sampling_are_consistent():
 def test_seq2seq_t5_with_sdpa_and_padding_matches_loop():
     # default (SDPA) attention and padded encoder inputs: the mask fast paths and the fused kernel
     # must not break vmap; -100 labels and padded source tokens do not count
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(4)
-    m = T5ForConditionalGeneration(T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
-                                            decoder_start_token_id=0, pad_token_id=0)).double().eval()
+    m = tiny_t5(seed=4, vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1).double().eval()
     ids = torch.randint(1, 20, (3, 5))
     am = torch.ones_like(ids)
     am[2, 3:] = 0
@@ -157,6 +140,6 @@ def test_seq2seq_t5_with_sdpa_and_padding_matches_loop():
         out = m(input_ids=ids[i:i + 1, :int(am[i].sum())], labels=lab)
         return torch.log_softmax(out.logits[0], -1).gather(-1, lab[0, :, None]).sum()
 
-    ref = _loop_fisher(m, range(3), loglik)
+    ref = loop_fisher(m, range(3), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)

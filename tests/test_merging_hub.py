@@ -8,15 +8,14 @@ gradient matching streamed from the repos, and compare with the formula computed
 import json
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from hf_taujp import hub
 from hf_taujp.merging import FisherStatistics, GramStatistics, merge_from_config
 from hf_taujp.task_vector import TaskVector, fingerprint
-from tests.hub_server import OlahMirror
+from tests.tiny_models import GPT2_MINI, tiny_gpt2
 
 CLIENT = """
 import json
@@ -30,12 +29,6 @@ merge_streaming("org/base", ["org/tv0", "org/tv1"], {mout!r}, "gradient_matching
                 fishers=["org/fisher0", "org/fisher1"], base_fisher="org/fisherbase", progress=False)
 print(json.dumps({{"fisher": f.config(), "gram": g.config()}}))
 """
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with OlahMirror(tmp_path_factory.mktemp("olah")) as srv:
-        yield srv
 
 
 def _intercept(monkeypatch, server, calls):
@@ -55,8 +48,7 @@ def _intercept(monkeypatch, server, calls):
 
 
 def test_push_statistics_then_gradient_matching_streamed_from_hub(server, tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16))
+    base = tiny_gpt2(seed=0, n_layer=1, n_embd=16, vocab_size=40, n_positions=16)
     base.save_pretrained(tmp_path / "base")
     server.commit_folder("org/base", str(tmp_path / "base"))
     g = torch.Generator().manual_seed(1)
@@ -107,8 +99,7 @@ def test_push_statistics_then_gradient_matching_streamed_from_hub(server, tmp_pa
 
 
 def test_merged_model_pushed_with_recipe_card(server, tmp_path, monkeypatch):
-    torch.manual_seed(2)
-    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=30, n_positions=8))
+    base = tiny_gpt2(seed=2, **GPT2_MINI)
     base.save_pretrained(tmp_path / "base")
     with open(tmp_path / "base" / "tokenizer_config.json", "w") as f:
         json.dump({"model_max_length": 8}, f)

@@ -4,17 +4,17 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from hf_taujp import hub
 from hf_taujp.merging import merge
 from hf_taujp.task_vector import TaskVector
 from hf_taujp.merging.methods import MergeConfigError, MissingStatisticsError
+from tests.tiny_models import tiny_gpt2
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    return tiny_gpt2(seed=seed, n_embd=16, vocab_size=50)
 
 
 def _finetuned(base, seed):

@@ -9,8 +9,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import (AutoModelForCausalLM, BertConfig, BertForMaskedLM, GPT2Config, GPT2ForTokenClassification,
-                          GPT2LMHeadModel)
+from transformers import AutoModelForCausalLM, BertForMaskedLM, GPT2ForTokenClassification, GPT2LMHeadModel
 
 from hf_taujp import hub
 from hf_taujp.merging import merge, merge_streaming
@@ -19,14 +18,14 @@ from hf_taujp.merging.fisher import estimate_fisher, output_type_of
 from hf_taujp.merging.methods import MergeConfigError
 from hf_taujp.task_vector import TaskVector, fingerprint
 from hf_taujp.tied import TiedWeightsError, canonical_tensors, tied_groups
+from tests.references import loop_fisher
+from tests.tiny_models import GPT2_MINI, tiny_bert, tiny_gpt2
 
 WTE, HEAD = "transformer.wte.weight", "lm_head.weight"
 
 
 def _gpt2(seed=0, tie=True):
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=30, n_positions=8,
-                                      tie_word_embeddings=tie))
+    return tiny_gpt2(seed=seed, **GPT2_MINI, tie_word_embeddings=tie)
 
 
 def _tau(model, seed=1, scale=0.1, names=None):
@@ -294,8 +293,8 @@ def test_estimators_move_batches_to_the_model_device(monkeypatch):
     from hf_taujp.merging import statistics as S
 
     monkeypatch.setattr(S.hub, "check_finite", lambda *a, **k: [])  # values do not exist on meta
-    m = GPT2ForTokenClassification(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=8,
-                                              num_labels=3, attn_implementation="eager")).to("meta")
+    m = tiny_gpt2(GPT2ForTokenClassification, seed=None, **{**GPT2_MINI, "vocab_size": 20}, num_labels=3,
+                  attn_implementation="eager").to("meta")
     ids = torch.randint(0, 20, (2, 4))
     f = estimate_fisher(m, [{"input_ids": ids, "labels": torch.zeros(2, 4, dtype=torch.long)}], progress=False)
     assert all(t.device.type == "meta" for t in f.tensors.values())
@@ -304,20 +303,9 @@ def test_estimators_move_batches_to_the_model_device(monkeypatch):
 
 
 # ------------------------------------------------------------------ 6. Fisher by task, not by shape
-def _loop_fisher(model, examples, loglik):
-    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for ex in examples:
-        model.zero_grad()
-        loglik(ex).backward()
-        for n, p in model.named_parameters():
-            sums[n] += p.grad ** 2
-    return {n: s / len(examples) for n, s in sums.items()}
-
-
 def test_token_classification_fisher_is_not_shifted():
-    torch.manual_seed(0)
-    m = GPT2ForTokenClassification(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=8,
-                                              num_labels=3, attn_implementation="eager")).double().eval()
+    m = tiny_gpt2(GPT2ForTokenClassification, seed=0, **{**GPT2_MINI, "vocab_size": 20}, num_labels=3,
+                  attn_implementation="eager").double().eval()
     assert output_type_of(m) == "token_classification"
     ids = torch.randint(1, 20, (3, 5))
     labels = torch.randint(0, 3, (3, 5))
@@ -334,7 +322,7 @@ def test_token_classification_fisher_is_not_shifted():
         keep = y != -100
         return lp[keep].gather(-1, y[keep, None]).sum()
 
-    ref = _loop_fisher(m, range(3), loglik)
+    ref = loop_fisher(m, range(3), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)
     # a list of examples (as the docstring says) gives the same Fisher as the batch
@@ -350,10 +338,8 @@ def test_token_classification_fisher_is_not_shifted():
 
 
 def test_masked_lm_fisher_scores_the_masked_positions():
-    torch.manual_seed(1)
-    m = BertForMaskedLM(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=16, max_position_embeddings=8,
-                                   attn_implementation="eager")).double().eval()
+    m = tiny_bert(BertForMaskedLM, seed=1, vocab_size=20, hidden_size=8, num_hidden_layers=1, intermediate_size=16,
+                  max_position_embeddings=8, attn_implementation="eager").double().eval()
     assert output_type_of(m) == "masked_lm"
     ids = torch.randint(1, 20, (2, 6))
     labels = torch.full_like(ids, -100)
@@ -365,6 +351,6 @@ def test_masked_lm_fisher_scores_the_masked_positions():
         keep = labels[i] != -100
         return lp[keep].gather(-1, labels[i][keep, None]).sum()
 
-    ref = _loop_fisher(m, range(2), loglik)
+    ref = loop_fisher(m, range(2), loglik)
     for n in ref:
         torch.testing.assert_close(f.tensors[n], ref[n], rtol=1e-9, atol=1e-12)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from peft.utils import merge_utils as pm
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import hf_taujp
 from hf_taujp.cli import main as cli_main
@@ -16,11 +16,11 @@ from hf_taujp.merging import FisherStatistics, GramStatistics, merge, merge_from
 from hf_taujp.merging import methods as M
 from hf_taujp.merging.methods import MergeConfigError
 from hf_taujp.task_vector import TaskVector, fingerprint
+from tests.tiny_models import GPT2_MINI, tiny_gpt2
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=30, n_positions=8))
+    return tiny_gpt2(seed=seed, **GPT2_MINI)
 
 
 def _taus(model, n=2, seed=1, scale=0.1):

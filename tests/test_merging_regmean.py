@@ -2,11 +2,11 @@
 linear weight equal the least-squares solution min_W Σ_t ‖X_t W − X_t W_t‖² computed by lstsq (float64)."""
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_taujp.merging import estimate_gram, merge
 from hf_taujp.merging.methods import MissingStatisticsError, regmean
 from hf_taujp.merging.statistics import GramStatistics
+from tests.tiny_models import GPT2_MINI, tiny_gpt2
 
 D = torch.float64
 
@@ -63,8 +63,7 @@ def test_off_diagonal_scaling_and_conv1d_layout():
 
 
 def test_gpt2_conv1d_grams_mask_padding(tmp_path):
-    torch.manual_seed(0)
-    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=30, n_positions=16)).double().eval()
+    m = tiny_gpt2(seed=0, **{**GPT2_MINI, "n_positions": 16}).double().eval()
     ids = torch.randint(0, 30, (3, 5))
     am = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
     st = estimate_gram(m, [{"input_ids": ids, "attention_mask": am}], progress=False, base=m)
@@ -92,3 +91,35 @@ def test_gpt2_conv1d_grams_mask_padding(tmp_path):
     with pytest.raises(MissingStatisticsError, match="no entry"):
         partial = {k: v for k, v in back.tensors.items() if "c_fc" not in k}
         merge(m, [tau, tau], "regmean", grams=[back, partial], progress=False)
+
+
+def test_gram_reads_a_list_of_examples_like_fisher_batches_it():
+    """A list of un-batched examples (plain values, no batched tensor) is batched here, the one data rule of
+    merging.statistics.example_batches: the Gram equals XᵀX / R over all rows, and max_examples cuts inside
+    a batch."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(7, 4, generator=g, dtype=D)
+    m = Tiny()
+    st = estimate_gram(m, [{"x": x.tolist(), "labels": 0} for x in X], batch_size=3, progress=False)
+    Xf = X.float().double()  # the collator builds float32 inputs
+    assert st.num_examples == 7
+    torch.testing.assert_close(st.tensors["lin.weight"].double(), Xf.T @ Xf / 7, rtol=1e-5, atol=1e-6)
+    st = estimate_gram(m, [{"x": x.tolist()} for x in X], batch_size=3, max_examples=4, progress=False)
+    assert st.num_examples == 4
+    torch.testing.assert_close(st.tensors["lin.weight"].double(), Xf[:4].T @ Xf[:4] / 4, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="needs dict batches"):
+        estimate_gram(m, [X], progress=False)
+
+
+@pytest.mark.parametrize("estimate", ["gram", "fisher"])
+def test_estimators_without_examples_raise_by_name(estimate):
+    from functools import partial
+
+    from hf_taujp.merging import estimate_fisher
+
+    m = Tiny()
+    fn = estimate_gram if estimate == "gram" else partial(estimate_fisher, output_type="sequence_classification")
+    with pytest.raises(Exception, match=f"estimate_{estimate} got no examples"):
+        fn(m, [], progress=False)
+    with pytest.raises(Exception, match=f"estimate_{estimate} got no examples"):
+        fn(m, [{"x": torch.zeros(2, 4)}], max_examples=0, progress=False)

@@ -5,15 +5,15 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from hf_taujp import hub
 from hf_taujp.merging.streaming import merge_streaming
+from tests.tiny_models import tiny_gpt2
 
 
 def _setup(tmp_path):
-    torch.manual_seed(0)
-    m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    m = tiny_gpt2(seed=0, n_embd=16, vocab_size=50)
     m.save_pretrained(tmp_path / "base")
     sd = m.state_dict()
     g = torch.Generator().manual_seed(1)

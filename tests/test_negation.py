@@ -6,17 +6,15 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_taujp.task_vector import TaskVector
+from tests.tiny_models import tiny_gpt2 as _tiny_gpt2
 
 V = 100
 
 
 def tiny_gpt2():
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=1,
-                     pad_token_id=1)
-    return GPT2LMHeadModel(cfg).eval()
+    return _tiny_gpt2(seed=None, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=1, pad_token_id=1).eval()
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])

@@ -12,38 +12,17 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    CLIPConfig,
-    CLIPModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import Trainer, TrainingArguments
 
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.task_vector import TaskVector
 from hf_taujp.tuners.linearized import PEFT_TYPE_LINEARIZED, LinearizedConfig, LinearizedModel, register_linearized
+from tests.tiny_models import random_tau, tiny_bert, tiny_clip, tiny_gpt2, tiny_llama, tiny_t5
 
 
 # ---------------------------------------------------------------------------------------- helpers
 def gpt2():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0)).eval()
-
-
-def random_tau(peft_model, scale=0.05, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    tau = {n: scale * torch.randn(t.shape, generator=g) for n, t in peft_model.base_model.get_tangents().items()}
-    peft_model.base_model.set_tangents(tau)
-    return tau
+    return tiny_gpt2(bos_token_id=0, eos_token_id=0).eval()
 
 
 def fd_linearized(base, tau, fn, h=1e-4):
@@ -173,9 +152,7 @@ def test_generate_with_zero_tau_is_base_greedy_and_bf16_keeps_fp32_tau():
 
 
 def test_t5_seq2seq_with_labels(monkeypatch):
-    torch.manual_seed(0)
-    base = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                                               decoder_start_token_id=0, pad_token_id=0)).eval()
+    base = tiny_t5().eval()
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="SEQ_2_SEQ_LM"))
     tau = random_tau(pm)
     x, y = torch.randint(1, 50, (2, 7)), torch.randint(1, 50, (2, 5))
@@ -197,9 +174,7 @@ def test_t5_seq2seq_with_labels(monkeypatch):
 
 
 def test_bert_sequence_classification():
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=32, max_position_embeddings=32, num_labels=3)).eval()
+    base = tiny_bert(num_labels=3).eval()
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="SEQ_CLS"))
     # the (random) head is trained normally, as PEFT's LoRA does for SEQ_CLS, not linearized
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
@@ -216,9 +191,7 @@ def test_bert_sequence_classification():
 
 
 def test_llama_causal_lm():
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)).eval()
+    base = tiny_llama().eval()
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"]))
     tau = random_tau(pm)
     assert sorted({n.split(".")[-2] for n in tau}) == ["down_proj", "q_proj", "v_proj"]
@@ -230,13 +203,7 @@ def test_llama_causal_lm():
 
 
 def test_clip_image_features_through_jvp_method():
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=16),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8),
-        projection_dim=8)
-    base = CLIPModel(cfg).eval()
+    base = tiny_clip(text=dict(vocab_size=99), vision=dict(num_hidden_layers=2, image_size=16, patch_size=8)).eval()
     pm = peft.get_peft_model(copy.deepcopy(base), LinearizedConfig(task_type="FEATURE_EXTRACTION", target_modules=r"vision_model\..*|visual_projection"))
     tau = random_tau(pm)
     assert all(n.startswith(("vision_model.", "visual_projection.")) for n in tau)

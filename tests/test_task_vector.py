@@ -6,16 +6,14 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_taujp.hub import BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
 from hf_taujp.task_vector import TaskVector, cosine_matrix, fingerprint
+from tests.tiny_models import tiny_gpt2 as _tiny_gpt2
 
 
 def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=32)
-    return GPT2LMHeadModel(cfg).eval()
+    return _tiny_gpt2(seed=seed, vocab_size=101).eval()
 
 
 def perturbed(model, seed=1, scale=0.01):

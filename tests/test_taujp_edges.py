@@ -10,7 +10,6 @@ import peft
 import pytest
 import torch
 from torch.func import functional_call
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from hf_taujp.evaluation import taujp_matrix
 from hf_taujp.hub import HfTaujpError
@@ -25,6 +24,7 @@ from hf_taujp.trainer import (
     taujp_penalty,
 )
 from hf_taujp.tuners.linearized import LinearizedConfig
+from tests.tiny_models import tiny_bert, tiny_gpt2, tiny_t5
 
 VOCAB = 50
 
@@ -38,15 +38,11 @@ def cfg(tmp_path, **kw):
 
 
 def t5(seed=0):
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                               decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0)).eval()
+    return tiny_t5(seed=seed, vocab_size=VOCAB, num_layers=1, dropout=0.0).eval()
 
 
 def gpt2(seed=0):
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return tiny_gpt2(seed=seed, vocab_size=VOCAB, dropout=0.0)
 
 
 def seq2seq_rows(n=4, seed=3):
@@ -156,17 +152,12 @@ def test_reg_datasets_list_dict_or_a_clear_error(tmp_path):
 def test_lora_penalty_is_taujp_of_the_weight_change(tmp_path, kind):
     """On LoRA the penalty is ‖J f(x'; θ0)·ΔW‖ with ΔW read off PEFT's own merge_and_unload (the head in
     modules_to_save moves too), not J_(A,B) f·(θ − θ0) of the adapter's own parameters."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     if kind == "gpt2_conv1d":
         base, conf = gpt2(), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj"], r=2, lora_alpha=4)
         rows = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i))} for i in range(4)]
         train = [dict(r, labels=r["input_ids"]) for r in rows]
     else:
-        torch.manual_seed(0)
-        base = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                                                        num_attention_heads=2, intermediate_size=32, num_labels=3,
-                                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+        base = tiny_bert(vocab_size=VOCAB, max_position_embeddings=512, num_labels=3, dropout=0.0).eval()
         conf = peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], r=2, lora_alpha=8, use_rslora=True)
         rows = [{"input_ids": torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(i)),
                  "attention_mask": torch.ones(6, dtype=torch.long)} for i in range(4)]

@@ -3,10 +3,10 @@
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from hf_taujp.linearize import linearize
 from hf_taujp.trainer import TauJpConfig, TauJpTrainer
+from tests.tiny_models import tiny_bert
 
 
 def _rows(n, seed):
@@ -25,9 +25,7 @@ class _Recording(TauJpTrainer):
 
 
 def test_logged_penalty_is_the_mean_over_each_logging_window(tmp_path):
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                    intermediate_size=32, max_position_embeddings=16, num_labels=3))
+    base = tiny_bert(vocab_size=50, num_hidden_layers=1, max_position_embeddings=16, num_labels=3)
     names = [n for n, _ in base.named_parameters() if "classifier" in n]
     lin = linearize(base, parameter_names=names, tangents={n: 0.1 * torch.randn_like(p) for n, p in base.named_parameters()
                                                            if n in names})

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from torch.func import functional_call
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from hf_taujp.linearize import linearize
 from hf_taujp.trainer import (
@@ -17,23 +16,19 @@ from hf_taujp.trainer import (
     TauJpTrainer,
     taujp_penalty,
 )
+from tests.tiny_models import tiny_bert as _tiny_bert
+from tests.tiny_models import tiny_gpt2 as _tiny_gpt2
 
 VOCAB = 60
 
 
 def tiny_bert(seed=0, labels=3):
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=labels,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg)
+    return _tiny_bert(seed=seed, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_labels=labels,
+                      dropout=0.0)
 
 
 def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg)
+    return _tiny_gpt2(seed=seed, vocab_size=VOCAB, dropout=0.0)
 
 
 def make_ds(n, seed, lo=0, hi=VOCAB, length=8, labels=3, pad_last=True):

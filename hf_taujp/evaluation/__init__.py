@@ -11,6 +11,8 @@
   et al. 2023 protocol).
 * `evaluate_task_negation`: θ0 − α τ_target, α minimising target accuracy subject to control accuracy
   ≥ 0.95 × the base model's control accuracy.
+* Both pick α with `hf_taujp.merging.search.select_coefficient`, the rule `search_coefficients` uses too
+  (ties to 1e-9 → α nearest 1 for addition, nearest 0 for negation; NaN scores never chosen).
 
 Results are plain dicts (JSON-serialisable); `format_table` prints them without pandas, `save_json`
 writes them atomically, `plot_alpha_curves` draws normalized accuracy against α (matplotlib).
@@ -23,7 +25,7 @@ included, stays importable from ``hf_taujp.evaluation``.
 # Re-exports (the private ones are imported by the recipes and tests).
 from ..linearize import LOSS_KEYS  # noqa: F401
 from .output import format_table, plot_alpha_curves, save_json
-from .predict import (_LABEL_KEYS, _batches, _collate, _default_predict, _device_of, _select, _to,  # noqa: F401
+from .predict import (_LABEL_KEYS, _batches, _collate, _default_predict, _device_of, _select, _split, _to,  # noqa: F401
                       accuracy, predictions)
 from .protocols import (DEFAULT_ALPHAS, _addition_protocol,  # noqa: F401
                         _linear_eval_fn, _linear_logits, _sum_vectors,

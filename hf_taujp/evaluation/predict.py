@@ -38,6 +38,14 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _split(batch: dict, device) -> tuple[dict, torch.Tensor | None]:
+    """(model inputs on `device`, gold labels or None): the loss inputs (`_LABEL_KEYS`) are never passed to
+    the model; the gold labels are the first present of them (`labels` first)."""
+    labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+    inputs = _to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, device)
+    return inputs, (None if labels is None else torch.as_tensor(labels).cpu())
+
+
 def _default_predict(model, batch: dict) -> torch.Tensor:
     out = model(**batch)
     logits = out["logits"] if isinstance(out, Mapping) else (out.logits if hasattr(out, "logits") else out)
@@ -54,11 +62,10 @@ def predictions(model: torch.nn.Module, dataset, *, batch_size: int = 32, collat
     dev = _device_of(model)
     try:
         for batch in _batches(dataset, batch_size, collate_fn):
-            labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-            inputs = _to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, dev)
+            inputs, labels = _split(batch, dev)
             preds.append((predict_fn or _default_predict)(model, inputs).cpu())
             if labels is not None:
-                golds.append(torch.as_tensor(labels).cpu())
+                golds.append(labels)
     finally:
         model.train(was)
     return torch.cat(preds), (torch.cat(golds) if golds else None)

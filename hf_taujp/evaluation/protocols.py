@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from ..errors import HfTaujpError
 from ..linearize import linearized_forward
-from ..merging.search import DEFAULT_GRID
-from .predict import _LABEL_KEYS, _batches, _device_of, _select, _to, accuracy, predictions
+from ..merging.search import DEFAULT_GRID, select_coefficient
+from .predict import _batches, _device_of, _select, _split, accuracy, predictions
 
 DEFAULT_ALPHAS = DEFAULT_GRID  # α grid of the task-arithmetic protocol: one definition, in merging.search
 
@@ -87,11 +87,10 @@ def _linear_logits(base: torch.nn.Module, vectors: Sequence, dataset, batch_size
     base.eval()
     try:
         for batch in _batches(dataset, batch_size, collate_fn):
-            labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+            inputs, labels = _split(batch, dev)
             if labels is None:
                 raise HfTaujpError("accuracy needs labels ('labels' or 'label') in the evaluation dataset")
-            golds.append(torch.as_tensor(labels).cpu())
-            inputs = _to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, dev)
+            golds.append(labels)
             for i, v in enumerate(vectors):
                 tangents = {k: v[k] if k in v.keys() else torch.zeros_like(params[k]) for k in keys}
                 p, t = linearized_forward(base, primals, tangents, (), inputs)
@@ -139,7 +138,9 @@ def evaluate_task_addition(
         task_vectors: `{task: TaskVector}`.
         eval_fn: `eval_fn(model, task, split) -> accuracy` with split in {"val", "test"}; or None with
             `datasets` for top-1 accuracy of the `logits` output.
-        alphas: the grid (default 0.00…1.00 step 0.05); α = 1 ("one-shot") is always evaluated.
+        alphas: the grid (default 0.00…1.00 step 0.05); α = 1 ("one-shot") is always evaluated. The best
+            α follows :func:`hf_taujp.merging.search.select_coefficient` (ties to 1e-9 → the α nearest 1;
+            NaN scores never chosen).
         linear: read the vectors with the linearized model (f_lin at θ0 + α Σ τ). With `datasets` and no
             eval_fn this uses f_lin(x; θ0 + α τ) = f(x; θ0) + α·J f(x; θ0)·τ: one jvp per task and split
             for the whole grid instead of one per α.
@@ -195,10 +196,10 @@ def _addition_protocol(tasks, single, alphas, linear, acc_fn, model_fn=lambda al
     if 1.0 not in [r["alpha"] for r in curve]:
         curve.append(score(1.0, "val"))
         curve.sort(key=lambda r: r["alpha"])
-    # Ties (to 1e-9, so float noise in a mean of ratios is no tie-breaker) go to the α nearest 1: a flat
-    # curve then reports α = 1, where task addition needs no coefficient search.
+    # The mean normalized accuracy where any task has one, else the mean absolute score; ties and
+    # undefined scores follow the package's one rule (select_coefficient: ties to 1e-9 → α nearest 1).
     key = "avg_norm" if any(r["avg_norm"] is not None for r in curve) else "avg_abs"
-    best = max(curve, key=lambda r: (round(r[key] if r[key] is not None else float("-inf"), 9), -abs(r["alpha"] - 1.0)))
+    best = curve[select_coefficient([r["alpha"] for r in curve], [r[key] for r in curve])]
     chosen = {r["alpha"] for r in curve}
     extra = [a for a in map(float, extra_alphas) if a not in chosen]
     if extra:
@@ -237,8 +238,13 @@ def evaluate_task_negation(
     """Task negation θ0 − α τ_target (Ilharco et al. 2023): on validation, α minimising target accuracy
     subject to control accuracy ≥ control_threshold × base control accuracy; then both on test.
 
-    eval_fn(model, task, split) with task in {target, control}. Returns base / chosen "alpha" / test
+    eval_fn(model, task, split) with task in {target, control}. Ties in target accuracy (to 1e-9) go to
+    the α nearest 0 (:func:`hf_taujp.merging.search.select_coefficient`); a NaN target score is never
+    chosen; when no α keeps the control accuracy, α = 0 (θ0 itself). Returns base / chosen "alpha" / test
     "target" and "control" accuracies and the validation "curve".
+
+    Raises:
+        MergeConfigError: empty ``alphas``, a NaN α, or NaN target scores at every admissible α.
     """
     base_val = {"target": eval_fn(base, target, "val"), "control": eval_fn(base, control, "val")}
     base_test = {"target": eval_fn(base, target, "test"), "control": eval_fn(base, control, "test")}
@@ -247,12 +253,17 @@ def evaluate_task_negation(
     for a in tqdm(list(alphas), desc="negation α", leave=False):
         m = neg.apply_to(base, float(a), linear=linear)
         curve.append({"alpha": float(a), "target": eval_fn(m, target, "val"), "control": eval_fn(m, control, "val")})
-    ok = [r for r in curve if r["control"] >= control_threshold * base_val["control"]]
-    chosen = min(ok, key=lambda r: (r["target"], r["alpha"])) if ok else {"alpha": 0.0}
-    m = neg.apply_to(base, chosen["alpha"], linear=linear)
+    # Only α keeping the control score count; among them the lowest target score, ties (to 1e-9) going to
+    # the α nearest 0, the smallest edit (select_coefficient, the package's one rule).
+    target_ok = [r["target"] if r["control"] >= control_threshold * base_val["control"] else None for r in curve]
+    if curve and all(t is None for t in target_ok):  # no α keeps the control score: θ0 unchanged
+        alpha = 0.0
+    else:
+        alpha = curve[select_coefficient([r["alpha"] for r in curve], target_ok, maximize=False, prefer=0.0)]["alpha"]
+    m = neg.apply_to(base, alpha, linear=linear)
     return {
         "linear": linear,
-        "alpha": chosen["alpha"],
+        "alpha": alpha,
         "base": {"val": base_val, "test": base_test},
         "target": eval_fn(m, target, "test"),
         "control": eval_fn(m, control, "test"),

@@ -23,6 +23,6 @@ from .merge import merge
 from .fisher import estimate_fisher, output_type_of
 from .regmean import estimate_gram
 from .recipe import cli_merge, load_recipe, merge_from_config
-from .search import search_coefficients
+from .search import DEFAULT_GRID, search_coefficients, select_coefficient
 from .statistics import FisherStatistics, GramStatistics, Statistics
 from .streaming import merge_streaming

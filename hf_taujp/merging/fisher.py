@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..errors import HfTaujpError
-from .statistics import FisherStatistics
+from .statistics import FisherStatistics, example_batches
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "decoder_input_ids",
                "decoder_attention_mask", "inputs_embeds")
@@ -166,8 +166,9 @@ def estimate_fisher(
     """Diagonal Fisher of ``model`` over ``data``: a DataLoader or an iterable (list, generator) of
     *batches* — dicts of tensors with a leading batch dimension — or a ``datasets.Dataset`` / torch
     ``Dataset`` / list of *examples* (dicts of un-batched values), batched here with ``collate_fn``
-    (default transformers' ``default_data_collator``) in batches of ``batch_size``. Batches are moved
-    to the model's device.
+    (default transformers' ``default_data_collator``) in batches of ``batch_size``
+    (:func:`~hf_taujp.merging.statistics.example_batches`, shared with ``estimate_gram``). Batches are
+    moved to the model's device.
 
     ``output_type`` (default: from the model, :func:`output_type_of`): how log p(ŷ | x) is read —
     ``sequence_classification`` (logits (B, C)), ``token_classification`` (logits (B, L, C), every
@@ -194,18 +195,6 @@ def estimate_fisher(
         output_type = output_type_of(model)
     elif output_type not in OUTPUT_TYPES:
         raise HfTaujpError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and not any(
-            isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[0].values()):
-        # a list of examples (no batched tensor in them: ints, lists, 0-d tensors): batch it like a dataset
-        if collate_fn is None:
-            from transformers import default_data_collator as collate_fn
-        loader = torch.utils.data.DataLoader(list(data), batch_size=batch_size, collate_fn=collate_fn)
-    elif not (hasattr(data, "column_names") or isinstance(data, torch.utils.data.Dataset)):
-        loader = data  # a DataLoader or any iterable (list, generator) of dict batches
-    else:
-        if collate_fn is None:
-            from transformers import default_data_collator as collate_fn
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_fn)
     was_training = model.training
     model.eval()
     names = set(parameters) if parameters is not None else None
@@ -221,21 +210,11 @@ def estimate_fisher(
     count = 0
     try:
         bar = tqdm(desc="fisher", unit="ex", total=max_examples, disable=not progress)
-        for batch in loader:
-            if not isinstance(batch, dict):
-                raise HfTaujpError(f"estimate_fisher needs dict batches (or a dataset / list of dict examples), got a "
-                                   f"{type(batch).__name__}")
-            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            if any(v.dim() == 0 for v in batch.values()):
-                raise HfTaujpError("estimate_fisher got a batch without a batch dimension (0-d tensors): pass a "
-                                   "list of batches, or a dataset / list of examples to batch here")
+        for batch, _ in example_batches(data, batch_size=batch_size, collate_fn=collate_fn, max_examples=max_examples,
+                                        device=device, who="estimate_fisher"):
+            batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
             if "label" in batch and "labels" not in batch:
                 batch["labels"] = batch.pop("label")
-            if max_examples is not None:
-                left = max_examples - count
-                if left <= 0:
-                    break
-                batch = {k: v[:left] for k, v in batch.items()}
             inputs = {k: v for k, v in batch.items() if k in _MODEL_KEYS}
             if "input_ids" in inputs and "attention_mask" not in inputs:
                 # without a mask HF models check the ids for padding with .item(): not vmap-able
@@ -275,8 +254,6 @@ def estimate_fisher(
         bar.close()
     finally:
         model.train(was_training)
-    if count == 0:
-        raise HfTaujpError("estimate_fisher got no examples")
     from ..fingerprints import fingerprint
 
     fp = fingerprint(model)

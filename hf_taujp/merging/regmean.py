@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import HfTaujpError
 from ..linearize import LOSS_KEYS
-from .statistics import GramStatistics
+from .statistics import GramStatistics, example_batches
 
 
 
@@ -75,19 +75,14 @@ def estimate_gram(
     ``decoder_attention_mask`` 0, used when their shape matches the input's leading dims) are neither
     summed nor counted (the reference includes padding rows). R per layer is recorded in
     ``extra["gram_rows"]``, the number of examples in ``num_examples``. Accumulated in float64 on the
-    model's device. ``data``: DataLoader / iterable of dict batches, or a dataset batched with
-    ``collate_fn`` (default transformers' ``default_data_collator``); each batch is moved to the model's
+    model's device. ``data``: DataLoader / iterable of dict batches, or a dataset / list of examples batched
+    with ``collate_fn`` (default transformers' ``default_data_collator``), read as ``estimate_fisher``
+    reads it (:func:`~hf_taujp.merging.statistics.example_batches`); each batch is moved to the model's
     device and passed as ``model(**batch)`` without its labels. The model runs in eval mode under
     ``torch.no_grad()``. RegMean uses the Grams of each *fine-tuned* model; pass its ``base`` to record
     the base fingerprint (checked by merges). Raises ``HfTaujpError`` for a batch that is not a dict,
     no examples, or layers never called.
     """
-    if not (hasattr(data, "column_names") or isinstance(data, torch.utils.data.Dataset)):
-        loader = data
-    else:
-        if collate_fn is None:
-            from transformers import default_data_collator as collate_fn
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_fn)
     layers = linear_layers(model, modules)
     if not layers:
         raise HfTaujpError("the model has no nn.Linear / Conv1D layers: nothing for RegMean")
@@ -118,19 +113,9 @@ def estimate_gram(
     try:
         bar = tqdm(desc="gram", unit="ex", total=max_examples, disable=not progress)
         with torch.no_grad():
-            for batch in loader:
-                if not isinstance(batch, dict):
-                    raise HfTaujpError(f"estimate_gram needs dict batches (a DataLoader / list of dicts of tensors, or "
-                                       f"a dataset of dict examples), got a {type(batch).__name__}")
-                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
-                         if k not in LOSS_KEYS}
-                n_b = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
-                if max_examples is not None:
-                    left = max_examples - count
-                    if left <= 0:
-                        break
-                    batch = {k: (v[:left] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                    n_b = min(n_b, left)
+            for batch, n_b in example_batches(data, batch_size=batch_size, collate_fn=collate_fn,
+                                              max_examples=max_examples, device=device, drop=tuple(LOSS_KEYS),
+                                              who="estimate_gram"):
                 masks[:] = [batch[k] for k in ("attention_mask", "decoder_attention_mask") if k in batch]
                 model(**batch)
                 count += n_b
@@ -140,8 +125,6 @@ def estimate_gram(
         for h in handles:
             h.remove()
         model.train(was_training)
-    if count == 0:
-        raise HfTaujpError("estimate_gram got no examples")
     missing = [n for n, g in acc.items() if g is None]
     if missing:
         raise HfTaujpError(f"layers never called during the forward passes: {missing[:5]} (pass modules=...)")

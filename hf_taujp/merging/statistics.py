@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from .. import hub
+from ..errors import HfTaujpError
 
 _PREFIX = {"fisher": "fisher", "gram": "gram"}
 
@@ -77,3 +78,62 @@ class FisherStatistics(Statistics):
 
 class GramStatistics(Statistics):
     kind = "gram"
+
+
+def example_batches(
+    data: Any,
+    *,
+    batch_size: int,
+    collate_fn=None,
+    max_examples: int | None = None,
+    device: torch.device | str = "cpu",
+    drop: tuple[str, ...] = (),
+    who: str = "the estimate",
+) -> Iterator[tuple[dict, int]]:
+    """The one way the statistics estimators (``estimate_fisher``, ``estimate_gram``) read their data.
+
+    ``data``: a DataLoader or any iterable (list, generator) of *batches* (dicts of tensors with a
+    leading batch dimension), or a ``datasets.Dataset`` / torch ``Dataset`` / list of *examples* (dicts
+    of un-batched values: ints, lists, 0-d tensors), batched here with ``collate_fn`` (default
+    transformers' ``default_data_collator``) in batches of ``batch_size``. Yields ``(batch, n)``: the
+    batch without the keys in ``drop``, its tensors moved to ``device``, cut so that at most
+    ``max_examples`` examples come out in all; ``n`` = its examples (the leading dimension).
+
+    Raises:
+        HfTaujpError: a batch that is not a dict, holds a tensor without a batch dimension, or no tensor;
+            no example at all (``who`` names the caller).
+    """
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and not any(
+            isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[0].values()):
+        data = list(data)  # a list of examples (no batched tensor in them): batched like a dataset
+    elif not (hasattr(data, "column_names") or isinstance(data, torch.utils.data.Dataset)):
+        yield from _cut(data, max_examples, device, drop, who)  # already batches
+        return
+    if collate_fn is None:
+        from transformers import default_data_collator as collate_fn
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_fn)
+    yield from _cut(loader, max_examples, device, drop, who)
+
+
+def _cut(loader, max_examples, device, drop, who) -> Iterator[tuple[dict, int]]:
+    count = 0
+    for batch in loader:
+        if not isinstance(batch, dict):
+            raise HfTaujpError(f"{who} needs dict batches (a DataLoader / iterable of dicts of tensors, or a dataset / "
+                               f"list of dict examples), got a {type(batch).__name__}")
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k not in drop}
+        tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+        if not tensors or any(v.dim() == 0 for v in tensors):
+            raise HfTaujpError(f"{who} got a batch without a batch dimension (no tensor, or 0-d tensors): pass a "
+                               "list of batches, or a dataset / list of examples to batch here")
+        n = tensors[0].shape[0]
+        if max_examples is not None:
+            left = max_examples - count
+            if left <= 0:
+                break
+            batch = {k: (v[:left] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            n = min(n, left)
+        count += n
+        yield batch, n
+    if count == 0:
+        raise HfTaujpError(f"{who} got no examples")
