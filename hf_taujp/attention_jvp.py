@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import HfTaujpError, UnsupportedAttentionError
@@ -367,5 +368,35 @@ def linearized_sdpa(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     bh = query.shape[0] * hq
     chunk = chunk_size or default_chunk_size(bh, query.shape[-2], key.shape[-2], query.shape[-1])
+    if not torch.is_grad_enabled():
+        out = _dual_no_grad(query, key, value, attn_mask, bool(is_causal), scale, int(chunk))
+        if out is not None:
+            return out
     out, _ = _LinearizedSDPA.apply(query, key, value, attn_mask, bool(is_causal), scale, int(chunk))
     return out
+
+
+def _dual_no_grad(q, k, v, mask, is_causal, scale, chunk):
+    """The same primal and tangent for ``torch.autograd.forward_ad`` dual inputs when no graph is recorded
+    (grad mode off: linearized generation), computed directly; None for other inputs.
+
+    Without a backward to provide, the two ``autograd.Function`` layers (``apply``'s argument binding, context
+    saving, the forward-AD bookkeeping of their inputs) are pure overhead: ≈ 0.2 ms per call, against the
+    ≈ 10 µs of a one-token decoding step's attention (benchmarks/bench_generation.py). functorch-wrapped
+    inputs (``torch.func.jvp``) keep the Function path: their tangents live at the transform's own level.
+    """
+    parts = []
+    for x in (q, k, v, mask):
+        if x is None:
+            parts.append((None, None))
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return None
+        parts.append(fwAD.unpack_dual(x))
+    (pq, tq), (pk, tk), (pv, tv), (pm, tm) = parts
+    if tq is None and tk is None and tv is None and tm is None:
+        return None  # no tangent at all: the Function path (plain SDPA semantics)
+    if tm is not None and pm.dtype == torch.bool:
+        tm = None
+    out, lse = _fused_forward(pq, pk, pv, pm, is_causal, scale)
+    return fwAD.make_dual(out, _tangent(pq, pk, pv, pm, out, lse, tq, tk, tv, tm, is_causal, scale, chunk))
