@@ -147,14 +147,18 @@ def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale, c, cau
     """tO of one grouped block of query rows (differentiable ops; o_c / lse_c None: recomputed).
 
     k, v, tk, tv: the keys the block sees; kk: optionally cat([k, tk], -1), so that
-    tQ·Kᵀ + Q·tKᵀ = cat([tQ, Q], -1)·kkᵀ is one matmul."""
+    tQ·Kᵀ + Q·tKᵀ = cat([tQ, Q], -1)·kkᵀ is one matmul (worth its copy of K and tK when several blocks
+    share it); without it, two matmuls."""
     p = _probs(_scores(q_c, k, scale, m_c, c, causal), lse_c)
     if o_c is None:
         o_c = torch.matmul(p, v)
     ts = None
-    if tq_c is not None and tk is not None:
-        kk = torch.cat([k, tk], -1) if kk is None else kk
+    if tq_c is not None and tk is not None and kk is not None:
         ts = torch.matmul(torch.cat([tq_c, q_c], -1), kk.transpose(-2, -1))
+    elif tq_c is not None and tk is not None:
+        ts = torch.matmul(tq_c, k.transpose(-2, -1))
+        ts = ts.add_(torch.matmul(q_c, tk.transpose(-2, -1))) if not ts.requires_grad else \
+            ts + torch.matmul(q_c, tk.transpose(-2, -1))
     elif tq_c is not None:
         ts = torch.matmul(tq_c, k.transpose(-2, -1))
     elif tk is not None:
@@ -193,8 +197,10 @@ def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
                                         for t in (q, k, v, out, tq, tk, tv, tm))
         mask = mask.float() if mask is not None and mask.is_floating_point() else mask
     with torch.no_grad():
-        kk = torch.cat([k, tk], -1) if tq is not None and tk is not None else None
-        for i0, i1 in _blocks(lq, chunk):
+        blocks_ = _blocks(lq, chunk)
+        # One (B, H, Lk, 2E) copy shared by the blocks; a single block (a decoding step) is cheaper without it.
+        kk = torch.cat([k, tk], -1) if tq is not None and tk is not None and len(blocks_) > 1 else None
+        for i0, i1 in blocks_:
             n = i1 if is_causal else lk
             m_c = _block_mask(mask, is_causal, i0, i1, hk, lk, q.device)
             tm_c = None if tm is None else _block_mask(tm, False, i0, i1, hk, lk, q.device)
