@@ -33,8 +33,14 @@ the size (torch 2.13 CPU; GPT-2's tanh-GELU has four such ops; ``torch.func.jvp`
 generation a torch-function mode (:class:`FastForwardAD`) computes those ops, and linear layers, from
 their primal and tangent explicitly (same values). A linear layer still costs three matrix-vector
 products per token (W·x, W·ẋ, τ·x) against one; stacking [x; ẋ] into one two-row matmul was tried
-and is no faster with MKL on CPU (a two-row sgemm costs two one-row ones here). The output layer needs
-only the sum, f_lin = W·(x + ẋ) + τ·x: two products (see :class:`_LinearizedOutputs`). Numbers:
+and is no faster with MKL on CPU (a two-row sgemm costs two one-row ones here; with weights read from
+memory rather than cache, ≈ 10% less for the W part). The output layer needs only the sum,
+f_lin = W·(x + ẋ) + τ·x: two products (see :class:`_LinearizedOutputs`). At one token per step the
+rest is per-op overhead, which a profile of a cached step (py-spy, GPT-2 4 × 256, vocab 1000) put in
+three places, now cut: the attention's two ``autograd.Function`` layers (≈ 0.2 ms a call; with grad mode
+off :func:`hf_taujp.attention_jvp.linearized_sdpa` computes primal and tangent of dual inputs directly,
+outside the mode), ``fwAD.unpack_dual`` / ``make_dual`` in the mode's rules (2.5 µs a call against 0.8 µs
+for the ATen ops at a known level), and the cat of K with its tangent for one query row. Numbers:
 ``benchmarks/bench_generation.py``.
 
 Limits: a cache passed in (``past_key_values``) cannot carry tangents from an earlier call and is
