@@ -12,6 +12,19 @@ fits a CPU budget; L ∈ ``--lengths`` (default 128, 512, 2048) at a constant 20
 default) and ``linearized-math`` (the math-kernel reference, ``forward_ad_attention(attention="math")``).
 Issue-13 targets: linearized / normal ≤ 1.8× time at every L, ≤ 1.6× step memory at L = 2048.
 
+``--keep K``: the output layer's input under ``logits_to_keep=K`` (the recipes' answer-position logits), on the
+``--sweep`` model (SmolLM2 widths, ``--sweep-layers`` layers, ``--sweep-vocab`` vocabulary), batch ``--batch`` ×
+``--seq``; a step = forward with ``logits_to_keep=K``, cross-entropy on the K kept positions, backward. transformers
+hands the head the strided view ``hidden_states[:, -K:, :]``; ``F.linear`` on it takes a slow batched path on CPU.
+The slow path is taken when the weight does not require grad (measured, torch 2.13: 50 ms against 8 ms for
+32 × 2 rows at vocab 8192; with a trainable weight both take 8 ms), i.e. for a frozen head: every linearized
+model, and the recipes' fine-tunes of the last decoder layers. Modes: ``normal (strided)`` (the model as loaded,
+output layer and embeddings frozen, the rest trained), ``normal (contiguous)`` (the same with
+``hf_taujp.linearize.contiguous_head_input`` kept on it, as the recipes do), ``linearized`` (every
+forward-mode pass of hf_taujp installs that hook) and ``linearized (strided)`` (the hook disabled: the
+linearized forward before the fix):
+    python benchmarks/bench_linearized_step.py --threads 1 --keep 2 --batch 32 --seq 64
+
 Modes (each step = forward, task loss, backward, zero_grad; the model in train mode, dropout 0):
 - ``normal``: every parameter trainable, ``model(input_ids, labels=input_ids).loss.backward()``.
 - ``linearized``: ``hf_taujp.linearize(model)`` (every parameter linearized, τ trainable), the loss is the
@@ -99,13 +112,43 @@ def _build(mode: str, batch: int, seq: int, arch: str = "gpt2", layers: int = 2,
     return step
 
 
+KEEP_MODES = ("normal (strided)", "normal (contiguous)", "linearized (strided)", "linearized")
+
+
+def _build_keep(mode: str, batch: int, seq: int, layers: int, vocab: int, keep: int):
+    """A training step with ``logits_to_keep=keep`` on the SmolLM2-shaped model (see ``--keep`` above)."""
+    import torch
+
+    import importlib
+
+    lin_mod = importlib.import_module("hf_taujp.linearize")  # the module (the package exports a function of that name)
+    torch.manual_seed(0)
+    model, vocab_size = _model("llama", layers, vocab, seq)
+    x = torch.randint(0, vocab_size, (batch, seq))
+    y = torch.randint(0, vocab_size, (batch * keep,))
+    if mode.startswith("normal"):
+        model.get_output_embeddings().weight.requires_grad_(False)  # frozen head (tied: the embeddings too)
+    if mode == "normal (contiguous)":
+        lin_mod.contiguous_head_input(model)
+    if mode == "linearized (strided)":
+        lin_mod.contiguous_head_input = lambda model: None  # this subprocess only: the forward before the fix
+    net = lin_mod.linearize(model) if mode.startswith("linearized") else model
+
+    def step():
+        logits = net(input_ids=x, logits_to_keep=keep).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y).backward()
+        net.zero_grad(set_to_none=True)
+
+    return step
+
+
 def run_mode(mode: str, batch: int, seq: int, steps: int, threads: int | None, arch: str = "gpt2", layers: int = 2,
-             vocab: int = 8192) -> dict:
+             vocab: int = 8192, keep: int = 0) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    step = _build(mode, batch, seq, arch, layers, vocab)
+    step = _build_keep(mode, batch, seq, layers, vocab, keep) if keep else _build(mode, batch, seq, arch, layers, vocab)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     wall, cpu = [], []
     for i in range(steps + 1):  # the first step is a warm-up (allocator, lazy init)
@@ -132,12 +175,16 @@ def main() -> None:
     ap.add_argument("--sweep-layers", type=int, default=2)
     ap.add_argument("--sweep-vocab", type=int, default=8192)
     ap.add_argument("--sweep-tokens", type=int, default=2048, help="tokens per batch (batch = tokens / L)")
+    ap.add_argument("--keep", type=int, default=0, help="logits_to_keep benchmark with this many kept positions (see top)")
     ap.add_argument("--arch", default="gpt2", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.mode:
-        print(json.dumps(run_mode(a.mode, a.batch, a.seq, a.steps, a.threads, a.arch, a.sweep_layers, a.sweep_vocab)))
+        print(json.dumps(run_mode(a.mode, a.batch, a.seq, a.steps, a.threads, a.arch, a.sweep_layers, a.sweep_vocab,
+                                  a.keep)))
         return
+    if a.keep:
+        return keep_table(a)
     if a.sweep:
         return sweep(a)
     modes = ["normal", "linearized"] + (["plain-jvp"] if a.plain else [])
@@ -173,6 +220,35 @@ def main() -> None:
     for m, r in rows.items():
         print(f"| {m:<11}| {r['wall']:>13.2f} | {r['cpu']:>10.2f} | {r['peak']:>12.0f} | {r['step']:>12.0f} |"
               f" {r['wall'] / n['wall']:>9.2f}x | {r['step'] / max(n['step'], 1):>13.2f}x |")
+
+
+def keep_table(a) -> None:
+    """Step time with ``logits_to_keep``: the strided head input against the contiguous one (fresh subprocess each)."""
+    load0 = os.getloadavg()
+    res: dict[str, list[dict]] = {m: [] for m in KEEP_MODES}
+    for r in range(a.rounds):
+        for mode in (KEEP_MODES if r % 2 == 0 else KEEP_MODES[::-1]):
+            cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--keep", str(a.keep), "--batch", str(a.batch),
+                   "--seq", str(a.seq), "--steps", str(a.steps), "--sweep-layers", str(a.sweep_layers),
+                   "--sweep-vocab", str(a.sweep_vocab)] + (["--threads", str(a.threads)] if a.threads else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
+            res[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{a.rounds} {mode}: CPU {statistics.median(res[mode][-1]['cpu']):.3f} s/step",
+                  file=sys.stderr, flush=True)
+    cpu = {m: statistics.median([c for x in rs for c in x["cpu"]]) for m, rs in res.items()}
+    wall = {m: statistics.median([w for x in rs for w in x["wall"]]) for m, rs in res.items()}
+    print(f"Llama-shaped (SmolLM2-135M widths, {a.sweep_layers} layers, vocab {a.sweep_vocab}, random init), batch "
+          f"{a.batch}x{a.seq}, logits_to_keep={a.keep}, forward + CE on the kept logits + backward, CPU, "
+          f"{a.threads or 'default'} thread(s), median of {a.rounds}x{a.steps} steps; load average before {load0[0]:.2f}, "
+          f"after {os.getloadavg()[0]:.2f}")
+    print(f"| {'mode':<21}| {'CPU s/step':>10} | {'wall s/step':>11} | {'strided / contiguous (CPU)':>26} |")
+    print("|" + "|".join("-" * w for w in (22, 12, 13, 28)) + "|")
+    for m in KEEP_MODES:
+        ref = "normal (contiguous)" if m.startswith("normal") else "linearized"
+        ratio = f"{cpu[m] / cpu[ref]:.1f}x" if "strided" in m else ""
+        print(f"| {m:<21}| {cpu[m]:>10.3f} | {wall[m]:>11.3f} | {ratio:>26} |")
 
 
 def sweep(a) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import HfTaujpError, UnsupportedAttentionError
@@ -146,14 +147,18 @@ def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale, c, cau
     """tO of one grouped block of query rows (differentiable ops; o_c / lse_c None: recomputed).
 
     k, v, tk, tv: the keys the block sees; kk: optionally cat([k, tk], -1), so that
-    tQ·Kᵀ + Q·tKᵀ = cat([tQ, Q], -1)·kkᵀ is one matmul."""
+    tQ·Kᵀ + Q·tKᵀ = cat([tQ, Q], -1)·kkᵀ is one matmul (worth its copy of K and tK when several blocks
+    share it); without it, two matmuls."""
     p = _probs(_scores(q_c, k, scale, m_c, c, causal), lse_c)
     if o_c is None:
         o_c = torch.matmul(p, v)
     ts = None
-    if tq_c is not None and tk is not None:
-        kk = torch.cat([k, tk], -1) if kk is None else kk
+    if tq_c is not None and tk is not None and kk is not None:
         ts = torch.matmul(torch.cat([tq_c, q_c], -1), kk.transpose(-2, -1))
+    elif tq_c is not None and tk is not None:
+        ts = torch.matmul(tq_c, k.transpose(-2, -1))
+        ts = ts.add_(torch.matmul(q_c, tk.transpose(-2, -1))) if not ts.requires_grad else \
+            ts + torch.matmul(q_c, tk.transpose(-2, -1))
     elif tq_c is not None:
         ts = torch.matmul(tq_c, k.transpose(-2, -1))
     elif tk is not None:
@@ -177,7 +182,7 @@ def _blocks(lq, chunk):
 
 
 def _keys(x, n):
-    return None if x is None else x[..., :n, :]
+    return x if x is None or x.shape[-2] == n else x[..., :n, :]
 
 
 def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
@@ -192,17 +197,22 @@ def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
                                         for t in (q, k, v, out, tq, tk, tv, tm))
         mask = mask.float() if mask is not None and mask.is_floating_point() else mask
     with torch.no_grad():
-        kk = torch.cat([k, tk], -1) if tq is not None and tk is not None else None
-        for i0, i1 in _blocks(lq, chunk):
+        blocks_ = _blocks(lq, chunk)
+        # One (B, H, Lk, 2E) copy shared by the blocks; a single block (a decoding step) is cheaper without it.
+        kk = torch.cat([k, tk], -1) if tq is not None and tk is not None and len(blocks_) > 1 else None
+        # One block with as many query as key heads (a decoding step): the block is the whole tensor, no regrouping.
+        whole = len(blocks_) == 1 and q.shape[1] == hk
+        rows = (lambda x, i0, i1: x) if whole else (lambda x, i0, i1: _rows(x, i0, i1, hk))  # noqa: E731
+        for i0, i1 in blocks_:
             n = i1 if is_causal else lk
             m_c = _block_mask(mask, is_causal, i0, i1, hk, lk, q.device)
             tm_c = None if tm is None else _block_mask(tm, False, i0, i1, hk, lk, q.device)
-            lse_c = None if lse is None else _rows(lse[..., None], i0, i1, hk).to(q.dtype)
-            to = _tangent_block(_rows(q, i0, i1, hk), _keys(k, n), _keys(v, n), _rows(out, i0, i1, hk), lse_c, m_c,
-                                None if tq is None else _rows(tq, i0, i1, hk), _keys(tk, n), _keys(tv, n), tm_c,
+            lse_c = None if lse is None else rows(lse[..., None], i0, i1).to(q.dtype)
+            to = _tangent_block(rows(q, i0, i1), _keys(k, n), _keys(v, n), rows(out, i0, i1), lse_c, m_c,
+                                None if tq is None else rows(tq, i0, i1), _keys(tk, n), _keys(tv, n), tm_c,
                                 scale, i1 - i0, is_causal, _keys(kk, n))
             blocks.append((i1 - i0, to))
-        return _join_rows(blocks, hk).to(dtype)
+        return (blocks[0][1] if whole else _join_rows(blocks, hk)).to(dtype)
 
 
 class _AttentionTangent(torch.autograd.Function):
@@ -367,5 +377,44 @@ def linearized_sdpa(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     bh = query.shape[0] * hq
     chunk = chunk_size or default_chunk_size(bh, query.shape[-2], key.shape[-2], query.shape[-1])
+    if not torch.is_grad_enabled():
+        out = _dual_no_grad(query, key, value, attn_mask, bool(is_causal), scale, int(chunk))
+        if out is not None:
+            return out
     out, _ = _LinearizedSDPA.apply(query, key, value, attn_mask, bool(is_causal), scale, int(chunk))
     return out
+
+
+def _dual_no_grad(q, k, v, mask, is_causal, scale, chunk):
+    """The same primal and tangent for ``torch.autograd.forward_ad`` dual inputs when no graph is recorded
+    (grad mode off: linearized generation), computed directly; None for other inputs.
+
+    Without a backward to provide, the two ``autograd.Function`` layers (``apply``'s argument binding, context
+    saving, the forward-AD bookkeeping of their inputs) are pure overhead: ≈ 0.2 ms per call, against the
+    ≈ 10 µs of a one-token decoding step's attention (benchmarks/bench_generation.py). functorch-wrapped
+    inputs (``torch.func.jvp``) keep the Function path: their tangents live at the transform's own level.
+    The ops below act on plain tensors (the duals' parts) with torch-function handling off: an enclosing
+    torch-function mode (generation's ``FastForwardAD``) would otherwise inspect each of them (≈ 1–3 µs an op).
+    Duals are taken apart and built with the ATen ops at the current level (``fwAD.unpack_dual`` /
+    ``make_dual`` add ≈ 2 µs of Python bookkeeping a call).
+    """
+    level = fwAD._current_level
+    if level < 0:
+        return None
+    with torch._C.DisableTorchFunction():
+        parts = []
+        for x in (q, k, v, mask):
+            if x is None:
+                parts.append((None, None))
+                continue
+            if torch._C._functorch.is_functorch_wrapped_tensor(x):
+                return None
+            parts.append(torch._unpack_dual(x, level))
+        (pq, tq), (pk, tk), (pv, tv), (pm, tm) = parts
+        if tq is None and tk is None and tv is None and tm is None:
+            return None  # no tangent at all: the Function path (plain SDPA semantics)
+        if tm is not None and pm.dtype == torch.bool:
+            tm = None
+        out, lse = _fused_forward(pq, pk, pv, pm, is_causal, scale)
+        to = _tangent(pq, pk, pv, pm, out, lse, tq, tk, tv, tm, is_causal, scale, chunk)
+        return torch._make_dual(out, to, level=level)

@@ -33,8 +33,14 @@ the size (torch 2.13 CPU; GPT-2's tanh-GELU has four such ops; ``torch.func.jvp`
 generation a torch-function mode (:class:`FastForwardAD`) computes those ops, and linear layers, from
 their primal and tangent explicitly (same values). A linear layer still costs three matrix-vector
 products per token (W·x, W·ẋ, τ·x) against one; stacking [x; ẋ] into one two-row matmul was tried
-and is no faster with MKL on CPU (a two-row sgemm costs two one-row ones here). The output layer needs
-only the sum, f_lin = W·(x + ẋ) + τ·x: two products (see :class:`_LinearizedOutputs`). Numbers:
+and is no faster with MKL on CPU (a two-row sgemm costs two one-row ones here; with weights read from
+memory rather than cache, ≈ 10% less for the W part). The output layer needs only the sum,
+f_lin = W·(x + ẋ) + τ·x: two products (see :class:`_LinearizedOutputs`). At one token per step the
+rest is per-op overhead, which a profile of a cached step (py-spy, GPT-2 4 × 256, vocab 1000) put in
+three places, now cut: the attention's two ``autograd.Function`` layers (≈ 0.2 ms a call; with grad mode
+off :func:`hf_taujp.attention_jvp.linearized_sdpa` computes primal and tangent of dual inputs directly,
+outside the mode), ``fwAD.unpack_dual`` / ``make_dual`` in the mode's rules (2.5 µs a call against 0.8 µs
+for the ATen ops at a known level), and the cat of K with its tangent for one query row. Numbers:
 ``benchmarks/bench_generation.py``.
 
 Limits: a cache passed in (``past_key_values``) cannot carry tangents from an earlier call and is
@@ -70,11 +76,19 @@ _CACHE_KWARGS = ("cache", "past_key_values", "cache_params")  # transformers 5.2
 # --------------------------------------------------------------------------------------------
 # Fast paths for forward AD
 # --------------------------------------------------------------------------------------------
-def _split(x: Any) -> tuple[Any, torch.Tensor | None]:
+# The rules below run on every hot op of a decoding step (≈ 100 per token for a 4-layer GPT-2), so they take
+# dual tensors apart and put them together with the ATen ops themselves, at the level of the enclosing
+# ``fwAD.dual_level()``: ``fwAD.unpack_dual`` / ``make_dual`` wrap the same ops in Python export / decomposition
+# bookkeeping that costs ≈ 2.5 µs a call against ≈ 0.8 µs (torch 2.13 CPU), more than the small
+# element-wise kernels they serve.
+def _split(x: Any, level: int) -> tuple[Any, torch.Tensor | None]:
     if isinstance(x, torch.Tensor):
-        p, t = fwAD.unpack_dual(x)
-        return p, t
+        return torch._unpack_dual(x, level)
     return x, None
+
+
+def _dual(p: torch.Tensor, t: torch.Tensor, level: int) -> torch.Tensor:
+    return torch._make_dual(p, _fit(t, p), level=level)
 
 
 def _operand(x: Any) -> bool:
@@ -90,74 +104,76 @@ def _fit(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _mul(a, b):
-    pa, ta = _split(a)
-    pb, tb = _split(b)
+def _mul(level, a, b):
+    pa, ta = _split(a, level)
+    pb, tb = _split(b, level)
     if (ta is None) == (tb is None):  # both dual (product rule needs both terms) or none: default path
         return NotImplemented
     p = pa * pb
-    return fwAD.make_dual(p, _fit(ta * pb if ta is not None else pa * tb, p))
+    return _dual(p, ta * pb if ta is not None else pa * tb, level)
 
 
-def _add(a, b, alpha=1):
-    pa, ta = _split(a)
-    pb, tb = _split(b)
+def _add(level, a, b, alpha=1):
+    pa, ta = _split(a, level)
+    pb, tb = _split(b, level)
     if (ta is None) == (tb is None):
         return NotImplemented
     p = pa + pb if alpha == 1 else pa + alpha * pb
     t = ta if ta is not None else (tb if alpha == 1 else alpha * tb)
-    return fwAD.make_dual(p, _fit(t, p))
+    return _dual(p, t, level)
 
 
-def _div(a, b):
-    pa, ta = _split(a)
-    pb, tb = _split(b)
+def _div(level, a, b):
+    pa, ta = _split(a, level)
+    pb, tb = _split(b, level)
     if ta is None or tb is not None:  # only dual / plain: d(a/b) = da / b
         return NotImplemented
     p = pa / pb
-    return fwAD.make_dual(p, _fit(ta / pb, p))
+    return _dual(p, ta / pb, level)
 
 
-def _linear(x, weight, bias=None):
+def _linear(level, x, weight, bias=None):
     """F.linear: out = W·x + b, tangent = W·ẋ + τ_W·x + τ_b with the terms of plain operands left out."""
-    px, tx = _split(x)
-    pw, tw = _split(weight)
-    pb, tb = _split(bias) if bias is not None else (None, None)
+    px, tx = _split(x, level)
+    pw, tw = _split(weight, level)
+    pb, tb = _split(bias, level) if bias is not None else (None, None)
     if tx is None and tw is None:
         return NotImplemented
     p = nn.functional.linear(px, pw, pb)
-    t = nn.functional.linear(tx, pw) if tx is not None else None
-    if tw is not None:
-        t = nn.functional.linear(px, tw) if t is None else t + nn.functional.linear(px, tw)
-    if tb is not None:
-        t = t + tb
-    return fwAD.make_dual(p, _fit(t, p))
+    if tx is not None:
+        t = nn.functional.linear(tx, pw, tb)  # W·ẋ + τ_b in one call
+        if tw is not None:
+            t += nn.functional.linear(px, tw)  # a fresh tensor: accumulate in place
+    else:
+        t = nn.functional.linear(px, tw, tb)
+    return _dual(p, t, level)
 
 
-def _addmm(bias, x, weight, *, beta=1, alpha=1):
+def _addmm(level, bias, x, weight, *, beta=1, alpha=1):
     """torch.addmm (GPT-2's Conv1D: b + x·W), same rule as :func:`_linear`."""
     if beta != 1 or alpha != 1:
         return NotImplemented
-    px, tx = _split(x)
-    pw, tw = _split(weight)
-    pb, tb = _split(bias)
+    px, tx = _split(x, level)
+    pw, tw = _split(weight, level)
+    pb, tb = _split(bias, level)
     if tx is None and tw is None:
         return NotImplemented
     p = torch.addmm(pb, px, pw)
-    t = tx.mm(pw) if tx is not None else None
-    if tw is not None:
-        t = px.mm(tw) if t is None else t + px.mm(tw)
-    if tb is not None:
-        t = t + tb
-    return fwAD.make_dual(p, _fit(t, p))
+    if tx is not None:
+        t = tx.mm(pw) if tb is None else torch.addmm(tb, tx, pw)
+        if tw is not None:
+            t.addmm_(px, tw)
+    else:
+        t = px.mm(tw) if tb is None else torch.addmm(tb, px, tw)
+    return _dual(p, t, level)
 
 
 _T = torch.Tensor
 _BINARY = {
-    _T.__mul__: _mul, _T.__rmul__: lambda a, b: _mul(b, a), torch.mul: _mul, _T.mul: _mul,
-    _T.__add__: _add, _T.__radd__: lambda a, b: _add(b, a), torch.add: _add, _T.add: _add,
-    _T.__sub__: lambda a, b: _add(a, b, -1), _T.__rsub__: lambda a, b: _add(b, a, -1),
-    torch.sub: lambda a, b: _add(a, b, -1), _T.sub: lambda a, b: _add(a, b, -1),
+    _T.__mul__: _mul, _T.__rmul__: lambda lv, a, b: _mul(lv, b, a), torch.mul: _mul, _T.mul: _mul,
+    _T.__add__: _add, _T.__radd__: lambda lv, a, b: _add(lv, b, a), torch.add: _add, _T.add: _add,
+    _T.__sub__: lambda lv, a, b: _add(lv, a, b, -1), _T.__rsub__: lambda lv, a, b: _add(lv, b, a, -1),
+    torch.sub: lambda lv, a, b: _add(lv, a, b, -1), _T.sub: lambda lv, a, b: _add(lv, a, b, -1),
     _T.__truediv__: _div, torch.div: _div, _T.div: _div,
 }
 
@@ -171,39 +187,55 @@ class FastForwardAD(TorchFunctionMode):
       operands only (a layer left out of the linearization has a plain W: PyTorch's rule would
       multiply x by a zero-tensor tangent, the slow path above).
 
+    Args:
+        level: the forward-AD level whose duals the rules read and build (what ``fwAD.dual_level()``
+            returns); ``None``: the innermost level open when the mode is entered.
+
     Values are those of PyTorch's own rules up to float rounding; every other op (and every call
     with keyword arguments this mode does not know) takes the default path. Active only inside
     :func:`linearized_generate`.
     """
 
+    def __init__(self, level: int | None = None):
+        super().__init__()
+        self._level = level
+
+    def __enter__(self):
+        if self._level is None:
+            self._level = fwAD._current_level  # the public API exposes the level only as dual_level()'s value
+        if self._level < 0:
+            raise HfTaujpError("FastForwardAD needs an open forward-AD level (inside `fwAD.dual_level()`).")
+        return super().__enter__()
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # The mode is popped off the stack while this runs, so calls below take the default path.
-        kwargs = kwargs or {}
         rule = _RULES.get(func)
         if rule is not None:
-            out = rule(args, kwargs)
+            out = rule(self._level, args, kwargs)
             if out is not NotImplemented:
                 return out
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
 
 
 def _binary_rule(f):
-    def rule(args, kwargs):
+    def rule(level, args, kwargs):
         if len(args) == 2 and not kwargs and _operand(args[0]) and _operand(args[1]):
-            return f(*args)
+            return f(level, *args)
         return NotImplemented
     return rule
 
 
-def _linear_rule(args, kwargs):
+def _linear_rule(level, args, kwargs):
+    kwargs = kwargs or {}
     if len(args) + len(kwargs) <= 3 and set(kwargs) <= {"bias"}:
-        return _linear(*args, **kwargs)
+        return _linear(level, *args, **kwargs)
     return NotImplemented
 
 
-def _addmm_rule(args, kwargs):
+def _addmm_rule(level, args, kwargs):
+    kwargs = kwargs or {}
     if len(args) == 3 and set(kwargs) <= {"beta", "alpha"}:
-        return _addmm(*args, **kwargs)
+        return _addmm(level, *args, **kwargs)
     return NotImplemented
 
 
@@ -358,7 +390,7 @@ def linearized_generate(
     from .linearize import jvp_ready  # one implementation of the checkpointing / eval-mode switch
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fwAD.dual_level())
+        level = stack.enter_context(fwAD.dual_level())
         duals = {k: fwAD.make_dual(p.detach(), tangents[k].detach().to(dtype=p.dtype, device=p.device))
                  for k, p in primals.items()}
         stack.enter_context(jvp_ready(model, "eval"))  # decoding: the authors' eval-mode linearization point
@@ -366,7 +398,7 @@ def linearized_generate(
         stack.enter_context(_reparametrize_module(model, duals, tie_weights=True, strict=False))
         stack.callback(_LinearizedOutputs(model, fuse_head=fast).close)
         if fast:
-            stack.enter_context(FastForwardAD())
+            stack.enter_context(FastForwardAD(level))
         out = model.generate(*args, **kwargs)
         if isinstance(out, Mapping):
             # Encoder states come from generate's own encoder call (not through the hook); the cache's

@@ -3,6 +3,7 @@ PyTorch's math SDPA kernel under forward AD, and float64 central finite differen
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -67,6 +68,28 @@ def test_primal_tangent_and_tangent_gradient_match_math_path(kernel, kind, hk):
     grads_ref = torch.autograd.grad((t_ref * w).sum(), tangents)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("kind", ["causal", "padded", "bias", "head-bias"])
+@pytest.mark.parametrize("hk", [HK, HQ], ids=["gqa", "mha"])
+@pytest.mark.parametrize("chunk", [4, L], ids=["blocks", "one-block"])
+def test_dual_inputs_without_grad_match_math_path_forward_ad(kernel, kind, hk, chunk):
+    # Linearized generation: fwAD dual tensors, grad mode off (the op computes primal and tangent directly,
+    # no autograd.Function). Reference: the math kernel's own forward-AD rule on the same duals.
+    (q, k, v), (tq, tk, tv) = _inputs(hk=hk)
+    f = _attn(linearized_sdpa, kind, chunk_size=chunk)
+    with torch.no_grad(), fwAD.dual_level():
+        duals = [fwAD.make_dual(x, t.detach()) for x, t in zip((q, k, v), (tq, tk, tv))]
+        p, t = fwAD.unpack_dual(f(*duals))
+        with sdpa_kernel([SDPBackend.MATH]):
+            p_ref, t_ref = fwAD.unpack_dual(_attn(F.scaled_dot_product_attention, kind)(*duals))
+        # one dual input (a plain query, as when only K/V projections are linearized)
+        _, t_kv = fwAD.unpack_dual(f(q, *duals[1:]))
+        with sdpa_kernel([SDPBackend.MATH]):
+            _, t_kv_ref = fwAD.unpack_dual(_attn(F.scaled_dot_product_attention, kind)(q, *duals[1:]))
+    torch.testing.assert_close(p, p_ref)
+    torch.testing.assert_close(t, t_ref)
+    torch.testing.assert_close(t_kv, t_kv_ref)
 
 
 @pytest.mark.parametrize("kind", ["causal", "padded", "bias"])

@@ -268,7 +268,7 @@ def test_fast_rules_take_over_mixed_dual_plain_ops_and_leave_the_rest():
     rules = generation._RULES
     with fwAD.dual_level():
         d = fwAD.make_dual(torch.ones(2), torch.ones(2))
-        assert rules[torch.Tensor.__mul__]((d, 0.5), {}) is not NotImplemented  # one dual side: explicit rule
-        assert rules[torch.Tensor.__mul__]((d, d), {}) is NotImplemented  # product rule: PyTorch's own
-        assert rules[torch.add]((d, 1.0), {"alpha": 2}) is NotImplemented  # unknown keyword: PyTorch's own
-        assert rules[torch.Tensor.__mul__]((torch.ones(2), 0.5), {}) is NotImplemented  # no dual at all
+        assert rules[torch.Tensor.__mul__](0, (d, 0.5), {}) is not NotImplemented  # one dual side: explicit rule
+        assert rules[torch.Tensor.__mul__](0, (d, d), {}) is NotImplemented  # product rule: PyTorch's own
+        assert rules[torch.add](0, (d, 1.0), {"alpha": 2}) is NotImplemented  # unknown keyword: PyTorch's own
+        assert rules[torch.Tensor.__mul__](0, (torch.ones(2), 0.5), {}) is NotImplemented  # no dual at all

@@ -1,14 +1,22 @@
 """f_lin(x; θ0+τ) = f(x; θ0) + J f(x; θ0)·τ, checked against float64 finite differences."""
 
 import copy
+import sys
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from hf_taujp.hub import HfTaujpError
-from hf_taujp.linearize import linearize, linearized_forward
+from hf_taujp.linearize import contiguous_head_input, linearize, linearized_forward
 
 
 def tiny_gpt2(attn="sdpa", dropout=0.0):
@@ -310,3 +318,47 @@ def test_routing_falls_back_to_eager_for_models_without_sdpa(supports_sdpa, expe
     model.transformer.h[0].attn.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
     linearize(model)(input_ids=torch.randint(0, 50, (1, 5)))
     assert seen == [expected] and model.config._attn_implementation_internal == "flash_attention_2"
+
+
+# ---------------------------------------------------------------------------------- logits_to_keep
+def test_logits_to_keep_slice_reaches_the_head_contiguous_with_unchanged_linearized_logits(monkeypatch):
+    # SmolLM2's layout in miniature: Llama, grouped-query attention, output layer tied to the embeddings.
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    x = torch.randint(0, 100, (3, 6))
+    tau = random_tau(model.named_parameters())
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(input_ids=x, logits_to_keep=2)
+    assert seen == [False]  # the unpatched forward hands the head a strided (3, 2, 32) view
+    # reference: the unpatched float64 forward, f(θ0) + central difference, on the same slice (ε = 1e-3:
+    # Llama's RMSNorm computes in float32 even in a float64 model, so a smaller ε drowns in its rounding)
+    base64, dir64 = fd_reference(model, tau, {"input_ids": x, "logits_to_keep": 2}, eps=1e-3)
+    seen.clear()
+    lin = linearize(model, tangents=tau)
+    out = lin(input_ids=x, logits_to_keep=2)
+    assert seen == [True]  # inside the linearized pass the head got a contiguous copy
+    assert out.logits.shape == (3, 2, 100)
+    torch.testing.assert_close(out.logits.double(), base64 + dir64, atol=1e-4, rtol=1e-4)
+    with monkeypatch.context() as mp:  # and the linearized pass without the hook (the strided slow path)
+        mp.setattr(sys.modules["hf_taujp.linearize"], "contiguous_head_input", lambda model: None)
+        seen.clear()
+        strided = lin(input_ids=x, logits_to_keep=2).logits
+        assert seen == [False]
+    torch.testing.assert_close(out.logits, strided, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.logits, lin(input_ids=x).logits[:, -2:], atol=1e-5, rtol=1e-5)
+    assert not model.lm_head._forward_pre_hooks  # the pass took its hook off again
+    # kept on a model (the recipes): once only, ordinary forwards unchanged
+    handle = contiguous_head_input(model)
+    assert handle is not None and contiguous_head_input(model) is None
+    seen.clear()
+    with torch.no_grad():
+        kept = model(input_ids=x, logits_to_keep=2).logits
+    assert seen == [True]
+    torch.testing.assert_close(kept.double(), base64, atol=1e-5, rtol=1e-5)
+    lin(input_ids=x, logits_to_keep=2)
+    assert len(model.lm_head._forward_pre_hooks) == 1  # the pass did not add or remove a second one
+    handle.remove()
+    assert contiguous_head_input(tiny_bert()) is None  # no output layer: nothing to do
