@@ -43,6 +43,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .evaluation import DEFAULT_ALPHAS, accuracy, evaluate_task_addition, format_table, taujp_matrix
 from .errors import HfTaujpError
+from .hub import check_repo_id
 from .task_vector import TaskVector, fingerprint
 from .trainer import TauJpConfig
 
@@ -251,13 +252,8 @@ def run_demo(
         raise HfTaujpError("the demo needs at least 2 tasks (τJp regularizes on the other tasks)")
     if len(set(tasks)) != len(tasks):
         raise HfTaujpError(f"--tasks lists a task twice: {tasks}")
-    if push_to_hub:  # fail before minutes of training, not after
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(push_to_hub)
-        except HFValidationError as e:
-            raise HfTaujpError(f"--push-to-hub {push_to_hub!r} is not a valid Hub repo id: {e}") from e
+    if push_to_hub:
+        check_repo_id(push_to_hub)
     if quick:
         sizes, steps, max_len, alphas, n_layers = (16, 8, 8), min(steps, 3), 12, (0.0, 0.5, 1.0), 1
     else:

@@ -358,6 +358,17 @@ def model_card(title: str, body: str, *, base_model: str | None = None, tags: It
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{body.strip()}\n")
 
 
+def check_repo_id(repo_id: str, option: str = "--push-to-hub") -> None:
+    """Raise HfTaujpError unless ``repo_id`` is a valid Hub repo id (huggingface_hub's own rule), so that a
+    run that will push fails before minutes of training, not after."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HfTaujpError(f"{option} {repo_id!r} is not a valid Hub repo id: {e}") from e
+
+
 def push_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,

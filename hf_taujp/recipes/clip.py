@@ -64,7 +64,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..evaluation import DEFAULT_ALPHAS, _addition_protocol, evaluate_task_negation, format_table, taujp_matrix
-from ..hub import HfTaujpError
+from ..hub import HfTaujpError, check_repo_id
 from ..linearize import LinearizedModule, linearized_forward
 from ..task_vector import fingerprint
 from .glue import SHAPE_ALPHAS, _rows, _threads, _weights_of
@@ -651,12 +651,7 @@ def run_clip(
         raise HfTaujpError(f"--data-dir {data_dir!r}: no such folder (use 'hub' or a folder with mnist/, fashion_mnist/)")
     control = negation_control_task(negation_control, task_names, data_dir)
     if push_to_hub:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(push_to_hub)
-        except HFValidationError as e:
-            raise HfTaujpError(f"--push-to-hub {push_to_hub!r} is not a valid Hub repo id: {e}") from e
+        check_repo_id(push_to_hub)
     from ..trainer import TauJpConfig
 
     # The Trainer's arguments, built first: under `accelerate launch` / torchrun they start the process group,

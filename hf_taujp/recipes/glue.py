@@ -32,8 +32,8 @@ from collections.abc import Sequence
 import torch
 
 from ..evaluation import DEFAULT_ALPHAS, _addition_protocol, taujp_matrix
-from ..hub import HfTaujpError
-from ..linearize import match_parameter_names
+from ..hub import HfTaujpError, check_repo_id
+from ..linearize import _accepts, match_parameter_names
 from ..task_vector import fingerprint
 from .models import SMOLLM2, load_text_model
 from .report import TAUJP_COLUMN_NOTE, addition_rows, per_task_rows, table, write_report
@@ -209,12 +209,7 @@ def run_glue(
     if decode not in ("rank", "generate"):
         raise HfTaujpError(f"decode must be 'rank' or 'generate', got {decode!r}")
     if push_to_hub:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(push_to_hub)
-        except HFValidationError as e:
-            raise HfTaujpError(f"--push-to-hub {push_to_hub!r} is not a valid Hub repo id: {e}") from e
+        check_repo_id(push_to_hub)
     # ---- tasks and data (all checks before the model is loaded)
     spec = {t.name: (t, d) for t, d in load_task_spec(task_spec)} if task_spec else {}
     clash = sorted(set(spec) & set(GLUE_TASKS))
@@ -242,7 +237,7 @@ def run_glue(
     if decode == "generate" and family != "seq2seq":
         raise HfTaujpError("--decode generate is for seq2seq (T5) models; causal LMs use rank classification")
     names = _trained_names(base, family, layers, target_modules)
-    keep_logits = family == "causal" and "logits_to_keep" in __import__("inspect").signature(base.forward).parameters
+    keep_logits = family == "causal" and _accepts(base, "logits_to_keep")
     encoder = TextToTextEncoder(tokenizer, family, max_length=max_length, keep_logits=keep_logits,
                                 penalized_output=penalized_output,
                                 decoder_start_token_id=getattr(base.config, "decoder_start_token_id", None))

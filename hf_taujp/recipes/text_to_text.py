@@ -23,7 +23,6 @@ unchanged). The result is checked against the full model on a probe batch before
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,20 +30,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..evaluation.predict import _device_of
 from ..hub import HfTaujpError
-from ..linearize import linearized_forward
+from ..linearize import _accepts, linearized_forward
 from .tasks import TextTask
 
 __all__ = ["TextToTextEncoder", "FrozenPrefix", "rank_scores", "generate_scores", "predict_scores", "answer_logits_output"]
 
 PENALIZED_OUTPUTS = ("answer", "all")
-
-
-def _accepts_kw(module: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class TextToTextEncoder:
@@ -324,7 +317,7 @@ class FrozenPrefix:
         examples (row-major, ``features`` + ``labels`` on the answer, as :meth:`features` of
         ``encode_choices`` would give) and the N prompt-only examples with ``features``.
         """
-        cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache_kw = "cache" if _accepts(self.model, "cache") else "past_key_values"
         K = len(answers)
         choices: list = [None] * (len(prompts) * K)
         prompt_out: list = [None] * len(prompts)
@@ -447,11 +440,6 @@ def _scoring_inputs(model: nn.Module, batch: dict, family: str) -> tuple[dict, t
     return inputs, labels
 
 
-def _device(model):
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def rank_scores(model: nn.Module, encoder: TextToTextEncoder, num_choices: int, choices: list[dict], *,
                 batch_size: int = 32, tangents: Mapping[str, torch.Tensor] | None = None,
@@ -469,7 +457,7 @@ def rank_scores(model: nn.Module, encoder: TextToTextEncoder, num_choices: int, 
         raise HfTaujpError(f"{len(choices)} choice examples is not a multiple of {K} label words")
     was = model.training
     model.eval()
-    dev = _device(model)
+    dev = _device_of(model)
     if tangents is not None:
         params = dict(model.named_parameters())
         missing = [k for k in tangents if k not in params]
@@ -477,7 +465,7 @@ def rank_scores(model: nn.Module, encoder: TextToTextEncoder, num_choices: int, 
             raise HfTaujpError(f"tangents name parameters the model lacks: {missing[:3]}")
         primals = {k: params[k] for k in tangents}
     per = max(1, batch_size // K)
-    use_cache = {"use_cache": False} if _accepts_kw(model, "use_cache") else {}
+    use_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
     n_rows = len(choices) // K
     key = "features" if choices and "features" in choices[0] else "input_ids"
     # rows (groups of K choices) in order of length: batches waste little on padding; order restored below
@@ -521,7 +509,7 @@ def generate_scores(model: nn.Module, encoder: TextToTextEncoder, task: TextTask
     words = [w.strip() for w in task.words]
     K = len(words)
     max_new = max(len(a) for a in encoder.answer_ids(task)) + 1
-    dev = _device(model)
+    dev = _device_of(model)
     was = model.training
     model.eval()
     cols = []
