@@ -347,9 +347,7 @@ def run_glue(
               f"best α {res['best_alpha']:.2f}")
         # written after every method, so a long run that stops early keeps what it finished
         rows_, notes, paths = _report(output_dir, results, runs, method_list, task_names, zero_shot, batch_size,
-                                      prefix_info, model_name, t_start, complete=False)
-    rows_, notes, paths = _report(output_dir, results, runs, method_list, task_names, zero_shot, batch_size,
-                                  prefix_info, model_name, t_start, complete=True)
+                                      prefix_info, model_name, t_start, complete=len(results["methods"]) == len(runs))
     print("\nTask addition on GLUE (dev set; α chosen on validation held out from train)\n" + table(rows_))
     print("\nper-task normalized score at α = 1:\n" + table(per_task_rows(results["methods"], task_names)))
     for n in notes:
