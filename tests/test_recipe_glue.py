@@ -268,6 +268,28 @@ def test_whole_recipe_on_tiny_models(tmp_path, kind, monkeypatch):
     assert tvn.kind == "nonlinear" and tvn.training["taujp_lambda"] == 0.0
 
 
+def test_a_glue_run_that_stops_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    """The report is rewritten after every method: a run that dies in the second method leaves the first
+    method's results, marked incomplete, in results.json and results.md."""
+    real_finetune, seen = glue_recipe.finetune, []
+
+    def finetune_then_die(base, names, method, *a, **kw):
+        seen.append(method.name)
+        if method.name == "linear":
+            raise RuntimeError("stopped in the second method")
+        return real_finetune(base, names, method, *a, **kw)
+
+    monkeypatch.setattr(glue_recipe, "finetune", finetune_then_die)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="second method"):
+        glue_recipe.run_glue(tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="nonlinear,linear",
+                             output_dir=str(out), steps=1, batch_size=4, max_train=40, max_dev=8, alphas=(0.0, 1.0),
+                             shape_alphas=(), layers=1, matrix_examples=4, eval_batch_size=8)
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["methods"]) == ["non-linear FT"] and saved["complete"] is False
+    assert "PARTIAL: 1 of 2" in (out / "results.md").read_text()
+
+
 def test_recipe_bad_input_fails_before_training(tmp_path):
     d = tiny_model_dir(tmp_path, "llama")
     with pytest.raises(HfTaujpError, match="unknown task"):

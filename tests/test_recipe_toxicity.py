@@ -209,7 +209,7 @@ def test_recipe_end_to_end_tiny(tmp_path, kind):
             assert r[key]["per_prompt_set"]["authors"]["n"] == 4 and r[key]["test_ppl"] > 1
     assert len(res["table"]) == 1 + 3 * 3
     saved = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
-    assert saved["methods"].keys() == res["methods"].keys()
+    assert saved["methods"].keys() == res["methods"].keys() and saved["complete"] is True
     assert os.path.isfile(os.path.join(out, "results.md")) and os.path.isfile(os.path.join(out, "tradeoff.png"))
     assert os.path.isfile(os.path.join(out, "task_vectors", "taujp", "config.json")) or \
         os.listdir(os.path.join(out, "task_vectors", "taujp"))
@@ -232,3 +232,28 @@ def test_shared_jigsaw_subset_loads_label_1_rows():
     s = tox.load_scorer("profanity-check")
     assert sum(v > 0.5 for v in s(texts[:50])) > 10  # label-1 rows are mostly flagged by the offline scorer
     assert general["reg"] and general["val"] and general["test"]
+
+
+def test_a_run_that_stops_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    """results.json / .md are rewritten after every method: a run that dies in the second method leaves the
+    first one's results on disk, marked incomplete."""
+    model_dir = tiny_model_dir(tmp_path, "gpt2")
+    out = str(tmp_path / "out")
+    calls = []
+    real = tox.finetune
+
+    def finetune_then_die(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped in the second method")
+        return real(*a, **k)
+
+    monkeypatch.setattr(tox, "finetune", finetune_then_die)
+    with pytest.raises(RuntimeError, match="second method"):
+        tox.main(["--model", model_dir, "--data-dir", data_dir(tmp_path), "--methods", "nonlinear,linear",
+                  "--output-dir", out, "--steps", "2", "--batch-size", "2", "--layers", "1", "--alphas", "0,1",
+                  "--n", "2", "--n-val", "2", "--max-new-tokens", "4", "--elicit", "no", "--scorer", "profanity-check",
+                  "--block-size", "16", "--val-tokens", "32", "--test-tokens", "32", "--threads", "1"])
+    saved = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
+    assert list(saved["methods"]) == ["non-linear FT"] and saved["complete"] is False
+    assert "PARTIAL" in open(os.path.join(out, "results.md"), encoding="utf-8").read()

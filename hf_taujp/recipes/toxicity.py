@@ -594,10 +594,12 @@ def run_toxicity(
                                        "seconds_per_step": stats["seconds_per_step"], "train_loss": stats["train_loss"]}
         print(f"[hf-taujp toxicity] {m.label}: chosen α {chosen:g}, toxic rate {reported['chosen']['toxic_rate']:.3f}, "
               f"test ppl {reported['chosen']['test_ppl']:.2f}")
-    rows = _table(results, list(prompt_sets))
-    results["table"] = rows
-    results["wall_time_s"] = round(time.time() - t_start, 1)
-    paths = _write(output_dir, results, rows, f"Toxicity negation ({model_name.split('/')[-1]})")
+        # written after every method, so a long run that stops early keeps what it finished
+        rows = _table(results, list(prompt_sets))
+        results["table"] = rows
+        results["complete"] = len(results["methods"]) == len(method_list)
+        results["wall_time_s"] = round(time.time() - t_start, 1)
+        paths = _write(output_dir, results, rows, f"Toxicity negation ({model_name.split('/')[-1]})")
     from ..evaluation import format_table
 
     print("\nToxicity negation (test generations and WikiText test perplexity; α chosen on validation)\n"
@@ -646,6 +648,8 @@ def _write(output_dir: str, results: dict, rows: list[dict], title: str) -> dict
              "θ0 + τ: the fine-tuned toxic model (α = −1), the other end of the scale",
              f"τJp: λ = {results['taujp']['lambda']}, penalty from step {results['taujp']['start_step']} "
              f"of {results['steps']}"]
+    if not results.get("complete", True):
+        notes.append(f"PARTIAL: {len(results['methods'])} method(s) finished so far")
     text = [f"# {title}", "", "```", format_table(rows), "```", "", *[f"- {n}" for n in notes]]
     atomic_write_text(paths["markdown"], "\n".join(text) + "\n")
     return paths
