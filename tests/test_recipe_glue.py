@@ -271,10 +271,9 @@ def test_whole_recipe_on_tiny_models(tmp_path, kind, monkeypatch):
 def test_a_glue_run_that_stops_keeps_the_methods_it_finished(tmp_path, monkeypatch):
     """The report is rewritten after every method: a run that dies in the second method leaves the first
     method's results, marked incomplete, in results.json and results.md."""
-    real_finetune, seen = glue_recipe.finetune, []
+    real_finetune = glue_recipe.finetune
 
     def finetune_then_die(base, names, method, *a, **kw):
-        seen.append(method.name)
         if method.name == "linear":
             raise RuntimeError("stopped in the second method")
         return real_finetune(base, names, method, *a, **kw)
