@@ -56,7 +56,7 @@ def check(path, reference=None):
         checks["val curve within 0.03 of peak on [0.8, 1.2]"] = (round(peak - min(band), 3), peak - min(band) <= 0.03)
         rows.append((label + (" [chosen on validation]" if lam in chosen else ""), checks))
         val1 = next(c["avg_abs"] for c in t["curve"] if abs(c["alpha"] - 1.0) < 1e-9)
-        summary.append({"run": f"{path}: {label}", "config": describe(r), "val @ α=1": val1,
+        summary.append({"run": f"{path}: {label}", "config": f"λ {lam:g}, {describe(r)}", "val @ α=1": val1,
                         "single": mean(t["single"]["test"].values()), "one-shot abs": one["avg_abs"],
                         "one-shot norm": one["avg_norm"], "off-diag": t["taujp_offdiag_mean"],
                         "curve gap": peak - min(band)})
