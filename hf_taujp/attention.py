@@ -11,7 +11,9 @@ Hub-kernel implementations have no JVP. Inside :func:`forward_ad_attention`:
 * ``attention="fused"`` (the default): transformers' ``"sdpa"`` attention function is replaced by
   :func:`jvp_sdpa_attention_forward`, which runs :func:`hf_taujp.attention_jvp.linearized_sdpa`
   (fused primal, blockwise closed-form tangent, fused backward: O(L) memory, see that module);
-  calls it does not cover (dropout > 0 in train mode) go to the math kernel;
+  calls it does not cover (dropout > 0 in train mode, nested tensors) go to the math kernel, and so does every
+  call when a user-registered "sdpa" function is kept; each such reason is said once per process, as a
+  :class:`MathAttentionWarning` naming the reason and its memory cost (math path: O(L²) memory);
 * ``attention="math"``: the reference path, PyTorch's decomposed math SDPA kernel under forward AD,
   which materialises (batch, heads, L, L) score matrices for the primal, the tangent and their
   backward (quadratic memory: at L = 2048 it dominates a step, benchmarks/bench_attention_jvp.py);
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -32,7 +35,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import HfTaujpError
 
-__all__ = ["forward_ad_attention", "SAFE_ATTN_IMPLEMENTATIONS", "ATTENTION_PATHS", "jvp_sdpa_attention_forward"]
+__all__ = ["forward_ad_attention", "SAFE_ATTN_IMPLEMENTATIONS", "ATTENTION_PATHS", "jvp_sdpa_attention_forward",
+           "MathAttentionWarning"]
 
 ATTENTION_PATHS = ("fused", "math")
 # The path chosen by the innermost enclosing forward_ad_attention(attention=...); None: "fused".
@@ -41,6 +45,31 @@ _PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("hf_taujp_att
 # Implementations whose forward is made of ordinary differentiable ops (with the math SDPA backend).
 SAFE_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "encoder", "decoder")
+
+
+class MathAttentionWarning(UserWarning):
+    """Attention inside a linearized forward runs PyTorch's math SDPA kernel instead of the fused linearized op.
+
+    The math kernel under forward AD keeps (batch, heads, L_q, L_k) score matrices for the primal, the tangent
+    and their backward: at L = 2048 that is ≈ 12× the memory of an ordinary step (benchmarks/bench_attention_jvp.py)
+    where the fused op keeps O(L). Silence it with
+    ``warnings.filterwarnings("ignore", category=hf_taujp.attention.MathAttentionWarning)``.
+    """
+
+
+# Reasons already said in this process: a linearized step calls attention once per layer, a run for hours.
+_SAID: set[str] = set()
+
+
+def _say_math_path(reason: str) -> None:
+    """Warn once per process and ``reason`` that attention leaves the fused path (the reason and its memory cost)."""
+    if reason in _SAID:
+        return
+    _SAID.add(reason)
+    warnings.warn(f"hf-taujp linearized attention: {reason}. That attention runs on the math path (PyTorch's math "
+                  "SDPA kernel or eager attention under forward AD, which keep (batch, heads, L_q, L_k) scores for the "
+                  "primal, the tangent and their backward): math path: O(L²) memory, against O(L) on the fused path. "
+                  "Said once per reason.", MathAttentionWarning, stacklevel=2)
 
 
 def _configs(module: torch.nn.Module) -> list:
@@ -90,6 +119,9 @@ def forward_ad_attention(module: torch.nn.Module | None = None, attention: str |
                 if impl is not None and impl not in SAFE_ATTN_IMPLEMENTATIONS:
                     changed.append((cfg, impl))
                     _set_impl(cfg, target)
+                    if target == "eager" and path == "fused":
+                        _say_math_path(f"{type(module).__name__} does not support SDPA: its {impl!r} attention runs "
+                                       "as eager inside the jvp")
         with sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
@@ -117,6 +149,9 @@ def _swap_sdpa(path: str):
     mapping = AttentionInterface._global_mapping
     previous = mapping.get("sdpa")
     if previous not in (sdpa_attention_forward, jvp_sdpa_attention_forward):
+        if path == "fused":
+            _say_math_path(f"the \"sdpa\" attention function registered in transformers' AttentionInterface "
+                           f"({getattr(previous, '__qualname__', previous)!s}) is not transformers' own and is kept")
         return None
     mapping["sdpa"] = jvp_sdpa_attention_forward if path == "fused" else sdpa_attention_forward
 
@@ -131,10 +166,13 @@ def jvp_sdpa_attention_forward(module, query, key, value, attention_mask, dropou
     """transformers' ``sdpa_attention_forward`` (same arguments and decisions: causal flag, key crop,
     position-bias mask) computed by :func:`hf_taujp.attention_jvp.linearized_sdpa`.
 
-    query (B, Hq, Lq, E), key/value (B, Hk, Lk, E) with Hq a multiple of Hk (GQA), attention_mask bool or
+    query (B, Hq, Lq, E), key (B, Hk, Lk, E), value (B, Hk, Lk, Ev) with Hq a multiple of Hk (GQA) and Ev = E or
+    not (DeepSeek-V2/V3: E = 192, Ev = 128), attention_mask bool or
     additive float (B | 1, 1 | Hq, Lq, Lk) or None; returns ((B, Lq, Hq, Ev) contiguous, None).
-    Dropout > 0 (train mode with attention dropout) is not covered: that call runs transformers' own
-    function, i.e. the math kernel inside the block.
+    Dropout > 0 (train mode with attention dropout) and the rare inputs the op does not cover
+    (:class:`~hf_taujp.errors.UnsupportedAttentionError`) run transformers' own function, i.e. the math kernel inside
+    the block, and say so once per reason (:class:`MathAttentionWarning`). ``softcap`` goes to transformers' function
+    too, which refuses it as it does outside the jvp.
     """
     from transformers.integrations import sdpa_attention as hf_sdpa
 
@@ -145,7 +183,12 @@ def jvp_sdpa_attention_forward(module, query, key, value, attention_mask, dropou
                                               scaling=scaling, is_causal=is_causal, position_bias=position_bias,
                                               **kwargs)
 
-    if dropout or kwargs.get("softcap") is not None:
+    if kwargs.get("softcap") is not None:
+        return transformers_sdpa()  # raises, as it does outside the jvp
+    if dropout:
+        # One jvp must share one dropout mask between primal and tangent: only the math kernel's own rule does.
+        _say_math_path('attention dropout > 0 (a model in train mode, linearized with mode="train" / '
+                       'linearization_mode="train")')
         return transformers_sdpa()
     q, k, v, mask, bias = query, key, value, attention_mask, position_bias
     q_length = q.shape[2]
@@ -160,7 +203,8 @@ def jvp_sdpa_attention_forward(module, query, key, value, attention_mask, dropou
         causal = False
     try:
         out = linearized_sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-    except UnsupportedAttentionError:  # a shape case the op does not cover (e.g. batch broadcasting)
+    except UnsupportedAttentionError as e:  # a case the op does not cover (nested tensors, ...): said, then math
+        _say_math_path(str(e))
         return transformers_sdpa()
     return out.transpose(1, 2).contiguous(), None
 

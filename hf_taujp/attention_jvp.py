@@ -7,8 +7,9 @@ matrices for the primal, the tangent and their backward. :func:`linearized_sdpa`
 ``torch.func.jvp`` / ``torch.autograd.forward_ad`` and under backward through the tangent:
 
 * **primal** O = softmax(S)·V, S = s·Q·Kᵀ + M, by the fused kernel (the CPU flash kernel
-  ``_scaled_dot_product_flash_attention_for_cpu``, which also returns the row log-sum-exp; elsewhere
-  ``F.scaled_dot_product_attention`` with every backend allowed);
+  ``_scaled_dot_product_flash_attention_for_cpu``, which also returns the row log-sum-exp and wants one head
+  size for Q, K and V: with Ev ≠ E the smaller side is zero-padded, which changes neither S nor the first Ev
+  columns of P·V; elsewhere ``F.scaled_dot_product_attention`` with every backend allowed);
 * **tangent** (sCM paper, Lu & Song, arXiv 2410.11081, App. F), with P = softmax(S):
 
       tS = s·(tQ·Kᵀ + Q·tKᵀ) + tM,      tO = P·tV + (P∘tS)·V − rowsum(P∘tS) ⊙ O,
@@ -25,14 +26,21 @@ matrices for the primal, the tangent and their backward. :func:`linearized_sdpa`
   block forward and an autograd backward per block; not measured). The primal's own backward
   (a loss on O) is the fused SDPA backward, or the same blockwise recomputation for a trainable mask.
 
-Shapes: query (B, Hq, Lq, E), key (B, Hk, Lk, E), value (B, Hk, Lk, Ev); Hq = Hk, or Hq a multiple
-of Hk with ``enable_gqa=True`` (query head h uses key/value head h // (Hq/Hk), as transformers'
-``repeat_kv``; nothing is repeated in memory); ``attn_mask`` bool (True = attend) or float (added to S), broadcastable
-to (B, Hq, Lq, Lk); ``is_causal`` is upper-left aligned as in PyTorch. Output (B, Hq, Lq, Ev).
+Shapes (those of ``F.scaled_dot_product_attention``): query (N..., Hq, Lq, E), key (N..., Hk, Lk, E), value
+(N..., Hk, Lk, Ev); the leading dims N... broadcast between the three (none: 2-D inputs; 3-D inputs: dim 0 plays the
+heads, as in SDPA) and are flattened into one batch dim (a copy only where a dim really broadcasts); Ev may differ
+from E (DeepSeek-V2/V3 attention: E = 192, Ev = 128). Heads: Hq = Hk; or Hq a multiple of Hk with
+``enable_gqa=True`` (query head h uses key/value head h // (Hq/Hk), as transformers' ``repeat_kv``; nothing is repeated
+in memory); without ``enable_gqa`` the heads broadcast as SDPA's batched matmul does (Hk = 1: one key/value head
+for all, run as GQA). ``attn_mask`` bool (True = attend) or float (added to S, cast to the query dtype), broadcastable
+to (N..., Hq, Lq, Lk); ``is_causal`` is upper-left aligned as in PyTorch (with Lq > Lk the rows i ≥ Lk see every key:
+run as a causal (Lk × Lk) call and a full one). Output (N..., Hq, Lq, Ev).
 
 Not covered (raise :class:`UnsupportedAttentionError`; the caller falls back to the math path):
-dropout_p > 0 (one jvp must sample one dropout mask for primal and tangent), nested tensors,
-attn_mask together with is_causal, is_causal with Lq > Lk, batch broadcasting between query and key.
+dropout_p > 0 (one jvp must sample one dropout mask for primal and tangent), nested tensors, ``enable_gqa`` with
+different key and value head counts. Inputs SDPA itself refuses (query/key head sizes or key/value lengths that
+differ, head counts or batch dims that do not broadcast, attn_mask together with is_causal, an integer mask, mixed
+dtypes) raise :class:`~hf_taujp.errors.HfTaujpError` naming the mismatch.
 """
 
 from __future__ import annotations
@@ -72,11 +80,31 @@ def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def _same_head_size(q, k, v):
+    """(q, k, v) zero-padded on the last dim to one head size max(E, Ev), for the CPU flash kernels, which refuse
+    Ev ≠ E ("Q/K/V should have the same head size"; F.sdpa sends that shape to the math kernel).
+
+    Exact, forward and backward: zero columns of Q and K add 0 to every score of S = s·Q·Kᵀ (the scale s is
+    passed explicitly, from the unpadded E); zero columns of V give zero columns of O = P·V and of dV = Pᵀ·dO,
+    and with dO zero-padded too, dP = dO·Vᵀ and rowsum(dO∘O) are unchanged. Costs one padded copy of the smaller
+    side (O(L)). Inputs of equal head sizes are returned as they are."""
+    e, ev = q.shape[-1], v.shape[-1]
+    if e == ev:
+        return q, k, v
+    if ev < e:
+        return q, k, torch.nn.functional.pad(v, (0, e - ev))
+    return torch.nn.functional.pad(q, (0, ev - e)), torch.nn.functional.pad(k, (0, ev - e)), v
+
+
 def _fused_forward(q, k, v, mask, is_causal, scale):
     """(O, lse or None) by a fused kernel; plain tensors (no duals) only."""
     if _cpu_flash(q):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+        qp, kp, vp = _same_head_size(q, k, v)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qp, kp, vp, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+        if vp is not v:  # drop V's zero columns
+            out = out[..., :v.shape[-1]].contiguous()
+        return out, lse
     with sdpa_kernel(_ALL_BACKENDS):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                                 scale=scale, enable_gqa=q.shape[1] != k.shape[1]), None
@@ -85,8 +113,15 @@ def _fused_forward(q, k, v, mask, is_causal, scale):
 def _fused_backward(g, q, k, v, mask, out, lse, is_causal, scale):
     """The attention vjp at (q, k, v): (dQ, dK, dV) for dO = g (fused backward kernel)."""
     if lse is not None and _cpu_flash(q):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            g.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+        qp, kp, vp = _same_head_size(q, k, v)
+        if vp is not v:  # the forward's padded output and a zero-padded dO (see _same_head_size)
+            pad = (0, vp.shape[-1] - v.shape[-1])
+            g, out = torch.nn.functional.pad(g, pad), torch.nn.functional.pad(out, pad)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g.contiguous(), qp, kp, vp, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+        if qp is not q or vp is not v:
+            dq, dk, dv = dq[..., :q.shape[-1]], dk[..., :k.shape[-1]], dv[..., :v.shape[-1]]
+        return dq, dk, dv
     with torch.enable_grad(), sdpa_kernel(_ALL_BACKENDS):
         qkv = [t.detach().requires_grad_() for t in (q, k, v)]
         o = torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=is_causal, scale=scale,
@@ -340,48 +375,149 @@ def linearized_sdpa(
         chunk_size: query rows per tangent block (default :func:`default_chunk_size`).
 
     Returns:
-        (B, Hq, Lq, Ev), equal to SDPA's output up to rounding; inside ``torch.func.jvp`` its tangent is
+        (N..., Hq, Lq, Ev), equal to SDPA's output up to rounding; inside ``torch.func.jvp`` its tangent is
         the closed form above, and gradients flow through the tangent to (tQ, tK, tV).
 
     Raises:
-        UnsupportedAttentionError: dropout_p > 0, is_causal with attn_mask or with more queries than keys,
-            nested tensors, a head count mismatch without enable_gqa, batch broadcasting between
-            query and key/value.
+        UnsupportedAttentionError: dropout_p > 0, nested tensors, ``enable_gqa`` with different key and value
+            head counts (the caller may run the math kernel instead).
+        HfTaujpError: inputs SDPA refuses too (listed in the module docstring), named in the message.
     """
     if dropout_p:
         raise UnsupportedAttentionError(f"linearized_sdpa has no dropout (dropout_p={dropout_p}); use the math path")
-    if is_causal and attn_mask is not None:
-        raise UnsupportedAttentionError("linearized_sdpa: is_causal and attn_mask together (as SDPA, pick one)")
-    if is_causal and query.shape[-2] > key.shape[-2]:
-        raise UnsupportedAttentionError(f"linearized_sdpa: is_causal with {query.shape[-2]} queries > "
-                                        f"{key.shape[-2]} keys is not covered")
     if query.is_nested or key.is_nested or value.is_nested:
         raise UnsupportedAttentionError("linearized_sdpa: nested tensors are not supported")
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise UnsupportedAttentionError(
-            f"linearized_sdpa expects 4-D (B, H, L, E) inputs, got {query.dim()}, {key.dim()}, {value.dim()}-D")
-    hq, hk = query.shape[1], key.shape[1]
-    if hq != hk:
-        if not enable_gqa or hq % hk or value.shape[1] != hk:
-            raise UnsupportedAttentionError(
-                f"linearized_sdpa: {hq} query heads vs {hk} key/value heads (enable_gqa={enable_gqa})")
-    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
-        raise UnsupportedAttentionError(f"linearized_sdpa: batch sizes differ ({query.shape[0]}, {key.shape[0]}, "
-                                        f"{value.shape[0]}); SDPA's batch broadcasting is not covered")
-    if attn_mask is not None:
-        if attn_mask.dim() > 4:
-            raise UnsupportedAttentionError(f"linearized_sdpa: attn_mask has {attn_mask.dim()} dims (at most 4)")
-        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        if attn_mask.shape[1] not in (1, hq):
-            raise UnsupportedAttentionError(f"linearized_sdpa: attn_mask heads {attn_mask.shape[1]} vs {hq} query heads")
+    _check_inputs(query, key, value, attn_mask, is_causal)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    bh = query.shape[0] * hq
-    chunk = chunk_size or default_chunk_size(bh, query.shape[-2], key.shape[-2], query.shape[-1])
+    q, k, v, mask, shape = _as_batched(query, key, value, attn_mask, enable_gqa)
+    out = _attention(q, k, v, mask, bool(is_causal), scale, chunk_size)
+    return out if shape is None else out.reshape(shape)
+
+
+def _check_inputs(q, k, v, mask, is_causal) -> None:
+    """One-line errors for what SDPA itself refuses, before any kernel runs (the CPU flash kernel's own
+    messages name neither the argument nor the fix)."""
+    if min(q.dim(), k.dim(), v.dim()) < 2:
+        raise HfTaujpError(f"linearized_sdpa: query, key and value need at least (L, E) dims, got {q.dim()}, "
+                           f"{k.dim()}, {v.dim()}-D")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise HfTaujpError(f"linearized_sdpa: query, key and value must share one floating dtype, got {q.dtype}, "
+                           f"{k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise HfTaujpError(f"linearized_sdpa: query head size {q.shape[-1]} vs key head size {k.shape[-1]} "
+                           "(they must agree; the value's may differ)")
+    if k.shape[-2] != v.shape[-2]:
+        raise HfTaujpError(f"linearized_sdpa: {k.shape[-2]} keys vs {v.shape[-2]} values")
+    if mask is not None:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise HfTaujpError(f"linearized_sdpa: attn_mask must be bool (True = attend) or float (added to the "
+                               f"scores), got {mask.dtype}")
+        if is_causal:
+            raise HfTaujpError("linearized_sdpa: is_causal and attn_mask together (SDPA's math kernel refuses them "
+                               "too): put the causal pattern into attn_mask")
+
+
+def _as_batched(q, k, v, mask, enable_gqa):
+    """(q, k, v, mask, shape): the inputs as the 4-D core takes them, and the output shape to give back
+    (None: the core's own).
+
+    Core shapes: q (N, Hq, Lq, E), k (N, Hk, Lk, E), v (N, Hk, Lk, Ev) with Hq a multiple of Hk, mask
+    (N | 1, Hq | 1, Lq | 1, Lk | 1) in the query dtype. SDPA's broadcasting (its math kernel's batched matmuls)
+    is rebuilt with differentiable views before the op: singleton dims are prepended up to 4-D, broadcast dims
+    expanded, leading dims flattened. A view of an expanded dim is free; flattening it copies (O(L) for q, k, v;
+    a mask is expanded only where its own leading dims are not all 1). Autograd and forward AD see only these
+    views, so gradients and tangents of a broadcast input are summed over its copies as SDPA's are. The common
+    call (4-D, one batch size, Hq = Hk or GQA, a 4-D mask) takes none of these ops: linearized generation
+    calls this once per layer and token.
+    """
+    hq, hk, hv = (x.shape[-3] if x.dim() > 2 else 1 for x in (q, k, v))
+    if enable_gqa and not hq == hk == hv:
+        if hk != hv:
+            raise UnsupportedAttentionError(f"linearized_sdpa: enable_gqa with {hk} key heads vs {hv} value heads "
+                                            "is not covered")
+        if hk == 0 or hq % hk:
+            raise HfTaujpError(f"linearized_sdpa: {hq} query heads are not a multiple of {hk} key/value heads "
+                               "(enable_gqa=True)")
+        h, gqa = hq, True
+    else:
+        h = _broadcast((hq, hk, hv), "query, key and value head counts (enable_gqa=True for grouped-query attention)")
+        gqa = hk == hv == 1 and h > 1  # one key/value head for every query head: the GQA path, K and V not copied
+    lq, lk, ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    if (q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0] and hq == h
+            and (gqa or hk == hv == h) and (mask is None or mask.dim() == 4 and mask.dtype in (torch.bool, q.dtype))):
+        _check_mask(mask, (q.shape[0], h, lq, lk))
+        return q, k, v, mask, None  # the common call: nothing to do
+    out_nd = max(q.dim(), k.dim(), v.dim())
+    nd = max(4, out_nd)
+    q, k, v = (_lift(x, nd) for x in (q, k, v))
+    if hq != h:  # one query head for several key/value heads
+        q = q.expand(q.shape[:-3] + (h,) + q.shape[-2:])
+    if not gqa:
+        k, v = (x if x.shape[-3] == h else x.expand(x.shape[:-3] + (h,) + x.shape[-2:]) for x in (k, v))
+    lead = _broadcast_shapes((q.shape[:-3], k.shape[:-3], v.shape[:-3]), "query, key and value batch dims")
+    n = math.prod(lead)
+
+    def flat(x):
+        return x.expand(lead + x.shape[-3:]).reshape((n,) + x.shape[-3:])
+
+    q, k, v = flat(q), flat(k), flat(v)
+    if mask is not None:
+        if mask.dim() > out_nd:
+            raise HfTaujpError(f"linearized_sdpa: attn_mask has {mask.dim()} dims, the inputs {out_nd}")
+        mask = _lift(mask, nd)
+        _check_mask(mask, lead + (h, lq, lk))
+        if mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)  # the scores' dtype: the flash kernel takes no other
+        mask = mask.reshape((1,) + mask.shape[-3:]) if all(d == 1 for d in mask.shape[:-3]) else flat(mask)
+    shape = (lead + (h, lq, ev))[nd - out_nd:]
+    return q, k, v, mask, None if shape == (n, h, lq, ev) else shape
+
+
+def _lift(x, nd):
+    """x with singleton dims prepended up to nd dims (a view)."""
+    return x if x.dim() == nd else x.reshape((1,) * (nd - x.dim()) + tuple(x.shape))
+
+
+def _broadcast(sizes, what):
+    return _broadcast_shapes(tuple((s,) for s in sizes), what)[0]
+
+
+def _broadcast_shapes(shapes, what):
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise HfTaujpError(f"linearized_sdpa: {what} do not broadcast: {', '.join(str(tuple(s)) for s in shapes)}") \
+            from None
+
+
+def _check_mask(mask, scores):
+    """HfTaujpError unless ``mask`` broadcasts to the scores' shape without enlarging it (as SDPA requires)."""
+    if mask is not None and (mask.dim() > len(scores)
+                             or any(m not in (1, e) for m, e in zip(reversed(mask.shape), reversed(scores)))):
+        raise HfTaujpError(f"linearized_sdpa: attn_mask of shape {tuple(mask.shape)} does not broadcast to the "
+                           f"scores {tuple(scores)}")
+
+
+def _attention(q, k, v, mask, is_causal, scale, chunk_size):
+    """The op on core shapes (see `_as_batched`)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    if is_causal and lq > lk:
+        # Upper-left alignment: query rows 0..Lk−1 see keys 0..i (a square causal call), rows Lk.. see every key.
+        # Two exact calls; a (Lq, Lk) bool mask instead would cost O(L²) memory.
+        return torch.cat([_attention(q[..., :lk, :], k, v, None, True, scale, chunk_size),
+                          _attention(q[..., lk:, :], k, v, None, False, scale, chunk_size)], dim=-2)
+    if q.shape[0] * q.shape[1] * lq * lk == 0:
+        # No score at all (the CPU flash kernels die of SIGFPE on Lq = 0, Lk = 0 or no heads): O = S·V with an empty
+        # S is SDPA's zero output, as differentiable ops connected to q, k, v (zero tangent, zero gradients).
+        g = q.shape[1] // k.shape[1] if k.shape[1] else 1
+        k, v = (x.repeat_interleave(g, dim=1) if g > 1 else x for x in (k, v))
+        return torch.matmul(torch.matmul(q, k.transpose(-2, -1)) * scale, v)
+    chunk = int(chunk_size or default_chunk_size(q.shape[0] * q.shape[1], lq, lk, q.shape[-1]))
     if not torch.is_grad_enabled():
-        out = _dual_no_grad(query, key, value, attn_mask, bool(is_causal), scale, int(chunk))
+        out = _dual_no_grad(q, k, v, mask, is_causal, scale, chunk)
         if out is not None:
             return out
-    out, _ = _LinearizedSDPA.apply(query, key, value, attn_mask, bool(is_causal), scale, int(chunk))
+    out, _ = _LinearizedSDPA.apply(q, k, v, mask, is_causal, scale, chunk)
     return out
 
 

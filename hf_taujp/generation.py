@@ -341,6 +341,37 @@ def _check_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> None:
         raise HfTaujpError(f"{type(model).__name__} has no generate(): not a generative transformers model.")
 
 
+def _check_tangents(model: nn.Module, primals: Mapping[str, torch.Tensor],
+                    tangents: Mapping[str, torch.Tensor]) -> None:
+    """One-line HfTaujpError unless ``primals`` and ``tangents`` name the same parameters of ``model``, once each,
+    with tensors of the parameters' shapes.
+
+    The parameters are swapped in with ``strict=False`` (a partial linearization names only some), so a name the
+    model does not have would otherwise be ignored without a word: the decoding would be f's, not f_lin's.
+    """
+    missing = [k for k in primals if k not in tangents]
+    extra = [k for k in tangents if k not in primals]
+    if missing or extra:
+        raise HfTaujpError(f"Tangents do not match primals: missing {missing[:5]}, unexpected {extra[:5]}.")
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied aliases (lm_head.weight) count
+    unknown = [k for k in tangents if k not in params]
+    if unknown:
+        raise HfTaujpError(f"Unknown tangent key(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: not "
+                           f"parameters of {type(model).__name__}.")
+    seen: dict[int, str] = {}
+    for k in tangents:
+        other = seen.setdefault(id(params[k]), k)
+        if other != k:
+            raise HfTaujpError(f"Tangent keys {other!r} and {k!r} name one tied parameter of {type(model).__name__}: "
+                               "give it once.")
+    for k, t in tangents.items():
+        for what, x in (("Tangent", t), ("Primal", primals[k])):
+            if not isinstance(x, torch.Tensor):
+                raise HfTaujpError(f"{what} {k!r} is a {type(x).__name__}, not a tensor.")
+            if tuple(x.shape) != tuple(params[k].shape):
+                raise HfTaujpError(f"{what} {k!r} has shape {tuple(x.shape)}, parameter has {tuple(params[k].shape)}.")
+
+
 @torch.no_grad()
 def linearized_generate(
     model: nn.Module,
@@ -372,7 +403,9 @@ def linearized_generate(
 
     Raises:
         HfTaujpError: a ``past_key_values`` / ``cache`` argument, a non-dynamic cache implementation,
-            assisted decoding, mismatched primals/tangents, or a model without ``generate``.
+            assisted decoding, mismatched primals/tangents, a name that is not a parameter of ``model`` (or two
+            names of one tied parameter), a non-tensor or a shape other than the parameter's, or a model without
+            ``generate``.
 
     Cost per new token with the cache: one forward-mode pass over one token, 3× an ordinary cached step
     in matmul work (W·x, W·ẋ and τ·x per layer; the output layer two) plus forward AD's element-wise
@@ -380,13 +413,7 @@ def linearized_generate(
     sequence.
     """
     _check_kwargs(model, args, kwargs)
-    missing = [k for k in primals if k not in tangents]
-    extra = [k for k in tangents if k not in primals]
-    if missing or extra:
-        raise HfTaujpError(f"Tangents do not match primals: missing {missing[:5]}, unexpected {extra[:5]}.")
-    for k, p in primals.items():
-        if tuple(tangents[k].shape) != tuple(p.shape):
-            raise HfTaujpError(f"Tangent {k!r} has shape {tuple(tangents[k].shape)}, parameter has {tuple(p.shape)}.")
+    _check_tangents(model, primals, tangents)
     from .linearize import jvp_ready  # one implementation of the checkpointing / eval-mode switch
 
     with contextlib.ExitStack() as stack:

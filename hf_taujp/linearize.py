@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .attention import forward_ad_attention
 from .errors import HfTaujpError
+from .low_rank import LowRankFactors, low_rank_hook
 
 __all__ = [
     "linearized_forward",
@@ -197,6 +198,7 @@ def linearized_forward(
     kwargs: Mapping[str, Any] | None = None,
     method: str | Callable | None = None,
     mode: str = "eval",
+    low_rank: Sequence[LowRankFactors] = (),
 ) -> tuple[Any, Any]:
     """One forward-mode pass: ``(f(x; θ0), J_θ f(x; θ0)·τ)``.
 
@@ -214,6 +216,8 @@ def linearized_forward(
             f(x; θ0) and J, as the authors (Ortiz-Jiménez et al. 2023; Yoshida et al. 2025) do;
             ``"train"``: keep the module's own mode (dropout active when training; one mask shared
             by primal and tangent). See :func:`jvp_ready`.
+        low_rank: low-rank tangents τ_W = s·B·A (:class:`~hf_taujp.low_rank.LowRankFactors`), added inside
+            their layers as s·B·(A·x0) (:mod:`hf_taujp.low_rank`); they add to the full-size ``tangents``.
 
     Returns:
         ``(primal_out, tangent_out)`` with the structure of the model output (ModelOutput / tuple /
@@ -221,7 +225,9 @@ def linearized_forward(
         to trainable parameters that are not linearized, e.g. a head in ``modules_to_save``).
 
     Raises:
-        HfTaujpError: tangents and primals differ in names or shapes; unknown ``mode``.
+        HfTaujpError: tangents and primals differ in names or shapes; a name that is not a parameter of
+            ``module`` (it would be ignored and f returned for f_lin); a sharded (FSDP / DTensor) model;
+            unknown ``mode``.
 
     Implementation: ``torch.func.jvp`` over a reparametrised call (functional_call semantics, tied
     weights followed). We prefer it to ``torch.autograd.forward_ad`` dual tensors because it handles
@@ -241,6 +247,13 @@ def linearized_forward(
     extra = [k for k in tangents if k not in primals]
     if missing or extra:
         raise HfTaujpError(f"Tangents do not match primals: missing {missing[:5]}, unexpected {extra[:5]}.")
+    if primals:
+        own = dict(module.named_parameters(remove_duplicate=False))
+        unknown = [k for k in primals if k not in own]
+        if unknown:
+            raise HfTaujpError(f"Tangent name(s) {unknown[:5]} are not parameters of {type(module).__name__}: they "
+                               "would be ignored and the pass would return f, not f_lin.")
+    refuse_sharded(module)
     # Same key order on both sides: jvp matches the two pytrees leaf by leaf.
     names = list(primals)
     p = {k: primals[k] for k in names}
@@ -251,12 +264,81 @@ def linearized_forward(
             raise HfTaujpError(f"Tangent {k!r} has shape {tuple(tk.shape)}, parameter has {tuple(pk.shape)}.")
         t[k] = tk.to(dtype=pk.dtype, device=pk.device)
 
-    def f(params):
-        with _reparametrize_module(module, params, tie_weights=True, strict=False):
-            return fn(*args, **kwargs)
+    if not low_rank:
+        def f(params):
+            with _reparametrize_module(module, params, tie_weights=True, strict=False):
+                return fn(*args, **kwargs)
 
-    with jvp_ready(module, mode), forward_ad_attention(module):
-        return torch.func.jvp(f, (p,), (t,))
+        with jvp_ready(module, mode), forward_ad_attention(module):
+            return torch.func.jvp(f, (p,), (t,))
+
+    # Low-rank tangents: B is the tangent of a zero (out × r) primal Z read by a hook in its layer.
+    dtypes = [_layer_dtype(fac.module) for fac in low_rank]
+    zs = tuple(torch.zeros(tuple(fac.B.shape), dtype=dt, device=fac.B.device) for fac, dt in zip(low_rank, dtypes))
+    bs = tuple(fac.B.to(dtype=dt) for fac, dt in zip(low_rank, dtypes))
+    current: list = [None]
+    handles = [fac.module.register_forward_hook(low_rank_hook(fac, lambda i=i: current[0][i]))
+               for i, fac in enumerate(low_rank)]
+
+    def g(params, z):
+        current[0] = z
+        try:
+            with _reparametrize_module(module, params, tie_weights=True, strict=False):
+                return fn(*args, **kwargs)
+        finally:
+            current[0] = None
+
+    try:
+        with jvp_ready(module, mode), forward_ad_attention(module):
+            return torch.func.jvp(g, (p, zs), (t, bs))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layer_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in (its weight's): the low-rank tangent is carried in the base dtype."""
+    w = getattr(module, "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) else torch.get_default_dtype()
+
+
+def refuse_sharded(module: nn.Module) -> None:
+    """Raise when ``module`` is sharded by FSDP (FSDP2 ``fully_shard`` / DTensor parameters, or FSDP1).
+
+    Forward-mode AD cannot run over sharded parameters today: ``torch.func.jvp`` over DTensors fails
+    (pytorch #182641, ``aten._has_same_storage_numel`` has no sharding strategy), and when the tangent is
+    injected layer by layer FSDP2's pre-backward hooks never see the tangent path, so the gathered weights
+    are freed before the backward needs them, or (``reshard_after_forward=False``) stay gathered with
+    gradients left unreduced. See docs/scaling.md. The check runs before every pass, so no step is ever taken
+    on unreduced gradients.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    fsdp_cls = []
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        fsdp_cls = [FSDPModule, FullyShardedDataParallel]
+    except ImportError:  # pragma: no cover
+        pass
+    for name, m in module.named_modules():
+        if fsdp_cls and isinstance(m, tuple(fsdp_cls)):
+            raise HfTaujpError(
+                f"{type(m).__name__} at {name or 'the root'!r}: FSDP-sharded models are not supported by the linearized "
+                "forward-mode pass (forward AD over sharded parameters fails, pytorch #182641, and FSDP's backward hooks "
+                "do not see the tangent path, so gradients would not be reduce-scattered). Use DDP with a low-rank "
+                "tangent (LinearizedConfig(r=...)) instead; see docs/scaling.md."
+            )
+    for name, prm in module.named_parameters():
+        if hasattr(prm, "ds_status") or hasattr(prm, "ds_id"):  # DeepSpeed ZeRO-3 partitions parameters in place
+            raise HfTaujpError(f"Parameter {name!r} is partitioned by DeepSpeed ZeRO-3: the linearized forward-mode pass "
+                               "needs full local parameters (torch.func over ZeRO-3 is unsupported upstream, DeepSpeed "
+                               "PR #8026). Use DDP with a low-rank tangent; see docs/scaling.md.")
+        if DTensor and isinstance(prm, DTensor):
+            raise HfTaujpError(f"Parameter {name!r} is a DTensor (sharded): the linearized forward-mode pass needs full "
+                               "local parameters (FSDP / tensor parallelism are not supported; see docs/scaling.md).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,8 +539,12 @@ class LinearizedModule(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self._names = names
-        # ParameterDict keys may not contain '.', so τ lives in a list aligned with _names.
-        self.tau = nn.ParameterList([nn.Parameter(torch.zeros_like(params[n], dtype=params[n].dtype)) for n in names])
+        # ParameterDict keys may not contain '.', so τ lives in a list aligned with _names. τ of a half-precision
+        # parameter is float32, as PEFT keeps adapters (the optimiser's updates would round away in bf16);
+        # linearized_forward casts it to the primal dtype for the pass.
+        self.tau = nn.ParameterList([
+            nn.Parameter(torch.zeros_like(params[n], dtype=torch.float32 if params[n].dtype in (torch.float16, torch.bfloat16)
+                                          else params[n].dtype)) for n in names])
         if tangents is not None:
             self.set_tangents(tangents, strict=True)
 

@@ -1,7 +1,8 @@
 """PEFT adapters → task vectors: a LINEARIZED adapter's τ, and the weight change a LoRA adapter makes.
 
 ``TaskVector.from_peft`` is the public entry point; this module holds the conversion rules so that
-``task_vector`` keeps the vector itself. Nothing here imports ``task_vector`` (it returns tensors).
+``task_vector`` keeps the vector itself. Nothing here imports ``task_vector`` (it returns tensors, and
+:class:`~hf_taujp.low_rank_tau.LowRankTau` factors for ``factored=True``).
 """
 from __future__ import annotations
 
@@ -16,21 +17,26 @@ import torch
 from . import hub
 from .errors import CorruptFileError, HfTaujpError
 from .fingerprints import fingerprint
+from .low_rank_tau import LowRankTau
 
 __all__ = ["tensors_from_peft", "peft_state"]
 
 
 def tensors_from_peft(peft_model_or_adapter_dir, base: torch.nn.Module | None, adapter_name: str,
-                      meta: dict) -> tuple[dict[str, torch.Tensor], str, dict]:
+                      meta: dict, factored: bool = False) -> tuple[dict[str, torch.Tensor | LowRankTau], str, dict]:
     """``(tensors, kind, meta)`` of ``TaskVector.from_peft`` (see there for the rules): the task vector's
-    tensors, ``"linear"`` (LINEARIZED) or ``"nonlinear"`` (LoRA), and ``meta`` completed with the
-    base model's id / revision / fingerprint where the adapter records them. ``HfTaujpError`` for an
-    unsupported adapter, ``CorruptFileError`` for an inconsistent one."""
+    entries, ``"linear"`` (LINEARIZED) or ``"nonlinear"`` (LoRA), and ``meta`` completed with the
+    base model's id / revision / fingerprint where the adapter records them. ``factored=True`` keeps
+    each low-rank weight as a :class:`~hf_taujp.low_rank_tau.LowRankTau` (its factors) instead of the
+    full tensor, which is exactly ``LowRankTau.full()`` of it. ``HfTaujpError`` for an unsupported
+    adapter (and, with ``factored=True``, for a full-rank LINEARIZED adapter or DoRA), ``CorruptFileError``
+    for an inconsistent one."""
     meta = dict(meta)
     obj = peft_model_or_adapter_dir
     live = None
     if isinstance(obj, (str, os.PathLike)):
-        directory = hub.resolve_pretrained_dir(obj, revision=meta.pop("revision", None), token=meta.pop("token", None))
+        directory = hub.resolve_pretrained_dir(obj, revision=meta.pop("revision", None), token=meta.pop("token", None),
+                                               subfolder=meta.pop("subfolder", None))
         config = hub.read_json(os.path.join(directory, "adapter_config.json"), what="adapter config")
         sd = hub.load_safetensors(directory, "adapter_model")
     elif isinstance(obj, torch.nn.Module) and hasattr(obj, "peft_config"):
@@ -51,9 +57,12 @@ def tensors_from_peft(peft_model_or_adapter_dir, base: torch.nn.Module | None, a
     meta.setdefault("base_model", config.get("base_model_name_or_path"))
     meta.setdefault("base_model_revision", config.get("revision"))
     if peft_type == "LINEARIZED":
-        tensors, kind = _linearized_from_state(sd), "linear"
+        if factored and config.get("r") is None:
+            raise HfTaujpError("factored=True needs a low-rank LINEARIZED adapter (LinearizedConfig(r=...)): this one "
+                               "stores a full-size τ per parameter, which has no factors to keep.")
+        tensors, kind = _linearized_from_state(sd, config, factored), "linear"
     elif peft_type == "LORA":
-        tensors, kind = _lora_from_state(sd, config, base if base is not None else live), "nonlinear"
+        tensors, kind = _lora_from_state(sd, config, base if base is not None else live, factored), "nonlinear"
     else:
         raise HfTaujpError(f"Unsupported PEFT type {peft_type!r}: from_peft handles LINEARIZED and LORA adapters.")
     if not tensors:
@@ -113,7 +122,13 @@ def _peft_base_state(peft_model) -> dict[str, torch.Tensor] | None:
 _SAVED_DELTA = "modules_to_save_delta"  # in-memory marker of h − h0 for a LINEARIZED adapter's modules_to_save
 
 
-def _linearized_from_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _linearized_from_state(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
+                           factored: bool = False) -> dict[str, torch.Tensor | LowRankTau]:
+    """τ by base parameter name from a LINEARIZED adapter's state. Full-rank: the saved τ as it is. Low-rank
+    (``r`` in the config): :func:`_low_rank_from_state`."""
+    config = config or {}
+    if config.get("r") is not None:
+        return _low_rank_from_state(sd, config, factored)
     out = {}
     full = []
     for k, t in sd.items():
@@ -129,6 +144,54 @@ def _linearized_from_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             "not deltas: a task vector needs h − h0. Load the adapter (peft.PeftModel.from_pretrained(base, folder)) "
             "and call TaskVector.from_peft on that model, which reads h0 from the base."
         )
+    return out
+
+
+def _low_rank_from_state(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                         factored: bool = False) -> dict[str, torch.Tensor | LowRankTau]:
+    """τ of a low-rank LINEARIZED adapter: τ_weight = s·B·A from ``<module>.linearized_tau.lora_A`` (r × in) /
+    ``lora_B`` (out × r), transposed for the modules the config lists in ``fan_in_fan_out_modules`` (Conv1D,
+    Embedding: weight stored (in, out)), s = lora_alpha / r (√r with ``use_rslora``; ``hf_taujp.low_rank``).
+    Half-precision factors are upcast to float32 (lossless), so τ is float32 as the adapter's own
+    ``get_tangents`` gives it. ``factored``: each weight's :class:`LowRankTau`; else its ``full()`` (s·B·A in
+    float64, cast to the factors' dtype). A modules_to_save head's h − h0 stays a full tensor either way."""
+    from .low_rank import low_rank_scaling
+
+    r = int(config["r"])
+    s = low_rank_scaling(r, float(config.get("lora_alpha", 8)), bool(config.get("use_rslora", False)))
+    transposed = set(config.get("fan_in_fan_out_modules") or [])
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    other = []
+    for k, t in sd.items():
+        key = _strip(k)
+        if f".{_SAVED_DELTA}." in key:  # a modules_to_save head's h − h0 (in-memory adapters only)
+            module, pname = key.split(f".{_SAVED_DELTA}.", 1)
+            deltas[f"{module}.{pname}"] = t.detach().clone()
+            continue
+        if ".linearized_tau." not in f".{key}":
+            other.append(k)
+            continue
+        module, pname = key.split(".linearized_tau.", 1) if ".linearized_tau." in key else ("", key.split("linearized_tau.", 1)[1])
+        if pname not in ("lora_A", "lora_B"):
+            raise CorruptFileError(f"Low-rank LINEARIZED adapter (r={r}) holds {k!r}: expected lora_A / lora_B factors only.")
+        factors.setdefault(module, {})[pname] = t
+    if other:
+        raise HfTaujpError(f"The low-rank LINEARIZED adapter also holds {other[:3]} (modules_to_save?): load it with "
+                           "peft.PeftModel.from_pretrained(base, folder) and call TaskVector.from_peft on that model.")
+    out = {}
+    for module, f in factors.items():
+        if set(f) != {"lora_A", "lora_B"}:
+            raise CorruptFileError(f"Low-rank adapter: {module!r} has {sorted(f)}, not both lora_A and lora_B.")
+        A, B = f["lora_A"], f["lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise CorruptFileError(f"Low-rank adapter: {module!r} has A {tuple(A.shape)}, B {tuple(B.shape)}; expected "
+                                   f"(r, in) and (out, r) with r = {r}.")
+        # clone: a live adapter's factors keep training; the task vector must not move with them
+        A, B = (t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach().clone() for t in (A, B))
+        lr = LowRankTau(A, B, s, transposed=module in transposed)
+        out[f"{module}.weight"] = lr if factored else lr.full()
+    out.update(deltas)
     return out
 
 
@@ -180,8 +243,9 @@ def _lora_layers(model: torch.nn.Module, modules: Iterable[str]) -> dict[str, tu
 
 
 def _lora_from_state(
-    sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], model: torch.nn.Module | None = None
-) -> dict[str, torch.Tensor]:
+    sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], model: torch.nn.Module | None = None,
+    factored: bool = False,
+) -> dict[str, torch.Tensor | LowRankTau]:
     """τ of a LoRA adapter, as PEFT's ``merge_and_unload`` writes it into the base (PEFT 0.21 ``lora/layer.py``).
 
     Per layer, with s = α/r (``use_rslora``: α/√r; r and α from ``rank_pattern`` / ``alpha_pattern``):
@@ -192,6 +256,9 @@ def _lora_from_state(
     - DoRA (Liu et al. 2024, Eq. 5): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_c, the norm taken per output row of
       the (out, in) matrix (per embedding dimension for embeddings); τ = W' − W needs θ0 from ``model``.
     - ``bias="all"`` / ``"lora_only"``: the saved biases are full values; Δb = b_saved − b_0.
+    ``factored=True``: each weight's ΔW kept as a :class:`LowRankTau` (A, B, s; layout transposed for Conv1D
+    and Embedding) whose ``full()`` is the tensor above; ``lora_bias`` and trained biases stay full tensors
+    beside the factors; DoRA is refused (W' − W is not low-rank).
     ``model``: the base model or a live PEFT model (layer types, and θ0 for DoRA / biases). Convolution,
     MultiheadAttention and parameter-targeting LoRA layers, and the variants in ``_LORA_UNSUPPORTED``,
     are refused by name.
@@ -244,11 +311,16 @@ def _lora_from_state(
             raise CorruptFileError(f"LoRA module {module!r}: config rank {r} but A has shape {tuple(a.shape)}.")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         dt = torch.promote_types(a.dtype, b.dtype)
-        delta_oi = (b.double() @ a.double()) * scale  # (out, in) for Linear / Conv1D; (dim, num_embeddings) for Embedding
-        delta = delta_oi.T if kind in ("conv1d_t", "embedding") else delta_oi  # stored orientation of the weight
+        # B·A is (out, in) for Linear / Conv1D, (dim, num_embeddings) for Embedding: transposed to the stored
+        # orientation of the weight for Conv1D and Embedding
+        lr = LowRankTau(a.detach().clone(), b.detach().clone(), scale, transposed=kind in ("conv1d_t", "embedding"))
         w = layer.weight
-        if tuple(delta.shape) != tuple(w.shape):
-            raise HfTaujpError(f"LoRA module {module!r}: ΔW has shape {tuple(delta.shape)}, the base weight {tuple(w.shape)}.")
+        if tuple(lr.shape) != tuple(w.shape):
+            raise HfTaujpError(f"LoRA module {module!r}: ΔW has shape {tuple(lr.shape)}, the base weight {tuple(w.shape)}.")
+        if "lora_magnitude_vector" in p and factored:
+            raise HfTaujpError(f"LoRA module {module!r} uses DoRA: its change W' − W (a column-normalised W + ΔW) is not "
+                               "low-rank, so it has no factors; use from_peft(..., factored=False).")
+        delta = lr if factored else lr.full(torch.float64)
         if "lora_magnitude_vector" in p:
             if w.device.type == "meta":
                 raise HfTaujpError(f"DoRA module {module!r} needs the base weights (base= is on the meta device).")
@@ -260,7 +332,7 @@ def _lora_from_state(
             else:  # Conv1D (in, out) and Embedding (num, dim): one norm per column of the stored weight
                 new = (mag / full.norm(dim=0)).view(1, -1) * full
             delta = new - w0
-        out[f"{module}.weight"] = delta.to(dt).contiguous()
+        out[f"{module}.weight"] = delta if factored else delta.to(dt).contiguous()
         if "lora_B.bias" in p:
             out[f"{module}.bias"] = (p["lora_B.bias"].double() * scale).to(dt)
     if biases and hasattr(model, "get_base_model"):

@@ -1,5 +1,6 @@
-"""Offline data for the CLIP recipe's tests: MNIST / Fashion-MNIST from the shared data kit, plus small fake
-tasks written in the same IDX layout (a held-out negation control, bad shapes)."""
+"""Offline data for the CLIP recipe's tests: MNIST / Fashion-MNIST-like tasks written here (random 28 × 28
+grayscale images, 10 classes, the IDX layout of the real files) or, for the tests marked `shared_data`, the real
+ones from the data kit; plus small fake tasks in the same layout (a held-out negation control, bad shapes)."""
 
 import gzip
 import os
@@ -25,13 +26,20 @@ def write_fake_task(folder, n_train: int, n_test: int, shape=(32, 32, 3), classe
     return str(folder)
 
 
-def offline_data_dir(root, shared_data: str, held_out: str | None = "svhn") -> str:
-    """A data dir with the shared `mnist/`, `fashion_mnist/` (symlinks) and, when `held_out` is given, a small fake
-    RGB 32 × 32 task of that name: the held-out negation control (MNIST's 28 × 28 grayscale differs on purpose)."""
+def offline_data_dir(root, shared_data: str | None = None, held_out: str | None = "svhn") -> str:
+    """A data dir with `mnist/`, `fashion_mnist/` and, when `held_out` is given, a small fake RGB 32 × 32 task of
+    that name: the held-out negation control (MNIST's 28 × 28 grayscale differs on purpose).
+
+    `shared_data=None`: the two targets are random stand-ins in MNIST's shape (64 train, 32 test rows each);
+    a path: symlinks to the real folders there (the data kit)."""
     d = os.path.join(str(root), "data")
     os.makedirs(d, exist_ok=True)
-    for t in ("mnist", "fashion_mnist"):
-        if not os.path.exists(os.path.join(d, t)):
+    for seed, t in enumerate(("mnist", "fashion_mnist")):
+        if os.path.exists(os.path.join(d, t)):
+            continue
+        if shared_data is None:
+            write_fake_task(os.path.join(d, t), n_train=64, n_test=32, shape=(28, 28), seed=10 + seed)
+        else:
             os.symlink(os.path.join(shared_data, t), os.path.join(d, t))
     if held_out:
         write_fake_task(os.path.join(d, held_out), n_train=20, n_test=9)

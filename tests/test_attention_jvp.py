@@ -1,6 +1,8 @@
 """Linearized attention (fused primal, blockwise tangent, fused backward) against independent references:
 PyTorch's math SDPA kernel under forward AD, and float64 central finite differences."""
 
+import warnings
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -8,8 +10,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import hf_taujp.attention as attention
 import hf_taujp.attention_jvp as attention_jvp
-from hf_taujp.attention import forward_ad_attention, jvp_sdpa_attention_forward
+from hf_taujp.attention import MathAttentionWarning, forward_ad_attention, jvp_sdpa_attention_forward
 from hf_taujp.attention_jvp import UnsupportedAttentionError, linearized_sdpa
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.linearize import linearize
@@ -143,17 +146,184 @@ def test_fully_masked_rows_give_zero_like_the_fused_kernels(kernel):
     assert torch.isfinite(torch.autograd.grad(t.sum(), tq)[0]).all()
 
 
-def test_unsupported_calls_raise():
+# Shapes beyond transformers' (B, H, L, E) call: every case F.scaled_dot_product_attention takes. Each entry:
+# (query, key, value) shapes and keyword arguments; masks are built by `_shape_case_mask`.
+SHAPE_CASES = {
+    # DeepSeek-V2/V3 attention: value head size ≠ query/key head size (the CPU flash kernel refuses it)
+    "dv<e-causal": ((B, HQ, L, 12), (B, HQ, L, 12), (B, HQ, L, 8), dict(is_causal=True)),
+    "dv<e-bias-gqa": ((B, 6, L, 12), (B, 2, L, 12), (B, 2, L, 8), dict(mask="bias", enable_gqa=True)),
+    "dv>e-padded": ((B, HQ, L, 8), (B, HQ, L, 8), (B, HQ, L, 12), dict(mask="bool")),
+    "dv<e-one-query": ((B, HQ, 1, 12), (B, HQ, L, 12), (B, HQ, L, 8), dict(mask="keys")),
+    "gqa-ratio-3": ((B, 6, L, E), (B, 2, L, E), (B, 2, L, E), dict(is_causal=True, enable_gqa=True)),
+    "mqa-without-enable_gqa": ((B, HQ, L, E), (B, 1, L, E), (B, 1, L, E), dict(is_causal=True)),
+    "one-query-head-broadcast": ((B, 1, L, E), (B, HQ, L, E), (B, HQ, L, E), {}),
+    "key-heads-broadcast-only": ((B, HQ, L, E), (B, 1, L, E), (B, HQ, L, E), {}),
+    "3-D-no-head-dim": ((B, L, E), (B, L, E), (B, L, E), dict(is_causal=True)),
+    "3-D-with-2-D-mask": ((B, L, E), (B, L, E), (B, L, E), dict(mask="2-D")),
+    "2-D": ((L, E), (L, E), (L, E), dict(mask="1-D")),
+    "5-D-broadcast-gqa": ((2, 1, 4, L, E), (1, 3, 2, L, E), (2, 3, 2, L, 6), dict(mask="5-D", enable_gqa=True)),
+    "mixed-ndim": ((B, HQ, L, E), (HQ, L, E), (HQ, L, E), dict(is_causal=True)),
+    "query-batch-1": ((1, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E), dict(mask="bool")),
+    "key-batch-1": ((B, HQ, L, E), (1, HQ, L, E), (1, HQ, L, E), dict(is_causal=True)),
+    "scale": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E), dict(scale=0.3, mask="bias")),
+    "bool-mask-2-D": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E), dict(mask="bool-2-D")),
+    "float32-mask-float64-inputs": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E), dict(mask="float32")),
+    "mask-broadcast-over-keys": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E), dict(mask="rows")),
+    "causal-fewer-queries": ((B, HQ, 4, E), (B, HQ, L, E), (B, HQ, L, E), dict(is_causal=True)),
+    "causal-more-queries": ((B, HQ, L, E), (B, HQ, 4, E), (B, HQ, 4, E), dict(is_causal=True)),
+    "causal-one-query": ((B, HQ, 1, E), (B, HQ, L, E), (B, HQ, L, E), dict(is_causal=True)),
+    "one-query": ((B, HQ, 1, E), (B, 2, L, E), (B, 2, L, E), dict(enable_gqa=True, mask="keys")),
+    "one-key": ((B, HQ, L, E), (B, HQ, 1, E), (B, HQ, 1, E), {}),
+    "non-contiguous": ((B, L, HQ, E), (B, L, HQ, E), (B, L, HQ, E), dict(is_causal=True, transpose=True)),
+    "head-dim-5": ((B, HQ, L, 5), (B, HQ, L, 5), (B, HQ, L, 5), dict(is_causal=True)),
+    "head-dim-12-gqa": ((B, HQ, L, 12), (B, HK, L, 12), (B, HK, L, 12), dict(mask="bias", enable_gqa=True)),
+    "no-keys": ((B, HQ, L, E), (B, HQ, 0, E), (B, HQ, 0, E), {}),  # the CPU flash kernel dies of SIGFPE here
+    "no-queries": ((B, HQ, 0, E), (B, HQ, L, E), (B, HQ, L, E), dict(mask="bias-0")),
+}
+
+
+def _shape_case_mask(kind, q_shape, k_shape, g):
+    lq, lk = q_shape[-2], k_shape[-2]
+    if kind is None:
+        return None
+    if kind == "bias":
+        return torch.randn(B, q_shape[-3], lq, lk, dtype=torch.float64, generator=g)
+    if kind == "bias-0":
+        return torch.randn(B, 1, lq, lk, dtype=torch.float64, generator=g)
+    if kind == "bool":  # left padding of the second sequence, every row keeps one key
+        m = torch.ones(B, 1, lq, lk, dtype=torch.bool)
+        m[1, ..., :3] = False
+        m[1, ..., 3] = True
+        return m
+    if kind == "keys":  # (B, 1, 1, Lk): a padding mask over keys only
+        m = torch.ones(B, 1, 1, lk, dtype=torch.bool)
+        m[0, ..., :2] = False
+        return m
+    if kind == "2-D":
+        return torch.randn(lq, lk, dtype=torch.float64, generator=g)
+    if kind == "1-D":
+        return torch.randn(lk, dtype=torch.float64, generator=g)
+    if kind == "5-D":
+        return torch.randn(3, 1, lq, lk, dtype=torch.float64, generator=g)
+    if kind == "bool-2-D":
+        return torch.ones(lq, lk, dtype=torch.bool).tril()
+    if kind == "float32":
+        return torch.randn(lq, lk, generator=g)
+    if kind == "rows":  # (B, 1, Lq, 1): one bias per query row, broadcast over keys
+        return torch.randn(B, 1, lq, 1, dtype=torch.float64, generator=g)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("case", sorted(SHAPE_CASES))
+def test_every_sdpa_shape_matches_the_math_kernels_forward_ad_rule(kernel, case):
+    """Primal, tangent and the gradient of a loss on the tangent w.r.t. (tQ, tK, tV), against
+    F.scaled_dot_product_attention on the math kernel inside torch.func.jvp; and the same primal and tangent
+    from forward-AD dual tensors without grad (linearized generation)."""
+    q_shape, k_shape, v_shape, kw = SHAPE_CASES[case]
+    kw = dict(kw)
+    g = torch.Generator().manual_seed(11)
+    mask = _shape_case_mask(kw.pop("mask", None), q_shape, k_shape, g)
+    transpose = kw.pop("transpose", False)
+
+    def view(x):
+        return x.transpose(1, 2) if transpose else x  # (B, L, H, E) memory read as (B, H, L, E): not contiguous
+
+    q, k, v = (view(torch.randn(s, dtype=torch.float64, generator=g)) for s in (q_shape, k_shape, v_shape))
+    leaves = tuple(torch.randn(s, dtype=torch.float64, generator=g).requires_grad_()
+                   for s in (q_shape, k_shape, v_shape))
+    tangents = tuple(view(x) for x in leaves)
+    assert q.is_contiguous() is not transpose
+
+    def ours(a, b, c):
+        return linearized_sdpa(a, b, c, attn_mask=mask, chunk_size=3, **kw)
+
+    def ref(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, attn_mask=mask, **kw)
+
+    p, t = torch.func.jvp(ours, (q, k, v), tangents)
+    with sdpa_kernel([SDPBackend.MATH]):
+        p_ref, t_ref = torch.func.jvp(ref, (q, k, v), tangents)
+    assert p.shape == p_ref.shape
+    torch.testing.assert_close(p, p_ref)
+    torch.testing.assert_close(t, t_ref)
+    w = torch.randn(t.shape, dtype=t.dtype, generator=g)
+    grads = torch.autograd.grad((t * w).sum(), leaves)
+    grads_ref = torch.autograd.grad((t_ref * w).sum(), leaves)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad(), fwAD.dual_level():
+        duals = [fwAD.make_dual(x, dt.detach()) for x, dt in zip((q, k, v), tangents)]
+        p_d, t_d = fwAD.unpack_dual(ours(*duals))
+    torch.testing.assert_close(p_d, p_ref)
+    torch.testing.assert_close(t_d, t_ref)
+
+
+@pytest.mark.parametrize("ev", [E, 5], ids=["same-head-size", "value-head-size-5"])
+def test_second_order_terms_with_a_different_value_head_size(kernel, ev):
+    """Q, K, V are functions of a trainable W also through the primal, with Ev ≠ E (DeepSeek-shaped): the
+    blockwise recomputation and the primal's own (padded) fused backward, against the math path."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(B, L, E, dtype=torch.float64, generator=g)
+    wqk, twqk = (torch.randn(2, E, E, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    wv, twv = (torch.randn(E, ev, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+
+    def f(fn, **kw):
+        def run(wqk, wv):
+            q, k = ((x @ wqk[i]).unsqueeze(1).expand(B, 2, L, E) for i in range(2))
+            return fn(q, k, (x @ wv).unsqueeze(1).expand(B, 2, L, ev), is_causal=True, **kw)
+        return run
+
+    p, t = torch.func.jvp(f(linearized_sdpa, chunk_size=4), (wqk, wv), (twqk, twv))
+    with sdpa_kernel([SDPBackend.MATH]):
+        p_ref, t_ref = torch.func.jvp(f(F.scaled_dot_product_attention), (wqk, wv), (twqk, twv))
+    torch.testing.assert_close(t, t_ref)
+    c = torch.randn(t.shape, dtype=t.dtype, generator=g)
+    loss, loss_ref = ((t + p) * c).sum(), ((t_ref + p_ref) * c).sum()
+    inputs = (wqk, twqk, wv, twv)
+    for a, b in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(loss_ref, inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_uncovered_calls_raise_the_error_that_routes_to_the_math_path():
     (q, k, v), _ = _inputs()
     with pytest.raises(UnsupportedAttentionError, match="dropout"):
         linearized_sdpa(q, k, v, dropout_p=0.1)
-    with pytest.raises(UnsupportedAttentionError, match="heads"):
-        linearized_sdpa(q, k, v)  # 4 query heads, 2 key heads, no enable_gqa
-    with pytest.raises(UnsupportedAttentionError, match="is_causal"):
-        linearized_sdpa(q, k, v, attn_mask=_mask("padded"), is_causal=True, enable_gqa=True)
+    with pytest.raises(UnsupportedAttentionError, match="2 key heads vs 1 value heads"):
+        linearized_sdpa(q, k, v[:, :1], enable_gqa=True)
     with pytest.raises(HfTaujpError, match="choose one of"):
         with forward_ad_attention(attention="flash"):
             pass
+
+
+_BAD_INPUTS = {  # inputs SDPA refuses too: (q, k, v shapes, kwargs, the words of our message)
+    "heads-do-not-broadcast": ((B, HQ, L, E), (B, HK, L, E), (B, HK, L, E), {}, "head counts"),
+    "gqa-not-a-multiple": ((B, HQ, L, E), (B, 3, L, E), (B, 3, L, E), dict(enable_gqa=True), "not a multiple of 3"),
+    "more-key-than-query-heads": ((B, 2, L, E), (B, HQ, L, E), (B, HQ, L, E), dict(enable_gqa=True), "not a multiple"),
+    "query-key-head-sizes": ((B, HQ, L, E), (B, HQ, L, 6), (B, HQ, L, E), {}, "query head size 8 vs key head size 6"),
+    "key-value-lengths": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, 5, E), {}, "11 keys vs 5 values"),
+    "batch-dims": ((2, HQ, L, E), (3, HQ, L, E), (3, HQ, L, E), {}, "batch dims"),
+    "mask-heads": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E),
+                   dict(attn_mask=torch.zeros(B, 3, L, L, dtype=torch.float64)), "does not broadcast"),
+    "mask-more-dims": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E),
+                       dict(attn_mask=torch.zeros(3, 1, 1, L, L, dtype=torch.float64)), "attn_mask has 5 dims"),
+    "integer-mask": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E), dict(attn_mask=torch.ones(L, L, dtype=torch.long)),
+                     "bool .True = attend. or float"),
+    "mask-and-causal": ((B, HQ, L, E), (B, HQ, L, E), (B, HQ, L, E),
+                        dict(attn_mask=torch.ones(L, L, dtype=torch.bool), is_causal=True), "is_causal and attn_mask"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_INPUTS))
+def test_inputs_sdpa_refuses_are_named_errors_not_a_math_path_fallback(case):
+    """The math kernel refuses each of these too (the reference), so routing them to it would only fail later
+    with a kernel message: a one-line HfTaujpError naming the mismatch, not UnsupportedAttentionError."""
+    q_shape, k_shape, v_shape, kw, words = _BAD_INPUTS[case]
+    q, k, v = (torch.randn(s, dtype=torch.float64) for s in (q_shape, k_shape, v_shape))
+    with sdpa_kernel([SDPBackend.MATH]), pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, **kw)
+    with pytest.raises(HfTaujpError, match=words) as info:
+        linearized_sdpa(q, k, v, **kw)
+    assert not isinstance(info.value, UnsupportedAttentionError) and "\n" not in str(info.value)
 
 
 def tiny_llama(attn="sdpa"):
@@ -208,18 +378,117 @@ def test_llama_left_padding_gives_finite_tau_gradients():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_gpt2_train_mode_dropout_falls_back_to_math_path():
+@pytest.fixture
+def said(monkeypatch):
+    """A fresh record of the math-path reasons already said (they are said once per process), and every
+    MathAttentionWarning raised in the test, whatever the warning filters (``always``: the once is ours)."""
+    monkeypatch.setattr(attention, "_SAID", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield lambda: [str(w.message) for w in caught if issubclass(w.category, MathAttentionWarning)]
+
+
+def test_gpt2_train_mode_dropout_falls_back_to_math_path_and_says_so_once(said):
     """Attention dropout > 0 in train mode is not covered by the fused tangent: that call runs the math path
-    (one dropout mask for primal and tangent), and the linearized forward still works."""
-    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32, attn_pdrop=0.1)
+    (one dropout mask for primal and tangent), the linearized forward still works, and the fallback is said
+    once (two layers, two forwards: one warning) with its reason and memory cost."""
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32, attn_pdrop=0.1)
     model = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa").train()
     calls = []
-    with _Spy(calls):  # mode="train": dropout inside the jvp (the default linearizes the eval-mode model)
-        out = linearize(model, mode="train")(input_ids=torch.randint(0, 50, (2, 9)), labels=torch.randint(0, 50, (2, 9)))
+    lin = linearize(model, mode="train")  # dropout inside the jvp (the default linearizes the eval-mode model)
+    with _Spy(calls):
+        for _ in range(2):
+            out = lin(input_ids=torch.randint(0, 50, (2, 9)), labels=torch.randint(0, 50, (2, 9)))
     assert calls == [] and torch.isfinite(out.loss)
+    (message,) = said()
+    assert "attention dropout > 0" in message and "math path: O(L²) memory" in message
     with _Spy(calls):  # default: eval-mode linearization point, no dropout, so the fused op serves
         out = linearize(model)(input_ids=torch.randint(0, 50, (2, 9)), labels=torch.randint(0, 50, (2, 9)))
     assert calls and torch.isfinite(out.loss)
+    assert len(said()) == 1  # nothing new said on the fused path
+
+
+def test_fused_path_and_chosen_math_path_say_nothing(said):
+    model = tiny_llama()
+    x = torch.randint(0, 64, (2, 7))
+    lin = linearize(model, target_modules=["q_proj", "v_proj"])
+    lin(input_ids=x, labels=x).loss.backward()
+    with forward_ad_attention(attention="math"):  # the user's choice: not a fallback
+        lin(input_ids=x, labels=x)
+    assert said() == []
+
+
+def test_an_uncovered_call_runs_the_math_path_and_says_its_reason_once(said, monkeypatch):
+    """UnsupportedAttentionError from the op (here forced, for a case the op does not cover) sends that call to
+    transformers' SDPA on the math kernel: same values and τ-gradients as attention="math", said once."""
+    model = tiny_llama()
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(8))
+    tau0 = {n: 0.05 * torch.randn(p.shape, dtype=p.dtype) for n, p in model.named_parameters() if "proj" in n}
+    with forward_ad_attention(attention="math"):
+        lin = linearize(model, tangents=tau0)
+        ref = lin(input_ids=x, labels=x)
+        ref_grads = torch.autograd.grad(ref.loss, [p for p in lin.parameters() if p.requires_grad])
+
+    def uncovered(*a, **k):
+        raise UnsupportedAttentionError("linearized_sdpa: a case the test says is not covered")
+
+    monkeypatch.setattr(attention_jvp, "linearized_sdpa", uncovered)
+    lin = linearize(model, tangents=tau0)
+    for _ in range(2):
+        out = lin(input_ids=x, labels=x)
+    grads = torch.autograd.grad(out.loss, [p for p in lin.parameters() if p.requires_grad])
+    torch.testing.assert_close(out.logits, ref.logits)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    (message,) = said()  # 2 layers × 2 forwards, one warning
+    assert "a case the test says is not covered" in message and "O(L²)" in message
+
+
+def test_a_flash_model_without_sdpa_support_runs_eager_and_says_so_once(said):
+    """A model class without SDPA support loaded with flash_attention_2 (no forward-AD rule) runs eager inside the
+    jvp: the math path, said once with the class and the implementation it replaced."""
+    cls = type("GPT2NoSdpa", (GPT2LMHeadModel,), {"_supports_sdpa": False})
+    model = cls._from_config(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16),
+                             attn_implementation="eager").eval()
+    model.config._attn_implementation_internal = "flash_attention_2"  # as if loaded with it on a GPU
+    lin = linearize(model)
+    for _ in range(2):
+        lin(input_ids=torch.randint(0, 50, (1, 5)))
+    (message,) = said()
+    assert "GPT2NoSdpa does not support SDPA" in message and "'flash_attention_2'" in message and "O(L²)" in message
+
+
+def test_deepseek_attention_with_a_smaller_value_head_runs_the_fused_path():
+    """DeepSeek-V3 attention (q/k head 12 = 8 + 4 rope, v head 8; dense layers: its MoE's grouped matmul has no
+    forward-AD rule): logits and τ-gradients of the fused path equal the math path's, and the fused op ran."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                           kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=2,
+                           max_position_embeddings=64, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM._from_config(cfg, attn_implementation="sdpa").double()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, 64, (2, 10), generator=g)
+    am = torch.ones_like(x)
+    am[1, -3:] = 0  # right padding (left padding: the math kernel's rule gives NaN τ-gradients, see below)
+    labels = x.masked_fill(am == 0, -100)
+    tau0 = {n: 0.05 * torch.randn(p.shape, dtype=p.dtype, generator=g) for n, p in model.named_parameters()
+            if n.endswith(("q_proj.weight", "kv_b_proj.weight", "o_proj.weight"))}
+    results = {}
+    for path in ("fused", "math"):
+        lin = linearize(model, tangents=tau0)
+        calls = []
+        with forward_ad_attention(attention=path), _Spy(calls):
+            out = lin(input_ids=x, attention_mask=am, labels=labels)
+        assert bool(calls) == (path == "fused")
+        results[path] = (out.logits, torch.autograd.grad(out.loss, [p for p in lin.parameters() if p.requires_grad]))
+    valid = am.bool()[..., None]
+    torch.testing.assert_close(results["fused"][0] * valid, results["math"][0] * valid)
+    for a, b in zip(results["fused"][1], results["math"][1]):
+        torch.testing.assert_close(a, b)
 
 
 class _Spy:
@@ -301,8 +570,9 @@ def test_math_block_nested_in_a_fused_one_runs_math_and_everything_is_restored()
     assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward
 
 
-def test_a_user_registered_sdpa_is_kept():
-    """An "sdpa" the user registered may compute something else: it is not replaced (math kernel instead)."""
+def test_a_user_registered_sdpa_is_kept_and_the_math_path_is_said(said):
+    """An "sdpa" the user registered may compute something else: it is not replaced (math kernel instead), and
+    that is said once."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     seen = []
@@ -313,9 +583,13 @@ def test_a_user_registered_sdpa_is_kept():
 
     AttentionInterface.register("sdpa", custom)
     try:
-        out = linearize(tiny_llama(), target_modules=["q_proj"])(input_ids=torch.randint(0, 64, (1, 5)))
+        lin = linearize(tiny_llama(), target_modules=["q_proj"])
+        out = lin(input_ids=torch.randint(0, 64, (1, 5)))
+        lin(input_ids=torch.randint(0, 64, (1, 5)))
         assert seen and torch.isfinite(out.logits).all()
         assert AttentionInterface._global_mapping["sdpa"] is custom
+        (message,) = said()
+        assert "custom" in message and "is not transformers' own" in message and "O(L²)" in message
     finally:
         AttentionInterface.register("sdpa", sdpa_attention_forward)
 

@@ -238,6 +238,46 @@ def test_bad_generation_arguments_are_named():
         lin.generate(input_ids=x, max_new_tokens=-1)
 
 
+def test_a_tangent_name_the_model_does_not_have_is_an_error_not_a_silent_f():
+    """Swapped in with strict=False, an unknown name used to be ignored: generate decoded f(x; θ0), not f_lin."""
+    base = tiny_gpt2()
+    params = dict(base.named_parameters())
+    x = torch.randint(2, V, (1, 4))
+    typo = "transformer.h.0.attn.c_atn.weight"
+    with pytest.raises(HfTaujpError, match=r"Unknown tangent key\(s\) \['transformer.h.0.attn.c_atn.weight'\]") as info:
+        linearized_generate(base, {typo: params["transformer.h.0.attn.c_attn.weight"]},
+                            {typo: torch.ones_like(params["transformer.h.0.attn.c_attn.weight"])}, input_ids=x)
+    assert "\n" not in str(info.value) and "GPT2LMHeadModel" in str(info.value)
+    llama = tiny_llama()
+    buffer = "model.rotary_emb.inv_freq"  # a buffer, not a parameter: τ is defined on parameters only
+    inv_freq = dict(llama.named_buffers())[buffer]
+    with pytest.raises(HfTaujpError, match="Unknown tangent key.*inv_freq.*LlamaForCausalLM"):
+        linearized_generate(llama, {buffer: inv_freq}, {buffer: torch.ones_like(inv_freq)}, input_ids=x)
+    with pytest.raises(HfTaujpError, match="is a list, not a tensor"):
+        linearized_generate(base, {"lm_head.weight": params["transformer.wte.weight"]}, {"lm_head.weight": [0.0]},
+                            input_ids=x)
+    wte = params["transformer.wte.weight"]
+    with pytest.raises(HfTaujpError, match="name one tied parameter"):
+        linearized_generate(base, {"transformer.wte.weight": wte, "lm_head.weight": wte},
+                            {"transformer.wte.weight": torch.zeros_like(wte), "lm_head.weight": torch.ones_like(wte)},
+                            input_ids=x)
+
+
+def test_a_tied_alias_is_a_known_name_and_decodes_like_the_canonical_one():
+    """``lm_head.weight`` is GPT-2's tied alias of ``transformer.wte.weight``: either name linearizes the one tensor.
+    Reference: the cache-free decoding of LinearizedModule with the canonical name."""
+    base = tiny_gpt2()
+    wte = dict(base.named_parameters())["transformer.wte.weight"]
+    tau = 0.2 * torch.randn_like(wte)
+    x = torch.randint(2, V, (2, 5))
+    kw = dict(input_ids=x, max_new_tokens=5, return_dict_in_generate=True, output_logits=True)
+    got = linearized_generate(base, {"lm_head.weight": wte}, {"lm_head.weight": tau}, **kw)
+    want = linearize(base, tangents={"transformer.wte.weight": tau}).generate(use_cache=False, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(step_logits(got), step_logits(want), atol=1e-5, rtol=1e-5)
+    assert (got.logits[0] - base.generate(**kw).logits[0]).abs().max() > 1e-3  # τ moved the first step's logits
+
+
 # ---------------------------------------------------------------------------------- fast paths
 @pytest.mark.parametrize("case", ["scalar", "broadcast", "reversed", "linear", "linear_no_bias", "addmm"])
 def test_fast_forward_ad_rules_equal_torch_func_jvp(case):

@@ -15,8 +15,6 @@ from hf_taujp.linearize import linearize
 from hf_taujp.recipes import clip as C
 from hf_taujp.recipes.runner import METHODS
 
-HAS_DATA = all(os.path.isdir(os.path.join(SHARED_DATA, d)) for d in ("mnist", "fashion_mnist"))
-needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"MNIST / Fashion-MNIST IDX files not in {SHARED_DATA}")
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +166,18 @@ def test_linear_addition_matches_apply_to(tiny):
 
 
 # ------------------------------------------------------------------------------------- bad input
-def test_unknown_task_and_bad_control():
+def test_unknown_task_and_bad_control(tmp_path):
+    from clip_offline import offline_data_dir
+
+    data = offline_data_dir(tmp_path, held_out=None)  # mnist/, fashion_mnist/ only
     with pytest.raises(HfTaujpError, match="unknown task"):
-        C.run_clip(C.TINY, "mnist,imagenet9000", data_dir=SHARED_DATA)
+        C.run_clip(C.TINY, "mnist,imagenet9000", data_dir=data)
     with pytest.raises(HfTaujpError, match="at least 2"):
-        C.run_clip(C.TINY, "mnist", data_dir=SHARED_DATA)
+        C.run_clip(C.TINY, "mnist", data_dir=data)
     with pytest.raises(HfTaujpError, match="no offline data"):
-        C.load_vision_task(C.VISION_TASKS["cars"], SHARED_DATA)
+        C.load_vision_task(C.VISION_TASKS["cars"], data)
     with pytest.raises(HfTaujpError, match="global batch"):
-        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=SHARED_DATA, negation_control="none", batch_size=0)
+        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=data, negation_control="none", batch_size=0)
 
 
 def test_negation_control_is_held_out_of_the_targets(tmp_path):
@@ -184,8 +185,9 @@ def test_negation_control_is_held_out_of_the_targets(tmp_path):
 
     tasks = ["mnist", "fashion_mnist"]
     assert C.negation_control_task(None, tasks, C.HUB) == C.IMAGENET  # online: ImageNet, as the authors
-    assert C.negation_control_task("none", tasks, SHARED_DATA) is None
-    with_control = offline_data_dir(tmp_path, SHARED_DATA)  # + a fake "svhn" folder
+    targets_only = offline_data_dir(tmp_path / "targets", held_out=None)  # like the data kit: the two targets only
+    assert C.negation_control_task("none", tasks, targets_only) is None
+    with_control = offline_data_dir(tmp_path)  # + a fake "svhn" folder
     assert C.negation_control_task(None, tasks, with_control) == "svhn"  # offline: the held-out task with data
     with pytest.raises(HfTaujpError, match="also a target task"):
         C.negation_control_task("fashion_mnist", tasks, with_control)
@@ -195,11 +197,11 @@ def test_negation_control_is_held_out_of_the_targets(tmp_path):
         C.negation_control_task("svhn9", tasks, with_control)
     with pytest.raises(HfTaujpError, match="'cars' has no data"):
         C.negation_control_task("cars", tasks, with_control)
-    # the shared kit holds only the two targets: no held-out task, and run_clip says so before loading anything
+    # only the two targets: no held-out task, and run_clip says so before loading anything
     with pytest.raises(HfTaujpError, match="held out of the targets"):
-        C.run_clip(C.TINY, tasks, data_dir=SHARED_DATA)
+        C.run_clip(C.TINY, tasks, data_dir=targets_only)
     with pytest.raises(HfTaujpError, match="also a target task"):
-        C.run_clip(C.TINY, tasks, data_dir=SHARED_DATA, negation_control="fashion_mnist")
+        C.run_clip(C.TINY, tasks, data_dir=targets_only, negation_control="fashion_mnist")
 
 
 def _fake_hub(monkeypatch, sets):
@@ -282,7 +284,7 @@ def test_bad_data_fails_before_the_model_loads(tmp_path, monkeypatch):
     from clip_offline import offline_data_dir, write_fake_task
 
     _no_model(monkeypatch)
-    data = offline_data_dir(tmp_path, SHARED_DATA, held_out=None)
+    data = offline_data_dir(tmp_path, held_out=None)
     # offline: channels-first images, labels beyond the class names, no folder for the control
     write_fake_task(os.path.join(data, "svhn"), 20, 6, shape=(3, 28, 28))
     with pytest.raises(HfTaujpError, match=r"images of shape \(20, 3, 28, 28\)"):
@@ -372,11 +374,13 @@ def test_read_idx_rejects_other_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ end to end
-@needs_data
-def test_recipe_end_to_end_tiny_clip(tmp_path):
+@pytest.mark.parametrize("kit", ["stand-in", pytest.param("real", marks=pytest.mark.shared_data("mnist", "fashion_mnist"))])
+def test_recipe_end_to_end_tiny_clip(tmp_path, kit):
+    """On MNIST-shaped random stand-ins (everywhere) and on the real MNIST / Fashion-MNIST files of the data kit."""
     from clip_offline import offline_data_dir
 
-    data = offline_data_dir(tmp_path, SHARED_DATA)  # + "svhn": fake RGB 32 × 32 images, the held-out control
+    # + "svhn": fake RGB 32 × 32 images, the held-out control
+    data = offline_data_dir(tmp_path, SHARED_DATA if kit == "real" else None)
     out = str(tmp_path / "run")
     r = C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=data, methods="nonlinear,linear,taujp",
                    output_dir=out, steps=2, batch_size=8, learning_rate=1e-3, warmup_steps=1, max_train=40, max_test=16,

@@ -268,6 +268,36 @@ def test_whole_recipe_on_tiny_models(tmp_path, kind, monkeypatch):
     assert tvn.kind == "nonlinear" and tvn.training["taujp_lambda"] == 0.0
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_recipe_with_rank_trains_lora_and_the_low_rank_tangent(tmp_path, dtype):
+    """`--rank 2` (and `--dtype bf16`): LoRA for non-linear FT, the low-rank tangent for linear FT / τJp, on the
+    trained layer's Linear weights only (frozen prefix still used); vectors of rank ≤ 2; the run is recorded."""
+    out = tmp_path / "out"
+    res = glue_recipe.run_glue(
+        tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="nonlinear,linear,taujp", output_dir=str(out),
+        steps=2, batch_size=4, learning_rate=1e-2, taujp_lambda=0.1, max_train=40, max_dev=8, alphas=(0.0, 1.0),
+        shape_alphas=(), layers=1, matrix_examples=4, eval_batch_size=8, rank=2, dtype=dtype)
+    assert res["low_rank"] == {"rank": 2, "lora_alpha": 4} and res["dtype"] == dtype
+    assert res["frozen_prefix"]["used"]
+    for folder, kind in (("nonlinear", "nonlinear"), ("linear", "linear"), ("taujp", "linear")):
+        tv = TaskVector.from_pretrained(str(out / "task_vectors" / folder / "cola"))
+        assert tv.kind == kind and tv.training["rank"] == 2
+        assert tv and all(k.endswith("_proj.weight") for k in tv)  # Linear weights only: no norms, no biases
+        assert len({k.split(".layers.")[1].split(".")[0] for k in tv}) == 1 and len(tv) == 7  # the last layer's 7
+        assert all(torch.linalg.matrix_rank(t.double(), rtol=1e-4) <= 2 for t in tv.values())
+        assert any(float(t.abs().max()) > 0 for t in tv.values())
+
+
+def test_rank_and_dtype_bad_input_is_refused_before_loading(tmp_path):
+    d = tiny_model_dir(tmp_path, "llama")
+    for kw, msg in ((dict(rank=0), "--rank must be a positive integer"), (dict(lora_alpha=8.0), "give --rank too"),
+                    (dict(rank=2, lora_alpha=-1.0), "--lora-alpha must be > 0"), (dict(dtype="fp16"), "--dtype must be"),
+                    (dict(dtype="bf16"), "non-linear")):
+        with pytest.raises(HfTaujpError, match=msg):
+            glue_recipe.run_glue(d, ("sst2", "cola"), output_dir=str(tmp_path / "o"), **kw)
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_glue_run_that_stops_keeps_the_methods_it_finished(tmp_path, monkeypatch):
     """The report is rewritten after every method: a run that dies in the second method leaves the first
     method's results, marked incomplete, in results.json and results.md."""

@@ -171,9 +171,10 @@ def test_bad_input(tmp_path):
     with pytest.raises(HfTaujpError, match="no such folder"):
         tox.run_toxicity(model_dir, data_dir=str(tmp_path / "missing"), **kw)
     long_prompts = tmp_path / "prompts.txt"
-    long_prompts.write_text("the river flows north " * 10 + "\n", encoding="utf-8")
-    with pytest.raises(HfTaujpError, match="exceeds the model's context of 24 tokens"):
-        tox.run_toxicity(model_dir, data_dir=good, prompts_file=str(long_prompts), max_new_tokens=8, **kw)
+    long_prompts.write_text("The game began\n" + "the river flows north " * 10 + "\n", encoding="utf-8")
+    # 1 new token: the authors' prompt (23 tokens here) fits, the file's second prompt does not
+    with pytest.raises(HfTaujpError, match="exceeds the model's context of 24 tokens.*prompts.txt, line 2"):
+        tox.run_toxicity(model_dir, data_dir=good, prompts_file=str(long_prompts), max_new_tokens=1, **kw)
     with pytest.raises(HfTaujpError, match="unknown method"):
         tox.run_toxicity(model_dir, data_dir=good, methods="nonlinear,bogus", **kw)
     with pytest.raises(HfTaujpError, match="--scorer profanity-check"):
@@ -221,11 +222,10 @@ def test_cli_lists_toxicity():
     assert COMMANDS["toxicity"][0] == "hf_taujp.recipes.toxicity:main"
 
 
+@pytest.mark.shared_data("toxic", "wikitext-2")
 def test_shared_jigsaw_subset_loads_label_1_rows():
     from conftest import SHARED_DATA
 
-    if not os.path.isdir(os.path.join(SHARED_DATA, "toxic")):
-        pytest.skip("shared data not present")
     texts = tox.load_toxic_comments(SHARED_DATA)
     general = tox.load_general_text(SHARED_DATA)
     assert len(texts) > 100 and all(t.strip() for t in texts)
@@ -257,3 +257,23 @@ def test_a_run_that_stops_keeps_the_methods_it_finished(tmp_path, monkeypatch):
     saved = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
     assert list(saved["methods"]) == ["non-linear FT"] and saved["complete"] is False
     assert "PARTIAL" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
+
+
+def test_recipe_with_rank_and_bf16_trains_lora_and_the_low_rank_tangent(tmp_path):
+    """`--rank 2 --dtype bf16`: LoRA (non-linear) and the low-rank tangent (τJp) on GPT-2's Conv1D layers; the
+    saved vectors are rank ≤ 2 on those weights only and the negation curve is evaluated."""
+    model_dir = tiny_model_dir(tmp_path, "gpt2")
+    out = str(tmp_path / "out")
+    res = tox.main([
+        "--model", model_dir, "--data-dir", data_dir(tmp_path), "--methods", "nonlinear,taujp",
+        "--output-dir", out, "--steps", "2", "--batch-size", "2", "--lr", "1e-2", "--layers", "1", "--rank", "2",
+        "--dtype", "bf16", "--alphas", "0,1", "--n", "2", "--n-val", "2", "--max-new-tokens", "4",
+        "--gen-batch-size", "4", "--elicit", "no", "--scorer", "profanity-check",
+        "--block-size", "16", "--val-tokens", "32", "--test-tokens", "32", "--threads", "1"])
+    assert res["low_rank"] == {"rank": 2, "lora_alpha": 4} and res["dtype"] == "bf16"
+    for folder, kind in (("nonlinear", "nonlinear"), ("taujp", "linear")):
+        tv = TaskVector.from_pretrained(os.path.join(out, "task_vectors", folder))
+        assert tv.kind == kind and tv.training["rank"] == 2 and len(tv) == 4  # c_attn, attn c_proj, c_fc, mlp c_proj
+        assert all(torch.linalg.matrix_rank(t.double(), rtol=1e-4) <= 2 for t in tv.values())
+        assert [c["alpha"] for c in res["methods"][next(k for k in res["methods"] if k.startswith(
+            "non-linear" if kind == "nonlinear" else "linear"))]["curve"]] == [0.0, 1.0]

@@ -193,6 +193,32 @@ def test_peft_linearized_model_penalty_and_training(tmp_path):
     assert len([h for h in tr.state.log_history if "taujp_penalty" in h]) == 2
 
 
+def test_low_rank_linearized_penalty_and_training(tmp_path):
+    """Low-rank tangent (LinearizedConfig(r=...)): the penalty is ‖J f(x'; θ0)·s·B·A‖ from the same forward-mode
+    pass (FD reference with τ = s·B·A materialised); training moves only A and B and lowers the penalty's share."""
+    import peft
+
+    from hf_taujp import LinearizedConfig
+
+    pm = peft.get_peft_model(tiny_bert(), LinearizedConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
+                                                           target_modules=["query", "value"]))
+    g = torch.Generator().manual_seed(5)
+    pm.base_model.set_factors({n: (0.3 * torch.randn(A.shape, generator=g), 0.3 * torch.randn(B.shape, generator=g))
+                               for n, (A, B, _) in pm.base_model.get_factors().items()})
+    tau = pm.base_model.get_tangents()
+    reg = make_ds(6, 3)
+    tr = TauJpTrainer(model=pm, args=cfg(tmp_path, max_steps=2, taujp_lambda=0.5), train_dataset=make_ds(8, 0),
+                      regularization_datasets={"b": reg})
+    batch = batch_of(reg)
+    ref = tiny_bert()
+    ref.classifier.load_state_dict(pm.base_model.model.classifier.original_module.state_dict())
+    assert tr.taujp_penalty_on(pm, batch).item() == pytest.approx(fd_taujp(ref, tau, batch), rel=1e-4)
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    tr.train()
+    moved = {n for n, p in pm.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".lora_A" in n or ".lora_B" in n or "modules_to_save" in n for n in moved)
+
+
 def test_named_hidden_output_is_penalised(tmp_path):
     """taujp_output="hidden_states[-1]": R = masked token mean of ‖J h_L(x'; θ0)·τ‖ (float64 FD reference)."""
     base = tiny_bert()

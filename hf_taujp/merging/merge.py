@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 from ..compat import check_same_base, describe_base, same_base
 from ..errors import BaseModelMismatchError, HfTaujpError
 from ..hub import read_json, resolve_pretrained_dir
+from ..low_rank_tau import LowRankTau, low_rank_sum
 from ..task_vector import TaskVector, fingerprint
 from ..tied import canonical_tensors, model_class_for, tied_groups
-from .methods import (MergeConfigError, MissingStatisticsError, MethodSpec, check_finite, get_method_spec,
+from .methods import (MergeConfigError, MissingStatisticsError, MethodSpec, _per_vector, check_finite, get_method_spec,
                       parameter_seed, require_statistics)
 
 # files fetched from a Hub base: weights, configs, tokenizer files, chat template and custom code (never pickles)
@@ -171,6 +172,20 @@ def load_base_model(base: str | os.PathLike, *, trust_remote_code: bool = False)
     return cls.from_pretrained(d)
 
 
+# Methods whose Δ for a tensor is Σ_t c_t·τ_t (linear in τ): a sum of factored τ_t stays factored, exactly
+# (factors concatenated, rank Σ r_t). Every other method sees each tensor materialised.
+FACTORED_METHODS = frozenset({"task_arithmetic"})
+
+
+def merge_entries(tv: TaskVector, groups, label: str) -> dict[str, torch.Tensor | LowRankTau]:
+    """``tv``'s stored entries with tied groups folded (:func:`hf_taujp.tied.canonical_tensors`): factored
+    entries stay factors (materialised one tensor at a time, as the merge reaches them), except the members
+    of a tied group, which are compared as full tensors."""
+    tied = {n for g in groups for n in g}
+    entries = {k: (e.full() if isinstance(e, LowRankTau) and k in tied else e) for k, e in tv.entries.items()}
+    return canonical_tensors(entries, groups, label=label)
+
+
 def _base_state(base: Any, trust_remote_code: bool):
     """(state dict, module or None) of the base model."""
     if isinstance(base, torch.nn.Module):
@@ -233,6 +248,13 @@ def merge(
     Tied parameters follow :mod:`hf_taujp.tied` (one parameter per tied group; a vector whose tied
     entries differ raises ``TiedWeightsError``; the merged value lands in every name of the group).
 
+    Low-rank (factored) vectors (``TaskVector.from_peft(..., factored=True)``): every method gets each
+    tensor's full τ, materialised as that tensor is merged (never a truncated one), so the result equals the
+    merge of ``tv.to_dense()``. One exception keeps factors: ``task_arithmetic`` (Δ = λ Σ α_t τ_t, linear in
+    τ) returning a TaskVector (``return_task_vector=True``, or linear vectors) gives, for a tensor that is
+    factored in every vector holding it, the exact factored sum (factors concatenated, rank Σ r_t; see
+    :func:`hf_taujp.low_rank_tau.low_rank_sum`), equal to the full merge up to float rounding.
+
     DARE methods draw their masks from one generator per parameter, seeded with
     ``methods.parameter_seed(seed, name)`` (derived from the seed and the parameter *name*, not its
     position), so a given ``seed`` reproduces a whole merge, in memory and streaming alike, whatever
@@ -258,7 +280,7 @@ def merge(
     if check_base_model and any(m.get("base_fingerprint") for m in metas):
         check_base(metas, {fingerprint(module if module is not None else base_sd)}, "model" if module is not None else "state dict", labels)
     groups = tied_groups(module if module is not None else base_sd)
-    loaded = [canonical_tensors(tv.tensors, groups, label=lab) for tv, lab in zip(tvs, labels)]
+    loaded = [merge_entries(tv, groups, lab) for tv, lab in zip(tvs, labels)]
 
     needs = spec.needs
     stats, layouts, bfd = None, {}, None
@@ -286,16 +308,29 @@ def merge(
             raise BaseModelMismatchError(f"{lab} has parameters missing from the base: {sorted(extra)[:5]}")
     names = [n for n in base_sd if any(n in t for t in loaded)]
     seed = params.pop("seed", None)
-    merged: dict[str, torch.Tensor] = {}
+    keep_factors = method in FACTORED_METHODS and (return_task_vector or kind == "linear")
+    merged: dict[str, torch.Tensor | LowRankTau] = {}
     for name in tqdm(names, desc=f"merge ({method})", disable=not progress):
         b = base_sd[name]
+        entries = [t.get(name) for t in loaded]
+        for k, tau in enumerate(entries):
+            if tau is not None and tuple(tau.shape) != tuple(b.shape):
+                raise BaseModelMismatchError(f"{name}: task vector {k} has shape {tuple(tau.shape)}, base {tuple(b.shape)}")
+        if keep_factors and all(e is None or isinstance(e, LowRankTau) for e in entries):
+            # Δ = λ Σ_t α_t τ_t of factored τ_t is again factored (exact); see the docstring
+            alphas = _per_vector(1.0 if weights is None else weights, len(entries), "weights")
+            lam = float(params.get("lambda_", 1.0))
+            delta = low_rank_sum([(lam * a, e) for a, e in zip(alphas, entries) if e is not None]).to(device=b.device)
+            if not delta.is_finite():
+                raise HfTaujpError(f"merge produced NaN/inf in {name}")
+            merged[name] = delta
+            continue
         taus = []
-        for k, t in enumerate(loaded):
-            tau = t.get(name)
+        for tau in entries:
             if tau is None:
                 tau = torch.zeros_like(b)
-            if tuple(tau.shape) != tuple(b.shape):
-                raise BaseModelMismatchError(f"{name}: task vector {k} has shape {tuple(tau.shape)}, base {tuple(b.shape)}")
+            elif isinstance(tau, LowRankTau):
+                tau = tau.full()  # the full tensor, now that this parameter is merged (never truncated)
             taus.append(tau.to(device=b.device, dtype=torch.float64 if tau.dtype == torch.float64 else torch.float32))
         kw = dict(params)
         if seed is not None:

@@ -11,7 +11,10 @@ vectors:                               # mergekit's "models" accepted
                                        #   `parameters:` (mergekit style); overrides the global one
     fisher: me/gpt2-tv-sst2-fisher     # fisher_average / gradient_matching
     gram: me/gpt2-tv-sst2-gram         # regmean
-  - path: me/gpt2-tv-cola
+  - path: me/gpt2-glue-vectors         # one repo (or folder) holding many vectors, as the recipes push:
+    subfolder: linear_ft_taujp/cola    #   the vector's folder in it (transformers' `subfolder=`)
+    revision: v2                       #   optional: branch, tag or commit of a Hub repo
+    fisher: {path: me/gpt2-glue-fishers, subfolder: cola}   # any folder / repo may be given this way
     parameters: {weight: 0.5}
 parameters: {density: 0.2, lambda: 1.0, majority_sign_method: total, seed: 0}
 base_fisher: me/gpt2-fisher            # gradient_matching: the base model's Fisher (required)
@@ -26,6 +29,12 @@ push_to_hub: me/gpt2-merged            # optional
 Rules: every key, every parameter and every per-vector key must be known (else an error naming the
 method and its parameters); parameter values are numbers, strings or booleans — mergekit's
 per-layer gradients (a list as a value) are refused by name; ``lambda`` means ``lambda_``.
+Folders and repos (``base_model``, a vector's ``path``, ``fisher``, ``gram``, ``base_fisher``) are a string
+(a local folder or a Hub repo id) or a mapping ``{path: ..., subfolder: ..., revision: ...}``; a vector
+takes ``subfolder:`` / ``revision:`` beside its ``path:``. A ``"repo/sub/folder"`` string is a local path,
+never a repo and a sub-folder (the rule of ``hf_taujp.hub``): give ``subfolder:``. A vector's root that
+holds no task vector but has some in sub-folders is an error listing them
+(``hf_taujp.hub.list_task_vectors`` lists them too).
 """
 from __future__ import annotations
 
@@ -35,13 +44,17 @@ import sys
 from typing import Any
 
 from .. import hub
+from ..task_vector import read_task_vector_config
+from .merge import BASE_PATTERNS
 from .methods import MergeConfigError, get_method_spec
 from .streaming import merge_streaming
 
 _KNOWN = {"base_model", "method", "merge_method", "vectors", "models", "parameters", "dtype", "output",
           "output_kind", "push_to_hub", "base_fisher", "max_shard_size", "trust_remote_code"}
 # per-vector keys that are not method parameters
-_VECTOR_KEYS = {"path", "model", "parameters", "fisher", "gram"}
+_VECTOR_KEYS = {"path", "model", "parameters", "fisher", "gram", "subfolder", "revision"}
+# keys of a folder / repo given as a mapping
+_REF_KEYS = {"path", "model", "subfolder", "revision"}
 # recipe spellings → method parameter names
 _ALIASES = {"weight": "weights", "lambda": "lambda_"}
 
@@ -74,6 +87,46 @@ def _mapping(value: Any, where: str) -> dict:
     return dict(value)
 
 
+def _ref(value: Any, where: str) -> str | dict:
+    """A folder / repo reference: a non-empty string as is; a mapping ``{path, subfolder, revision}``
+    (mergekit's ``model`` accepted for ``path``) as ``{"path", "subfolder"?, "revision"?}``, or just the path
+    when it gives neither."""
+    if isinstance(value, str) and value:
+        return value
+    if not isinstance(value, dict):
+        raise MergeConfigError(f"{where} must be a folder or Hub repo id, or a mapping {{path: ..., subfolder: ..., "
+                               f"revision: ...}}, got {value!r}")
+    unknown = set(value) - _REF_KEYS
+    if unknown:
+        raise MergeConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(_REF_KEYS)}")
+    return _ref_parts(value.get("path", value.get("model")), value.get("subfolder"), value.get("revision"), where)
+
+
+def _ref_parts(path: Any, subfolder: Any, revision: Any, where: str) -> str | dict:
+    if not path or not isinstance(path, str):
+        raise MergeConfigError(f"{where} needs `path:` (a folder or Hub repo id), got {path!r}")
+    if subfolder is not None and not isinstance(subfolder, str):
+        raise MergeConfigError(f"{where} subfolder must be a string such as 'linear/sst2', got {subfolder!r}")
+    try:
+        sub = hub.normalize_subfolder(subfolder)
+    except hub.HfTaujpError as e:
+        raise MergeConfigError(f"{where}: {e}") from None
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise MergeConfigError(f"{where} revision must be a branch, tag or commit name, got {revision!r}")
+    if sub is None and revision is None:
+        return path
+    return {"path": path, **({"subfolder": sub} if sub else {}), **({"revision": revision} if revision else {})}
+
+
+def resolve_reference(ref: str | dict, *, allow_patterns: list[str] | None = None) -> str:
+    """The folder or repo id to read for a normalised reference: a string as is; a mapping's sub-folder /
+    revision resolved into a local folder (``hub.resolve_pretrained_dir``; its errors propagate)."""
+    if isinstance(ref, str):
+        return ref
+    return hub.resolve_pretrained_dir(ref["path"], subfolder=ref.get("subfolder"), revision=ref.get("revision"),
+                                      allow_patterns=allow_patterns)
+
+
 def load_recipe(path_or_dict: str | os.PathLike | dict) -> dict:
     """Read and check a recipe; returns it normalised: ``method``, ``vectors`` (dicts with ``path``,
     optional ``fisher`` / ``gram`` and ``params`` of per-vector values), ``parameters`` (method names).
@@ -103,8 +156,9 @@ def load_recipe(path_or_dict: str | os.PathLike | dict) -> dict:
     unknown = set(rec) - _KNOWN
     if unknown:
         raise MergeConfigError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(_KNOWN)}")
-    if not rec.get("base_model") or not isinstance(rec["base_model"], str):
+    if not rec.get("base_model"):
         raise MergeConfigError("recipe needs base_model: a folder or Hub repo id")
+    rec["base_model"] = _ref(rec["base_model"], "base_model")
     method = rec.pop("merge_method", None) or rec.get("method") or "task_arithmetic"
     if not isinstance(method, str):
         raise MergeConfigError(f"method must be a name, got {method!r}")
@@ -130,6 +184,7 @@ def load_recipe(path_or_dict: str | os.PathLike | dict) -> dict:
         path = v.get("path", v.get("model"))
         if not path or not isinstance(path, str):
             raise MergeConfigError(f"{label} needs `path:` (a TaskVector folder or repo id), got {v!r}")
+        ref = _ref_parts(path, v.get("subfolder"), v.get("revision"), label)
         flat = {k: x for k, x in v.items() if k not in _VECTOR_KEYS}
         for k, x in _mapping(v.get("parameters"), f"{label} parameters").items():
             if k in flat:
@@ -145,15 +200,15 @@ def load_recipe(path_or_dict: str | os.PathLike | dict) -> dict:
                                        f"vectors: put it under the top-level `parameters:`; per-vector parameters "
                                        f"are: {', '.join(sorted(per_vector_names))}")
             vp[name] = _number(x, f"{label} {k!r}")
-        stat = {s: v[s] for s in ("fisher", "gram") if v.get(s) is not None}
-        for s, x in stat.items():
-            if not isinstance(x, str):
-                raise MergeConfigError(f"{label} {s!r} must be a folder or repo id, got {x!r}")
-        norm.append({"path": path, **stat, "params": vp})
+        stat = {s: _ref(v[s], f"{label} {s!r}") for s in ("fisher", "gram") if v.get(s) is not None}
+        where = {"path": ref} if isinstance(ref, str) else dict(ref)
+        norm.append({**where, **stat, "params": vp})
     spec.check_params(params, where=where)
     rec["vectors"] = norm
     rec["parameters"] = params
-    for key in ("base_fisher", "output", "push_to_hub"):
+    if rec.get("base_fisher") is not None:
+        rec["base_fisher"] = _ref(rec["base_fisher"], "base_fisher")
+    for key in ("output", "push_to_hub"):
         if rec.get(key) is not None and not isinstance(rec[key], str):
             raise MergeConfigError(f"{key} must be a string, got {rec[key]!r}")
     if "trust_remote_code" in rec and not isinstance(rec["trust_remote_code"], bool):
@@ -185,6 +240,18 @@ def _per_vector_params(rec: dict) -> dict:
     return params
 
 
+def _resolved(ref: str | dict, label: str, allow_patterns: list[str] | None = None) -> str:
+    """:func:`resolve_reference`, its error prefixed with ``label`` (``"vector 1 fisher"``)."""
+    if isinstance(ref, str):
+        return ref
+    if "subfolder" not in ref and "revision" not in ref:
+        return ref["path"]
+    try:
+        return resolve_reference(ref, allow_patterns=allow_patterns)
+    except hub.HfTaujpError as e:
+        raise type(e)(f"{label}: {e}") from e
+
+
 def merge_from_config(path_or_dict: str | os.PathLike | dict, output: str | None = None, *, progress: bool = True) -> str:
     """Run a merge recipe (YAML path or dict; format in this module's docstring) as a streaming merge;
     returns the output folder."""
@@ -201,9 +268,20 @@ def merge_from_config(path_or_dict: str | os.PathLike | dict, output: str | None
         if any(g is not None for g in given):
             if any(g is None for g in given):
                 raise MergeConfigError(f"give a `{s}:` for every vector or for none")
-            stats[s + "s"] = given
-    merge_streaming(rec["base_model"], [v["path"] for v in vecs], output, rec["method"], weights=weights,
-                    base_fisher=rec.get("base_fisher"), dtype=rec.get("dtype"),
+            stats[s + "s"] = [_resolved(g, f"vector {i} {s}") for i, g in enumerate(given)]
+    paths = []
+    for i, v in enumerate(vecs):
+        if "subfolder" not in v and "revision" not in v:
+            paths.append(v["path"])  # merge_streaming resolves it, and names a root holding vectors in sub-folders
+            continue
+        d = _resolved(v, f"vector {i}")
+        read_task_vector_config(d, v["path"], subfolder=v.get("subfolder"), revision=v.get("revision"),
+                                label=f"vector {i}")
+        paths.append(d)
+    base = _resolved(rec["base_model"], "base_model", allow_patterns=BASE_PATTERNS)
+    base_fisher = None if rec.get("base_fisher") is None else _resolved(rec["base_fisher"], "base_fisher")
+    merge_streaming(base, paths, output, rec["method"], weights=weights,
+                    base_fisher=base_fisher, dtype=rec.get("dtype"),
                     output_kind=rec.get("output_kind"), max_shard_size=rec.get("max_shard_size", "2GB"),
                     trust_remote_code=rec.get("trust_remote_code", False),
                     recipe={k: v for k, v in rec.items() if k != "push_to_hub"}, progress=progress,
@@ -233,8 +311,6 @@ def _help_text() -> str:
 def cli_merge(argv: list[str]) -> int:
     """``hf-taujp merge RECIPE.yaml [OUTPUT]``; returns the process exit code (2 on a user error, printed
     as one line on stderr)."""
-    from huggingface_hub.errors import HFValidationError
-
     ap = argparse.ArgumentParser(prog="hf-taujp merge", description=_help_text(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", help="YAML recipe file")
@@ -243,8 +319,13 @@ def cli_merge(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     try:
         out = merge_from_config(a.recipe, a.output, progress=not a.no_progress)
-    except (hub.HfTaujpError, OSError, HFValidationError) as e:
-        # user errors (bad recipe, missing folders, Hub unreachable, bad repo ids): one line, no traceback
+    except Exception as e:
+        # user errors (bad recipe, missing folders, Hub unreachable, bad repo ids): one line, no traceback.
+        # HFValidationError through sys.modules: whatever raised it imported huggingface_hub.errors, and
+        # importing it here up front costs 0.1-0.2 s of every merge.
+        hf_errors = sys.modules.get("huggingface_hub.errors")
+        if not isinstance(e, (hub.HfTaujpError, OSError) + ((hf_errors.HFValidationError,) if hf_errors else ())):
+            raise
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"hf-taujp merge: error: {msg}", file=sys.stderr)
         return 2

@@ -53,11 +53,27 @@ class Statistics:
                            base_model=self.base_model, tags=[self.kind]).save(os.path.join(tmp, "README.md"))
 
     @classmethod
-    def from_pretrained(cls, repo_id_or_dir, **kw) -> "Statistics":
-        d = hub.resolve_pretrained_dir(repo_id_or_dir, **kw)
-        cfg = hub.read_json(os.path.join(d, "config.json"), f"{cls.kind} config")
+    def from_pretrained(cls, repo_id_or_dir, revision: str | None = None, token: str | bool | None = None, *,
+                        subfolder: str | None = None, **kw) -> "Statistics":
+        """Load statistics from a folder or Hub repo (``hub.resolve_pretrained_dir``; ``revision``, ``token``,
+        ``cache_dir``, ``local_files_only`` as in huggingface_hub). ``subfolder``: their folder inside the
+        folder / repo (``"fisher/sst2"``), as transformers' ``subfolder=``.
+
+        Raises ``ArtifactNotFoundError`` (no such folder / repo / revision / sub-folder: the message lists the
+        artifacts there), ``CorruptFileError`` (no config.json — with the sub-folders that hold statistics of
+        this kind when there are some —, another format, truncated files)."""
+        d = hub.resolve_pretrained_dir(repo_id_or_dir, revision=revision, token=token, subfolder=subfolder, **kw)
+        sub = hub.normalize_subfolder(subfolder)
+        where = hub._where(os.fspath(repo_id_or_dir), sub, revision)
+        what = "Fisher statistics" if cls.kind == "fisher" else "Gram statistics"
+        cfg_path = os.path.join(d, "config.json")
+        if not os.path.isfile(cfg_path):
+            hint = hub.artifact_folders_hint(repo_id_or_dir, revision=revision, token=token, under=sub, kind=what)
+            raise hub.CorruptFileError(f"{where} has no config.json: not hf-taujp {what}.{hint}")
+        cfg = hub.read_json(cfg_path, f"{cls.kind} config")
         if cfg.get("format") != f"hf-taujp/{cls.kind}":
-            raise hub.CorruptFileError(f"{repo_id_or_dir!r} is not a {cls.kind} folder (format {cfg.get('format')!r})")
+            hint = hub.artifact_folders_hint(repo_id_or_dir, revision=revision, token=token, under=sub, kind=what)
+            raise hub.CorruptFileError(f"{where} is not a {cls.kind} folder (format {cfg.get('format')!r}).{hint}")
         tensors = hub.load_safetensors(d, _PREFIX[cls.kind])
         extra = {k: v for k, v in cfg.items() if k not in ("format", "format_version", "num_examples", "base_model",
                                                           "base_fingerprint", "task")}
@@ -65,6 +81,9 @@ class Statistics:
                    base_fingerprint=cfg.get("base_fingerprint"), task=cfg.get("task"), extra=extra)
 
     def push_to_hub(self, repo_id: str, **kw):
+        """Save into a temporary folder and upload it (``hub.push_folder_to_hub``: ``private``, ``token``,
+        ``commit_message``, ``revision`` — a new branch is created first —, ``create_pr``, ``subfolder``);
+        returns the CommitInfo."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as t:

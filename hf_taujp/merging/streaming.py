@@ -2,13 +2,13 @@
 folders (local or Hub), write sharded safetensors + index into an atomic output folder.
 
 Memory: elementwise methods (task arithmetic, Fisher averaging, gradient matching) stream slices of
-``chunk_elements`` entries through two reused sets of K + 1 (+ statistics) buffers (~50 MB at the
-default); the others (TIES, DARE, RegMean, ...) see whole tensors, read into two reused sets of
-buffers the size of the largest tensor: peak ≈ 2 (K + 1) × the largest tensor plus the method's
-working set, never K × the model. One I/O thread reads the next job and writes the previous result
-while the caller's thread merges. Inputs are read with ``pread`` and the output written with
-``pwrite`` at precomputed offsets (``hf_taujp.safetensors_io``), so neither memory-mapped input pages nor
-output shards accumulate in memory.
+``chunk_elements`` entries through two reused sets of K + 1 (+ statistics) buffers (~10 MB at the
+default for four fp32 vectors); the others (TIES, DARE, RegMean, ...) see whole tensors, read into
+two reused sets of buffers the size of the largest tensor: peak ≈ 2 (K + 1) × the largest tensor
+plus the method's working set, never K × the model. One thread reads the next job and another
+writes the previous result while the caller's thread merges. Inputs are read with ``pread`` and the
+output written with ``pwrite`` at precomputed offsets (``hf_taujp.safetensors_io``), so neither
+memory-mapped input pages nor output shards accumulate in memory.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -26,13 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import hub
-from ..task_vector import FORMAT as TV_FORMAT, fingerprint
+from ..task_vector import FORMAT as TV_FORMAT, fingerprint, read_task_vector_config
 from ..tied import TiedWeightsError, tied_groups_of_folder
 from .merge import (BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible,
                     statistics_sizes, weight_layout)
 from .methods import (MergeConfigError, MethodSpec, MissingStatisticsError, check_finite, get_method_spec, parameter_seed,
                       require_statistics)
 from ..safetensors_io import SafetensorsReader, ShardedWriter
+from ..low_rank_tau import task_vector_reader
 
 
 @contextlib.contextmanager
@@ -78,6 +78,9 @@ def _aliases(reader: SafetensorsReader, groups, canon_of: dict, label: str) -> d
         present = [n for n in g if n in reader]
         if not present:
             continue
+        out[canon_of[g[0]]] = present[0]
+        if len(present) == 1:
+            continue  # nothing to compare: reading it here would read the embedding twice per vector
         first = reader.get(present[0])
         for n in present[1:]:
             t = reader.get(n)
@@ -85,7 +88,6 @@ def _aliases(reader: SafetensorsReader, groups, canon_of: dict, label: str) -> d
                 raise TiedWeightsError(
                     f"{label} has different values for {present[0]!r} and {n!r}, which the base model ties "
                     "(one tensor): the fine-tune untied them, and a model that ties them cannot hold both")
-        out[canon_of[g[0]]] = present[0]
     return out
 
 
@@ -136,7 +138,7 @@ def merge_streaming(
     recipe: dict | None = None,
     check_base_model: bool = True,
     trust_remote_code: bool = False,
-    chunk_elements: int = 1 << 20,
+    chunk_elements: int = 1 << 18,  # 1 MiB of fp32 per buffer: fits L2; 1 << 20 cost ~15% more CPU (1.3 GB Llama)
     compute_threads: int | None = 1,
     progress: bool = True,
     **params,
@@ -151,13 +153,19 @@ def merge_streaming(
     of the vectors' kind. ``params`` are the method's declared parameters (others raise
     ``MergeConfigError``); the rules of :func:`merge` hold here too (negation, tied parameters, the
     base Fisher that gradient matching requires, finite results). ``trust_remote_code``: needed for a
-    base with custom code, whose architecture is built on the meta device to find its tied parameters. Statistics (``fishers`` for fisher_average / gradient_matching,
-    ``grams`` for regmean: folders or repo ids, one per vector) are read the same way.
+    base with custom code, whose architecture is built on the meta device to find its tied parameters
+    (:func:`hf_taujp.tied.find_tied_groups` says which bases need no build). Statistics (``fishers``
+    for fisher_average / gradient_matching, ``grams`` for regmean: folders or repo ids, one per
+    vector) are read the same way. A factored (low-rank) vector folder is read as its full τ, computed
+    from its factors tensor by tensor (slice by slice); the output holds full tensors. A folder or repo is read at its root: for one in a sub-folder (the
+    recipes' ``<method>/<task>/`` layout) pass ``hub.resolve_pretrained_dir(repo, subfolder=...)``, or use
+    a recipe's ``subfolder:``; a root that holds vectors only in sub-folders raises ``CorruptFileError``
+    listing them.
     Vectors of different bases, or made from another base than ``base`` (recorded fingerprint),
     raise ``BaseModelMismatchError`` before anything is written. Elementwise methods
     (registered ``elementwise=True``) run on slices of ``chunk_elements`` entries, read into reused
-    buffers (0: whole tensors); other methods see whole tensors. One I/O thread reads the next slice /
-    tensor and writes the previous result while this thread merges, with ``compute_threads`` torch
+    buffers (0: whole tensors); other methods see whole tensors. One thread reads the next slice /
+    tensor and another writes the previous result while this thread merges, with ``compute_threads`` torch
     intra-op threads (default 1; ``None`` leaves torch's setting). Returns ``output``.
     """
     readers: list[SafetensorsReader] = []  # every open reader, closed whatever happens
@@ -255,10 +263,8 @@ def _plan(base, vectors, method, readers: list, *, weights, fishers, grams, base
     base_dir = hub.resolve_pretrained_dir(base, allow_patterns=BASE_PATTERNS)
     vdirs = [hub.resolve_pretrained_dir(v) for v in vectors]
     labels = [f"vector {i} ({v!r})" for i, v in enumerate(vectors)]
-    cfgs = [hub.read_json(os.path.join(d, "config.json"), "task vector config") for d in vdirs]
-    for lab, c in zip(labels, cfgs):
-        if c.get("format") != TV_FORMAT:
-            raise hub.HfTaujpError(f"{lab} is not a task vector folder (format {c.get('format')!r})")
+    # a root that is no task vector but holds some in sub-folders is named, with them listed
+    cfgs = [read_task_vector_config(d, v, label=f"vector {i}") for i, (d, v) in enumerate(zip(vdirs, vectors))]
     vec_kind = check_vectors_compatible(cfgs, labels, method)
     if output_kind is None:
         output_kind = "task_vector" if vec_kind == "linear" else "model"
@@ -269,10 +275,11 @@ def _plan(base, vectors, method, readers: list, *, weights, fishers, grams, base
     needs = spec.needs
     stat_paths = {"fisher": fishers, "gram": grams}.get(needs) if needs else None
     require_statistics(method, spec, stat_paths, len(vectors), base_fisher, noun="folder")
-    # tied parameters of the base's architecture (hf_taujp.tied), built on the meta device
-    groups = tied_groups_of_folder(base_dir, trust_remote_code=trust_remote_code)
     base_r = SafetensorsReader(base_dir, _model_prefix(base_dir))
     readers.append(base_r)
+    # tied parameters of the base (hf_taujp.tied.find_tied_groups: config + checkpoint names against
+    # the table of known families, else the architecture built on the meta device; the rule is logged)
+    groups = tied_groups_of_folder(base_dir, trust_remote_code=trust_remote_code, stored=base_r.keys())
     if check_base_model and any(c.get("base_fingerprint") for c in cfgs):
         check_base(cfgs, {_folder_fingerprint(base_r)}, f"{base!r}", labels)
     base_keys = base_r.keys()
@@ -283,7 +290,8 @@ def _plan(base, vectors, method, readers: list, *, weights, fishers, grams, base
     for g in groups:
         c = next(n for n in g if n in base_set)
         canon_of.update({n: c for n in g})
-    vec_r = [SafetensorsReader(d, "task_vector") for d in vdirs]
+    # a factored (low-rank) vector folder is read as its full τ, materialised tensor by tensor / slice by slice
+    vec_r = [task_vector_reader(d, c) for d, c in zip(vdirs, cfgs)]
     readers += vec_r
     stat_readers, bfr, stat_cfgs = None, None, []
     if needs:
@@ -337,17 +345,33 @@ def _plan(base, vectors, method, readers: list, *, weights, fishers, grams, base
 
 
 # --------------------------------------------------------------------------------------------
-# The per-tensor loop: read job j+1 on the I/O thread, merge job j here, write job j−1 there
+# The per-tensor loop: read jobs j+1.. on one thread, merge job j here, write job j−1 on another
 # --------------------------------------------------------------------------------------------
 class _TensorLoop:
-    """Runs a plan's jobs through two reused sets of read buffers (job parity): one filled by the I/O
-    thread while the other is merged; reused, so no fresh pages (page faults + zeroing) per tensor or
-    chunk. Whole-tensor jobs read into buffers of the largest such tensor's size."""
+    """Runs a plan's jobs through reused read buffers: ``SLICE_SETS`` sets for slices (the reader runs
+    up to ``SLICE_SETS`` − 1 slices ahead of the merge) and two sets, of the largest such tensor's
+    size, for whole-tensor jobs; reused, so no fresh pages (page faults + zeroing) per tensor or
+    chunk. Job j's ``slot`` is the buffer set it reads into and ``conflict[j]`` the job that used that
+    set before it (its read waits for that job's write)."""
+
+    # Double buffering: a deeper ring (4 sets, the reader 3 slices ahead) was slower, not faster, on
+    # the 1.3 GB Llama of benchmarks/bench_merge_throughput.py (median CPU 3.8 s against 3.0 s; more
+    # buffers fall out of cache), even on a loaded machine where threads wait to be scheduled.
+    SLICE_SETS = 2
 
     def __init__(self, plan: _Plan, writer: ShardedWriter):
         self.plan, self.writer = plan, writer
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.full_size = max([n for kind, _, _, n in plan.jobs if kind == "full"], default=0)
+        self.slot: list[tuple] = []
+        self.conflict: list[int | None] = []
+        count, last = {"slice": 0, "full": 0}, {}
+        for j, (kind, *_rest) in enumerate(plan.jobs):
+            slot = (kind, count[kind] % (self.SLICE_SETS if kind == "slice" else 2))
+            count[kind] += 1
+            self.slot.append(slot)
+            self.conflict.append(last.get(slot))
+            last[slot] = j
 
     def _buf(self, key, dtype, n, size=None):
         size = self.plan.chunk if size is None else size
@@ -357,10 +381,10 @@ class _TensorLoop:
         return t[:n]
 
     def read(self, j: int):
-        """Job ``j``'s inputs (base, τs, statistics, base Fisher); runs in the I/O thread (pread releases the GIL)."""
+        """Job ``j``'s inputs (base, τs, statistics, base Fisher); runs in the reader thread (pread releases the GIL)."""
         plan = self.plan
         kind, name, start, n = plan.jobs[j]
-        par = j % 2
+        par = self.slot[j]
         if kind == "slice":
             def get(r, slot):
                 rn = plan.stored(r, name)
@@ -383,8 +407,9 @@ class _TensorLoop:
         return b, taus, stats, bf
 
     def compute(self, name, b, taus, stats, bf) -> torch.Tensor:
-        """θ0 + method(θ0, τs) (or the merged Δ for a task-vector output) in the output dtype, never
-        a view of a reused read buffer; ``MissingStatisticsError`` for a statistic missing at ``name``."""
+        """θ0 + method(θ0, τs) (or the merged Δ for a task-vector output) in the output dtype;
+        ``MissingStatisticsError`` for a statistic missing at ``name``. The result may be a view of this
+        job's read buffers (θ0's, for a model): ``run`` lets no read reuse them before it is written."""
         plan = self.plan
         if taus is None:
             return b.to(plan.out_dt(name)) if b.is_floating_point() else b
@@ -415,15 +440,20 @@ class _TensorLoop:
         if "name" in plan.spec.driver_args:
             kw["name"] = name
         delta = plan.spec.fn(b, taus, weights=plan.weights, **kw)
-        inputs = {t.untyped_storage().data_ptr() for t in [b, *taus, *(stats or []), bf] if t is not None}
         if plan.output_kind == "model":
-            fresh = delta.untyped_storage().data_ptr() not in inputs
-            res = delta.add_(b) if fresh else delta + b  # in place: no second tensor-sized buffer
+            inputs = {t.untyped_storage().data_ptr() for t in [b, *taus, *(stats or []), bf] if t is not None}
+            ptr = delta.untyped_storage().data_ptr()
+            if b.dtype == delta.dtype and ptr != b.untyped_storage().data_ptr():
+                # into θ0's read buffer (x + y == y + x exactly): Δ is freed here and its memory reused by
+                # the next job's Δ, where a result alive until written made the allocator return and
+                # re-fault its pages (~130k page faults, 8% of the CPU time of a 1.3 GB merge)
+                res = b.add_(delta)
+            else:
+                res = delta.add_(b) if ptr not in inputs else delta + b  # in place: no second buffer
+            del delta
         else:
             res = delta
         res = res.to(plan.out_dt(name))
-        if res.untyped_storage().data_ptr() in inputs:  # never hand a reused read buffer to the writer
-            res = res.clone()
         check_finite(res, name)
         return res
 
@@ -434,28 +464,44 @@ class _TensorLoop:
         else:
             self.writer.write(name, res)
 
+    def _read_after(self, j: int, write_before):
+        """Job ``j``'s read once ``write_before`` (the write of ``conflict[j]``, whose buffers job j
+        reuses: a copied tensor is written straight from its read buffer) is done; a failed write
+        raises here."""
+        if write_before is not None:
+            write_before.result()
+        return self.read(j)
+
     def run(self, compute_threads: int | None, progress: bool) -> None:
         plan, jobs = self.plan, self.plan.jobs
-        # One I/O thread runs reads and writes in submission order (read j+1, write j, read j+2, …):
-        # when the read of job j+1 is done, the write of job j−1 is too, so at most two jobs'
-        # buffers are alive. The merge itself runs on this thread.
-        with _intra_op_threads(compute_threads), ThreadPoolExecutor(1) as io:
-            nxt = io.submit(self.read, 0) if jobs else None
-            writes: deque = deque()
+        # Three threads: one reads (jobs j + 1, ...), this one merges (job j), one writes (job j − 1).
+        # Why not one I/O thread for both: reads and writes (kernel copies) then add up on one core
+        # while the merge's core waits. A read is submitted once the job that used its buffer set
+        # before it has been merged and handed to the writer, and runs once that write is done.
+        ahead = self.SLICE_SETS - 1
+        with _intra_op_threads(compute_threads), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+            reads: dict[int, Any] = {}
+            writes: dict[int, Any] = {}
+            nxt = 0  # the next job whose read is not submitted yet
             bar = tqdm(total=len(plan.names), desc=f"merge ({plan.method})", disable=not progress)
             for j, (kind, name, start, n) in enumerate(jobs):
-                data = nxt.result()
-                nxt = io.submit(self.read, j + 1) if j + 1 < len(jobs) else None
-                while writes and writes[0].done():
-                    writes.popleft().result()  # surface a failed write now
+                while nxt < len(jobs) and nxt <= j + ahead:
+                    c = self.conflict[nxt]
+                    if c is not None and c >= j:  # its buffers are not merged yet (c < j: write submitted)
+                        break
+                    reads[nxt] = reader.submit(self._read_after, nxt, writes.get(c))
+                    nxt += 1
+                data = reads.pop(j).result()
+                for i in [i for i, w in writes.items() if w.done()]:
+                    writes.pop(i).result()  # surface a failed write now
                 res = self.compute(name, *data)
                 del data
-                writes.append(io.submit(self.write, j, res))
+                writes[j] = writer.submit(self.write, j, res)
                 del res
                 if start + n == math.prod(plan.base_r.shape(name)):
                     bar.update(1)
-            for w in writes:
-                w.result()
+            for i in sorted(writes):
+                writes[i].result()
             bar.close()
 
 
@@ -483,9 +529,12 @@ def _write_side_files(plan: _Plan, tmp: str, base, vectors, recipe) -> None:
                        "dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
                        "num_parameters": num}, f, indent=2)
     params = plan.params  # as before the split: the card lists the method's parameters but not the seed
-    hub.model_card(f"Merged with hf-taujp ({method})", "```json\n"
-                   + json.dumps(recipe or {"method": method, "vectors": list(map(str, vectors)),
-                                          "weights": plan.weights,
-                                          **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}},
-                                indent=2, default=str)
-                   + "\n```", base_model=base if isinstance(base, str) else None, tags=["merge"]).save(os.path.join(tmp, "README.md"))
+    card = hub.model_card_text(f"Merged with hf-taujp ({method})", "```json\n"
+                               + json.dumps(recipe or {"method": method, "vectors": list(map(str, vectors)),
+                                                      "weights": plan.weights,
+                                                      **{k: v for k, v in params.items() if isinstance(v, (int, float, str))}},
+                                            indent=2, default=str)
+                               + "\n```", base_model=base if isinstance(base, str) else None, tags=["merge"])
+    # the text, not hub.model_card(...).save(): ModelCard imports the Hub client (~0.4 s of each CLI run)
+    with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8", newline="") as f:
+        f.write(card)

@@ -1,7 +1,7 @@
 """Recipes: applications of the library to the τJp paper's settings: GLUE text-to-text (the main job),
 toxicity negation with causal LMs, CLIP vision task addition / negation.
 
-Shared pieces: task definitions (:mod:`.tasks`), text-to-text encoding and rank classification
+Shared pieces: task definitions (:mod:`.tasks`), the reader of the user's data files (:mod:`.datafiles`), text-to-text encoding and rank classification
 (:mod:`.text_to_text`), model loading incl. the offline SmolLM2 (:mod:`.models`), the train-each-method
 loop (:mod:`.runner`) and the report (:mod:`.report`).
 """

@@ -55,6 +55,7 @@ import gzip
 import os
 import struct
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..errors import CorruptFileError
 from ..evaluation import DEFAULT_ALPHAS, _addition_protocol, evaluate_task_negation, format_table, taujp_matrix
 from ..hub import HfTaujpError, check_repo_id
 from ..linearize import LinearizedModule, linearized_forward
@@ -73,8 +75,8 @@ from .report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, per_task_row
 from .runner import METHODS, Method, finetune, parse_methods
 from .tasks import split_train_val
 
-__all__ = ["VisionTask", "VISION_TASKS", "TINY", "IMAGENET", "run_clip", "negation_control_task", "check_images",
-           "zero_shot_head", "ZeroShotCLIP", "ZeroShotOutput", "ImageCollator", "load_clip", "tiny_clip",
+__all__ = ["VisionTask", "VISION_TASKS", "IDX_FILES", "TINY", "IMAGENET", "run_clip", "negation_control_task",
+           "check_images", "zero_shot_head", "ZeroShotCLIP", "ZeroShotOutput", "ImageCollator", "load_clip", "tiny_clip",
            "load_vision_task", "read_idx", "to_rgb", "finetune_clip", "main", "add_arguments"]
 
 TINY = "tiny"
@@ -126,6 +128,16 @@ class VisionTask:
     def offline_dir(self, data_dir: str) -> str:
         return os.path.join(data_dir, self.idx_dir or self.name)
 
+    def missing_idx_files(self, data_dir: str) -> list[str]:
+        """The IDX files (:data:`IDX_FILES`) absent from the task's offline folder (all of them without one)."""
+        d = self.offline_dir(data_dir)
+        return [f for f in IDX_FILES if not os.path.isfile(os.path.join(d, f))]
+
+
+# The offline layout of a task folder (LeCun's MNIST files, gzipped): the only one read offline.
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")
+
 
 _FASHION = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
@@ -154,18 +166,26 @@ IMAGENET = "imagenet"
 def read_idx(path: str) -> np.ndarray:
     """An IDX file (LeCun's MNIST format, optionally .gz) as a numpy array: uint8 images (N, H, W) or labels (N,).
 
-    Raises HfTaujpError for a missing file or a header that is not IDX uint8."""
+    Raises HfTaujpError for a missing file; CorruptFileError (an HfTaujpError) for a file that cannot be read or
+    un-gzipped (permissions, a truncated / corrupt .gz), a header that is not IDX uint8 or is cut short, or a
+    size that differs from the header's."""
     if not os.path.isfile(path):
         raise HfTaujpError(f"IDX file {path!r} not found")
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a truncated .gz ends in EOFError
+        raise CorruptFileError(f"{path}: cannot be read{' as gzip' if path.endswith('.gz') else ''} "
+                               f"({type(e).__name__}: {e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise HfTaujpError(f"{path!r} is not an IDX uint8 file")
+        raise CorruptFileError(f"{path!r} is not an IDX uint8 file")
     ndim = data[3]
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise CorruptFileError(f"{path}: IDX header cut short ({len(data)} bytes, {ndim} dimension(s) announced)")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
-        raise HfTaujpError(f"{path!r}: header says {dims} but holds {arr.size} values")
+        raise CorruptFileError(f"{path!r}: header says {dims} but holds {arr.size} values")
     return arr.reshape(dims)
 
 
@@ -176,15 +196,29 @@ def load_vision_task(task: VisionTask, data_dir: str = HUB, *, max_train: int | 
     data_dir: "hub" (`datasets.load_dataset(task.hub_id, task.hub_config)`) or a folder with
     `<task.idx_dir or task.name>/` IDX files (offline MNIST / Fashion-MNIST, or any task stored in that layout).
     max_train, max_test: seeded subsamples (rows in dataset order), taken before images are decoded.
-    Raises HfTaujpError: no offline folder for the task, a dataset without the expected split or columns, an
-    empty split, no class names (neither built in nor a `ClassLabel` feature), images that are neither
-    (H, W) nor (H, W, 1 | 3) (IDX files; Hub images are checked when used, see :func:`check_images`).
+    Raises HfTaujpError: no offline folder for the task, or one without the four IDX files (:data:`IDX_FILES`;
+    an empty folder, or class folders of images, which are not read offline), an unreadable / corrupt IDX file
+    (:func:`read_idx`), a dataset without the expected split or columns, an empty split, no class names
+    (neither built in nor a `ClassLabel` feature), images that are neither (H, W) nor (H, W, 1 | 3) (IDX files;
+    Hub images are checked when used, see :func:`check_images`).
     """
     if data_dir != HUB:
         d = task.offline_dir(data_dir)
         if not os.path.isdir(d):
             raise HfTaujpError(f"task {task.name!r} has no offline data: no folder {d!r} with IDX files "
                                "(use --data-dir hub, or store the task there in LeCun's MNIST layout)")
+        missing = task.missing_idx_files(data_dir)
+        if missing:
+            try:
+                entries = sorted(os.listdir(d))
+            except OSError as e:
+                raise HfTaujpError(f"task {task.name!r}: folder {d} cannot be read ({e.strerror or e})") from None
+            subdirs = [e for e in entries if os.path.isdir(os.path.join(d, e))]
+            seen = ("it is empty" if not entries else
+                    f"it holds the folder(s) {subdirs[:3]}: class folders of images are not read offline"
+                    if subdirs else f"it holds {entries[:3]}")
+            raise HfTaujpError(f"task {task.name!r}: {d} lacks the IDX file(s) {missing} of LeCun's MNIST layout "
+                               f"({seen}); store the task as IDX files or use --data-dir hub")
         out = {}
         for split, prefix in (("train", "train"), ("test", "t10k")):
             x = read_idx(os.path.join(d, f"{prefix}-images-idx3-ubyte.gz"))
@@ -554,7 +588,7 @@ def negation_control_task(control: str | None, tasks: Sequence[str], data_dir: s
     """The control task of negation, held out of the target `tasks` (never fine-tuned), or None for "none".
 
     Default (None): online (`data_dir="hub"`) ImageNet (:data:`IMAGENET`, Ilharco et al. 2023's control);
-    offline the first task of :data:`VISION_TASKS` that is not a target and has a folder in `data_dir`.
+    offline the first task of :data:`VISION_TASKS` that is not a target and has its IDX files in `data_dir`.
     Raises HfTaujpError: an unknown task, a control that is also a target task, a control without data
     (offline: no folder; the default when no held-out task has one).
     """
@@ -564,7 +598,8 @@ def negation_control_task(control: str | None, tasks: Sequence[str], data_dir: s
         if data_dir == HUB:
             control = IMAGENET
         else:
-            held_out = [n for n, t in VISION_TASKS.items() if n not in tasks and os.path.isdir(t.offline_dir(data_dir))]
+            # a folder counts as data when it holds the IDX files (an empty / other-layout folder is not a task)
+            held_out = [n for n, t in VISION_TASKS.items() if n not in tasks and not t.missing_idx_files(data_dir)]
             if not held_out:
                 raise HfTaujpError(
                     f"task negation needs a control task held out of the targets {list(tasks)}, and no other task has "

@@ -37,7 +37,7 @@ from ..linearize import _accepts, match_parameter_names
 from ..task_vector import fingerprint
 from .models import SMOLLM2, load_text_model
 from .report import TAUJP_COLUMN_NOTE, addition_rows, per_task_rows, table, write_report
-from .runner import METHODS, finetune, parse_methods
+from .runner import METHODS, add_low_rank_arguments, check_rank_and_dtype, finetune, parse_methods
 from .tasks import GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load_task_spec, split_train_val
 from .text_to_text import (FrozenPrefix, TextToTextEncoder, answer_logits_output, decoder_layers, first_trained_layer,
                            generate_scores, rank_scores)
@@ -138,6 +138,14 @@ def _weights_of(model):
                 params[k].copy_(v)
 
 
+def _lambda_text(lam: float) -> str:
+    """λ as it appears in method labels and folder names: ``%g`` (``0.01``, ``1e-05``) when that text reads back
+    as the same number, else ``repr`` (the shortest text that does, ``0.1000001``), so that two distinct λ never
+    share a label or a folder (``%g`` alone writes 0.1 and 0.1000001 both as ``0.1``)."""
+    text = f"{lam:g}"
+    return text if float(text) == lam else repr(float(lam))
+
+
 def run_glue(
     model: str = SMOLLM2,
     tasks=("cola", "sst2", "mrpc", "rte"),
@@ -168,6 +176,9 @@ def run_glue(
     decode: str = "rank",
     push_to_hub: str | None = None,
     seed: int = 0,
+    rank: int | None = None,
+    lora_alpha: float | None = None,
+    dtype: str = "fp32",
 ) -> dict:
     """Run the GLUE text-to-text recipe; returns the results dict (also `<output_dir>/results.json`).
 
@@ -180,8 +191,10 @@ def run_glue(
         methods: names from :data:`hf_taujp.recipes.runner.METHODS`.
         steps, batch_size, learning_rate: AdamW fine-tuning per task and method (linear decay).
         taujp_lambda, taujp_mode, taujp_batch_ratio, taujp_start_step: the τJp penalty (TauJpConfig fields).
-            Several λ (a sequence) train each τJp method once per λ and report each; the λ with the best
-            mean *validation* score at α = 1 is marked as chosen (never chosen on dev).
+            Several λ (a sequence) train each τJp method once per λ and report each, labelled
+            "<method> (λ=<λ>)" with folders "<method>_lambda<λ>" (λ written as ``%g`` when that is exact, else
+            in full, so distinct λ never share one); the λ with the best mean *validation* score at α = 1 is
+            marked as chosen (never chosen on dev).
         penalized_output: "answer" (logits predicting the answer) or "all" (logits at every prompt token).
         layers: train / linearize the last `layers` decoder layers (causal LMs); None or 0 = every parameter.
         target_modules: PEFT-style module names or regex instead of `layers`.
@@ -190,17 +203,28 @@ def run_glue(
         prefix_cache: cache the frozen lower layers' outputs (causal LMs; checked against the full model).
         decode: "rank" (rank classification over the label words) or "generate" (seq2seq only: greedy
             decoding, the prediction is the label word the output equals, else wrong; as the authors decode T5).
+        rank, lora_alpha: low-rank fine-tuning of the Linear / Conv1D layers among the trained parameters
+            (:func:`hf_taujp.recipes.runner.finetune`): LoRA for non-linear methods, the low-rank tangent
+            τ_W = (lora_alpha / rank)·B·A for linear ones; None = full-size τ.
+        dtype: "fp32" or "bf16" (the base weights; factors and linearized τ stay float32). bf16 with a
+            non-linear method needs ``rank`` (AdamW updates of bf16 weights round away).
     Raises HfTaujpError for bad input, before any training.
     """
     t_start = time.time()
     method_list = parse_methods(methods)
+    torch_dtype = check_rank_and_dtype(rank, lora_alpha, dtype, method_list)
     lambdas = [float(x) for x in (taujp_lambda if isinstance(taujp_lambda, (list, tuple)) else [taujp_lambda])]
     if not lambdas or any(not (x >= 0) for x in lambdas) or len(set(lambdas)) != len(lambdas):
         raise HfTaujpError(f"taujp_lambda must be one or more distinct numbers >= 0, got {taujp_lambda!r}")
     several = len(lambdas) > 1
-    runs = [(m, lam, f"{m.label} (λ={lam:g})" if several and m.taujp else m.label,
-             m.name.replace("+", "_") + (f"_lambda{lam:g}" if several and m.taujp else ""))
+    runs = [(m, lam, f"{m.label} (λ={_lambda_text(lam)})" if several and m.taujp else m.label,
+             m.name.replace("+", "_") + (f"_lambda{_lambda_text(lam)}" if several and m.taujp else ""))
             for m in method_list for lam in (lambdas if m.taujp else [lambdas[0]])]
+    for i in (2, 3):  # one label (results key) and one folder (vectors, runs) per run: nothing is overwritten
+        names_ = [r[i] for r in runs]
+        if len(set(names_)) != len(names_):
+            raise HfTaujpError(f"taujp_lambda {lambdas}: two runs would share the {('label', 'folder')[i - 2]} "
+                               f"{sorted({n for n in names_ if names_.count(n) > 1})}")
     task_names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     if len(task_names) < 2 or len(set(task_names)) != len(task_names):
         raise HfTaujpError(f"--tasks needs at least 2 distinct tasks (τJp regularizes on the others), got {task_names}")
@@ -232,7 +256,7 @@ def run_glue(
         rows[name] = {"train": train, "val": val, "test": dev}
     # ---- model
     print(f"[hf-taujp glue] loading {model}")
-    base, tokenizer, family = load_text_model(model)
+    base, tokenizer, family = load_text_model(model, dtype=torch_dtype)
     base.eval()
     if decode == "generate" and family != "seq2seq":
         raise HfTaujpError("--decode generate is for seq2seq (T5) models; causal LMs use rank classification")
@@ -314,7 +338,8 @@ def run_glue(
                "sizes": {n: {**{s: len(rows[n][s]) for s in ("train", "val", "test")}, "train_used": len(ex[n]["train"])}
                          for n in task_names},
                "splits": {"val": "held out from train (chooses α)", "test": "GLUE dev set (reported)"},
-               "trained_parameters": len(names), "decode": decode, "frozen_prefix": prefix_info, "steps": steps,
+               "trained_parameters": len(names), "decode": decode, "dtype": dtype,
+               "low_rank": None if rank is None else {"rank": rank, "lora_alpha": lora_alpha if lora_alpha is not None else 2 * rank}, "frozen_prefix": prefix_info, "steps": steps,
                "batch_size": batch_size, "learning_rate": learning_rate,
                "taujp": {"lambda": lambdas if len(lambdas) > 1 else lambdas[0], "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
                          "start_step": taujp_start_step, "output": penalized_output,
@@ -328,7 +353,7 @@ def run_glue(
             tv, stats = finetune(
                 eval_model, names, m, ex[name]["train"], args, data_collator=encoder,
                 regularization_datasets={o: ex[o]["reg"] for o in task_names if o != name},
-                taujp_output_fn=answer_logits_output,
+                taujp_output_fn=answer_logits_output, rank=rank, lora_alpha=lora_alpha,
                 meta={"base_model": model_name, "base_fingerprint": fp, "task": name,
                       "training": {"recipe": "glue", "penalized_output": penalized_output}})
             tv.save_pretrained(os.path.join(output_dir, "task_vectors", folder, name))
@@ -468,6 +493,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="logits the penalty sees: at the answer position, or at every prompt token")
     p.add_argument("--layers", type=int, default=1, help="train the last N decoder layers (0: all parameters)")
     p.add_argument("--target-modules", default=None, help="comma list of module names (PEFT matching) instead of --layers")
+    add_low_rank_arguments(p)
     p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens (longer prompts are cut)")
     p.add_argument("--max-train", type=int, default=None, help="training rows per task (seeded subsample) before 10%% "
                    "(≤ 5000) is held out as the validation split; each method trains on steps × batch of the rest")
@@ -493,4 +519,4 @@ def main(argv=None) -> dict:
                     taujp_start_step=a.taujp_start_step, penalized_output=a.penalized_output,
                     layers=a.layers if tm is None else None, target_modules=tm, max_length=a.max_length,
                     max_train=a.max_train, max_dev=a.max_dev, prefix_cache=a.prefix_cache, decode=a.decode,
-                    push_to_hub=a.push_to_hub, seed=a.seed)
+                    push_to_hub=a.push_to_hub, seed=a.seed, rank=a.rank, lora_alpha=a.lora_alpha, dtype=a.dtype)

@@ -112,8 +112,9 @@ def load_text_model(name_or_path: str, *, dtype=None, revision: str | None = Non
     `name_or_path`: a Hub id (e.g. `google/flan-t5-small`, `gpt2`), a local folder, or `"smollm2"` (the
     offline SmolLM2-135M-Instruct, see :func:`load_smollm2`). Dropout is switched off in the config:
     the τJp authors linearize around the model in eval mode, and the tangent-space reading of a task
-    vector is only well defined for a deterministic f. Attention is eager (see the comment below). Causal
-    models without a pad token use their EOS token for padding (masked out everywhere).
+    vector is only well defined for a deterministic f. Causal LMs use SDPA attention, i.e. the fused linearized
+    path inside every jvp (see the comment below); encoder-decoders stay eager. Causal models without a pad token
+    use their EOS token for padding (masked out everywhere).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -128,10 +129,14 @@ def load_text_model(name_or_path: str, *, dtype=None, revision: str | None = Non
         if isinstance(getattr(config, attr, None), float):
             setattr(config, attr, 0.0)
     cls = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
-    # Eager attention: causal batches are left-padded, and a pad query row sees no valid key. The math SDPA
-    # path (the one forward-mode AD can differentiate) returns 0 there through a masked softmax whose
-    # forward-AD rule yields NaN *gradients* for τ; eager attention's finite additive mask does not.
-    model = cls.from_pretrained(path, config=config, dtype=dtype or "float32", attn_implementation="eager", **kw)
+    # Causal LMs: SDPA, which the linearized forward runs as hf_taujp's fused linearized attention (O(L) memory;
+    # eager or the math kernel keep (batch, heads, L, L) scores for primal, tangent and backward). Causal batches
+    # are left-padded, so a pad query row sees no key: the fused op gives 0 there with finite τ-gradients, equal
+    # to eager's on the real rows (tests/test_recipe_attention.py); only the math kernel's rule gave NaN there.
+    # Seq2seq models (T5) stay eager, as before: padding never needed it (their right-padded rows always see a
+    # key), and moving them to the fused path is a change of its own, not made here.
+    attn = "sdpa" if family == "causal" else "eager"
+    model = cls.from_pretrained(path, config=config, dtype=dtype or "float32", attn_implementation=attn, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:

@@ -72,6 +72,8 @@ def finetune(
     taujp_output_fn: Callable | None = None,
     submodule: str | None = None,
     meta: Mapping | None = None,
+    rank: int | None = None,
+    lora_alpha: float | None = None,
 ) -> tuple[TaskVector, dict]:
     """Fine-tune a copy of ``base`` on one task with ``method``; returns (task vector, stats).
 
@@ -88,6 +90,12 @@ def finetune(
             ``"image_encoder"``, so the head on top stays non-linear, as in tangent_task_arithmetic);
             None = ``base`` itself. The task vector is keyed by that module's parameter names.
         meta: TaskVector metadata (base_model, base_fingerprint, task, training).
+        rank: low-rank fine-tuning of the nn.Linear / Conv1D layers among ``parameter_names`` (their biases, norms
+            and embeddings stay at θ0; the output layer too): linear methods train a low-rank tangent
+            (``LinearizedConfig(r=rank)``, τ_W = s·B·A), non-linear ones PEFT LoRA with the same r and targets.
+            The task vector is τ = s·B·A either way (full tensors, rank ≤ r). None: every parameter in
+            ``parameter_names`` is trained at full size.
+        lora_alpha: s = lora_alpha / r (default 2·rank).
     Returns:
         (TaskVector of kind "linear" or "nonlinear", {"seconds_per_step", "train_loss", "log_history"}).
     """
@@ -102,7 +110,13 @@ def finetune(
     model.requires_grad_(False)
     target = model.get_submodule(submodule) if submodule else model
     base_target = base.get_submodule(submodule) if submodule else base
-    if method.linear:
+    pm = None
+    if rank is not None:
+        if submodule:
+            raise HfTaujpError("rank (low-rank fine-tuning) is not supported with a submodule (the CLIP recipe) yet")
+        pm = _low_rank_model(model, parameter_names, method, rank, lora_alpha if lora_alpha is not None else 2 * rank)
+        train_model = pm
+    elif method.linear:
         lin = linearize(target, parameter_names=list(parameter_names))
         if submodule:
             parent, _, attr = submodule.rpartition(".")
@@ -126,7 +140,9 @@ def finetune(
     result = trainer.train()
     steps = max(1, trainer.state.global_step)
     runtime = result.metrics.get("train_runtime", float("nan"))
-    if method.linear:
+    if pm is not None:
+        tensors = pm.base_model.get_tangents() if method.linear else TaskVector.from_peft(pm).tensors
+    elif method.linear:
         tensors = lin.get_tangents()
     else:
         b = dict(base_target.named_parameters())
@@ -141,8 +157,93 @@ def finetune(
                 **({"taujp_mode": run_args.taujp_mode, "taujp_batch_ratio": run_args.taujp_batch_ratio,
                     "taujp_start_step": run_args.taujp_start_step} if method.taujp else {}),
                 **dict(meta.pop("training", {}) or {})}
+    if rank is not None:
+        training.update(rank=rank, lora_alpha=lora_alpha if lora_alpha is not None else 2 * rank,
+                        adapter="LINEARIZED" if method.linear else "LORA")
     tv = TaskVector(tensors, kind=method.kind, training=training, **meta)
     stats = {"seconds_per_step": runtime / steps if math.isfinite(runtime) else None,
              "train_loss": result.training_loss, "log_history": trainer.state.log_history}
     del trainer, train_model, model
     return tv, stats
+
+
+def low_rank_targets(model: nn.Module, parameter_names: Sequence[str]) -> list[str]:
+    """The module paths a recipe's ``--rank`` trains: every nn.Linear / Conv1D whose ``weight`` is among
+    ``parameter_names``, except the output layer (PEFT's ``all-linear`` rule; it is tied to the embeddings in
+    most LMs). Raises when there is none."""
+    from ..low_rank import layer_kind
+
+    names = set(parameter_names)
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    out = []
+    for path, m in model.named_modules():
+        if f"{path}.weight" not in names or m is head:
+            continue
+        try:
+            kind = layer_kind(m)
+        except HfTaujpError:
+            continue
+        if kind != "embedding":
+            out.append(path)
+    if not out:
+        raise HfTaujpError("--rank: the trained parameters contain no nn.Linear / Conv1D weight to give a low-rank τ")
+    return out
+
+
+def _low_rank_model(model: nn.Module, parameter_names: Sequence[str], method: Method, rank: int, lora_alpha: float):
+    """A PEFT model of ``model``: a low-rank linearized adapter (linear methods) or LoRA (non-linear ones), same
+    r, lora_alpha and targets (:func:`low_rank_targets`)."""
+    import re
+
+    import peft
+
+    from ..task_vector import _task_type_of
+    from ..tuners.linearized import LinearizedConfig
+
+    targets = "(?:" + "|".join(re.escape(m) for m in low_rank_targets(model, parameter_names)) + ")"
+    kw = dict(r=rank, lora_alpha=lora_alpha, target_modules=targets, task_type=_task_type_of(model))
+    if method.linear:
+        config = LinearizedConfig(**kw)
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        config = peft.LoraConfig(lora_dropout=0.0, fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()), **kw)
+    return peft.get_peft_model(model, config)
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def check_rank_and_dtype(rank: int | None, lora_alpha: float | None, dtype: str, methods: Sequence[Method]):
+    """The torch dtype of a recipe's ``--dtype``, after checking ``--rank`` / ``--lora-alpha`` / ``--dtype`` together.
+
+    Raises:
+        HfTaujpError: rank ≤ 0 or not an integer, lora_alpha ≤ 0 or without rank, an unknown dtype, bf16 with a
+            non-linear method at full rank (AdamW updates of bf16 weights round away: use ``--rank``).
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise HfTaujpError(f"--rank must be a positive integer, got {rank!r}")
+    if lora_alpha is not None:
+        if rank is None:
+            raise HfTaujpError("--lora-alpha applies to low-rank fine-tuning only: give --rank too")
+        if not lora_alpha > 0:
+            raise HfTaujpError(f"--lora-alpha must be > 0, got {lora_alpha!r}")
+    if dtype not in DTYPES:
+        raise HfTaujpError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "bf16" and rank is None:
+        full = [m.name for m in methods if not m.linear]
+        if full:
+            raise HfTaujpError(f"--dtype bf16 with the non-linear method(s) {full} at full rank would train bf16 weights "
+                               "(AdamW updates round away): add --rank R (LoRA, float32 factors) or use --dtype fp32")
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def add_low_rank_arguments(p) -> None:
+    """The recipes' ``--rank``, ``--lora-alpha`` and ``--dtype`` flags (one definition for GLUE and toxicity)."""
+    p.add_argument("--rank", type=int, default=None,
+                   help="low-rank fine-tuning of the trained Linear / Conv1D layers: LoRA (non-linear methods) or the "
+                        "low-rank tangent τ_W = s·B·A (linear methods) of this rank; default: full-size τ")
+    p.add_argument("--lora-alpha", type=float, default=None, help="s = lora_alpha / rank (default 2·rank)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES,
+                   help="base weights' dtype (bf16: factors and linearized τ stay float32)")

@@ -13,21 +13,23 @@ labels are hidden, so results are reported on the dev set, and the validation sp
 is carved out of train (:func:`split_train_val`).
 
 User tasks come from a file (CSV / TSV / JSON lines) with a template and label words, in Python
-(:class:`TextTask` + :func:`read_rows`) or as a YAML / JSON spec (:func:`load_task_spec`).
+(:class:`TextTask` + :func:`read_rows`) or as a YAML / JSON spec (:func:`load_task_spec`). Files are read by
+:mod:`hf_taujp.recipes.datafiles` (pandas for CSV / TSV, TSV without quoting; every value a string as written)
+and checked before any model is loaded, each error naming the file and line.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import functools
 import os
 import random
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..hub import HfTaujpError
+from .datafiles import read_data_file
 
 __all__ = [
     "TextTask", "GLUE_TASKS", "METRICS", "compute_metric", "read_rows", "load_glue", "load_task_data",
@@ -80,10 +82,14 @@ class TextTask:
         template: ``str.format`` template over the row's fields, e.g. ``"rte sentence1: {sentence1} sentence2: {sentence2}"``.
         label_words: ``{label value: answer word}`` (the verbalizer), e.g. ``{0: "entailment", 1: "not_entailment"}``.
             Label values are compared as strings, so ``1`` and ``"1"`` from a CSV file are the same label.
+            Words are text: a bool or None word is refused (YAML reads unquoted ``yes`` / ``no`` as booleans;
+            :func:`load_task_spec` keeps them as the words "yes" / "no").
         metric: a key of :data:`METRICS`.
         label_column: the row field holding the label.
-        positive_label: the label value F1 is computed for (``f1_accuracy``).
-    Raises HfTaujpError: a template naming no field, duplicate label words, an unknown metric.
+        positive_label: the label value F1 is computed for (``f1_accuracy``); it must be one of the labels.
+    Raises HfTaujpError: a template naming no field, fewer than 2 / duplicate / empty / non-text label words,
+    two label values that are the same string, an unknown metric, an ``f1_accuracy`` positive label that is
+    not one of the labels.
     """
 
     name: str
@@ -103,10 +109,20 @@ class TextTask:
         self.fields = tuple(dict.fromkeys(names))
         if len(self.label_words) < 2:
             raise HfTaujpError(f"task {self.name!r}: needs at least 2 label words, got {dict(self.label_words)}")
+        odd = {k: v for k, v in self.label_words.items() if k is None or v is None or isinstance(v, bool)}
+        if odd:  # str() would make them the words "True" / "None", which no user means
+            raise HfTaujpError(f"task {self.name!r}: label words must be text, got {odd} (YAML reads unquoted "
+                               "yes / no / on / off as booleans: quote them, or use load_task_spec)")
         words = [str(w).strip() for w in self.label_words.values()]
         if any(not w for w in words) or len(set(words)) != len(words):
             raise HfTaujpError(f"task {self.name!r}: label words must be distinct and non-empty, got {words}")
+        keys = [str(k) for k in self.label_words]
+        if len(set(keys)) != len(keys):
+            raise HfTaujpError(f"task {self.name!r}: label values {list(self.label_words)} repeat one another as "
+                               "strings (labels are compared as strings)")
         self.label_words = {str(k): str(v).strip() for k, v in self.label_words.items()}
+        if self.metric == "f1_accuracy":
+            self._positive_index()
 
     @property
     def labels(self) -> list[str]:
@@ -123,23 +139,44 @@ class TextTask:
     def label_index(self, row: Mapping[str, Any]) -> int:
         return self.labels.index(str(row[self.label_column]))
 
-    def validate(self, rows: Sequence[Mapping[str, Any]], split: str = "data") -> None:
-        """Raise HfTaujpError for an empty split, a field the template names but a row lacks, or a label
-        that is not in the label-word map (naming the first offending row)."""
+    def validate(self, rows: Sequence[Mapping[str, Any]], split: str = "data",
+                 where: Callable[[int], str] | None = None) -> None:
+        """Check rows against the task before any model is loaded.
+
+        Raises HfTaujpError for an empty split, a row that lacks a template field or the label column or
+        leaves one empty (blank), or a label that is not in the label-word map, naming the first offending row:
+        ``where(i)`` (e.g. ``"train.csv, line 7"``, see :class:`~hf_taujp.recipes.datafiles.DataFile`), else
+        ``"<split> row <i>"`` with ``i`` the index in ``rows``.
+        """
         if not rows:
             raise HfTaujpError(f"task {self.name!r}: the {split} split is empty")
+        loc = where or (lambda i: f"{split} row {i}")
         for i, row in enumerate(rows):
             missing = [f for f in self.fields if f not in row]
             if missing:
-                raise HfTaujpError(f"task {self.name!r}: template field(s) {missing} missing in {split} row {i} "
+                raise HfTaujpError(f"task {self.name!r}: template field(s) {missing} missing in {loc(i)} "
                                    f"(row fields: {sorted(row)})")
-            if self.label_column in row and str(row[self.label_column]) not in self.label_words:
-                raise HfTaujpError(f"task {self.name!r}: {split} row {i} has label {row[self.label_column]!r}, "
+            if self.label_column not in row:
+                raise HfTaujpError(f"task {self.name!r}: {loc(i)} has no label column {self.label_column!r} "
+                                   f"(row fields: {sorted(row)}; set label_column)")
+            empty = [f for f in (*self.fields, self.label_column) if row[f] is None or not str(row[f]).strip()]
+            if empty:
+                raise HfTaujpError(f"task {self.name!r}: {loc(i)} leaves {empty} empty")
+            if str(row[self.label_column]) not in self.label_words:
+                raise HfTaujpError(f"task {self.name!r}: {loc(i)} has label {row[self.label_column]!r}, "
                                    f"which is not in the label words {dict(self.label_words)}")
 
+    def _positive_index(self) -> int:
+        pos = str(self.positive_label)
+        if pos not in self.label_words:
+            raise HfTaujpError(f"task {self.name!r}: positive_label {self.positive_label!r} (the class f1_accuracy "
+                               f"scores) is not one of the labels {self.labels}")
+        return self.labels.index(pos)
+
     def score(self, gold_idx: Sequence[int], pred_idx: Sequence[int]) -> float:
-        """The task metric from label indices (positions in :attr:`labels`)."""
-        pos = self.labels.index(str(self.positive_label)) if str(self.positive_label) in self.labels else 1
+        """The task metric from label indices (positions in :attr:`labels`); ``f1_accuracy`` scores F1 of
+        ``positive_label`` (HfTaujpError when it is not one of the labels)."""
+        pos = self._positive_index() if self.metric == "f1_accuracy" else 1  # other metrics ignore it
         return compute_metric(self.metric, list(gold_idx), list(pred_idx), positive_label=pos)
 
     def to_dict(self) -> dict:
@@ -158,7 +195,7 @@ GLUE_TASKS: dict[str, TextTask] = {
 }
 # GLUE TSV layout: task -> (folder, has header, column -> field name)
 _GLUE_TSV = {
-    "cola": ("CoLA", False, {1: "label", 3: "sentence"}),
+    "cola": ("CoLA", False, {"1": "label", "3": "sentence"}),  # no header: columns by position
     "sst2": ("SST-2", True, {"sentence": "sentence", "label": "label"}),
     "mrpc": ("MRPC", True, {"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label"}),
     "rte": ("RTE", True, {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}),
@@ -172,25 +209,24 @@ def embedded_glue_dir() -> str:
 
 
 def _read_glue_tsv(path: str, task: str) -> list[Row]:
+    """Rows of one GLUE TSV file (no quoting, as GLUE writes them; the shared reader's choices), labels as GLUE's
+    integers; HfTaujpError naming the file and line for an absent column, an empty cell or an unknown label."""
     _, header, cols = _GLUE_TSV[task]
     if not os.path.isfile(path):
         raise HfTaujpError(f"GLUE file {path!r} not found (expected the glue_data layout: {_GLUE_TSV[task][0]}/train.tsv, dev.tsv)")
+    data = read_data_file(path, "tsv", header=header, required={c: f"GLUE {task} {name}" for c, name in cols.items()})
     rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        head = next(reader) if header else None
-        idx = {c: (head.index(c) if head else c) for c in cols} if header else dict((c, c) for c in cols)
-        if header:
-            absent = [c for c in cols if c not in head]
-            if absent:
-                raise HfTaujpError(f"{path!r}: missing column(s) {absent} (header {head})")
-        for line in reader:
-            if not line or all(not x for x in line):
-                continue
-            row = {name: line[idx[c]] for c, name in cols.items()}
-            label = row["label"]
-            row["label"] = _RTE_LABELS[label] if task == "rte" else int(label)
-            rows.append(row)
+    for i, line in enumerate(data.rows):
+        row = {name: line[c] for c, name in cols.items()}
+        label = row["label"]
+        if task == "rte" and label in _RTE_LABELS:
+            row["label"] = _RTE_LABELS[label]
+        elif task != "rte" and label in ("0", "1"):
+            row["label"] = int(label)
+        else:
+            raise HfTaujpError(f"{data.where(i)}: GLUE {task} label {label!r}; expected "
+                               f"{sorted(_RTE_LABELS) if task == 'rte' else ['0', '1']}")
+        rows.append(row)
     return rows
 
 
@@ -212,21 +248,42 @@ def load_glue(task: str, data_dir: str | None = None) -> dict[str, list[Row]]:
     return {ours: [{k: r[k] for k in keep} for r in ds[theirs]] for ours, theirs in (("train", "train"), ("dev", "validation"))}
 
 
-def read_rows(path: str, fmt: str | None = None) -> list[Row]:
-    """Rows of a CSV / TSV (header line) or JSON-lines file; ``fmt`` defaults to the extension."""
-    if not os.path.isfile(path):
-        raise HfTaujpError(f"no such data file: {path!r}")
-    fmt = (fmt or os.path.splitext(path)[1].lstrip(".")).lower()
-    if fmt in ("csv", "tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return [dict(r) for r in csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")]
-    if fmt in ("jsonl", "json"):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if not all(isinstance(r, dict) for r in rows):
-            raise HfTaujpError(f"{path!r}: every JSON line must be an object")
-        return rows
-    raise HfTaujpError(f"{path!r}: unknown data format {fmt!r} (csv, tsv or jsonl)")
+def read_rows(path: str, fmt: str | None = None, *, required: Mapping[str, str] | Sequence[str] = ()) -> list[Row]:
+    """Rows of a CSV / TSV (header line) or JSON-lines file, every value a string as written; ``fmt`` defaults
+    to the extension. Reading choices (UTF-8; CSV quoting as RFC 4180, TSV without quoting; no NA markers,
+    no type inference): :mod:`hf_taujp.recipes.datafiles`. ``required``: columns every row must fill.
+
+    Raises HfTaujpError naming the file and line (:func:`~hf_taujp.recipes.datafiles.read_data_file`)."""
+    return read_data_file(path, fmt, required=required).rows
+
+
+_SPEC_KEYS = ("name", "train", "dev", "template", "label_words", "label_column", "metric", "positive_label", "format")
+
+
+@functools.cache
+def _spec_loader():
+    """A YAML SafeLoader under which plain scalars stay the strings the user wrote: only ``null`` / ``~`` /
+    an empty value (None) and ``<<`` merges are resolved. YAML 1.1 would make ``no`` / ``yes`` / ``on`` /
+    ``off`` booleans (label words "False" / "True"), ``010`` the number 8 and ``1_000`` 1000; every field of a
+    spec is text, and labels are compared as strings, so nothing is lost."""
+    import yaml
+
+    class SpecLoader(yaml.SafeLoader):
+        pass
+
+    keep = {"tag:yaml.org,2002:null", "tag:yaml.org,2002:merge"}
+    SpecLoader.yaml_implicit_resolvers = {c: [r for r in rs if r[0] in keep]
+                                          for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    return SpecLoader
+
+
+def _spec_text(e: Mapping, key: str, where: str, default: str | None = None) -> str | None:
+    v = e.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):  # a list / mapping / explicit !!bool
+        raise HfTaujpError(f"{where}: {key!r} must be text, got {v!r}")
+    return str(v)
 
 
 def load_task_spec(path_or_dict) -> list[tuple[TextTask, dict[str, list[Row]]]]:
@@ -242,46 +299,77 @@ def load_task_spec(path_or_dict) -> list[tuple[TextTask, dict[str, list[Row]]]]:
             label_words: {0: negative, 1: positive}
             label_column: label               # default "label"
             metric: accuracy                  # accuracy | matthews_correlation | f1_accuracy
+            positive_label: 1                 # f1_accuracy only: the class F1 is computed for (default 1)
+            format: csv                       # csv | tsv | jsonl (json = JSON lines); default: the extension
+
+    Every value is read as the text written (a YAML loader that resolves nothing but null), so
+    ``label_words: {0: no, 1: yes}`` gives the words "no" / "yes", not booleans. The data files are read
+    by :func:`read_rows` and checked before anything else: every template field and the label column present
+    and non-empty in every row, every label one of the label words.
+
+    Raises HfTaujpError (one line, naming the spec / data file, line and key): no such file, invalid YAML,
+    no ``tasks:`` list, an unknown key (top level or entry), a missing key, a value that is not text, two
+    tasks with one name, any :class:`TextTask` error, any reading error, a data row that fails the checks,
+    a train file too small to hold out a dev row.
     """
     if isinstance(path_or_dict, Mapping):
-        spec, root = dict(path_or_dict), os.getcwd()
+        spec, root, src = dict(path_or_dict), os.getcwd(), "task spec"
     else:
         import yaml
 
         if not os.path.isfile(path_or_dict):
             raise HfTaujpError(f"no such task spec file: {path_or_dict!r}")
-        with open(path_or_dict, encoding="utf-8") as f:
+        with open(path_or_dict, encoding="utf-8-sig") as f:
             try:
-                spec = yaml.safe_load(f)
+                spec = yaml.load(f, Loader=_spec_loader())  # noqa: S506 - a SafeLoader subclass
             except yaml.YAMLError as e:
-                raise HfTaujpError(f"task spec {path_or_dict!r} is not valid YAML/JSON: {e}") from None
-        root = os.path.dirname(os.path.abspath(path_or_dict))
+                raise HfTaujpError(f"task spec {path_or_dict!r} is not valid YAML/JSON: "
+                                   f"{' '.join(str(e).split())}") from None
+            except UnicodeDecodeError as e:
+                raise HfTaujpError(f"task spec {path_or_dict!r} is not UTF-8 ({e.reason})") from None
+        root, src = os.path.dirname(os.path.abspath(path_or_dict)), f"task spec {path_or_dict}"
     entries = spec.get("tasks") if isinstance(spec, Mapping) else None
     if not isinstance(entries, list) or not entries:
-        raise HfTaujpError("a task spec needs a non-empty list under 'tasks:'")
-    allowed = {"name", "train", "dev", "template", "label_words", "label_column", "metric", "positive_label", "format"}
-    out = []
-    for e in entries:
+        raise HfTaujpError(f"{src}: needs a non-empty list under 'tasks:'")
+    if set(spec) - {"tasks"}:
+        raise HfTaujpError(f"{src}: unknown top-level key(s) {sorted(set(spec) - {'tasks'})}; allowed ['tasks']")
+    out, seen = [], set()
+    for n, e in enumerate(entries, 1):
         if not isinstance(e, Mapping):
-            raise HfTaujpError(f"task spec entries must be mappings, got {e!r}")
-        unknown = set(e) - allowed
+            raise HfTaujpError(f"{src}: task entry {n} must be a mapping, got {e!r}")
+        where = f"{src}, task {e.get('name', n)!r}"
+        unknown = set(e) - set(_SPEC_KEYS)
         if unknown:
-            raise HfTaujpError(f"task spec entry {e.get('name')!r}: unknown key(s) {sorted(unknown)}; allowed {sorted(allowed)}")
+            raise HfTaujpError(f"{where}: unknown key(s) {sorted(map(str, unknown))}; allowed {sorted(_SPEC_KEYS)}")
         for k in ("name", "train", "template", "label_words"):
-            if k not in e:
-                raise HfTaujpError(f"task spec entry {e.get('name')!r} lacks {k!r}")
+            if e.get(k) is None:
+                raise HfTaujpError(f"{where}: lacks {k!r}")
         if not isinstance(e["label_words"], Mapping):
-            raise HfTaujpError(f"task {e['name']!r}: label_words must map label -> word")
-        task = TextTask(str(e["name"]), str(e["template"]), e["label_words"], e.get("metric", "accuracy"),
-                        e.get("label_column", "label"), e.get("positive_label", 1))
-        train = read_rows(os.path.join(root, e["train"]), e.get("format"))
-        if e.get("dev"):
-            dev = read_rows(os.path.join(root, e["dev"]), e.get("format"))
-        else:
-            train, dev = split_train_val(train, fraction=0.2, max_size=None, min_size=1, seed=0)
-        task.validate(train, "train")
-        task.validate(dev, "dev")
-        out.append((task, {"train": train, "dev": dev}))
+            raise HfTaujpError(f"{where}: label_words must map label -> word, got {e['label_words']!r}")
+        name = _spec_text(e, "name", where)
+        if name in seen:
+            raise HfTaujpError(f"{src}: two tasks are named {name!r}")
+        seen.add(name)
+        task = TextTask(name, _spec_text(e, "template", where), e["label_words"],
+                        _spec_text(e, "metric", where, "accuracy"), _spec_text(e, "label_column", where, "label"),
+                        _spec_text(e, "positive_label", where, "1"))
+        fmt = _spec_text(e, "format", where)
+        required = {**{f: "a template field" for f in task.fields}, task.label_column: "the label_column"}
+        data = {}
+        for split in ("train", "dev"):
+            rel = _spec_text(e, split, where)
+            if rel:
+                f = read_data_file(os.path.join(root, rel), fmt, required=required, what=f"{where}: {split} file")
+                if not f.rows:
+                    raise HfTaujpError(f"{where}: the {split} file {f.path} has no data rows")
+                task.validate(f.rows, split, where=f.where)
+                data[split] = f.rows
+        if "dev" not in data:
+            if len(data["train"]) < 2:
+                raise HfTaujpError(f"{where}: no dev file, and train has {len(data['train'])} row(s): 20% of it is "
+                                   "held out as dev, so it needs at least 2")
+            data["train"], data["dev"] = split_train_val(data["train"], fraction=0.2, max_size=None, min_size=1, seed=0)
+        out.append((task, data))
     return out
 
 

@@ -23,7 +23,6 @@ parameters and are refused with `TauJpUnsupportedError`.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from collections import deque
@@ -37,7 +36,7 @@ from transformers import Trainer
 from ..attention import forward_ad_attention
 from ..errors import (HfTaujpError, MissingRegularizationDataError, RegularizationInputError,
                       TauJpUnsupportedError)
-from ..linearize import _accepts, jvp_ready
+from ..linearize import _accepts, jvp_ready, linearized_forward, refuse_sharded
 from .penalty import output_mask, prepare_reg_batch, select_output, taujp_penalty
 from .taujp_config import TauJpConfig, TauJpConfigError
 
@@ -120,29 +119,49 @@ def _adapter_type(model: torch.nn.Module) -> str | None:
     )
 
 
-def _lora_primals_tangents(model, theta0: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """θ0 and τ of a LoRA PeftModel as *weights*: for each LoRA layer W0 = ``base_layer.weight`` with
-    tangent ΔW = PEFT's own ``get_delta_weight`` (s·B·A, transposed for fan-in-fan-out, summed over the
-    active adapters; differentiable in A and B); ``modules_to_save`` heads h0 → h − h0; other trainable
-    parameters θ0 → θ − θ0. Evaluated with the adapters disabled (the model at θ0)."""
+def _lora_primals_tangents(model, theta0: Mapping[str, torch.Tensor]) -> tuple[dict, dict, list]:
+    """θ0 and τ of a LoRA PeftModel as *weights*, evaluated with the adapters disabled (the model at θ0).
+
+    Each LoRA Linear / Conv1D / Embedding layer's ΔW = s·B·A is a low-rank tangent
+    (:class:`hf_taujp.low_rank.LowRankFactors` on its ``base_layer``, summed over the active adapters): the
+    same forward-mode code path as a low-rank linearized adapter, no (out × in) ΔW is formed. Other LoRA
+    layer types (Conv2d, ...) get PEFT's own ``get_delta_weight`` as a full-size tangent of
+    ``base_layer.weight``. ``modules_to_save`` heads h0 → h − h0; other trainable parameters θ0 → θ − θ0.
+    Returns ``(primals, tangents, low_rank factors)``; everything is differentiable in A and B."""
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
+
+    from ..low_rank import LowRankFactors, layer_kind
 
     params = dict(model.named_parameters())
     primals: dict[str, torch.Tensor] = {}
     tangents: dict[str, torch.Tensor] = {}
+    factors: list = []
     active = model.active_adapters
     covered: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
             key = f"{path}.base_layer.weight"
+            try:
+                kind = layer_kind(module.base_layer)
+            except HfTaujpError:
+                kind = None
             for a in active:
                 if a in module.lora_A or a in getattr(module, "lora_embedding_A", {}):
                     if getattr(module, "lora_variant", {}).get(a) is not None:
                         raise TauJpUnsupportedError(f"τJp with a LoRA variant at {path!r} is not supported (only ΔW = s·B·A).")
-                    d = module.get_delta_weight(a)
-                    tangents[key] = tangents[key] + d if key in tangents else d
-                    primals[key] = params[key]
+                    # Views taken now, while the factors require grad: the jvp runs inside PEFT's disable_adapter,
+                    # which switches requires_grad off on the leaves until the block ends (views keep the graph).
+                    if kind == "embedding":
+                        A, B = module.lora_embedding_A[a], module.lora_embedding_B[a]
+                    elif kind is not None and a in module.lora_A:
+                        A, B = module.lora_A[a].weight, module.lora_B[a].weight
+                    if kind is not None:
+                        factors.append(LowRankFactors(module.base_layer, A.view(A.shape), B.view(B.shape), module.scaling[a]))
+                    else:
+                        d = module.get_delta_weight(a)
+                        tangents[key] = tangents[key] + d if key in tangents else d
+                        primals[key] = params[key]
             covered.update(f"{path}.{n}" for n, _ in module.named_parameters() if "lora_" in n)
         elif isinstance(module, ModulesToSaveWrapper):
             for a in active:
@@ -158,7 +177,7 @@ def _lora_primals_tangents(model, theta0: Mapping[str, torch.Tensor]) -> tuple[d
             primals[n] = t0
             tangents[n] = params[n] - t0
     tangents = {n: tangents[n].to(primals[n].dtype) for n in primals}
-    return primals, tangents
+    return primals, tangents, factors
 
 
 def _stackable(batches: list[dict]) -> bool:
@@ -244,6 +263,7 @@ class TauJpTrainer(Trainer):
         self._adapter: str | None = None
         if self.args.taujp_lambda > 0:
             base = self.accelerator.unwrap_model(self.model)
+            refuse_sharded(base)  # a model already sharded by FSDP2 / DTensor: refused before the first step
             self._adapter = _adapter_type(base)
             if _linearized_jvp(base) is None:
                 # Frozen θ0 of the trainable parameters (the non-linear path's memory cost).
@@ -352,16 +372,19 @@ class TauJpTrainer(Trainer):
         # J at θ0 of the eval-mode model (no dropout), as for linearized models' default; checkpointing off.
         lora = getattr(self, "_adapter", None) == "LORA"
         if lora:
-            # τ of the weights, ΔW = s·B·A, at the model with the adapter off (θ0). Built before disabling:
-            # PEFT's disable_adapter sets requires_grad=False on the adapter until the block ends.
+            # τ of the weights, ΔW = s·B·A, at the model with the adapter off (θ0): the low-rank tangent path of
+            # hf_taujp.low_rank. Built before disabling: PEFT's disable_adapter sets requires_grad=False on the
+            # adapter until the block ends.
             with self.accelerator.autocast():
-                primals, tangents = _lora_primals_tangents(base, self._theta0)
-        with jvp_ready(base, "eval"), forward_ad_attention(base), self.accelerator.autocast(), \
-                (base.disable_adapter() if lora else contextlib.nullcontext()):
-            if not lora:
-                params = dict(base.named_parameters())
-                primals = {n: t for n, t in self._theta0.items()}
-                tangents = {n: (params[n] - t).to(t.dtype) for n, t in self._theta0.items()}
+                primals, tangents, factors = _lora_primals_tangents(base, self._theta0)
+            with self.accelerator.autocast(), base.disable_adapter():
+                _, tangent = linearized_forward(base, primals, tangents, kwargs=kwargs, mode="eval", low_rank=factors,
+                                                method=lambda **kw: self._taujp_select(base(**kw), batch))
+            return tangent
+        with jvp_ready(base, "eval"), forward_ad_attention(base), self.accelerator.autocast():
+            params = dict(base.named_parameters())
+            primals = {n: t for n, t in self._theta0.items()}
+            tangents = {n: (params[n] - t).to(t.dtype) for n, t in self._theta0.items()}
 
             def f(p):
                 return self._taujp_select(functional_call(base, p, args=(), kwargs=kwargs, strict=False), batch)

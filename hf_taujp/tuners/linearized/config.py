@@ -73,9 +73,53 @@ class LinearizedConfig(PeftConfig):
         },
     )
 
+    r: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Rank of the low-rank tangent: each targeted weight W (out × in) gets τ_W = s·B·A with PEFT LoRA's "
+                "factors (A: r × in, B: out × r, s = lora_alpha / r), trained in the tangent space: f_lin(x) = "
+                "f(x; θ0) + J f(x; θ0)·τ stays exactly linear in τ. Targets must be nn.Linear, transformers' Conv1D or "
+                "nn.Embedding modules; only their weight gets a τ (biases stay at θ0, as LoRA's bias='none'). None "
+                "(default): a full-size τ for every targeted parameter."
+            )
+        },
+    )
+    lora_alpha: float = field(default=8, metadata={"help": "s = lora_alpha / r (PEFT LoRA's default 8). Only with r."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA scaling s = lora_alpha / √r (PEFT's use_rslora). Only with r."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the factor path's input (x → A), PEFT's lora_dropout; active only in train mode. Only with r."},
+    )
+    init_lora_weights: Union[bool, str] = field(
+        default=True,
+        metadata={
+            "help": (
+                "PEFT's initialisation: True = A Kaiming-uniform (a = √5), B = 0 (embeddings: A = 0, B normal), so "
+                "τ = 0 at the start; 'gaussian' = A normal(0, 1/r), B = 0. False (τ ≠ 0 at start) is refused."
+            )
+        },
+    )
+    fan_in_fan_out_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Filled in at injection (do not set): the targeted modules whose weight is stored (in, out) "
+                "(transformers' Conv1D, nn.Embedding), so that a saved low-rank adapter converts to τ_weight = (s·B·A)ᵀ "
+                "without the base model."
+            )
+        },
+    )
+    # LoRA fields that have no meaning for a tangent-space τ: refused by name rather than ignored.
+    use_dora: bool = field(default=False, metadata={"help": "Not supported (DoRA's magnitude vector is not a tangent)."})
+    lora_bias: bool = field(default=False, metadata={"help": "Not supported (biases of low-rank targets stay at θ0)."})
+    rank_pattern: Optional[dict] = field(default=None, metadata={"help": "Not supported yet: one r for every target."})
+    alpha_pattern: Optional[dict] = field(default=None, metadata={"help": "Not supported yet: one lora_alpha for every target."})
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE_LINEARIZED
+        self._check_low_rank()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -90,3 +134,32 @@ class LinearizedConfig(PeftConfig):
             # PEFT's SEQ_CLS / TOKEN_CLS / QUESTION_ANS models add these heads themselves (some after the adapter
             # is injected): naming them here keeps them out of the linearization from the start.
             self.modules_to_save = list(dict.fromkeys([*(self.modules_to_save or []), *defaults]))
+
+    def _check_low_rank(self) -> None:
+        refused = {"use_dora": self.use_dora, "lora_bias": self.lora_bias, "rank_pattern": self.rank_pattern,
+                   "alpha_pattern": self.alpha_pattern}
+        bad = [k for k, v in refused.items() if v]
+        if bad:
+            raise HfTaujpError(f"LinearizedConfig does not support the LoRA option(s) {bad}: the low-rank tangent is "
+                               "τ_W = (lora_alpha / r)·B·A on each target's weight only.")
+        if self.r is None:
+            given = [k for k, dflt in (("use_rslora", False), ("lora_dropout", 0.0), ("init_lora_weights", True))
+                     if getattr(self, k) != dflt]
+            if self.lora_alpha != 8:
+                given.insert(0, "lora_alpha")
+            if given:
+                raise HfTaujpError(f"{given} only apply to a low-rank tangent: set r (e.g. r=16), or leave them at their "
+                                   "defaults for a full-size τ.")
+            return
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise HfTaujpError(f"r must be a positive integer (the rank of τ_W = s·B·A), got {self.r!r}.")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise HfTaujpError(f"lora_alpha must be a positive number (s = lora_alpha / r), got {self.lora_alpha!r}.")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise HfTaujpError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.init_lora_weights not in (True, "gaussian"):
+            raise HfTaujpError(f"init_lora_weights must be True or 'gaussian' (τ = 0 at the start, B = 0), got "
+                               f"{self.init_lora_weights!r}.")
+        if self.target_modules is None:
+            raise HfTaujpError("A low-rank tangent (r set) needs target_modules: a list of module-name suffixes, a "
+                               "regex, or 'all-linear' (every Linear / Conv1D but the output layer), as in PEFT LoRA.")

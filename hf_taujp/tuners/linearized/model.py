@@ -25,8 +25,10 @@ from ...linearize import (
     linearized_forward,
     match_parameter_names,
     prepare_linearized_inputs,
+    refuse_sharded,
     with_loss,
 )
+from ...low_rank import LowRankFactors, full_tangent, layer_kind, low_rank_scaling, weight_layout
 from . import layer
 from .config import LinearizedConfig
 from .layer import TAU_ATTR
@@ -65,6 +67,8 @@ class LinearizedModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None, **kwargs) -> None:
         self._linearized_names: dict[str, list[str]] = {}
+        # Low-rank adapters (LinearizedConfig.r): {adapter: {module path: layer kind}}.
+        self._low_rank: dict[str, dict[str, str]] = {}
         self._linearized_disabled = False
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict, **kwargs)
 
@@ -89,14 +93,23 @@ class LinearizedModel(BaseTuner):
             )
         if adapter_name in self._linearized_names:
             raise HfTaujpError(f"Adapter {adapter_name!r} already exists.")
+        refuse_sharded(model)  # before any τ is created: FSDP / DTensor models cannot run the forward-mode pass
         if config.modules_to_save:
             config.modules_to_save = list(dict.fromkeys(config.modules_to_save))
-        names = [n for n in match_parameter_names(model, config.target_modules, config.exclude_modules)
-                 if not layer.is_tau_name(n) and not _in_modules_to_save(n, config.modules_to_save)]
-        if not names:
-            raise HfTaujpError(f"target_modules={config.target_modules!r} matches no base parameter "
-                               f"(outside modules_to_save={config.modules_to_save!r}).")
-        layer.attach(model, adapter_name, names, device="meta" if low_cpu_mem_usage else None)
+        device = "meta" if low_cpu_mem_usage else None
+        if config.r is not None:
+            kinds = _low_rank_targets(model, config)
+            layer.attach_low_rank(model, adapter_name, list(kinds), config.r, config.init_lora_weights, device=device)
+            config.fan_in_fan_out_modules = sorted(m for m, k in kinds.items() if k != "linear")
+            self._low_rank[adapter_name] = kinds
+            names = [f"{m}.weight" for m in kinds]
+        else:
+            names = [n for n in match_parameter_names(model, config.target_modules, config.exclude_modules)
+                     if not layer.is_tau_name(n) and not _in_modules_to_save(n, config.modules_to_save)]
+            if not names:
+                raise HfTaujpError(f"target_modules={config.target_modules!r} matches no base parameter "
+                                   f"(outside modules_to_save={config.modules_to_save!r}).")
+            layer.attach(model, adapter_name, names, device=device)
         self._linearized_names[adapter_name] = names
         self.targeted_parameter_names.extend(n for n in names if n not in self.targeted_parameter_names)
         self.targeted_module_names.extend(
@@ -104,8 +117,10 @@ class LinearizedModel(BaseTuner):
         )
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
-            for n in names:
-                layer.tau_of(model, n, adapter_name).requires_grad_(False)
+            for _, _, c in layer.containers(model):
+                if adapter_name in c:
+                    for p in c[adapter_name].values():
+                        p.requires_grad_(False)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for n, p in model.named_parameters():
@@ -162,6 +177,7 @@ class LinearizedModel(BaseTuner):
         self._resolve(adapter_name)
         del self.peft_config[adapter_name]
         del self._linearized_names[adapter_name]
+        self._low_rank.pop(adapter_name, None)
         layer.remove_adapter(self.model, adapter_name)
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining and self._linearized_names:
@@ -190,12 +206,59 @@ class LinearizedModel(BaseTuner):
         raise HfTaujpError("The linearized method never merges adapters in place; nothing to unmerge.")
 
     # ------------------------------------------------------------------ τ access
-    def _primals_tangents(self, adapters: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _scaling(self, adapter_name: str) -> float:
+        c = self.peft_config[adapter_name]
+        return low_rank_scaling(c.r, c.lora_alpha, c.use_rslora)
+
+    def _low_rank_factors(self, adapters: list[str]) -> list[LowRankFactors]:
+        """The low-rank tangents of the low-rank adapters among ``adapters`` (one per targeted module each)."""
+        out = []
+        for a in adapters:
+            if a not in self._low_rank:
+                continue
+            s, c = self._scaling(a), self.peft_config[a]
+            for path in self._low_rank[a]:
+                A, B = layer.factors_of(self.model, path, a)
+                out.append(LowRankFactors(self.model.get_submodule(path), A, B, s, dropout=c.lora_dropout,
+                                          training=self.model.training))
+        return out
+
+    def _tau(self, name: str, adapter_name: str) -> torch.Tensor:
+        """τ of base parameter ``name``: the stored tensor, or s·B·A in the weight's layout for a low-rank adapter."""
+        kinds = self._low_rank.get(adapter_name)
+        if kinds is None:
+            return layer.tau_of(self.model, name, adapter_name)
+        path = name.rsplit(".", 1)[0]
+        A, B = layer.factors_of(self.model, path, adapter_name)
+        return full_tangent(kinds[path], A, B, self._scaling(adapter_name))
+
+    def is_low_rank(self, adapter_name: str | None = None) -> bool:
+        """True when ``adapter_name`` (default: the active adapter) stores τ as low-rank factors (``r`` set)."""
+        return self._resolve(adapter_name) in self._low_rank
+
+    def get_factors(self, adapter_name: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """``{base param name (the module's weight): (A, B, s)}`` (detached copies) of a low-rank adapter,
+        A (r × in), B (out × r), τ_W = s·B·A in the (out, in) layout (Conv1D / Embedding weights: τ = (s·B·A)ᵀ).
+
+        Raises:
+            HfTaujpError: a full-rank adapter (no factors).
+        """
+        a = self._resolve(adapter_name)
+        if a not in self._low_rank:
+            raise HfTaujpError(f"Adapter {a!r} is full-rank (LinearizedConfig.r is None): it has no factors; use get_tangents().")
+        s = self._scaling(a)
+        return {f"{m}.weight": tuple(t.detach().clone() for t in layer.factors_of(self.model, m, a)) + (s,)
+                for m in self._low_rank[a]}
+
+    def _primals_tangents(self, adapters: list[str], full: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        # Full-size τ of the full-rank adapters (and, with ``full``, the low-rank ones materialised as s·B·A).
         primals: dict[str, torch.Tensor] = {}
         tangents: dict[str, torch.Tensor] = {}
         for a in adapters:
+            if a in self._low_rank and not full:
+                continue
             for n in self._linearized_names[a]:
-                t = layer.tau_of(self.model, n, a)
+                t = self._tau(n, a)
                 if n in tangents:  # several active adapters: their τ add (task addition in the tangent space)
                     tangents[n] = tangents[n] + t
                 else:
@@ -206,7 +269,8 @@ class LinearizedModel(BaseTuner):
     def get_tangents(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """``{base param name: τ}`` (detached copies) of ``adapter_name`` (default: the active adapter)."""
         a = self._resolve(adapter_name)
-        return {n: layer.tau_of(self.model, n, a).detach().clone() for n in self._linearized_names[a]}
+        with torch.no_grad():
+            return {n: self._tau(n, a).detach().clone() for n in self._linearized_names[a]}
 
     def set_tangents(self, tangents: Mapping[str, torch.Tensor], adapter_name: str | None = None, strict: bool = True) -> None:
         """Copy ``tangents`` (``{base param name: tensor}``, e.g. α·task vector) into τ of ``adapter_name``.
@@ -214,8 +278,34 @@ class LinearizedModel(BaseTuner):
         ``strict`` requires exactly the linearized names; unknown names are always an error.
         """
         a = self._resolve(adapter_name)
+        if a in self._low_rank:
+            raise HfTaujpError(f"Adapter {a!r} is low-rank: it stores the factors A, B of τ = s·B·A, and a full tensor "
+                               "cannot be written into them exactly. Use set_factors(), or a full-rank adapter (r=None).")
         names = self._linearized_names[a]
         _set_tangents(names, [layer.tau_of(self.model, n, a) for n in names], tangents, strict)
+
+    def set_factors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], adapter_name: str | None = None) -> None:
+        """Copy ``{base weight name: (A, B)}`` into a low-rank adapter (every targeted weight, exact shapes).
+
+        Raises:
+            HfTaujpError: a full-rank adapter; missing or unknown names; shapes other than (r, in) / (out, r).
+        """
+        a = self._resolve(adapter_name)
+        if a not in self._low_rank:
+            raise HfTaujpError(f"Adapter {a!r} is full-rank: use set_tangents().")
+        names = self._linearized_names[a]
+        extra = [k for k in factors if k not in names]
+        missing = [n for n in names if n not in factors]
+        if extra or missing:
+            raise HfTaujpError(f"set_factors needs exactly the adapter's weights: unknown {extra[:5]}, missing {missing[:5]}.")
+        with torch.no_grad():
+            for n, (A_new, B_new) in factors.items():
+                A, B = layer.factors_of(self.model, n.rsplit(".", 1)[0], a)
+                if tuple(A_new.shape) != tuple(A.shape) or tuple(B_new.shape) != tuple(B.shape):
+                    raise HfTaujpError(f"Factors of {n!r}: got A {tuple(A_new.shape)}, B {tuple(B_new.shape)}; the adapter "
+                                       f"has A {tuple(A.shape)}, B {tuple(B.shape)}.")
+                A.copy_(A_new.to(A.dtype))
+                B.copy_(B_new.to(B.dtype))
 
     # ------------------------------------------------------------------ forward
     def jvp(self, *args, method: str | Callable | None = None, **kwargs) -> tuple[Any, Any]:
@@ -233,7 +323,7 @@ class LinearizedModel(BaseTuner):
         if len(modes) != 1:
             raise HfTaujpError(f"The active adapters {adapters} have different linearization_mode values {sorted(modes)}.")
         return linearized_forward(self.model, primals, tangents, args, _drop_unknown_none(fn, kwargs), method=method,
-                                  mode=modes.pop())
+                                  mode=modes.pop(), low_rank=self._low_rank_factors(adapters))
 
     def forward(self, *args, **kwargs):
         """f_lin(x) = f(x; θ0) + J f(x; θ0)·τ (base output class); plain f(x; θ0) when adapters are disabled.
@@ -254,7 +344,9 @@ class LinearizedModel(BaseTuner):
         the base model's ``generate``."""
         if self._linearized_disabled or not self._active():
             return self.model.generate(*args, **kwargs)
-        primals, tangents = self._primals_tangents(self._active())
+        # Decoding runs without gradients: a low-rank τ is materialised (s·B·A) for the cached generation path.
+        with torch.no_grad():
+            primals, tangents = self._primals_tangents(self._active(), full=True)
         return _generate(self.model, primals, tangents, args, kwargs)
 
     # ------------------------------------------------------------------ unloading
@@ -266,7 +358,7 @@ class LinearizedModel(BaseTuner):
         at second order in τ (Ortiz-Jiménez et al. 2023 evaluate linearized task vectors with f_lin).
         """
         adapters = adapter_names if adapter_names is not None else self._active()
-        _, tangents = self._primals_tangents([self._resolve(a) for a in adapters])
+        _, tangents = self._primals_tangents([self._resolve(a) for a in adapters], full=True)
         for n, t in tangents.items():
             p = self.model.get_parameter(n)
             if safe_merge and not torch.isfinite(t).all():
@@ -279,6 +371,7 @@ class LinearizedModel(BaseTuner):
         for a in list(self._linearized_names):
             layer.remove_adapter(self.model, a)
         self._linearized_names.clear()
+        self._low_rank.clear()
         return self.model
 
     # ------------------------------------------------------------------ PEFT state-dict hooks
@@ -335,3 +428,62 @@ def _in_modules_to_save(param_name: str, modules_to_save: list[str] | None) -> b
         return True
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(p.endswith(key) for p in prefixes for key in (modules_to_save or []))
+
+
+def _low_rank_targets(model: nn.Module, config: LinearizedConfig) -> dict[str, str]:
+    """``{module path: layer kind}`` of the modules a low-rank LinearizedConfig targets (PEFT matching).
+
+    ``target_modules="all-linear"``: every nn.Linear / Conv1D except the output layer (PEFT's rule).
+    Raises:
+        HfTaujpError: nothing matched; a matched module that is not nn.Linear / Conv1D / nn.Embedding; a target
+            whose weight is tied to another module's (a tangent on one use only would not be θ0 + τ's reading);
+            ``r`` above min(out, in) of a target.
+    """
+    from ...linearize import _module_matches
+
+    head = None
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        head = None
+    owners: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for pname, prm in m.named_parameters(recurse=False):
+            owners.setdefault(id(prm), []).append(f"{path}.{pname}" if path else pname)
+    out: dict[str, str] = {}
+    for path, m in model.named_modules():
+        if not path or layer.is_tau_name(path + ".x") or path.endswith(layer.TAU_ATTR):
+            continue
+        if config.target_modules == "all-linear":
+            if m is head:
+                continue
+            try:
+                kind = layer_kind(m)
+            except HfTaujpError:
+                continue
+            if kind == "embedding":
+                continue
+        else:
+            if not _module_matches(path, config.target_modules):
+                continue
+            kind = layer_kind(m)  # raises, naming the type, for a module that cannot take a low-rank tangent
+        if config.exclude_modules is not None and _module_matches(path, config.exclude_modules):
+            continue
+        if _in_modules_to_save(f"{path}.weight", config.modules_to_save):
+            continue
+        users = owners.get(id(m.weight), [])
+        if len(users) > 1:
+            raise HfTaujpError(f"{path}.weight is tied to {[u for u in users if u != path + '.weight'][:3]}: a low-rank "
+                               "tangent in one of its layers would not equal the reading θ0 + τ of the shared weight. "
+                               "Leave tied weights out of target_modules (or untie them).")
+        out_f, in_f = weight_layout(m)
+        if config.r > min(out_f, in_f):
+            raise HfTaujpError(f"r={config.r} exceeds min(out, in) = {min(out_f, in_f)} of {path} ({out_f} × {in_f}): "
+                               "τ = s·B·A cannot have rank above that, and the extra factor rows would only add "
+                               f"parameters. Use r ≤ {min(out_f, in_f)} or leave this module out.")
+        out[path] = kind
+    if not out:
+        raise HfTaujpError(f"target_modules={config.target_modules!r} matches no nn.Linear / Conv1D / nn.Embedding "
+                           f"(outside modules_to_save={config.modules_to_save!r}).")
+    return out
