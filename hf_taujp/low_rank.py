@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import HfTaujpError
 
-__all__ = ["LowRankFactors", "LowRankTangent", "low_rank_scaling", "weight_layout", "full_tangent"]
+__all__ = ["LowRankFactors", "LowRankTangent", "low_rank_scaling", "weight_layout", "layer_kind"]
 
 LAYER_KINDS = ("linear", "conv1d", "embedding")
 
@@ -78,12 +78,6 @@ def weight_layout(module: nn.Module) -> tuple[int, int]:
     if kind == "linear":
         return int(w.shape[0]), int(w.shape[1])
     return int(w.shape[1]), int(w.shape[0])
-
-
-def full_tangent(kind: str, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """τ of the module's ``weight`` in the weight's own layout: s·B·A (Linear) or (s·B·A)ᵀ (Conv1D, Embedding)."""
-    delta = scaling * (B @ A)
-    return delta if kind == "linear" else delta.t().contiguous()
 
 
 @dataclass

@@ -20,7 +20,7 @@ ALLOWED = {
     "linearize": {"errors", "attention", "low_rank", "generation"},
     "generation": {"errors", "attention", "linearize"},
     "peft_registration": {"tuners"},
-    "tuners": {"errors", "linearize", "low_rank", "peft_registration", "tuners"},
+    "tuners": {"errors", "linearize", "low_rank", "low_rank_tau", "peft_registration", "tuners"},
     "trainer": {"errors", "linearize", "low_rank", "attention", "trainer"},
     "peft_conversion": {"errors", "hub", "fingerprints", "low_rank", "low_rank_tau"},
     "task_vector": {"errors", "hub", "compat", "fingerprints", "low_rank_tau", "peft_conversion", "linearize", "tuners"},

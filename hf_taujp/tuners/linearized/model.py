@@ -28,7 +28,8 @@ from ...linearize import (
     refuse_sharded,
     with_loss,
 )
-from ...low_rank import LowRankFactors, full_tangent, layer_kind, low_rank_scaling, weight_layout
+from ...low_rank import LowRankFactors, layer_kind, low_rank_scaling, weight_layout
+from ...low_rank_tau import LowRankTau
 from . import layer
 from .config import LinearizedConfig
 from .layer import TAU_ATTR
@@ -230,7 +231,7 @@ class LinearizedModel(BaseTuner):
             return layer.tau_of(self.model, name, adapter_name)
         path = name.rsplit(".", 1)[0]
         A, B = layer.factors_of(self.model, path, adapter_name)
-        return full_tangent(kinds[path], A, B, self._scaling(adapter_name))
+        return LowRankTau(A, B, self._scaling(adapter_name), transposed=kinds[path] != "linear").full()
 
     def is_low_rank(self, adapter_name: str | None = None) -> bool:
         """True when ``adapter_name`` (default: the active adapter) stores τ as low-rank factors (``r`` set)."""
