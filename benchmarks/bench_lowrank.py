@@ -25,13 +25,12 @@ import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train_step import _rss_mib  # noqa: E402  (one RSS reader for the benchmarks)
+from bench_train_step import _rss_mib, best_of_rounds  # noqa: E402  (one RSS reader and round loop)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = {
@@ -135,25 +134,9 @@ def main(argv=None) -> None:
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    best: dict[str, dict] = {}
     load0 = os.getloadavg()[0]
-    for rnd in range(a.repeats):
-        for method in (chosen if rnd % 2 == 0 else chosen[::-1]):
-            cmd = [sys.executable, os.path.abspath(__file__), "--method", method] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("method", "repeats", "methods")]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{method}: failed\n{out.stderr[-3000:]}")
-                continue
-            r = json.loads(line[7:])
-            if method in best:
-                r["peak_mib"] = max(r["peak_mib"], best[method]["peak_mib"])
-                r["train_mib"] = max(r["train_mib"], best[method]["train_mib"])
-                r["step_s"] = min(r["step_s"], best[method]["step_s"])
-                r["cpu_s"] = min(r["cpu_s"], best[method]["cpu_s"])
-            best[method] = r
-            print(f"done: {method} (round {rnd + 1}/{a.repeats})", file=sys.stderr)
+    best = best_of_rounds(os.path.abspath(__file__), chosen, a.repeats, [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("method", "repeats", "methods")])
     rows = [best[m] for m in chosen if m in best]
     if not rows:
         sys.exit("no method ran")

@@ -172,7 +172,8 @@ def main():
 
     mk_inputs = _files(base) + [f for k in range(K) for f in _files(os.path.join(work, f"ft{k}"))]
     for r in range(a.repeat):
-        fresh(floor_path, out_ours, out_cli, out_mk)
+        # mergekit's output of its last run is kept for the bit-for-bit check (with --mk-repeat < --repeat)
+        fresh(floor_path, out_ours, out_cli, *([out_mk] if r < mk_repeat else []))
         # before each row, an untimed read of its inputs: all rows start from a warm page cache (the two
         # input sets together may not fit in it, and a row after mergekit's would read from disk)
         read_all(inputs)

@@ -86,6 +86,32 @@ def child(a) -> dict:
             "train_mib": peak - before, "params": n_params}
 
 
+def best_of_rounds(script: str, methods: list[str], repeats: int, flags: list[str]) -> dict[str, dict]:
+    """Run ``script --method M <flags>`` in a subprocess per method and round; ``{method: result}``.
+
+    Rounds go over all methods (order reversed every other round) so that a change in machine load hits every
+    method alike; per method the fastest round's median step / CPU time is kept, and the largest peak memory.
+    A child prints its result as one line ``RESULT <json>``; a child that fails is reported and skipped.
+    """
+    best: dict[str, dict] = {}
+    for rnd in range(repeats):
+        for method in (methods if rnd % 2 == 0 else methods[::-1]):
+            out = subprocess.run([sys.executable, script, "--method", method, *flags], capture_output=True, text=True)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{method}: failed\n{out.stderr[-3000:]}")
+                continue
+            r = json.loads(line[7:])
+            if method in best:
+                for k in ("peak_mib", "train_mib"):
+                    r[k] = max(r[k], best[method][k])
+                for k in ("step_s", "cpu_s"):
+                    r[k] = min(r[k], best[method][k])
+            best[method] = r
+            print(f"done: {method} (round {rnd + 1}/{repeats})", file=sys.stderr)
+    return best
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -108,27 +134,9 @@ def main(argv=None) -> None:
     if a.method:
         print("RESULT " + json.dumps(child(a)))
         return
-    # Rounds over all methods (order reversed every other round) so that a change in machine load hits
-    # every method alike; per method the fastest round's median step time is kept (peak memory: max).
-    best: dict[str, dict] = {}
     load0 = os.getloadavg()[0]
-    for rnd in range(a.repeats):
-        for method in (list(METHODS) if rnd % 2 == 0 else list(METHODS)[::-1]):
-            cmd = [sys.executable, os.path.abspath(__file__), "--method", method] + [
-                f"--{k}={v}" for k, v in vars(a).items() if k not in ("method", "repeats")]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{method}: failed\n{out.stderr[-2000:]}")
-                continue
-            r = json.loads(line[7:])
-            if method in best:
-                r["peak_mib"] = max(r["peak_mib"], best[method]["peak_mib"])
-                r["train_mib"] = max(r["train_mib"], best[method]["train_mib"])
-                r["step_s"] = min(r["step_s"], best[method]["step_s"])
-                r["cpu_s"] = min(r["cpu_s"], best[method]["cpu_s"])
-            best[method] = r
-            print(f"done: {method} (round {rnd + 1}/{a.repeats})", file=sys.stderr)
+    best = best_of_rounds(os.path.abspath(__file__), list(METHODS), a.repeats,
+                          [f"--{k}={v}" for k, v in vars(a).items() if k not in ("method", "repeats")])
     rows = [best[m] for m in METHODS if m in best]
     from hf_taujp.evaluation import format_table
 

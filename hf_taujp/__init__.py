@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 # Public names -> defining submodule. Loaded on first attribute access (PEP 562): `hf-taujp merge`
 # only needs torch + safetensors I/O, and importing transformers.Trainer for it would add seconds.
 _LAZY = {
-    "forward_ad_attention": ".attention",
+    **dict.fromkeys(["forward_ad_attention", "MathAttentionWarning"], ".attention"),
+    "LowRankTau": ".low_rank_tau",
+    "list_task_vectors": ".hub",
     **dict.fromkeys(
         ["disentanglement_error", "evaluate_task_addition", "evaluate_task_negation", "format_table",
          "plot_alpha_curves", "taujp_matrix"], ".evaluation"),
@@ -53,7 +55,9 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from .attention import forward_ad_attention
+    from .attention import MathAttentionWarning, forward_ad_attention
+    from .hub import list_task_vectors
+    from .low_rank_tau import LowRankTau
     from .evaluation import (disentanglement_error, evaluate_task_addition, evaluate_task_negation,
                              format_table, plot_alpha_curves, taujp_matrix)
     from .errors import ArtifactNotFoundError, BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
@@ -87,8 +91,11 @@ __all__ = [
     "linearized_forward",
     "LinearizedModule",
     "forward_ad_attention",
+    "MathAttentionWarning",
     # task vectors
     "TaskVector",
+    "LowRankTau",
+    "list_task_vectors",
     "fingerprint",
     "cosine_matrix",
     # τJp training
