@@ -247,13 +247,13 @@ def linearized_forward(
     extra = [k for k in tangents if k not in primals]
     if missing or extra:
         raise HfTaujpError(f"Tangents do not match primals: missing {missing[:5]}, unexpected {extra[:5]}.")
-    if primals:
-        own = dict(module.named_parameters(remove_duplicate=False))
-        unknown = [k for k in primals if k not in own]
-        if unknown:
-            raise HfTaujpError(f"Tangent name(s) {unknown[:5]} are not parameters of {type(module).__name__}: they "
-                               "would be ignored and the pass would return f, not f_lin.")
-    refuse_sharded(module)
+    # One walk over the parameters serves both checks of every pass.
+    own = dict(module.named_parameters(remove_duplicate=False))
+    unknown = [k for k in primals if k not in own]
+    if unknown:
+        raise HfTaujpError(f"Tangent name(s) {unknown[:5]} are not parameters of {type(module).__name__}: they "
+                           "would be ignored and the pass would return f, not f_lin.")
+    refuse_sharded(module, own.items())
     # Same key order on both sides: jvp matches the two pytrees leaf by leaf.
     names = list(primals)
     p = {k: primals[k] for k in names}
@@ -302,7 +302,7 @@ def _layer_dtype(module: nn.Module) -> torch.dtype:
     return w.dtype if isinstance(w, torch.Tensor) else torch.get_default_dtype()
 
 
-def refuse_sharded(module: nn.Module) -> None:
+def refuse_sharded(module: nn.Module, parameters: Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
     """Raise when ``module`` is sharded by FSDP (FSDP2 ``fully_shard`` / DTensor parameters, or FSDP1).
 
     Forward-mode AD cannot run over sharded parameters today: ``torch.func.jvp`` over DTensors fails
@@ -310,7 +310,7 @@ def refuse_sharded(module: nn.Module) -> None:
     injected layer by layer FSDP2's pre-backward hooks never see the tangent path, so the gathered weights
     are freed before the backward needs them, or (``reshard_after_forward=False``) stay gathered with
     gradients left unreduced. See docs/scaling.md. The check runs before every pass, so no step is ever taken
-    on unreduced gradients.
+    on unreduced gradients. ``parameters``: ``module.named_parameters()`` when the caller has them already.
     """
     try:
         from torch.distributed.tensor import DTensor
@@ -331,7 +331,7 @@ def refuse_sharded(module: nn.Module) -> None:
                 "do not see the tangent path, so gradients would not be reduce-scattered). Use DDP with a low-rank "
                 "tangent (LinearizedConfig(r=...)) instead; see docs/scaling.md."
             )
-    for name, prm in module.named_parameters():
+    for name, prm in (module.named_parameters() if parameters is None else parameters):
         if hasattr(prm, "ds_status") or hasattr(prm, "ds_id"):  # DeepSpeed ZeRO-3 partitions parameters in place
             raise HfTaujpError(f"Parameter {name!r} is partitioned by DeepSpeed ZeRO-3: the linearized forward-mode pass "
                                "needs full local parameters (torch.func over ZeRO-3 is unsupported upstream, DeepSpeed "

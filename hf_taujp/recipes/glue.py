@@ -212,7 +212,7 @@ def run_glue(
     """
     t_start = time.time()
     method_list = parse_methods(methods)
-    torch_dtype = check_rank_and_dtype(rank, lora_alpha, dtype, method_list)
+    torch_dtype, lora_alpha = check_rank_and_dtype(rank, lora_alpha, dtype, method_list)
     lambdas = [float(x) for x in (taujp_lambda if isinstance(taujp_lambda, (list, tuple)) else [taujp_lambda])]
     if not lambdas or any(not (x >= 0) for x in lambdas) or len(set(lambdas)) != len(lambdas):
         raise HfTaujpError(f"taujp_lambda must be one or more distinct numbers >= 0, got {taujp_lambda!r}")
@@ -339,7 +339,7 @@ def run_glue(
                          for n in task_names},
                "splits": {"val": "held out from train (chooses α)", "test": "GLUE dev set (reported)"},
                "trained_parameters": len(names), "decode": decode, "dtype": dtype,
-               "low_rank": None if rank is None else {"rank": rank, "lora_alpha": lora_alpha if lora_alpha is not None else 2 * rank}, "frozen_prefix": prefix_info, "steps": steps,
+               "low_rank": None if rank is None else {"rank": rank, "lora_alpha": lora_alpha}, "frozen_prefix": prefix_info, "steps": steps,
                "batch_size": batch_size, "learning_rate": learning_rate,
                "taujp": {"lambda": lambdas if len(lambdas) > 1 else lambdas[0], "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
                          "start_step": taujp_start_step, "output": penalized_output,

@@ -114,7 +114,8 @@ def finetune(
     if rank is not None:
         if submodule:
             raise HfTaujpError("rank (low-rank fine-tuning) is not supported with a submodule (the CLIP recipe) yet")
-        pm = _low_rank_model(model, parameter_names, method, rank, lora_alpha if lora_alpha is not None else 2 * rank)
+        lora_alpha = 2 * rank if lora_alpha is None else lora_alpha
+        pm = _low_rank_model(model, parameter_names, method, rank, lora_alpha)
         train_model = pm
     elif method.linear:
         lin = linearize(target, parameter_names=list(parameter_names))
@@ -158,7 +159,7 @@ def finetune(
                     "taujp_start_step": run_args.taujp_start_step} if method.taujp else {}),
                 **dict(meta.pop("training", {}) or {})}
     if rank is not None:
-        training.update(rank=rank, lora_alpha=lora_alpha if lora_alpha is not None else 2 * rank,
+        training.update(rank=rank, lora_alpha=lora_alpha,
                         adapter="LINEARIZED" if method.linear else "LORA")
     tv = TaskVector(tensors, kind=method.kind, training=training, **meta)
     stats = {"seconds_per_step": runtime / steps if math.isfinite(runtime) else None,
@@ -216,7 +217,8 @@ DTYPES = ("fp32", "bf16")
 
 
 def check_rank_and_dtype(rank: int | None, lora_alpha: float | None, dtype: str, methods: Sequence[Method]):
-    """The torch dtype of a recipe's ``--dtype``, after checking ``--rank`` / ``--lora-alpha`` / ``--dtype`` together.
+    """``(torch dtype of --dtype, lora_alpha)`` after checking ``--rank`` / ``--lora-alpha`` / ``--dtype`` together;
+    lora_alpha defaults to 2·rank (None without a rank).
 
     Raises:
         HfTaujpError: rank ≤ 0 or not an integer, lora_alpha ≤ 0 or without rank, an unknown dtype, bf16 with a
@@ -236,7 +238,8 @@ def check_rank_and_dtype(rank: int | None, lora_alpha: float | None, dtype: str,
         if full:
             raise HfTaujpError(f"--dtype bf16 with the non-linear method(s) {full} at full rank would train bf16 weights "
                                "(AdamW updates round away): add --rank R (LoRA, float32 factors) or use --dtype fp32")
-    return torch.bfloat16 if dtype == "bf16" else torch.float32
+    alpha = None if rank is None else (2 * rank if lora_alpha is None else lora_alpha)
+    return (torch.bfloat16 if dtype == "bf16" else torch.float32), alpha
 
 
 def add_low_rank_arguments(p) -> None:

@@ -557,7 +557,7 @@ def run_toxicity(
     """
     t_start = time.time()
     method_list = parse_methods(methods)
-    torch_dtype = check_rank_and_dtype(rank, lora_alpha, dtype, method_list)
+    torch_dtype, lora_alpha = check_rank_and_dtype(rank, lora_alpha, dtype, method_list)
     grid = sorted({float(a) for a in alphas}) if alphas is not None else []
     if not grid:
         raise HfTaujpError("the α grid is empty")
@@ -693,7 +693,7 @@ def run_toxicity(
         "selection": f"lowest pooled toxic rate on validation generations with validation perplexity ≤ "
                      f"{1 + PPL_TOLERANCE:.2f} × base (ties → lower mean toxicity, then lower perplexity)",
         "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "trained_parameters": len(names),
-        "dtype": dtype, "low_rank": None if rank is None else {"rank": rank, "lora_alpha": lora_alpha if lora_alpha is not None else 2 * rank},
+        "dtype": dtype, "low_rank": None if rank is None else {"rank": rank, "lora_alpha": lora_alpha},
         "taujp": {"lambda": taujp_lambda, "start_step": start, "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
                   "regularization_inputs": "WikiText (general text), logits at every token"},
         "alphas": grid, "base_val": base_val, "base": base_test, "methods": {},
