@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 _LAZY = {
     **dict.fromkeys(["forward_ad_attention", "MathAttentionWarning"], ".attention"),
     "LowRankTau": ".low_rank_tau",
+    **dict.fromkeys(["low_rank_approximation", "merge_lora_adapters"], ".lora_extraction"),
     "list_task_vectors": ".hub",
     **dict.fromkeys(
         ["disentanglement_error", "evaluate_task_addition", "evaluate_task_negation", "format_table",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .attention import MathAttentionWarning, forward_ad_attention
     from .hub import list_task_vectors
     from .low_rank_tau import LowRankTau
+    from .lora_extraction import low_rank_approximation, merge_lora_adapters
     from .evaluation import (disentanglement_error, evaluate_task_addition, evaluate_task_negation,
                              format_table, plot_alpha_curves, taujp_matrix)
     from .errors import ArtifactNotFoundError, BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
@@ -95,6 +97,8 @@ __all__ = [
     # task vectors
     "TaskVector",
     "LowRankTau",
+    "low_rank_approximation",
+    "merge_lora_adapters",
     "list_task_vectors",
     "fingerprint",
     "cosine_matrix",

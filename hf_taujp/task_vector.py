@@ -653,6 +653,38 @@ class TaskVector:
             pm.base_model.set_tangents(tangents, adapter_name=adapter_name)
         return pm
 
+    def to_lora(self, base: torch.nn.Module, r: int | None = None, *, energy: float | None = None,
+                target_modules: str | list[str] | None = None, rest: str = "error", adapter_name: str = "default",
+                task_type: str | None = "auto", allow_linear: bool = False, check_base: bool = True):
+        """θ0 + τ as a PEFT LoRA adapter on (a deep copy of) ``base``: per 2-D target weight, ΔW = the best rank-k
+        approximation of τ_W (truncated SVD, Eckart–Young), the analogue of ``mergekit-extract-lora``.
+
+        Targets: the weights of ``base``'s ``nn.Linear``, transformers ``Conv1D`` (ΔW = (B·A)ᵀ, PEFT's
+        fan_in_fan_out) and ``nn.Embedding`` (``lora_embedding_A`` / ``_B``) modules that τ holds (``target_modules``:
+        PEFT's rule, a regex matched in full or a list of module-name suffixes). Factors A = √σ_k·V_kᵀ (k × in),
+        B = U_k·√σ_k (out × k), lora_alpha = k per layer (s = 1), ``rank_pattern`` / ``alpha_pattern`` per layer.
+
+        Rank rule, per tensor, one of: ``r`` (clamped to min(out, in): full rank, exact, recorded in
+        ``rank_pattern``) or ``energy`` ∈ (0, 1] (the smallest k keeping that fraction of ‖τ_W‖_F²). Neither: a
+        factored vector's stored factors become the adapter as they are. Full rank reproduces θ0 + τ.
+        ``rest``: what to do with entries that are no LoRA factor (biases, norms, other layer types, tied weights):
+        ``"error"`` (default: ``HfTaujpError`` naming each with its reason), ``"drop"``, or ``"save"`` (a LoRA layer's
+        bias via PEFT's ``bias="lora_only"``, any other module whole in ``modules_to_save`` at θ0 + τ).
+        ``task_type``: PEFT's; ``"auto"`` (default) the one the base class implies (as :meth:`to_peft`), ``None`` a
+        plain ``PeftModel``. SEQ_CLS / TOKEN_CLS / QUESTION_ANS heads are saved whole by PEFT. A ``"linear"`` vector is refused unless ``allow_linear=True`` (a LoRA gives its weight
+        reading f(θ0 + τ); :meth:`to_peft` gives the linearized model). hf_taujp/lora_extraction.py has the details.
+
+        Returns a ``peft.PeftModel`` (``save_pretrained`` / ``PeftModel.from_pretrained(base, dir)``).
+        Raises ``HfTaujpError`` for a bad rank rule, another base (``BaseModelMismatchError``), keys / shapes that
+        are not the base's, NaN / inf, entries that are no LoRA factor (``rest="error"``), or no target at all.
+        """
+        from .lora_extraction import task_vector_to_lora
+
+        return task_vector_to_lora(self, base, r, energy=energy, target_modules=target_modules, rest=rest,
+                                   adapter_name=adapter_name,
+                                   task_type=_task_type_of(base) if task_type == "auto" else task_type,
+                                   allow_linear=allow_linear, check_base=check_base)
+
     def _to_low_rank_peft(self, base: torch.nn.Module, alpha: float, task_type: str, adapter_name: str):
         """:meth:`to_peft` with ``low_rank=True`` (see there)."""
         import peft

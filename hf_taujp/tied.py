@@ -33,7 +33,7 @@ import torch
 from .errors import HfTaujpError, TiedWeightsError
 
 __all__ = ["TiedWeightsError", "TiedGroups", "TIED_FAMILIES", "tied_groups", "find_tied_groups", "tied_groups_of_folder",
-           "tied_groups_by_meta_build", "canonical_tensors", "model_class_for"]
+           "tied_groups_by_meta_build", "canonical_tensors", "model_class_for", "meta_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -257,12 +257,12 @@ def tied_groups_of_folder(directory: str | os.PathLike, *, trust_remote_code: bo
     return find_tied_groups(directory, stored, trust_remote_code=trust_remote_code).groups
 
 
-def tied_groups_by_meta_build(directory: str | os.PathLike, *, trust_remote_code: bool = False) -> list[tuple[str, ...]]:
-    """Tied groups of the model saved in ``directory`` (its ``config.json``), from the architecture built
-    on the ``meta`` device (no weights read, no memory; imports the modeling code). A folder without
-    ``config.json``, or whose config is not a transformers one (no ``model_type`` / ``architectures`` /
-    ``auto_map``), declares no ties: []. Raises ``HfTaujpError`` when a transformers architecture cannot
-    be built (custom code without ``trust_remote_code=True``, unknown architecture)."""
+def meta_model(directory: str | os.PathLike, *, trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """The architecture of the model saved in ``directory`` (its ``config.json``) built on the ``meta``
+    device (no weights read, no memory; imports the modeling code), or None for a folder without
+    ``config.json`` or whose config is not a transformers one (no ``model_type`` / ``architectures`` /
+    ``auto_map``). Raises ``HfTaujpError`` when a transformers architecture cannot be built (custom code
+    without ``trust_remote_code=True``, unknown architecture). The one meta build of the package."""
     import transformers
 
     d = os.fspath(directory)
@@ -270,20 +270,27 @@ def tied_groups_by_meta_build(directory: str | os.PathLike, *, trust_remote_code
 
     path = os.path.join(d, "config.json")
     if not os.path.isfile(path):
-        return []  # no architecture declared: every stored tensor is its own parameter
+        return None
     raw = read_json(path, "model config")
     if not any(k in raw for k in ("model_type", "architectures", "auto_map")):
-        return []  # not a transformers config (nothing there declares tied weights)
+        return None
     cls = model_class_for(raw, trust_remote_code=trust_remote_code)
     try:
         cfg = transformers.AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             auto = isinstance(cls, _RemoteAuto) or cls.__name__.startswith("Auto")
-            model = cls.from_config(cfg) if auto else cls(cfg)
+            return cls.from_config(cfg) if auto else cls(cfg)
     except (ValueError, OSError, ImportError, KeyError, AttributeError, TypeError) as e:
-        raise HfTaujpError(f"cannot build the architecture of {d!r} to find its tied parameters ({e}); "
+        raise HfTaujpError(f"cannot build the architecture of {d!r} on the meta device ({e}); "
                            "pass trust_remote_code=True for a base with custom code") from e
-    return tied_groups(model)
+
+
+def tied_groups_by_meta_build(directory: str | os.PathLike, *, trust_remote_code: bool = False) -> list[tuple[str, ...]]:
+    """Tied groups of the model saved in ``directory``, from :func:`meta_model`. A folder that declares no
+    transformers architecture declares no ties: [] (every stored tensor is its own parameter). Raises
+    ``HfTaujpError`` when a transformers architecture cannot be built."""
+    model = meta_model(directory, trust_remote_code=trust_remote_code)
+    return [] if model is None else tied_groups(model)
 
 
 def model_class_for(config, *, trust_remote_code: bool = False):

@@ -288,6 +288,57 @@ def test_recipe_with_rank_trains_lora_and_the_low_rank_tangent(tmp_path, dtype):
         assert any(float(t.abs().max()) > 0 for t in tv.values())
 
 
+def test_recipe_lambda_auto_chooses_per_task_on_validation(tmp_path, monkeypatch):
+    """`--lambda auto --taujp-norm kl`: each task's λ from its own pilots (the pilot scores are the recipe's
+    validation metric of the pilot's vector: recomputed here from the saved curve's rule), recorded in the
+    results and in each task vector; the full run has the configured length."""
+    from hf_taujp.trainer.lambda_search import choose_lambda
+
+    scored = []
+    real = glue_recipe._validation_score
+
+    def spy(method, name, model, choices_scores, metric):
+        fn = real(method, name, model, choices_scores, metric)
+        return lambda tensors: (scored.append(name), fn(tensors))[1]
+
+    monkeypatch.setattr(glue_recipe, "_validation_score", spy)
+    out = tmp_path / "out"
+    res = glue_recipe.run_glue(
+        tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="linear,taujp", output_dir=str(out),
+        steps=4, batch_size=4, learning_rate=1e-2, taujp_lambda="auto", taujp_norm="kl", lambda_grid=(0.1, 10.0),
+        max_train=40, max_dev=8, alphas=(0.0, 1.0), shape_alphas=(), layers=1, matrix_examples=4, eval_batch_size=8)
+    r = res["methods"]["linear FT + τJp"]
+    assert res["taujp"]["norm"] == "kl" and res["taujp"]["lambda"] == "auto" and res["taujp"]["lambda_grid"] == [0.1, 10.0]
+    assert set(r["lambda_search"]) == {"sst2", "cola"}
+    for task, rec in r["lambda_search"].items():
+        assert rec["pilot_steps"] == 1 and rec["curve"][0]["lambda"] == 0.0
+        assert rec["chosen"] == choose_lambda(rec["curve"], 0.05, True) == r["taujp_lambda"][task]
+        tv = TaskVector.from_pretrained(str(out / "task_vectors" / "taujp" / task))
+        assert tv.training["taujp_lambda"] == rec["chosen"] and tv.training["taujp_norm"] == "kl"
+    assert scored.count("sst2") == len(r["lambda_search"]["sst2"]["curve"])  # one validation score per pilot
+    assert "lambda_search" not in res["methods"]["linear FT"]
+    md = (out / "results.md").read_text()
+    assert md.startswith("# GLUE task addition: sst2, cola (") and "- How to read it: scores on the GLUE dev set" in md
+    with pytest.raises(HfTaujpError, match="taujp_norm"):
+        glue_recipe.run_glue(tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), taujp_norm="L1", output_dir=str(tmp_path / "o"))
+    with pytest.raises(HfTaujpError, match="lambda_grid"):
+        glue_recipe.run_glue(tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), lambda_grid=(0.1,), output_dir=str(tmp_path / "o"))
+
+
+def test_report_titles_and_reading_name_the_tasks_and_the_split():
+    """A --task-spec run is not called GLUE; the first lines say what the numbers are and what α = 0 means."""
+    res = {"model": "/models/SmolLM2-135M", "sizes": {"reviews": {"val": 100}, "sst2": {"val": 120}},
+           "tasks": {"reviews": {"source": "task spec"}, "sst2": {"source": "glue"}}}
+    assert glue_recipe._title(res, ["sst2", "reviews"]) == "Task addition: sst2, reviews (SmolLM2-135M)"
+    text = glue_recipe._reading(res, ["sst2", "reviews"])
+    assert "tasks' test split" in text and "100–120 rows per task" in text and "best α = 0.00" in text
+    res["tasks"]["reviews"]["source"] = "glue"
+    res["tasks"]["rte"] = {"source": "glue"}
+    res["sizes"]["rte"] = {"val": 100}
+    assert glue_recipe._title(res, ["sst2", "rte"]).startswith("GLUE task addition: sst2, rte")
+    assert "GLUE dev set" in glue_recipe._reading(res, ["sst2", "rte"])
+
+
 def test_rank_and_dtype_bad_input_is_refused_before_loading(tmp_path):
     d = tiny_model_dir(tmp_path, "llama")
     for kw, msg in ((dict(rank=0), "--rank must be a positive integer"), (dict(lora_alpha=8.0), "give --rank too"),

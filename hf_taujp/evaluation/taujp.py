@@ -35,7 +35,8 @@ def taujp_matrix(
         output: output field penalised (default "logits"), or `fn(outputs, batch) -> Tensor`,
             applied to the tangent output (must be linear: selection / pooling).
         max_examples: use at most this many examples per dataset.
-        norm: "l2" (the paper) or "sq_l2".
+        norm: the per-position form, one of ``hf_taujp.trainer.penalty.TAUJP_NORMS`` ("l2", the paper's;
+            "sq_l2", "rms", "relative", "kl"; see ``per_position``).
         Reduction and masks are the trainer's (`hf_taujp.trainer.penalty.penalty_terms` / `output_mask`):
         mean over all examples (valid tokens, with the mask of the penalised output) of each dataset.
         Use held-out inputs, not the ones the penalty was trained on.
@@ -44,10 +45,10 @@ def taujp_matrix(
     Returns:
         `{"tasks": [...], "datasets": [...], "matrix": [[M[t][t'] for t'] for t]}` (rows: task vectors).
     """
-    from ..trainer.penalty import output_mask, penalty_terms, prepare_reg_batch
+    from ..trainer.penalty import TAUJP_NORMS, output_mask, penalty_terms, prepare_reg_batch
 
-    if norm not in ("l2", "sq_l2"):
-        raise HfTaujpError(f"unknown taujp norm {norm!r} (expected 'l2' or 'sq_l2')")
+    if norm not in TAUJP_NORMS:
+        raise HfTaujpError(f"unknown taujp norm {norm!r} (expected one of {TAUJP_NORMS})")
     tvs = dict(task_vectors) if isinstance(task_vectors, Mapping) else {
         (getattr(tv, "task", None) or f"task{i}"): tv for i, tv in enumerate(task_vectors)}
     dss = dict(datasets) if isinstance(datasets, Mapping) else {f"data{i}": d for i, d in enumerate(datasets)}
@@ -68,10 +69,11 @@ def taujp_matrix(
                 total, count = 0.0, 0.0
                 for batch in _batches(ds, batch_size, collate_fn):
                     batch = _to(prepare_reg_batch(base, batch), _device_of(base))
-                    _, tan = linearized_forward(base, primals, tangents, (), batch, method=method)
+                    out, tan = linearized_forward(base, primals, tangents, (), batch, method=method)
                     t = _select(tan, output, batch).double()
+                    f = _select(out, output, batch).double()
                     # the trainer's reduction and mask rule: mean over examples / valid tokens of the whole set
-                    s_, c_ = penalty_terms(t, output_mask(base, batch, t, None if callable(output) else output), norm)
+                    s_, c_ = penalty_terms(t, output_mask(base, batch, t, None if callable(output) else output), norm, f)
                     total += float(s_)
                     count += float(c_)
                 row.append(total / max(count, 1.0))

@@ -1,5 +1,7 @@
-"""Merge library: the method registry (``methods``), in-memory ``merge`` and out-of-core ``merge_streaming``,
-per-task statistics (Fisher, Gram), YAML recipes and the coefficient search."""
+"""Merge library: the method registry (``methods``; the SVD family in ``svd_methods``; model_stock, slerp,
+DELLA, breadcrumbs and TALL-mask consensus in ``sparse_methods``), in-memory ``merge``
+and out-of-core ``merge_streaming``, per-task statistics (Fisher, Gram), YAML recipes and the coefficient
+search."""
 from .methods import (
     MERGE_METHODS,
     METHOD_SPECS,
@@ -19,7 +21,10 @@ from .methods import (
     task_arithmetic,
     ties,
 )
-from .merge import merge
+from .svd_methods import iso_c, iso_cts, tsv, wudi
+from .sparse_methods import (breadcrumbs, breadcrumbs_ties, consensus, consensus_ties, della, della_linear,
+                             model_stock, slerp)
+from .merge import WeightLayouts, merge
 from .fisher import estimate_fisher, output_type_of
 from .regmean import estimate_gram
 from .recipe import cli_merge, load_recipe, merge_from_config

@@ -13,7 +13,8 @@ from ..errors import BaseModelMismatchError, HfTaujpError
 from ..hub import read_json, resolve_pretrained_dir
 from ..low_rank_tau import LowRankTau, low_rank_sum
 from ..task_vector import TaskVector, fingerprint
-from ..tied import canonical_tensors, model_class_for, tied_groups
+from ..tied import canonical_tensors, meta_model, model_class_for, tied_groups
+from .svd_methods import LAYOUTS
 from .methods import (MergeConfigError, MissingStatisticsError, MethodSpec, _per_vector, check_finite, get_method_spec,
                       parameter_seed, require_statistics)
 
@@ -88,9 +89,10 @@ def check_base(metas: Sequence[Mapping[str, Any]], fps: set[str], base_label: st
 
 
 def check_method_arguments(spec: MethodSpec, params: Mapping[str, Any], *, weights=None, fishers=None, grams=None,
-                           base_fisher=None, num_examples=None) -> None:
-    """Every argument must mean something to the method: unknown parameters and statistics the method
-    does not use raise ``MergeConfigError`` naming the method (its declared parameters listed)."""
+                           base_fisher=None, num_examples=None, weight_layout=None) -> None:
+    """Every argument must mean something to the method: unknown parameters, statistics the method does
+    not use and a ``weight_layout`` for a method whose result does not depend on it raise
+    ``MergeConfigError`` naming the method (its declared parameters listed)."""
     given = dict(params)
     if weights is not None:
         given["weights"] = weights
@@ -103,6 +105,11 @@ def check_method_arguments(spec: MethodSpec, params: Mapping[str, Any], *, weigh
                                    + (f"(it uses {spec.needs} statistics)" if spec.needs else "(it uses no statistics)"))
     if base_fisher is not None and "base_fisher" not in spec.driver_args:
         raise MergeConfigError(f"merge method {spec.name!r} takes no base_fisher")
+    if weight_layout is not None:
+        if "layout" not in spec.driver_args:
+            raise MergeConfigError(f"merge method {spec.name!r} takes no weight_layout: its result does not depend on "
+                                   "which side of a weight is the output")
+        check_weight_layout(weight_layout)
 
 
 def statistics_sizes(spec: MethodSpec, stat_n: Sequence[float | None], base_n: float | None, has_base: bool,
@@ -128,11 +135,14 @@ def statistics_sizes(spec: MethodSpec, stat_n: Sequence[float | None], base_n: f
                                          "base_num_examples=... (s0)")
 
 
-def weight_layout(name: str, layouts: Mapping[str, str], shape: Sequence[int], gram_shape: Sequence[int]) -> str:
+def weight_layout(name: str, layouts: Mapping[str, str], shape: Sequence[int], gram_shape: Sequence[int],
+                  default: str | None = None) -> str:
     """Layout of the 2-D weight ``name`` for RegMean: "out_in" (nn.Linear, (out, in)) or "in_out"
-    (Conv1D, (in, out)) — as recorded by ``estimate_gram`` (``weight_layout``), else the only one the
-    Gram's size (in, in) fits. A square weight with no recorded layout is ambiguous: an error, not a
-    guess (a Gram made by hand needs ``extra={"weight_layout": {...}}``)."""
+    (Conv1D, (in, out)) — as recorded by ``estimate_gram`` (``weight_layout``), the base's modules or the
+    caller's ``weight_layout={name: ...}`` (in ``layouts``), else the only one the Gram's size (in, in)
+    fits. A square weight with no recorded layout is ambiguous: ``default`` (the caller's
+    ``weight_layout="out_in"`` / ``"in_out"``), else an error, not a guess (a Gram made by hand needs
+    ``extra={"weight_layout": {...}}``)."""
     if name in layouts:
         return layouts[name]
     if len(shape) != 2 or len(gram_shape) != 2:
@@ -140,9 +150,103 @@ def weight_layout(name: str, layouts: Mapping[str, str], shape: Sequence[int], g
     fits = [lay for lay, d_in in (("out_in", shape[1]), ("in_out", shape[0])) if d_in == gram_shape[0]]
     if len(fits) == 1:
         return fits[0]
+    if default in fits:
+        return default
     raise MissingStatisticsError(
         f"the Gram of {name} does not say whether the weight {tuple(shape)} is (out, in) (nn.Linear) or (in, out) "
         "(Conv1D): give GramStatistics from estimate_gram, or extra={'weight_layout': {name: 'out_in' | 'in_out'}}")
+
+
+_gram_layout = weight_layout  # merge() has an argument of that name
+
+
+# ------------------------------------------------------------------------------ weight layouts
+def check_weight_layout(given) -> None:
+    """``MergeConfigError`` unless ``given`` is "out_in" / "in_out" or a mapping name -> one of them."""
+    if isinstance(given, str) and given in LAYOUTS:
+        return
+    if isinstance(given, Mapping) and all(isinstance(k, str) and v in LAYOUTS for k, v in given.items()):
+        return
+    raise MergeConfigError(f'weight_layout must be "out_in", "in_out" or {{name: "out_in" | "in_out"}}, got {given!r}')
+
+
+def module_layouts(module: torch.nn.Module) -> dict[str, str]:
+    """{"<module>.weight": layout} of the model's nn.Linear ("out_in") and transformers Conv1D ("in_out") layers."""
+    from .regmean import linear_layers
+
+    return {f"{n}.weight": lay for n, (_, lay) in linear_layers(module).items()}
+
+
+def architecture_layouts(directory: str, *, trust_remote_code: bool = False) -> tuple[dict[str, str] | None, str]:
+    """(:func:`module_layouts` of the model saved in ``directory``, built on the meta device from its
+    config.json (``hf_taujp.tied.meta_model``) — no weights read —, or None and the reason it cannot be built)."""
+    try:
+        model = meta_model(directory, trust_remote_code=trust_remote_code)
+    except HfTaujpError as e:
+        return None, str(e)
+    if model is None:
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            return None, f"the base folder {directory!r} has no config.json"
+        return None, f"the config.json of {directory!r} declares no transformers architecture"
+    return module_layouts(model), ""
+
+
+class WeightLayouts:
+    """Which side of each 2-D tensor is its output, for the merge methods whose result depends on it (they
+    declare the driver argument ``layout``: ``iso_cts``, ``wudi``); the one rule of ``merge`` and
+    ``merge_streaming`` (RegMean reads its Grams' recorded layouts instead, :func:`weight_layout`).
+
+    The rule: a 2-D tensor is read as stored, rows = outputs ("out_in"), except the weights of
+    transformers' ``Conv1D`` layers (GPT-2 family), stored (in, out) ("in_out"), which the method sees
+    transposed. Embeddings (and the LM heads tied to them), positional tables and bare 2-D parameters
+    count as stored, as the reference codes treat every 2-D tensor. What says which tensors are Conv1D
+    weights, strongest first:
+
+    1. the caller's ``weight_layout={name: "out_in" | "in_out"}`` (any name of a tied group);
+    2. the base's modules: an ``nn.Module`` base, a folder ``merge`` loads, or for ``merge_streaming``
+       the folder's architecture built on the meta device from its config.json (no weights read; custom
+       code needs ``trust_remote_code=True``); a tensor of no Linear / Conv1D layer counts as stored;
+    3. a factored (LoRA) entry stored "direct" (s·B·A: (out, in)).
+
+    A base whose modules are unknown (a state dict; a folder without a transformers config) says nothing
+    about its other 2-D tensors: a layout-dependent method then raises ``MergeConfigError`` naming the
+    first such tensor — GPT-2's (in, out) weights look exactly like (out, in) ones there, so there is no
+    guess — unless ``weight_layout="out_in"`` or ``"in_out"`` gives the layout of every 2-D tensor the
+    modules do not cover. Errors come before any tensor is merged or written.
+    """
+
+    def __init__(self, known: Mapping[str, str], fallback: str | None, why: str = ""):
+        self.known, self.fallback, self.why = dict(known), fallback, why
+
+    @classmethod
+    def build(cls, *, modules: Mapping[str, str] | None, given=None, direct: Sequence[str] = (),
+              canon: Mapping[str, str] | None = None, why: str = "") -> WeightLayouts:
+        """``modules``: :func:`module_layouts` (None: unknown); ``given``: the caller's ``weight_layout``;
+        ``direct``: names of factored entries stored (out, in); ``canon``: tied name -> canonical name."""
+        canon = canon or {}
+        known = {canon.get(n, n): "out_in" for n in direct}
+        if modules is not None:
+            known.update(modules)
+        fallback = None if modules is None else "out_in"
+        if given is not None:
+            check_weight_layout(given)
+            if isinstance(given, str):
+                fallback = given
+            else:
+                known.update({canon.get(n, n): lay for n, lay in given.items()})
+        return cls(known, fallback, why)
+
+    def of(self, name: str, shape: Sequence[int], method: str) -> str:
+        """"out_in" or "in_out" for the 2-D tensor ``name``; ``MergeConfigError`` when nothing says it."""
+        if name in self.known:
+            return self.known[name]
+        if self.fallback is not None:
+            return self.fallback
+        raise MergeConfigError(
+            f"merge method {method!r} depends on which side of a 2-D weight is its output, and nothing says it for "
+            f"{name} {tuple(shape)}: {self.why}. Give the base as a model (an nn.Module, or a model folder), or "
+            "weight_layout='out_in' (every such 2-D tensor stored (out, in), as nn.Linear; not true of GPT-2's "
+            f"Conv1D weights), or weight_layout={{{name!r}: 'out_in' | 'in_out', ...}}")
 
 
 def _load_stat(s: Any, kind: str) -> tuple[dict[str, torch.Tensor] | None, float | None]:
@@ -212,6 +316,7 @@ def merge(
     dtype=None,
     check_base_model: bool = True,
     trust_remote_code: bool = False,
+    weight_layout: str | Mapping[str, str] | None = None,
     progress: bool = True,
     **params,
 ):
@@ -230,7 +335,8 @@ def merge(
             (``return_task_vector=True``) or ``base`` linearized around θ0 with it as tangent
             (``TaskVector.apply_to(base, linear=True)``). RegMean refuses them (it needs weights).
         method: registry name (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
-            ``magnitude_prune``, ``fisher_average``, ``gradient_matching``, ``regmean``).
+            ``magnitude_prune``, ``fisher_average``, ``gradient_matching``, ``regmean``, the SVD family
+            ``tsv``, ``iso_c``, ``iso_cts``, ``wudi``, ...).
         weights: one α per vector (or one shared); a negative α_t merges −τ_t with weight |α_t|.
         grams: per-task Gram statistics for ``regmean`` (GramStatistics from ``estimate_gram``, folders
             / repo ids, or dicts ``"<module>.weight" -> (in, in)``); weights without a Gram are averaged.
@@ -242,6 +348,10 @@ def merge(
             ``training={"merge": {method, weights, params, sources}}``).
         check_base_model: compare each vector's recorded ``base_fingerprint`` with the base
             (``BaseModelMismatchError`` on a mismatch); vectors of different bases always raise.
+        weight_layout: for methods whose result depends on which side of a 2-D weight is its output
+            (``iso_cts``, ``wudi``; ``regmean`` for a square weight whose Gram does not say): "out_in" /
+            "in_out" for every 2-D tensor the base's modules do not cover, or {name: layout}. Needed only
+            for a state-dict base (see :class:`WeightLayouts` for the rule); other methods refuse it.
         params: the method's declared parameters (``density``, ``majority_sign_method``, ``lambda_``,
             ``seed``, ...); any other name raises ``MergeConfigError`` listing the valid ones.
 
@@ -267,7 +377,7 @@ def merge(
     spec = get_method_spec(method)
     fn = spec.fn
     check_method_arguments(spec, params, weights=weights, fishers=fishers, grams=grams, base_fisher=base_fisher,
-                           num_examples=num_examples)
+                           num_examples=num_examples, weight_layout=weight_layout)
     out_dtype = _as_dtype(dtype)
     tvs = [_load_vector(v) for v in vectors]
     labels = [f"vector {i}" + (f" ({v!r})" if isinstance(v, (str, os.PathLike)) else "") for i, v in enumerate(vectors)]
@@ -291,9 +401,10 @@ def merge(
         for f in given:
             layouts.update((getattr(f, "extra", None) or {}).get("weight_layout") or {})
         if needs == "gram" and module is not None:  # the module itself says which layers are Conv1D
-            from .regmean import linear_layers
-
-            layouts.update({f"{n}.weight": lay for n, (_, lay) in linear_layers(module).items()})
+            layouts.update(module_layouts(module))
+        if isinstance(weight_layout, Mapping):  # the caller's word wins
+            canon = {n: g[0] for g in groups for n in g}
+            layouts.update({canon.get(n, n): lay for n, lay in weight_layout.items()})
         stats = [canonical_tensors(p[0], groups, label=f"{needs} of {lab}") for p, lab in zip(pairs, labels)]
         bf, bn = _load_stat(base_fisher, "fisher")
         if bf is not None:
@@ -307,6 +418,13 @@ def merge(
         if extra:
             raise BaseModelMismatchError(f"{lab} has parameters missing from the base: {sorted(extra)[:5]}")
     names = [n for n in base_sd if any(n in t for t in loaded)]
+    layout_of = {}  # name -> layout of each 2-D tensor, for the methods whose result depends on it
+    if "layout" in spec.driver_args and needs != "gram":
+        direct = [k for tv in tvs for k, e in tv.entries.items() if isinstance(e, LowRankTau) and not e.transposed]
+        table = WeightLayouts.build(modules=None if module is None else module_layouts(module), given=weight_layout,
+                                    direct=direct, canon={n: g[0] for g in groups for n in g},
+                                    why="the base is a state dict, whose tensors do not say which are Conv1D weights")
+        layout_of = {n: table.of(n, base_sd[n].shape, method) for n in names if base_sd[n].dim() == 2}
     seed = params.pop("seed", None)
     keep_factors = method in FACTORED_METHODS and (return_task_vector or kind == "linear")
     merged: dict[str, torch.Tensor | LowRankTau] = {}
@@ -341,7 +459,8 @@ def merge(
                 if not all(have):
                     raise MissingStatisticsError(f"gram of task vector {have.index(False)} has no entry for {name} (others do)")
                 kw["grams"] = [st[name] for st in stats]
-                kw["layout"] = weight_layout(name, layouts, b.shape, kw["grams"][0].shape)
+                kw["layout"] = _gram_layout(name, layouts, b.shape, kw["grams"][0].shape,
+                                            weight_layout if isinstance(weight_layout, str) else None)
         elif stats is not None:
             fs = []
             for k, s in enumerate(stats):
@@ -353,6 +472,8 @@ def merge(
                 if name not in bfd:
                     raise MissingStatisticsError(f"base fisher has no entry for {name}")
                 kw["base_fisher"] = bfd[name]
+        if name in layout_of:
+            kw["layout"] = layout_of[name]
         if "name" in spec.driver_args:
             kw["name"] = name
         delta = fn(b, taus, weights=weights, **kw)

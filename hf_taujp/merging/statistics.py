@@ -4,6 +4,11 @@ Folder layout = the TaskVector layout (docs/design.md) with prefix ``fisher`` or
 ``config.json`` ({"format": "hf-taujp/fisher" | "hf-taujp/gram", "format_version": 1, "num_examples",
 "base_model", "base_fingerprint", "task", "empirical"}), ``fisher.safetensors`` (or shards + index),
 ``README.md``.
+
+Also the one way the estimators read their data (:func:`example_batches`) and the model inputs they
+build from a batch: the token input (``input_ids`` or ``inputs_embeds``, :func:`sequence_input`) and the
+position ids of a left-padded batch (:func:`position_ids_from_mask`, :func:`with_position_ids`) — the
+same ids the recipes' collator and transformers' generation give.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 
 from .. import hub
 from ..errors import HfTaujpError
+from ..linearize import _accepts
 
 _PREFIX = {"fisher": "fisher", "gram": "gram"}
 
@@ -156,3 +162,70 @@ def _cut(loader, max_examples, device, drop, who) -> Iterator[tuple[dict, int]]:
         yield batch, n
     if count == 0:
         raise HfTaujpError(f"{who} got no examples")
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+TOKEN_INPUTS = ("input_ids", "inputs_embeds")
+# names of learned absolute position tables (GPT-2 ``wpe``, BERT / CLIP / OPT ``position_embedding(s)`` /
+# ``embed_positions``); rotary (Llama, SmolLM2) and relative-bias (T5) models have none
+_POSITION_TABLES = ("wpe", "position_embeddings", "position_embedding", "embed_positions")
+
+
+def sequence_input(batch: Mapping[str, Any], who: str = "the estimate") -> torch.Tensor:
+    """The batch's token input: ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, D) — the frozen-prefix
+    cache of the recipes gives the latter —, whichever is present (``input_ids`` first). Batch size and
+    sequence length are read from it, never from another key.
+
+    Raises:
+        HfTaujpError: the batch has neither (``who`` names the caller; the message lists the keys).
+    """
+    for k in TOKEN_INPUTS:
+        v = batch.get(k)
+        if isinstance(v, torch.Tensor):
+            return v
+    raise HfTaujpError(f"{who}: the batch has neither input_ids nor inputs_embeds (keys: {sorted(batch)})")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a (left-)padded batch, as transformers' generation computes them: position j of a row
+    = (number of real tokens up to j) − 1, i.e. ``cumsum(mask) − 1``, clamped at 0 on the padding before the
+    first token. Real tokens get 0, 1, 2, … whatever the padding; for an unpadded or right-padded row these are
+    ``arange`` on its tokens (the models' default). Used by the recipes' collator and by the statistics
+    estimators."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def uses_absolute_positions(model: torch.nn.Module) -> bool:
+    """True when ``model`` adds a learned *absolute* position embedding that it indexes by ``position_ids``
+    (GPT-2 ``wpe``, BERT / OPT / CLIP position tables) and its forward takes ``position_ids``: such a model
+    reads a left-padded row's first real token at the position of the padding unless it is given
+    positions. Rotary (Llama, SmolLM2: only relative positions matter) and relative-bias (T5) models give
+    False. Encoder-decoders give False (their forward takes no ``position_ids``)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "is_encoder_decoder", False):
+        return False
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (_accepts(model, "position_ids") or _accepts(inner, "position_ids")):
+        return False
+    return any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
+               for name, m in inner.named_modules())
+
+
+def _left_padded(mask: torch.Tensor) -> bool:
+    if mask.device.type == "meta":  # values unknown: positions are computed (same shapes either way)
+        return True
+    m = mask.bool()
+    return bool((~m[:, 0] & m.any(-1)).any())
+
+
+def with_position_ids(batch: dict, absolute: bool) -> dict:
+    """``batch`` with ``position_ids`` = :func:`position_ids_from_mask` added when the model uses absolute
+    positions (``absolute``, from :func:`uses_absolute_positions`), the batch has a 2-D ``attention_mask``
+    and no ``position_ids``, and some row is left-padded (its first position masked). Otherwise ``batch``
+    unchanged: given position ids are always passed as they are, and a rotary model keeps its relative
+    positions on left-padded rows without them."""
+    mask = batch.get("attention_mask")
+    if (not absolute or "position_ids" in batch or not isinstance(mask, torch.Tensor) or mask.dim() != 2
+            or not _left_padded(mask)):
+        return batch
+    return {**batch, "position_ids": position_ids_from_mask(mask)}

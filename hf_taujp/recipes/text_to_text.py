@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..evaluation.predict import _device_of
 from ..hub import HfTaujpError
 from ..linearize import _accepts, linearized_forward
+from ..merging.statistics import position_ids_from_mask
 from .tasks import TextTask
 
 __all__ = ["TextToTextEncoder", "FrozenPrefix", "rank_scores", "generate_scores", "predict_scores", "answer_logits_output"]
@@ -181,7 +182,7 @@ class TextToTextEncoder:
             if labelled:
                 labels[i, L - len(s):] = torch.as_tensor(examples[i]["labels"])
         batch = {"inputs_embeds" if key == "features" else "input_ids": x, "attention_mask": mask,
-                 "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}
+                 "position_ids": position_ids_from_mask(mask)}
         if labelled:
             if self.keep_logits:
                 span = int((labels != -100).sum(-1).max()) + 1  # the answer and the position before it

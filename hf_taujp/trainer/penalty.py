@@ -16,7 +16,8 @@ import torch
 
 from ..errors import HfTaujpError
 
-__all__ = ["taujp_penalty", "select_output", "penalty_terms", "output_mask", "prepare_reg_batch"]
+__all__ = ["taujp_penalty", "select_output", "penalty_terms", "per_position", "output_mask", "prepare_reg_batch",
+           "TAUJP_NORMS", "NEEDS_PRIMAL"]
 
 
 _INDEXED = re.compile(r"^([A-Za-z_]\w*)\[(-?\d+)\]$")
@@ -49,12 +50,78 @@ def select_output(outputs, name: str) -> torch.Tensor:
     return value
 
 
+# The per-position forms of the penalty (``taujp_norm``). t = J f(x'; θ0)·τ and f = f(x'; θ0) over the output
+# dimension D (the last one); each maps (t, f) to one number per position.
+TAUJP_NORMS = ("l2", "sq_l2", "rms", "relative", "kl")
+# forms whose value depends on the base output f (the jvp's primal), not on the tangent alone
+NEEDS_PRIMAL = frozenset({"relative", "kl"})
+
+
+def per_position(tangent: torch.Tensor, norm: str = "l2", primal: torch.Tensor | None = None) -> torch.Tensor:
+    """One penalty value per position (shape ``tangent.shape[:-1]``) for a tangent t and base output f.
+
+    Forms (``taujp_norm``), over the last dimension (size D):
+
+    * ``"l2"``  ‖t‖₂ — unsquared, the authors' code (Yoshida et al. 2025, Eq. 10/11). Its size grows like
+      √D and with the scale of the output, so a λ chosen for one model / vocabulary does not carry over.
+    * ``"sq_l2"``  ‖t‖₂².
+    * ``"rms"``  ‖t‖₂ / √D — the per-dimension root mean square: "l2" without its dependence on D.
+    * ``"relative"``  ‖t‖₂ / ‖f‖₂ — the change relative to the base output on the same input (scale-free
+      in the output's units; f is a constant, never differentiated).
+    * ``"kl"``  ½·(Σ_j p_j t_j² − (Σ_j p_j t_j)²),  p = softmax(f) — the second-order Taylor expansion of
+      KL(softmax(f) ‖ softmax(f + t)) = ½ tᵀ(diag p − p pᵀ) t + O(‖t‖³), i.e. half the squared length of t
+      in the Fisher metric of the output distribution (Amari; the output-space Fisher of Pascanu & Bengio
+      2014). For logits only: shift-invariant (softmax ignores the logits' mean), independent of D, in
+      nats, the unit of the cross-entropy task loss it is added to — so λ reads as "nats of drift on the
+      other tasks per nat of task loss".
+
+    Args:
+        tangent: t, shape (..., D) (a 1-D tangent is one output per example: D = 1).
+        norm: one of :data:`TAUJP_NORMS`.
+        primal: f, the base output, same shape as ``tangent``; needed by "relative" and "kl".
+    Raises:
+        HfTaujpError: unknown norm; a form that needs the base output without it, or of another shape.
+    """
+    if norm not in TAUJP_NORMS:
+        raise HfTaujpError(f"unknown taujp norm {norm!r} (expected one of {TAUJP_NORMS})")
+    # fp16/bf16 tangents are upcast (the sum of squares overflows / loses precision); float64 stays.
+    dt = torch.float64 if tangent.dtype == torch.float64 else torch.float32
+    t = tangent.to(dt)
+    if t.dim() == 1:
+        t = t.unsqueeze(-1)
+    if norm in NEEDS_PRIMAL:
+        if primal is None:
+            raise HfTaujpError(f"taujp_norm={norm!r} needs the base output f(x'; θ0) beside the tangent (primal=...)")
+        if tuple(primal.shape) != tuple(tangent.shape):
+            raise HfTaujpError(f"the base output has shape {tuple(primal.shape)} but the tangent {tuple(tangent.shape)}")
+        f = primal.detach().to(dt)
+        if f.dim() == 1:
+            f = f.unsqueeze(-1)
+    if norm == "kl":
+        p = torch.softmax(f, dim=-1)
+        mean = (p * t).sum(-1)
+        # Var_p(t) = E_p[(t − E_p t)²]: the centred form is ≥ 0 by construction (no cancellation below 0)
+        return 0.5 * (p * (t - mean.unsqueeze(-1)).pow(2)).sum(-1)
+    sq = t.pow(2).sum(-1)
+    if norm == "sq_l2":
+        return sq
+    # sqrt has an infinite derivative at 0, and τ = 0 at step 0 of non-linear fine-tuning: the tiny
+    # epsilon gives a zero (sub)gradient there instead of NaN; its effect on the value is < 1e-12.
+    l2 = torch.sqrt(sq + 1e-24)
+    if norm == "l2":
+        return l2
+    if norm == "rms":
+        return l2 / t.shape[-1] ** 0.5
+    return l2 / f.pow(2).sum(-1).sqrt().clamp_min(torch.finfo(dt).tiny)  # relative
+
+
 def penalty_terms(
     tangent: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     norm: str = "l2",
+    primal: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ of per-position norms, number of positions) of a tangent: the one reduction of the penalty.
+    """(Σ of per-position penalties, number of positions) of a tangent: the one reduction of the penalty.
 
     ``taujp_penalty`` is their ratio for one batch; ``hf_taujp.evaluation.taujp_matrix`` sums both over
     batches (a mean over all examples / valid tokens of a dataset).
@@ -62,24 +129,14 @@ def penalty_terms(
     Args:
         tangent: J f(x'; θ0)·τ, shape (B,), (B, D) or (B, L, D) (extra middle dims are averaged too).
         attention_mask: (B, L) 0/1 mask of the valid positions of a (B, L, ...) tangent, or None.
-        norm: "l2" (unsquared ‖·‖₂ over the last dim, the official code) or "sq_l2" (‖·‖₂²).
+        norm: the per-position form, one of :data:`TAUJP_NORMS` (see :func:`per_position`); "l2"
+            (unsquared ‖·‖₂ over the last dim) is the official code's.
+        primal: the base output f(x'; θ0) (the jvp's primal), same shape; needed by "relative" / "kl".
     Raises:
-        HfTaujpError: unknown norm; a mask whose shape is not the tangent's (B, L) (it is never
-            dropped silently: padding would be averaged in).
+        HfTaujpError: unknown norm; a form needing ``primal`` without it; a mask whose shape is not the
+            tangent's (B, L) (it is never dropped silently: padding would be averaged in).
     """
-    if norm not in ("l2", "sq_l2"):
-        raise HfTaujpError(f"unknown taujp norm {norm!r} (expected 'l2' or 'sq_l2')")
-    # fp16/bf16 tangents are upcast (the sum of squares overflows / loses precision); float64 stays.
-    t = tangent if tangent.dtype == torch.float64 else tangent.float()
-    if t.dim() == 1:
-        t = t.unsqueeze(-1)
-    sq = t.pow(2).sum(-1)
-    if norm == "l2":
-        # sqrt has an infinite derivative at 0, and τ = 0 at step 0 of non-linear fine-tuning: the tiny
-        # epsilon gives a zero (sub)gradient there instead of NaN; its effect on the value is < 1e-12.
-        per = torch.sqrt(sq + 1e-24)
-    else:
-        per = sq
+    per = per_position(tangent, norm, primal)
     if attention_mask is None:
         return per.sum(), torch.tensor(float(per.numel()), dtype=per.dtype, device=per.device)
     if per.dim() < 2 or tuple(attention_mask.shape) != tuple(per.shape[:2]):
@@ -97,20 +154,23 @@ def taujp_penalty(
     tangent: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     norm: str = "l2",
+    primal: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """R = mean over examples (and valid tokens) of ‖tangent‖₂ over the last dim (or its square).
+    """R = mean over examples (and valid tokens) of the per-position penalty (default ‖tangent‖₂ over the last dim).
 
     Args:
         tangent: J f(x'; θ0)·τ, shape (B, D) or (B, L, D) (extra middle dims are averaged too).
         attention_mask: optional (B, L) 0/1 mask of valid tokens for a (B, L, D) tangent (see
             :func:`output_mask` for the one that belongs to an output).
-        norm: "l2" (unsquared, the official code) or "sq_l2".
+        norm: one of :data:`TAUJP_NORMS` (see :func:`per_position`): "l2" (unsquared, the official code),
+            "sq_l2", "rms", "relative", "kl".
+        primal: the base output f(x'; θ0), same shape as ``tangent`` ("relative" / "kl" need it).
     Returns:
         a scalar tensor (float32, or float64 for a float64 tangent) (differentiable w.r.t. τ).
     Raises:
-        HfTaujpError: unknown norm, or a mask that does not fit the tangent (see :func:`penalty_terms`).
+        HfTaujpError: unknown norm, a missing base output, or a mask that does not fit (see :func:`penalty_terms`).
     """
-    total, count = penalty_terms(tangent, attention_mask, norm)
+    total, count = penalty_terms(tangent, attention_mask, norm, primal)
     return total / count.clamp_min(1.0)
 
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..errors import HfTaujpError, TauJpConfigError
+from .penalty import TAUJP_NORMS
 
 __all__ = ["TauJpConfig", "TauJpConfigError", "TAUJP_MODES", "TAUJP_NORMS"]
 
 TAUJP_MODES = ("cyclic", "strict")
-TAUJP_NORMS = ("l2", "sq_l2")
 
 
 @dataclass
@@ -32,10 +32,26 @@ class TauJpConfig(TrainingArguments):
     Reg batch size per device = ceil(taujp_batch_ratio × per_device_train_batch_size).
     """
 
-    taujp_lambda: float = field(
+    taujp_lambda: float | str = field(
         default=0.1,
         metadata={"help": "λ, weight of the τJp penalty (paper: 0.1 for vision and GLUE; grid 1e-3, 1e-2, 1e-1; "
-                  "GPT-2 toxicity used 0.01). 0 disables the penalty."},
+                  "GPT-2 toxicity used 0.01). 0 disables the penalty. 'auto': chosen on eval_dataset by pilot "
+                  "runs — the largest λ of taujp_lambda_grid whose validation score stays within "
+                  "taujp_auto_tolerance of λ = 0's (hf_taujp.trainer.lambda_search)."},
+    )
+    taujp_lambda_grid: list[float] | None = field(
+        default=None,
+        metadata={"help": "λ grid of taujp_lambda='auto' (default per taujp_norm: "
+                  "hf_taujp.trainer.lambda_search.DEFAULT_LAMBDA_GRIDS)."},
+    )
+    taujp_auto_pilot: float = field(
+        default=0.25,
+        metadata={"help": "Length of each taujp_lambda='auto' pilot as a fraction of the run's steps, in (0, 1]."},
+    )
+    taujp_auto_tolerance: float = field(
+        default=0.05,
+        metadata={"help": "taujp_lambda='auto': how much worse than λ = 0's validation score a λ may be, relative "
+                  "to |score(λ = 0)| (0.05: 5%, e.g. accuracy 0.80 → 0.76, or eval loss 0.50 → 0.525)."},
     )
     taujp_mode: str = field(
         default="cyclic",
@@ -53,7 +69,10 @@ class TauJpConfig(TrainingArguments):
     )
     taujp_norm: str = field(
         default="l2",
-        metadata={"help": "'l2': unsquared ‖J·τ‖₂ over the output dim (official code); 'sq_l2': ‖J·τ‖₂²."},
+        metadata={"help": "Per-position form of the penalty over the output dim (t = J·τ, f = base output): 'l2' "
+                  "‖t‖₂ (official code); 'sq_l2' ‖t‖₂²; 'rms' ‖t‖₂/√D; 'relative' ‖t‖₂/‖f‖₂; 'kl' "
+                  "½(Σ p t² − (Σ p t)²), p = softmax(f), the second-order KL(p ‖ softmax(f + t)) (logits only; "
+                  "in nats, the task loss's unit). See hf_taujp.trainer.penalty.per_position."},
     )
     taujp_output: str = field(
         default="logits",
@@ -64,8 +83,25 @@ class TauJpConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.taujp_lambda, (int, float)) or math.isnan(self.taujp_lambda) or self.taujp_lambda < 0:
-            raise TauJpConfigError(f"taujp_lambda must be a number >= 0, got {self.taujp_lambda!r}")
+        if isinstance(self.taujp_lambda, str) and self.taujp_lambda != "auto":
+            try:  # from the command line (HfArgumentParser gives a str for float | str)
+                self.taujp_lambda = float(self.taujp_lambda)
+            except ValueError:
+                raise TauJpConfigError(f"taujp_lambda must be a number >= 0 or 'auto', got {self.taujp_lambda!r}") from None
+        if self.taujp_lambda != "auto" and (isinstance(self.taujp_lambda, bool) or not isinstance(self.taujp_lambda, (int, float))
+                                            or math.isnan(self.taujp_lambda) or self.taujp_lambda < 0):
+            raise TauJpConfigError(f"taujp_lambda must be a number >= 0 or 'auto', got {self.taujp_lambda!r}")
+        if self.taujp_lambda_grid is not None:
+            from .lambda_search import lambda_grid
+
+            try:
+                lambda_grid(self.taujp_norm if self.taujp_norm in TAUJP_NORMS else "l2", self.taujp_lambda_grid)
+            except HfTaujpError as e:
+                raise TauJpConfigError(str(e)) from None
+        if not isinstance(self.taujp_auto_pilot, (int, float)) or not 0 < self.taujp_auto_pilot <= 1:
+            raise TauJpConfigError(f"taujp_auto_pilot must lie in (0, 1], got {self.taujp_auto_pilot!r}")
+        if not isinstance(self.taujp_auto_tolerance, (int, float)) or not 0 <= self.taujp_auto_tolerance < 1:
+            raise TauJpConfigError(f"taujp_auto_tolerance must lie in [0, 1), got {self.taujp_auto_tolerance!r}")
         if self.taujp_mode not in TAUJP_MODES:
             raise TauJpConfigError(f"taujp_mode must be one of {TAUJP_MODES}, got {self.taujp_mode!r}")
         if self.taujp_norm not in TAUJP_NORMS:

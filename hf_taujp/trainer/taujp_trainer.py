@@ -215,6 +215,9 @@ class TauJpTrainer(Trainer):
             (e.g. a pooled representation). It is applied to the *tangent* outputs of linearized models,
             so it must be linear in the outputs (selection, pooling, fixed projection); for non-linear
             models it runs inside the jvp and may be any function. Default: `args.taujp_output`.
+        taujp_auto_score: optional `fn(trainer) -> float`, the validation score of the model being trained,
+            used by `taujp_lambda="auto"` instead of `evaluate()` (e.g. a recipe's accuracy on its validation
+            split; greater is better unless `args.greater_is_better` is False).
 
     Logged (in `state.log_history`): `taujp_penalty` (R, mean over the logging window, averaged over
     processes) and `task_loss`. `taujp_visits` lists the reg task(s) used at each of the last 1024 penalised steps
@@ -227,6 +230,7 @@ class TauJpTrainer(Trainer):
         regularization_datasets: Mapping[str, object] | None = None,
         regularization_collators: Mapping[str, Callable] | None = None,
         taujp_output_fn: Callable | None = None,
+        taujp_auto_score: Callable | None = None,
         **kwargs,
     ):
         # Named errors before the (costly) Trainer set-up: wrong args class, FSDP / DeepSpeed requested.
@@ -237,16 +241,32 @@ class TauJpTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # An accelerate config (`accelerate launch --use_fsdp ...`) can enable them without the args saying so.
         _refuse_sharding(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+        inner = getattr(self.model, "base_model", None)
+        if self.args.label_names is None and not self.label_names and inner is not None and not _is_peft(self.model) \
+                and callable(getattr(self.model, "jvp", None)):
+            # LinearizedModule.forward(*args, **kwargs) hides the base model's label names: without them
+            # evaluate() reports no eval_loss. Read them from the wrapped model (as the signature columns).
+            from transformers.utils import find_labels
+
+            self.label_names = find_labels(type(inner))
         self.taujp_output_fn = taujp_output_fn
         self.regularization_datasets = _named_datasets(regularization_datasets)
         self.regularization_collators = dict(regularization_collators or {})
         unknown = set(self.regularization_collators) - set(self.regularization_datasets)
         if unknown:
             raise MissingRegularizationDataError(f"collators given for unknown regularization datasets {sorted(unknown)}")
-        if self.args.taujp_lambda > 0:
+        auto = self.args.taujp_lambda == "auto"
+        # λ of the running step: the configured one, or under "auto" the pilot's / the chosen one
+        self._taujp_lambda: float = 0.0 if auto else float(self.args.taujp_lambda)
+        self.taujp_lambda_search: dict | None = None  # the record of taujp_lambda="auto" (lambda_search)
+        self.taujp_auto_score = taujp_auto_score
+        if auto and self.eval_dataset is None and taujp_auto_score is None:
+            raise TauJpConfigError("taujp_lambda='auto' chooses λ on the validation split: give eval_dataset=... "
+                                   "(or taujp_auto_score=)")
+        if auto or self._taujp_lambda > 0:
             if not self.regularization_datasets:
                 raise MissingRegularizationDataError(
-                    f"taujp_lambda={self.args.taujp_lambda} > 0 but no regularization_datasets were given "
+                    f"taujp_lambda={self.args.taujp_lambda} but no regularization_datasets were given "
                     "(pass {'other task': dataset, ...}, or set taujp_lambda=0)"
                 )
             for name, ds in self.regularization_datasets.items():
@@ -261,7 +281,7 @@ class TauJpTrainer(Trainer):
         self.taujp_visits: deque[tuple[str, ...]] = deque(maxlen=1024)
         self._theta0: dict[str, torch.Tensor] | None = None
         self._adapter: str | None = None
-        if self.args.taujp_lambda > 0:
+        if auto or self._taujp_lambda > 0:
             base = self.accelerator.unwrap_model(self.model)
             refuse_sharded(base)  # a model already sharded by FSDP2 / DTensor: refused before the first step
             self._adapter = _adapter_type(base)
@@ -359,16 +379,17 @@ class TauJpTrainer(Trainer):
             return self.taujp_output_fn(outputs, batch)
         return select_output(outputs, self.args.taujp_output)
 
-    def _taujp_tangent(self, base: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """J f(x'; θ0)·τ for one reg batch, as a tensor of the selected output's shape."""
+    def _taujp_tangent(self, base: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(x'; θ0), J f(x'; θ0)·τ) for one reg batch: the jvp's primal and tangent of the selected output
+        (the primal is free: forward-mode AD computes it anyway; the "relative" / "kl" forms need it)."""
         kwargs = self._with_no_cache(base, batch)
         jvp = _linearized_jvp(base)
         if jvp is not None:
             # linearized_forward already switches checkpointing off and routes attention for the jvp;
             # walking the module tree twice more per step is measurable on small models.
             with self.accelerator.autocast():
-                _, tangent_out = jvp(**kwargs)
-            return self._taujp_select(tangent_out, batch)
+                primal_out, tangent_out = jvp(**kwargs)
+            return self._taujp_select(primal_out, batch), self._taujp_select(tangent_out, batch)
         # J at θ0 of the eval-mode model (no dropout), as for linearized models' default; checkpointing off.
         lora = getattr(self, "_adapter", None) == "LORA"
         if lora:
@@ -378,9 +399,8 @@ class TauJpTrainer(Trainer):
             with self.accelerator.autocast():
                 primals, tangents, factors = _lora_primals_tangents(base, self._theta0)
             with self.accelerator.autocast(), base.disable_adapter():
-                _, tangent = linearized_forward(base, primals, tangents, kwargs=kwargs, mode="eval", low_rank=factors,
-                                                method=lambda **kw: self._taujp_select(base(**kw), batch))
-            return tangent
+                return linearized_forward(base, primals, tangents, kwargs=kwargs, mode="eval", low_rank=factors,
+                                          method=lambda **kw: self._taujp_select(base(**kw), batch))
         with jvp_ready(base, "eval"), forward_ad_attention(base), self.accelerator.autocast():
             params = dict(base.named_parameters())
             primals = {n: t for n, t in self._theta0.items()}
@@ -389,14 +409,13 @@ class TauJpTrainer(Trainer):
             def f(p):
                 return self._taujp_select(functional_call(base, p, args=(), kwargs=kwargs, strict=False), batch)
 
-            _, tangent = torch.func.jvp(f, (primals,), (tangents,))
-            return tangent
+            return torch.func.jvp(f, (primals,), (tangents,))
 
     def taujp_penalty_on(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """R on one (clean) reg batch: mean ‖J f(x'; θ0)·τ‖ (see `hf_taujp.trainer.penalty.taujp_penalty`)."""
         base = self.accelerator.unwrap_model(model)
-        tangent = self._taujp_tangent(base, batch)
-        return taujp_penalty(tangent, self._taujp_mask(base, batch, tangent), self.args.taujp_norm)
+        primal, tangent = self._taujp_tangent(base, batch)
+        return taujp_penalty(tangent, self._taujp_mask(base, batch, tangent), self.args.taujp_norm, primal)
 
     def taujp_penalties_on(self, model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
         """(R_1, ..., R_k) for k reg batches, shape (k,).
@@ -410,11 +429,12 @@ class TauJpTrainer(Trainer):
             sizes = [next(iter(b.values())).shape[0] for b in batches]
             cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
             base = self.accelerator.unwrap_model(model)
-            tangent = self._taujp_tangent(base, cat)
-            if tangent.shape[0] == sum(sizes):
+            primal, tangent = self._taujp_tangent(base, cat)
+            if tangent.shape[0] == sum(sizes) and primal.shape == tangent.shape:
                 mask = self._taujp_mask(base, cat, tangent)
-                parts = zip(tangent.split(sizes), mask.split(sizes) if mask is not None else [None] * len(sizes))
-                return torch.stack([taujp_penalty(t, m, self.args.taujp_norm) for t, m in parts])
+                parts = zip(tangent.split(sizes), primal.split(sizes),
+                            mask.split(sizes) if mask is not None else [None] * len(sizes))
+                return torch.stack([taujp_penalty(t, m, self.args.taujp_norm, f) for t, f, m in parts])
         return torch.stack([self.taujp_penalty_on(model, b) for b in batches])
 
     def _taujp_mask(self, base, batch: dict, tangent: torch.Tensor) -> torch.Tensor | None:
@@ -426,7 +446,7 @@ class TauJpTrainer(Trainer):
         """Task loss (the stock `Trainer.compute_loss`) + λ·R while training."""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         a = self.args
-        if model.training and a.taujp_lambda > 0 and self.state.global_step >= a.taujp_start_step and self._taujp_names:
+        if model.training and self._taujp_lambda > 0 and self.state.global_step >= a.taujp_start_step and self._taujp_names:
             n = len(self._taujp_names)
             if a.taujp_mode == "cyclic":  # Eq. 11: one other task per step, in turn
                 names = (self._taujp_names[self.state.global_step % n],)
@@ -441,10 +461,28 @@ class TauJpTrainer(Trainer):
                 ga_penalty = penalty
             self._taujp_record("taujp_penalty", penalty)
             self._taujp_record("task_loss", loss)
-            loss = loss + a.taujp_lambda * ga_penalty.to(loss.dtype)
+            loss = loss + self._taujp_lambda * ga_penalty.to(loss.dtype)
         elif model.training:
             self._taujp_record("task_loss", loss)
         return (loss, outputs) if return_outputs else loss
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; with ``taujp_lambda="auto"`` first the λ search of
+        :func:`hf_taujp.trainer.lambda_search.search_lambda` (pilots from the same initial state, recorded in
+        ``self.taujp_lambda_search``), then the full run at the chosen λ.
+
+        Raises:
+            TauJpConfigError: ``resume_from_checkpoint`` with ``taujp_lambda="auto"`` (the search would start
+                over: resume with the chosen λ, ``self.taujp_lambda_search["chosen"]``, instead).
+        """
+        if self.args.taujp_lambda == "auto" and self.taujp_lambda_search is None:
+            if (args and args[0]) or kwargs.get("resume_from_checkpoint"):
+                raise TauJpConfigError("taujp_lambda='auto' cannot resume from a checkpoint: resume with the λ the "
+                                       "search chose (taujp_lambda_search['chosen']) as taujp_lambda")
+            from .lambda_search import search_lambda
+
+            self.taujp_lambda_search = search_lambda(self)
+        return super().train(*args, **kwargs)
 
     def _taujp_record(self, key: str, value: torch.Tensor) -> None:
         """Add a scalar to the running sum of `key` on its device (synchronised only in `log`)."""
