@@ -25,7 +25,7 @@ _LAZY = {
     "list_task_vectors": ".hub",
     **dict.fromkeys(
         ["disentanglement_error", "evaluate_task_addition", "evaluate_task_negation", "format_table",
-         "plot_alpha_curves", "taujp_matrix"], ".evaluation"),
+         "plot_alpha_curves", "taujp_matrix", "compare_merges", "MergeComparison"], ".evaluation"),
     **dict.fromkeys(["ArtifactNotFoundError", "BaseModelMismatchError", "CorruptFileError", "HfTaujpError",
                      "UnsafeFileError"], ".errors"),
     **dict.fromkeys(
@@ -113,6 +113,8 @@ __all__ = [
     "evaluate_task_negation",
     "format_table",
     "plot_alpha_curves",
+    "compare_merges",
+    "MergeComparison",
     # merging
     "merge",
     "merge_from_config",

@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "the main job: GLUE text-to-text task addition, non-linear / linear / τJp fine-tuning (see --help)"),
     "demo": ("hf_taujp.demo:main",
              "synthetic word-list tasks with a MiniLM zero-shot head (smoke demo, superseded by `glue`)"),
+    "merge-bench": ("hf_taujp.recipes.glue:merge_bench_main",
+                    "compare merge methods (TA, TIES, TSV, Iso-C/CTS, WUDI, ...) on the vectors of a `glue` run"),
     "merge": ("hf_taujp.merging.recipe:cli_merge",
               "merge task vectors from a YAML recipe (see `hf-taujp merge --help`)"),
     "toxicity": ("hf_taujp.recipes.toxicity:main",

@@ -238,15 +238,17 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename (mode from the umask)."""
+def atomic_write_text(path: str | os.PathLike, text: str | bytes) -> None:
+    """Write ``text`` (str, or bytes written as they are) to ``path`` through a temporary file and an atomic
+    rename (mode from the umask)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    binary = isinstance(text, bytes)
     try:
         # open(..., "x") creates with 0o666 & ~umask (mkstemp would force 0o600).
-        with open(tmp, "x", encoding="utf-8") as f:
+        with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

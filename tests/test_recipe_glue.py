@@ -325,6 +325,45 @@ def test_recipe_lambda_auto_chooses_per_task_on_validation(tmp_path, monkeypatch
         glue_recipe.run_glue(tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), lambda_grid=(0.1,), output_dir=str(tmp_path / "o"))
 
 
+def test_compare_merges_in_the_recipe_and_merge_bench_on_its_saved_vectors(tmp_path):
+    """`--compare-merges` scores every setting with the recipe's own metric (a merged tangent by the linear
+    reading: the TA row at λ = 1 equals the recipe's one-shot α = 1 scores); `hf-taujp merge-bench RUN` replays the
+    run's data on the saved vectors, trains nothing and gives the same comparison."""
+    from hf_taujp.cli import main as cli
+
+    out = tmp_path / "run"
+    res = glue_recipe.run_glue(
+        tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="linear", output_dir=str(out), steps=2,
+        batch_size=4, learning_rate=1e-2, max_train=40, max_dev=8, alphas=(0.0, 1.0), shape_alphas=(), layers=1,
+        matrix_examples=4, eval_batch_size=8, compare_merges="task_arithmetic,tsv", compare_sets="linear")
+    mb = res["merge_bench"]["linear FT"]
+    ta = mb["methods"]["task_arithmetic"]
+    one_shot = res["methods"]["linear FT"]["one_shot"]["abs"]
+    at_1 = [c for c in ta["curve"] if c["setting"] == {"lambda_": 1.0}][0]
+    val_at_1 = next(c["avg_abs"] for c in res["methods"]["linear FT"]["curve"] if c["alpha"] == 1.0)
+    assert at_1["val_mean"] == pytest.approx(val_at_1)  # TA at λ = 1 is the recipe's α = 1 addition
+    if ta["chosen"] == {"lambda_": 1.0}:
+        assert ta["test"] == pytest.approx(one_shot)
+    assert set(mb["methods"]) == {"task_arithmetic", "tsv"}
+    assert (out / "merge_bench" / "linear" / "merge_bench.json").is_file()
+    calls = []
+    real = glue_recipe.finetune
+    glue_recipe.finetune = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        res2 = glue_recipe.merge_bench_main([str(out), "--methods", "task_arithmetic,tsv"])
+    finally:
+        glue_recipe.finetune = real
+    assert not calls and res2["vectors_from"] == str(out)
+    mb2 = res2["merge_bench"]["linear FT"]["methods"]
+    for m in ("task_arithmetic", "tsv"):
+        assert mb2[m]["chosen"] == mb["methods"][m]["chosen"] and mb2[m]["test"] == pytest.approx(mb["methods"][m]["test"])
+    assert (tmp_path / "run_merge_bench" / "merge_bench" / "linear" / "merge_bench.md").is_file()
+    assert cli(["merge-bench", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(HfTaujpError, match="compare_sets"):
+        glue_recipe.run_glue(tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="linear",
+                             compare_merges="tsv", compare_sets="taujp", output_dir=str(tmp_path / "o"))
+
+
 def test_report_titles_and_reading_name_the_tasks_and_the_split():
     """A --task-spec run is not called GLUE; the first lines say what the numbers are and what α = 0 means."""
     res = {"model": "/models/SmolLM2-135M", "sizes": {"reviews": {"val": 100}, "sst2": {"val": 120}},

@@ -17,8 +17,11 @@
 Results are plain dicts (JSON-serialisable); `format_table` prints them without pandas, `save_json`
 writes them atomically, `plot_alpha_curves` draws normalized accuracy against α (matplotlib).
 
+* `compare_merges`: every chosen merge method over its main knob, the setting chosen on validation only,
+  test scores (absolute, normalized), merge time and memory (``merge_bench``).
+
 Layout: ``predict`` (predictions, accuracy), ``taujp`` (the τJp matrix), ``protocols`` (ξ, addition,
-negation, the α grid) and ``output`` (tables, JSON, plots); every name, private helpers the recipes use
+negation, the α grid), ``merge_bench`` (the merge-method comparison) and ``output`` (tables, JSON, plots); every name, private helpers the recipes use
 included, stays importable from ``hf_taujp.evaluation``.
 """
 
@@ -31,6 +34,7 @@ from .protocols import (DEFAULT_ALPHAS, _addition_protocol,  # noqa: F401
                         _linear_eval_fn, _linear_logits, _sum_vectors,
                         _task_addition_linear, disentanglement_error, evaluate_task_addition, evaluate_task_negation)
 from .taujp import taujp_matrix
+from .merge_bench import DEFAULT_GRIDS, DEFAULT_METHODS, MergeComparison, compare_merges, default_grid
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -43,4 +47,6 @@ __all__ = [
     "format_table",
     "save_json",
     "plot_alpha_curves",
+    "compare_merges",
+    "MergeComparison",
 ]

@@ -24,7 +24,8 @@ from .methods import (
 from .svd_methods import iso_c, iso_cts, tsv, wudi
 from .sparse_methods import (breadcrumbs, breadcrumbs_ties, consensus, consensus_ties, della, della_linear,
                              model_stock, slerp)
-from .merge import WeightLayouts, merge
+from .layouts import WeightLayouts
+from .merge import merge
 from .fisher import estimate_fisher, output_type_of
 from .regmean import estimate_gram
 from .recipe import cli_merge, load_recipe, merge_from_config

@@ -23,6 +23,10 @@ output: merged/                        # optional (the command line's OUTPUT win
 output_kind: model                     # or task_vector (the default, and only choice, for linear vectors)
 max_shard_size: 2GB
 trust_remote_code: false               # a base with custom code (auto_map) needs true
+# weight_layout: out_in                # iso_cts / wudi / regmean only (others refuse it), for a base whose
+                                       #   architecture is unknown (no transformers config.json): out_in | in_out
+                                       #   for every 2-D tensor, or {tensor name: out_in | in_out}
+                                       #   (the rule: hf_taujp.merging.merge.WeightLayouts)
 push_to_hub: me/gpt2-merged            # optional
 ```
 
@@ -45,12 +49,12 @@ from typing import Any
 
 from .. import hub
 from ..task_vector import read_task_vector_config
-from .merge import BASE_PATTERNS
+from .merge import BASE_PATTERNS, check_method_arguments
 from .methods import MergeConfigError, get_method_spec
 from .streaming import merge_streaming
 
 _KNOWN = {"base_model", "method", "merge_method", "vectors", "models", "parameters", "dtype", "output",
-          "output_kind", "push_to_hub", "base_fisher", "max_shard_size", "trust_remote_code"}
+          "output_kind", "push_to_hub", "base_fisher", "max_shard_size", "trust_remote_code", "weight_layout"}
 # per-vector keys that are not method parameters
 _VECTOR_KEYS = {"path", "model", "parameters", "fisher", "gram", "subfolder", "revision"}
 # keys of a folder / repo given as a mapping
@@ -213,6 +217,8 @@ def load_recipe(path_or_dict: str | os.PathLike | dict) -> dict:
             raise MergeConfigError(f"{key} must be a string, got {rec[key]!r}")
     if "trust_remote_code" in rec and not isinstance(rec["trust_remote_code"], bool):
         raise MergeConfigError(f"trust_remote_code must be true or false, got {rec['trust_remote_code']!r}")
+    if rec.get("weight_layout") is not None:  # merge()'s rule: a known layout, for a method whose result needs it
+        check_method_arguments(spec, {}, weight_layout=rec["weight_layout"])
     return rec
 
 
@@ -283,7 +289,7 @@ def merge_from_config(path_or_dict: str | os.PathLike | dict, output: str | None
     merge_streaming(base, paths, output, rec["method"], weights=weights,
                     base_fisher=base_fisher, dtype=rec.get("dtype"),
                     output_kind=rec.get("output_kind"), max_shard_size=rec.get("max_shard_size", "2GB"),
-                    trust_remote_code=rec.get("trust_remote_code", False),
+                    trust_remote_code=rec.get("trust_remote_code", False), weight_layout=rec.get("weight_layout"),
                     recipe={k: v for k, v in rec.items() if k != "push_to_hub"}, progress=progress,
                     **stats, **params)
     if rec.get("push_to_hub"):

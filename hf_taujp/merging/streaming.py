@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from .. import hub
 from ..task_vector import FORMAT as TV_FORMAT, fingerprint, read_task_vector_config
 from ..tied import TiedWeightsError, tied_groups_of_folder
-from .merge import (BASE_PATTERNS, WeightLayouts, _as_dtype, architecture_layouts, check_base, check_method_arguments,
-                    check_vectors_compatible, statistics_sizes, weight_layout)
+from .layouts import WeightLayouts, architecture_layouts, weight_layout
+from .merge import (BASE_PATTERNS, _as_dtype, check_base, check_method_arguments, check_vectors_compatible,
+                    statistics_sizes)
 from .methods import (MergeConfigError, MethodSpec, MissingStatisticsError, check_finite, get_method_spec, parameter_seed,
                       require_statistics)
 from ..safetensors_io import SafetensorsReader, ShardedWriter

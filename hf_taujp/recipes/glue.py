@@ -49,7 +49,7 @@ from .tasks import GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load
 from .text_to_text import (FrozenPrefix, TextToTextEncoder, answer_logits_output, decoder_layers, first_trained_layer,
                            generate_scores, rank_scores)
 
-__all__ = ["run_glue", "main", "add_arguments", "SHAPE_ALPHAS", "EMBEDDED", "HUB"]
+__all__ = ["run_glue", "main", "merge_bench_main", "add_arguments", "SHAPE_ALPHAS", "EMBEDDED", "HUB"]
 
 SHAPE_ALPHAS = (1.1, 1.2, 1.3, 1.4, 1.5)
 EMBEDDED, HUB = "embedded", "hub"
@@ -145,6 +145,64 @@ def _weights_of(model):
                 params[k].copy_(v)
 
 
+def _jsonable(arguments: dict) -> dict:
+    """run_glue's arguments as JSON (tuples → lists), so `hf-taujp merge-bench` can replay the run's data set-up."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in arguments.items()}
+
+
+def _bench_options(compare_merges, compare_sets, method_list) -> tuple[list[str], list[str]]:
+    """(merge methods to compare, recipe methods whose vectors they merge), checked before any work."""
+    if compare_merges is None:
+        return [], []
+    from ..evaluation import DEFAULT_METHODS
+    from ..merging import get_method_spec
+
+    names = [m.strip() for m in compare_merges.split(",")] if isinstance(compare_merges, str) else list(compare_merges)
+    names = list(DEFAULT_METHODS) if names == ["default"] else [n for n in names if n]
+    for n in names:
+        get_method_spec(n)  # MergeConfigError naming the known methods
+    sets = [m.strip() for m in compare_sets.split(",")] if isinstance(compare_sets, str) else list(compare_sets)
+    known = [m.name for m in method_list]
+    if not names or not sets or any(x not in known for x in sets):
+        raise HfTaujpError(f"compare_merges needs merge methods and compare_sets among the run's methods {known}; "
+                           f"got {names} on {sets}")
+    return names, sets
+
+
+def _saved_vector(run_dir: str, folder: str, name: str, fp: str):
+    """The task vector a previous run saved for (method folder, task); it must come from this base."""
+    from ..task_vector import TaskVector
+
+    path = os.path.join(run_dir, "task_vectors", folder, name)
+    if not os.path.isdir(path):
+        raise HfTaujpError(f"{run_dir!r} has no task vector {folder}/{name} (run `hf-taujp glue` with these methods "
+                           "and tasks first)")
+    tv = TaskVector.from_pretrained(path)
+    if tv.base_fingerprint and tv.base_fingerprint != fp:
+        raise HfTaujpError(f"{path}: made from another base (fingerprint {tv.base_fingerprint} ≠ {fp})")
+    return tv
+
+
+def _compare_merges(model, method, label, folder, vectors, single, tasks, bench_list, choices_scores, metric,
+                    output_dir, results) -> None:
+    """compare_merges on one method's vectors with the recipe's scores: merged tangents are scored by the
+    linear reading (one forward-mode pass), merged weights by the model itself; saved beside results.json."""
+    from ..evaluation import compare_merges
+
+    def evaluate(merged, split):
+        if method.linear:
+            tangents = merged.get_tangents()
+            return {t: metric(t, split, choices_scores(split, t, tangents)[..., 0]) for t in tasks}
+        merged.eval()
+        return {t: metric(t, split, choices_scores(split, t, model=merged)) for t in tasks}
+
+    print(f"[hf-taujp glue] comparing merges of {label}: {', '.join(bench_list)}")
+    cmp = compare_merges(model, vectors, evaluate, methods=bench_list, normalize_by=single, check_base_model=False)
+    cmp.save(os.path.join(output_dir, "merge_bench", folder))
+    results.setdefault("merge_bench", {})[label] = cmp.to_dict()
+    print(f"[hf-taujp glue] merge methods on {label} (chosen on validation, test scores):\n" + cmp.table())
+
+
 def _validation_score(method, name, model, choices_scores, metric):
     """``fn(τ tensors) -> score of task `name` on its validation split`` for taujp_lambda="auto": the
     linear reading (one forward-mode pass) for linear methods, θ0 + τ written into the model for others."""
@@ -209,6 +267,9 @@ def run_glue(
     fisher_examples: int = 32,
     fisher_samples: int = 1,
     base_fisher_weight: float | None = None,
+    compare_merges: str | Sequence[str] | None = None,
+    compare_sets: str | Sequence[str] = "linear,taujp",
+    vectors_from: str | None = None,
 ) -> dict:
     """Run the GLUE text-to-text recipe; returns the results dict (also `<output_dir>/results.json`).
 
@@ -258,8 +319,15 @@ def run_glue(
             their training examples): large s0 gives task arithmetic, s0 = 0 Fisher averaging. There is no
             principled value for an LLM whose pretraining data is unseen; default (None) the mean s_t, i.e. the
             base counts as much as one task.
+        compare_merges: merge methods compared on the vectors of each method in ``compare_sets``
+            (:func:`hf_taujp.evaluation.compare_merges`: each method over its main knob, chosen on validation,
+            test scores, merge time / memory; "default" = ``DEFAULT_METHODS``); written to
+            ``<output_dir>/merge_bench/<method>/`` and ``results["merge_bench"]``. None: no comparison.
+        vectors_from: a previous run's output folder: its task vectors (``task_vectors/<method>/<task>``) are
+            loaded instead of trained (``hf-taujp merge-bench``).
     Raises HfTaujpError for bad input, before any training.
     """
+    arguments = {k: v for k, v in locals().items() if k not in ("compare_merges", "compare_sets", "vectors_from")}
     t_start = time.time()
     method_list = parse_methods(methods)
     torch_dtype, lora_alpha = check_rank_and_dtype(rank, lora_alpha, dtype, method_list)
@@ -301,6 +369,9 @@ def run_glue(
         check_repo_id(push_to_hub)
     merge_list = parse_merge_methods(merge_methods)
     check_statistics_options(merge_list, method_list, fisher_examples, fisher_samples, base_fisher_weight)
+    bench_list, bench_sets = _bench_options(compare_merges, compare_sets, method_list)
+    if vectors_from and not os.path.isdir(os.path.join(vectors_from, "task_vectors")):
+        raise HfTaujpError(f"vectors_from={vectors_from!r} has no task_vectors/ folder (the output of a glue run)")
     # ---- tasks and data (all checks before the model is loaded)
     spec = {t.name: (t, d) for t, d in load_task_spec(task_spec)} if task_spec else {}
     clash = sorted(set(spec) & set(GLUE_TASKS))
@@ -385,11 +456,12 @@ def run_glue(
     print(f"[hf-taujp glue] model {model_name} ({family}), tasks {task_names}, methods {[m.name for m in method_list]}, "
           f"{len(names)} trained tensors, {steps} steps × {batch_size}")
 
-    def choices_scores(split, name, tangents=None, alphas_=(1.0,)):
+    def choices_scores(split, name, tangents=None, alphas_=(1.0,), model=None):
+        model = eval_model if model is None else model
         if decode == "generate":
-            return generate_scores(eval_model, encoder, task_objs[name], ex[name][f"{split}_gen"],
+            return generate_scores(model, encoder, task_objs[name], ex[name][f"{split}_gen"],
                                    batch_size=eval_batch_size, tangents=tangents, alphas=alphas_, desc=f"{name}/{split}")
-        return rank_scores(eval_model, encoder, len(task_objs[name].words), ex[name][split], batch_size=eval_batch_size,
+        return rank_scores(model, encoder, len(task_objs[name].words), ex[name][split], batch_size=eval_batch_size,
                            tangents=tangents, alphas=alphas_, desc=f"{name}/{split}")
 
     def metric(name, split, scores):
@@ -407,7 +479,7 @@ def run_glue(
                        taujp_batch_ratio=taujp_batch_ratio, taujp_start_step=taujp_start_step, disable_tqdm=False)
     from ..trainer import TauJpConfig
 
-    results = {"model": model_name, "family": family, "tasks": {n: {**task_objs[n].to_dict(), "source": "task spec" if n in spec else "glue"}
+    results = {"arguments": _jsonable(arguments), "vectors_from": vectors_from, "model": model_name, "family": family, "tasks": {n: {**task_objs[n].to_dict(), "source": "task spec" if n in spec else "glue"}
                                                        for n in task_names},
                "data": "embedded GLUE sample" if data_dir == EMBEDDED else data_dir,
                "sizes": {n: {**{s: len(rows[n][s]) for s in ("train", "val", "test")}, "train_used": len(ex[n]["train"])}
@@ -440,6 +512,9 @@ def run_glue(
     for m, lam, label, folder in runs:
         vectors, seconds, searches = {}, [], {}
         for name in task_names:
+            if vectors_from:
+                vectors[name] = _saved_vector(vectors_from, folder, name, fp)
+                continue
             print(f"[hf-taujp glue] {label} on {name}")
             args = TauJpConfig(output_dir=os.path.join(output_dir, "runs", folder, name), taujp_lambda=lam, **args_common)
             tv, stats = finetune(
@@ -460,7 +535,8 @@ def run_glue(
         off = [mat[i][j] for i in range(len(task_names)) for j in range(len(task_names)) if i != j]
         res["taujp_matrix"] = mat
         res["taujp_offdiag_mean"] = sum(off) / len(off)
-        res["seconds_per_step"] = sum(s for s in seconds if s) / max(1, len([s for s in seconds if s]))
+        res["seconds_per_step"] = (sum(s for s in seconds if s) / max(1, len([s for s in seconds if s]))
+                                   if not vectors_from else None)  # loaded, not trained
         res["taujp_lambda"] = ({n: r["chosen"] for n, r in searches.items()} if searches else lam) if m.taujp else 0.0
         if searches:
             res["lambda_search"] = searches
@@ -470,6 +546,9 @@ def run_glue(
         if merge_list and not m.linear:
             _statistics_merges(eval_model, label, folder, vectors, res["single"], task_names, stats_ctx, results,
                                choices_scores, metric, alphas, shape_alphas, names)
+        if bench_list and m.name in bench_sets:
+            _compare_merges(eval_model, m, label, folder, vectors, res["single"], task_names, bench_list, choices_scores,
+                            metric, output_dir, results)
         # written after every method, so a long run that stops early keeps what it finished
         rows_, notes, paths = _report(output_dir, results, runs, method_list, task_names, zero_shot, batch_size,
                                       prefix_info, model_name, t_start, complete=len(results["methods"]) == len(runs))
@@ -711,6 +790,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     p.add_argument("--decode", default="rank", choices=["rank", "generate"],
                    help="rank classification over the label words, or (T5) greedy generation matched to them")
+    p.add_argument("--compare-merges", default=None, metavar="METHODS",
+                   help="also compare these merge methods (comma list, or 'default': task_arithmetic, ties, tsv, iso_c, "
+                        "iso_cts, wudi) on the vectors of --compare-sets, each over its main knob, chosen on validation")
+    p.add_argument("--compare-sets", default="linear,taujp", help="methods whose vectors --compare-merges merges")
     p.add_argument("--push-to-hub", default=None, metavar="REPO")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the cores idle at start-up, "
@@ -734,4 +817,32 @@ def main(argv=None) -> dict:
                     prefix_cache=a.prefix_cache, decode=a.decode,
                     push_to_hub=a.push_to_hub, seed=a.seed, rank=a.rank, lora_alpha=a.lora_alpha, dtype=a.dtype,
                     merge_methods=a.merge_methods, fisher_examples=a.fisher_examples, fisher_samples=a.fisher_samples,
-                    base_fisher_weight=a.base_fisher_weight)
+                    base_fisher_weight=a.base_fisher_weight, compare_merges=a.compare_merges,
+                    compare_sets=a.compare_sets)
+
+
+def merge_bench_main(argv=None) -> dict:
+    """`hf-taujp merge-bench RUN_DIR`: compare merge methods on the task vectors a `hf-taujp glue` run saved, with
+    that run's data, splits and scores (its arguments are read from RUN_DIR/results.json); nothing is trained."""
+    p = argparse.ArgumentParser(prog="hf-taujp merge-bench", description=merge_bench_main.__doc__.split(";")[0])
+    p.add_argument("run_dir", help="output folder of a `hf-taujp glue` run (results.json, task_vectors/)")
+    p.add_argument("--methods", default="default", help="merge methods, comma list ('default': task_arithmetic, ties, "
+                   "tsv, iso_c, iso_cts, wudi)")
+    p.add_argument("--sets", default=None, help="the run's methods whose vectors are merged (default: its linear ones)")
+    p.add_argument("--output-dir", default=None, help="default: RUN_DIR_merge_bench (the run's folder is not written)")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    path = os.path.join(a.run_dir, "results.json")
+    if not os.path.isfile(path):
+        raise HfTaujpError(f"{a.run_dir!r} has no results.json: give the output folder of a `hf-taujp glue` run")
+    from ..hub import read_json
+
+    saved = read_json(path, "glue results")
+    if "arguments" not in saved:
+        raise HfTaujpError(f"{path} records no arguments (written by an older hf-taujp): rerun `hf-taujp glue`")
+    kw = dict(saved["arguments"])
+    sets = a.sets or ",".join(m.name for m in parse_methods(kw["methods"]) if m.linear) or kw["methods"]
+    kw.update(output_dir=a.output_dir or a.run_dir.rstrip("/") + "_merge_bench", compare_merges=a.methods,
+              compare_sets=sets, vectors_from=a.run_dir, merge_methods=None, push_to_hub=None)
+    torch.set_num_threads(_threads(a.threads))
+    return run_glue(**kw)
