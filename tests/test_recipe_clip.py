@@ -433,3 +433,24 @@ def test_cli_entry():
     assert COMMANDS["clip"][0] == "hf_taujp.recipes.clip:main"
     with pytest.raises(SystemExit):
         C.main(["--help"])
+
+
+def test_compare_merges_in_the_clip_recipe(tmp_path, monkeypatch):
+    """`--compare-merges` on the linear vectors: task arithmetic at λ = 1 scores exactly the recipe's α = 1
+    addition on validation (the same accuracy of the same merged tangent), and the comparison is saved."""
+    _fake_hub(monkeypatch, {"ylecun/mnist": _image_set(24, 10, seed=1),
+                            "zalando-datasets/fashion_mnist": _image_set(24, 10, seed=2)})
+    out = str(tmp_path / "run")
+    r = C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, methods="linear", output_dir=out, steps=1,
+                   batch_size=4, warmup_steps=0, alphas=(0.0, 1.0), shape_alphas=(), eval_batch_size=64,
+                   matrix_examples=4, negation_control="none", compare_merges="task_arithmetic,iso_c",
+                   compare_sets="linear")
+    mb = r["merge_bench"]["linear FT"]["methods"]
+    assert set(mb) == {"task_arithmetic", "iso_c"}
+    at_1 = next(c for c in mb["task_arithmetic"]["curve"] if c["setting"] == {"lambda_": 1.0})
+    assert at_1["val_mean"] == pytest.approx(next(c["avg_abs"] for c in r["methods"]["linear FT"]["curve"]
+                                                  if c["alpha"] == 1.0))
+    assert os.path.isfile(os.path.join(out, "merge_bench", "linear", "merge_bench.json"))
+    with pytest.raises(HfTaujpError, match="compare_sets"):
+        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, methods="linear", compare_merges="tsv",
+                   compare_sets="taujp", output_dir=str(tmp_path / "o"))

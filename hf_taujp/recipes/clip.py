@@ -72,7 +72,7 @@ from ..task_vector import fingerprint
 from .glue import SHAPE_ALPHAS, _rows, _threads, _weights_of
 from .imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 from .report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, per_task_rows, write_report
-from .runner import METHODS, Method, finetune, parse_methods
+from .runner import METHODS, Method, compare_and_save, finetune, parse_compare_options, parse_methods
 from .tasks import split_train_val
 
 __all__ = ["VisionTask", "VISION_TASKS", "IDX_FILES", "TINY", "IMAGENET", "run_clip", "negation_control_task",
@@ -644,6 +644,8 @@ def run_clip(
     eval_batch_size: int = 256,
     push_to_hub: str | None = None,
     seed: int = 0,
+    compare_merges: str | Sequence[str] | None = None,
+    compare_sets: str | Sequence[str] = "linear,taujp",
 ) -> dict:
     """Run the CLIP vision recipe; returns the results dict (also `<output_dir>/results.json`).
 
@@ -663,6 +665,9 @@ def run_clip(
             e.g. 12 GB for SUN397's ~20k test images), and the used training images are kept decoded:
             bound both with `max_train` / `max_test` on large datasets.
         alphas: the α grid of addition and negation; `shape_alphas` are plotted, never chosen.
+        compare_merges, compare_sets: merge methods compared on the vectors of those methods
+            (:func:`hf_taujp.evaluation.compare_merges`, chosen on validation; "default" = its DEFAULT_METHODS),
+            saved under ``<output_dir>/merge_bench/<method>/`` and in ``results["merge_bench"]`` (main process).
     Raises HfTaujpError for bad input (unknown task / method, < 2 tasks, bad control, missing data, splits or
     class names, labels outside the class names, images of another shape / channel count, a batch size that
     the processes do not divide), before any training.
@@ -674,6 +679,7 @@ def run_clip(
     """
     t_start = time.time()
     method_list = parse_methods(methods)
+    bench_list, bench_sets = parse_compare_options(compare_merges, compare_sets, method_list)
     task_names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     unknown = [t for t in task_names if t not in VISION_TASKS]
     if unknown:
@@ -809,6 +815,10 @@ def run_clip(
             results["negation"][m.label] = _evaluate_negation(encoder, m, vectors, task_names, control,
                                                               pix, acc, alphas, eval_batch_size)
         say(f"[hf-taujp clip] {m.label}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
+        if bench_list and m.name in bench_sets:  # every process evaluates (_embed is collective); the main one writes
+            compare_and_save(encoder, m.label, m.name.replace("+", "_"), vectors, res["single"], bench_list,
+                             _merged_accuracy(m, encoder, task_names, pix, acc, eval_batch_size), output_dir, results,
+                             prefix="[hf-taujp clip]", save=is_main)
     rows_ = addition_rows(results["methods"], zero_shot)
     if len(rows_) > 1:  # format_table takes its columns from the first row: the zero-shot row gets them all
         rows_[0] = {k: rows_[0].get(k) for k in rows_[1]}
@@ -859,6 +869,18 @@ def _save_heads(output_dir, heads, classnames, task_names) -> None:
     save_json({n: {"classnames": classnames[n], "templates": list(VISION_TASKS[n].templates),
                    "hub_id": VISION_TASKS[n].hub_id, "formula": "exp(logit_scale) * normalize(mean_k normalize(g(t_k(c))))"}
                for n in task_names}, os.path.join(output_dir, "zero_shot_heads.json"))
+
+
+def _merged_accuracy(method, encoder, tasks, pix, acc, bs):
+    """``evaluate(merged, split)`` of compare_merges for this recipe: accuracy with each task's zero-shot head of
+    the merged encoder's embeddings (a merged tangent by the linear reading f(x; θ0) + J f·τ)."""
+    def evaluate(merged, split):
+        if method.linear:
+            tangents = merged.get_tangents()
+            return {t: acc(t, split, sum(_embed(encoder, pix[(t, split)], bs, tangents))) for t in tasks}
+        return {t: acc(t, split, _embed(merged.eval(), pix[(t, split)], bs)) for t in tasks}
+
+    return evaluate
 
 
 def _evaluate_addition(encoder, method, vectors, tasks, pix, emb0, acc, alphas, shape_alphas, bs) -> dict:
@@ -953,6 +975,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=None, help="training rows per task (seeded subsample)")
     p.add_argument("--max-test", type=int, default=None, help="test rows per task (seeded subsample)")
     p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--compare-merges", default=None, metavar="METHODS",
+                   help="also compare these merge methods (comma list, or 'default') on the vectors of --compare-sets")
+    p.add_argument("--compare-sets", default="linear,taujp", help="methods whose vectors --compare-merges merges")
     p.add_argument("--push-to-hub", default=None, metavar="REPO")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
@@ -969,7 +994,8 @@ def main(argv=None) -> dict:
                        warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, taujp_lambda=a.taujp_lambda,
                        taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
                        negation_control=a.negation_control, max_train=a.max_train, max_test=a.max_test,
-                       eval_batch_size=a.eval_batch_size, push_to_hub=a.push_to_hub, seed=a.seed)
+                       eval_batch_size=a.eval_batch_size, push_to_hub=a.push_to_hub, seed=a.seed,
+                       compare_merges=a.compare_merges, compare_sets=a.compare_sets)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -43,8 +43,8 @@ from ..task_vector import fingerprint
 from .models import SMOLLM2, load_text_model
 from .report import TAUJP_COLUMN_NOTE, addition_rows, per_task_rows, table, write_report
 from .runner import (METHODS, STATISTICS_MERGES, add_low_rank_arguments, add_statistics_arguments, check_rank_and_dtype,
-                     check_statistics_options, estimate_statistics, finetune, parse_merge_methods, parse_methods,
-                     statistics_batches, statistics_merge)
+                     check_statistics_options, compare_and_save, estimate_statistics, finetune, parse_compare_options,
+                     parse_merge_methods, parse_methods, statistics_batches, statistics_merge)
 from .tasks import GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load_task_spec, split_train_val
 from .text_to_text import (FrozenPrefix, TextToTextEncoder, answer_logits_output, decoder_layers, first_trained_layer,
                            generate_scores, rank_scores)
@@ -150,25 +150,6 @@ def _jsonable(arguments: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in arguments.items()}
 
 
-def _bench_options(compare_merges, compare_sets, method_list) -> tuple[list[str], list[str]]:
-    """(merge methods to compare, recipe methods whose vectors they merge), checked before any work."""
-    if compare_merges is None:
-        return [], []
-    from ..evaluation import DEFAULT_METHODS
-    from ..merging import get_method_spec
-
-    names = [m.strip() for m in compare_merges.split(",")] if isinstance(compare_merges, str) else list(compare_merges)
-    names = list(DEFAULT_METHODS) if names == ["default"] else [n for n in names if n]
-    for n in names:
-        get_method_spec(n)  # MergeConfigError naming the known methods
-    sets = [m.strip() for m in compare_sets.split(",")] if isinstance(compare_sets, str) else list(compare_sets)
-    known = [m.name for m in method_list]
-    if not names or not sets or any(x not in known for x in sets):
-        raise HfTaujpError(f"compare_merges needs merge methods and compare_sets among the run's methods {known}; "
-                           f"got {names} on {sets}")
-    return names, sets
-
-
 def _saved_vector(run_dir: str, folder: str, name: str, fp: str):
     """The task vector a previous run saved for (method folder, task); it must come from this base."""
     from ..task_vector import TaskVector
@@ -187,8 +168,6 @@ def _compare_merges(model, method, label, folder, vectors, single, tasks, bench_
                     output_dir, results) -> None:
     """compare_merges on one method's vectors with the recipe's scores: merged tangents are scored by the
     linear reading (one forward-mode pass), merged weights by the model itself; saved beside results.json."""
-    from ..evaluation import compare_merges
-
     def evaluate(merged, split):
         if method.linear:
             tangents = merged.get_tangents()
@@ -196,11 +175,9 @@ def _compare_merges(model, method, label, folder, vectors, single, tasks, bench_
         merged.eval()
         return {t: metric(t, split, choices_scores(split, t, model=merged)) for t in tasks}
 
-    print(f"[hf-taujp glue] comparing merges of {label}: {', '.join(bench_list)}")
-    cmp = compare_merges(model, vectors, evaluate, methods=bench_list, normalize_by=single, check_base_model=False)
-    cmp.save(os.path.join(output_dir, "merge_bench", folder))
-    results.setdefault("merge_bench", {})[label] = cmp.to_dict()
-    print(f"[hf-taujp glue] merge methods on {label} (chosen on validation, test scores):\n" + cmp.table())
+    # the suffix model of the frozen-prefix cache is not the base the vectors' fingerprint names
+    compare_and_save(model, label, folder, vectors, single, bench_list, evaluate, output_dir, results,
+                     prefix="[hf-taujp glue]", check_base_model=False)
 
 
 def _validation_score(method, name, model, choices_scores, metric):
@@ -369,7 +346,7 @@ def run_glue(
         check_repo_id(push_to_hub)
     merge_list = parse_merge_methods(merge_methods)
     check_statistics_options(merge_list, method_list, fisher_examples, fisher_samples, base_fisher_weight)
-    bench_list, bench_sets = _bench_options(compare_merges, compare_sets, method_list)
+    bench_list, bench_sets = parse_compare_options(compare_merges, compare_sets, method_list)
     if vectors_from and not os.path.isdir(os.path.join(vectors_from, "task_vectors")):
         raise HfTaujpError(f"vectors_from={vectors_from!r} has no task_vectors/ folder (the output of a glue run)")
     # ---- tasks and data (all checks before the model is loaded)

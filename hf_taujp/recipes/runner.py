@@ -391,3 +391,46 @@ def add_statistics_arguments(p) -> None:
                    help="gradient_matching's s0, how much the base Fisher counts against the tasks' s_t (their training "
                         "examples): large s0 → task arithmetic, s0 = 0 → Fisher averaging; no principled value when "
                         "the pretraining data is unseen; default: the mean s_t")
+
+
+def parse_compare_options(compare_merges, compare_sets, method_list) -> tuple[list[str], list[str]]:
+    """(merge methods to compare, recipe methods whose vectors they merge) of a recipe's ``--compare-merges`` /
+    ``--compare-sets``, checked before any work ("default" = ``hf_taujp.evaluation.DEFAULT_METHODS``).
+
+    Raises:
+        MergeConfigError: an unknown merge method. HfTaujpError: none given, or a set that is not a method of the run.
+    """
+    if compare_merges is None:
+        return [], []
+    from ..evaluation import DEFAULT_METHODS
+    from ..merging import get_method_spec
+
+    names = [m.strip() for m in compare_merges.split(",")] if isinstance(compare_merges, str) else list(compare_merges)
+    names = list(DEFAULT_METHODS) if names == ["default"] else [n for n in names if n]
+    for n in names:
+        get_method_spec(n)  # MergeConfigError naming the known methods
+    sets = [m.strip() for m in compare_sets.split(",")] if isinstance(compare_sets, str) else list(compare_sets)
+    known = [m.name for m in method_list]
+    if not names or not sets or any(x not in known for x in sets):
+        raise HfTaujpError(f"compare_merges needs merge methods and compare_sets among the run's methods {known}; "
+                           f"got {names} on {sets}")
+    return names, sets
+
+def compare_and_save(model, label: str, folder: str, vectors, single, bench_list, evaluate, output_dir: str, results: dict,
+                     *, prefix: str, check_base_model: bool = True, save: bool = True) -> None:
+    """:func:`hf_taujp.evaluation.compare_merges` of one recipe method's vectors with the recipe's ``evaluate``
+    (``normalize_by`` its single-task scores), saved under ``<output_dir>/merge_bench/<folder>/`` and recorded in
+    ``results["merge_bench"][label]`` (``save=False``: recorded only, e.g. on the non-main processes of DDP); prints
+    the table."""
+    import os
+
+    from ..evaluation import compare_merges
+
+    say = print if save else (lambda *a, **k: None)
+    say(f"{prefix} comparing merges of {label}: {', '.join(bench_list)}")
+    cmp = compare_merges(model, vectors, evaluate, methods=bench_list, normalize_by=single,
+                         check_base_model=check_base_model, progress=save)
+    if save:
+        cmp.save(os.path.join(output_dir, "merge_bench", folder))
+    results.setdefault("merge_bench", {})[label] = cmp.to_dict()
+    say(f"{prefix} merge methods on {label} (chosen on validation, test scores):\n" + cmp.table())
