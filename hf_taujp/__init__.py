@@ -5,7 +5,8 @@ Data flows one way: base model → linearize → train (τJp) → task vector �
 * Linearization (Ortiz-Jimenez et al., NeurIPS 2023): f_lin(x; θ0 + τ) = f(x; θ0) + J_θ f(x; θ0)·τ,
   as a PEFT method (`LinearizedConfig`) or in plain PyTorch (`linearize`).
 * τJp (Yoshida et al., ICLR 2025): L = L_t(θ0 + τ_t) + λ · E_{x'∼D_t'} ‖J_θ f(x'; θ0)·τ_t‖,
-  inside `TauJpTrainer` configured by `TauJpConfig`.
+  inside `TauJpTrainer` configured by `TauJpConfig`; or its dataless KFAC form (Porrello et al., ICLR 2026),
+  λ · Σ_layers tr(G·ΔW̃·A·ΔW̃ᵀ) with the other tasks' published factors (`estimate_kfac`, `KFACStatistics`).
 * Task vectors τ = θ_ft − θ0 (`TaskVector`) with save_pretrained / from_pretrained / push_to_hub.
 * Merging (`merge`, `merge_from_config`, `merge_streaming`), from task arithmetic to
   uncertainty-based gradient matching (Daheim et al., ICLR 2024) with `estimate_fisher`.
@@ -27,13 +28,14 @@ _LAZY = {
         ["disentanglement_error", "evaluate_task_addition", "evaluate_task_negation", "format_table",
          "plot_alpha_curves", "taujp_matrix", "compare_merges", "MergeComparison"], ".evaluation"),
     **dict.fromkeys(["ArtifactNotFoundError", "BaseModelMismatchError", "CorruptFileError", "HfTaujpError",
-                     "UnsafeFileError"], ".errors"),
+                     "UnsafeFileError", "CurvatureError"], ".errors"),
     **dict.fromkeys(
         ["MERGE_METHODS", "FisherStatistics", "GramStatistics", "estimate_fisher", "estimate_gram", "merge",
          "merge_from_config", "merge_streaming", "register_merge_method", "search_coefficients"], ".merging"),
     "fingerprint": ".fingerprints",
     **dict.fromkeys(["TaskVector", "cosine_matrix"], ".task_vector"),
-    **dict.fromkeys(["TauJpConfig", "TauJpTrainer", "taujp_penalty"], ".trainer"),
+    **dict.fromkeys(["TauJpConfig", "TauJpTrainer", "taujp_penalty", "KFACStatistics", "estimate_kfac",
+                     "aggregate_kfac"], ".trainer"),
     **dict.fromkeys(["PEFT_TYPE_LINEARIZED", "LinearizedConfig", "LinearizedModel"], ".tuners"),
 }
 
@@ -62,12 +64,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .lora_extraction import low_rank_approximation, merge_lora_adapters
     from .evaluation import (disentanglement_error, evaluate_task_addition, evaluate_task_negation,
                              format_table, plot_alpha_curves, taujp_matrix)
-    from .errors import ArtifactNotFoundError, BaseModelMismatchError, CorruptFileError, HfTaujpError, UnsafeFileError
+    from .errors import (ArtifactNotFoundError, BaseModelMismatchError, CorruptFileError, CurvatureError, HfTaujpError,
+                         UnsafeFileError)
     from .merging import (MERGE_METHODS, FisherStatistics, GramStatistics, estimate_fisher, estimate_gram, merge,
                           merge_from_config, merge_streaming, register_merge_method, search_coefficients)
     from .fingerprints import fingerprint
     from .task_vector import TaskVector, cosine_matrix
-    from .trainer import TauJpConfig, TauJpTrainer, taujp_penalty
+    from .trainer import KFACStatistics, TauJpConfig, TauJpTrainer, aggregate_kfac, estimate_kfac, taujp_penalty
     from .tuners import PEFT_TYPE_LINEARIZED, LinearizedConfig, LinearizedModel
 
 
@@ -106,6 +109,11 @@ __all__ = [
     "TauJpConfig",
     "TauJpTrainer",
     "taujp_penalty",
+    # the dataless KFAC regularizer (TauJpConfig(taujp_regularizer="kfac"))
+    "KFACStatistics",
+    "estimate_kfac",
+    "aggregate_kfac",
+    "CurvatureError",
     # evaluation
     "taujp_matrix",
     "disentanglement_error",

@@ -21,6 +21,13 @@ __all__ = [
     "TauJpUnsupportedError",
     "MissingRegularizationDataError",
     "RegularizationInputError",
+    # the dataless KFAC regularizer (trainer.curvature)
+    "CurvatureError",
+    "MissingCurvatureError",
+    "CurvatureBaseMismatchError",
+    "CurvatureLayerMismatchError",
+    "CurvatureValueError",
+    "OwnCurvatureError",
     # linearized attention (attention_jvp)
     "UnsupportedAttentionError",
     # merging
@@ -69,6 +76,31 @@ class MissingRegularizationDataError(HfTaujpError):
 
 class RegularizationInputError(HfTaujpError):
     """A regularization dataset's inputs do not fit the model (checked on one batch before training)."""
+
+
+# The dataless KFAC regularizer (Porrello et al., ICLR 2026) ------------------------------------
+class CurvatureError(TauJpConfigError):
+    """KFAC curvature factors (``taujp_regularizer="kfac"``) that cannot regularize this training run."""
+
+
+class MissingCurvatureError(CurvatureError, MissingRegularizationDataError):
+    """taujp_regularizer="kfac" with λ > 0 but an empty curvature list."""
+
+
+class CurvatureBaseMismatchError(CurvatureError, BaseModelMismatchError):
+    """Factors estimated at another base model θ0 (fingerprint or base model id differ)."""
+
+
+class CurvatureLayerMismatchError(CurvatureError):
+    """Factors that miss a trained linear layer, or whose A / G shapes do not fit the layer's (in + 1, out)."""
+
+
+class CurvatureValueError(CurvatureError):
+    """Factors holding NaN or inf."""
+
+
+class OwnCurvatureError(CurvatureError):
+    """The training task's own factors (or one task's twice) passed among the *other* tasks' factors."""
 
 
 # Linearized attention ------------------------------------------------------------------------

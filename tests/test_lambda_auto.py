@@ -27,12 +27,14 @@ def _tau(tr):
 def test_the_rule_is_the_largest_lambda_within_tolerance():
     curve = [{"lambda": 0.0, "score": 0.80}, {"lambda": 0.01, "score": 0.79}, {"lambda": 0.1, "score": 0.70},
              {"lambda": 1.0, "score": 0.77}]
-    # 5% of 0.80 = 0.04: 0.79 and 0.77 pass, 0.70 does not; the largest passing λ wins
-    assert choose_lambda(curve, 0.05, greater_is_better=True) == 1.0
+    # tolerance 0.04 below 0.80: 0.79 and 0.77 pass, 0.70 does not; the largest passing λ wins
+    assert choose_lambda(curve, 0.04, greater_is_better=True) == 1.0
     assert choose_lambda(curve, 0.0, greater_is_better=True) == 0.0
     loss = [{"lambda": 0.0, "score": 0.50}, {"lambda": 0.1, "score": 0.52}, {"lambda": 1.0, "score": 0.60}]
-    assert choose_lambda(loss, 0.05, greater_is_better=False) == 0.1  # 0.52 ≤ 0.525 < 0.60
-    assert within_tolerance(0.525, 0.5, 0.05, False) and not within_tolerance(0.526, 0.5, 0.05, False)
+    assert choose_lambda(loss, 0.025, greater_is_better=False) == 0.1  # 0.52 ≤ 0.525 < 0.60
+    assert within_tolerance(0.525, 0.5, 0.025, False) and not within_tolerance(0.526, 0.5, 0.025, False)
+    # absolute, so a metric near 0 keeps its slack (a relative one would vanish): MCC −0.10 → −0.12 passes at 0.03
+    assert within_tolerance(-0.12, -0.10, 0.03, True)
     with pytest.raises(HfTaujpError, match="λ = 0"):
         choose_lambda(curve[1:], 0.05, True)
     with pytest.raises(HfTaujpError, match="not finite"):
@@ -60,7 +62,7 @@ def test_pilots_and_the_full_run_equal_independent_fixed_lambda_runs(tmp_path):
 
 
 def test_a_lambda_that_breaks_the_tolerance_ends_the_search(tmp_path, monkeypatch):
-    """Scripted validation losses: λ = 0.1 is within 5% of λ = 0, λ = 1 is not, so λ = 10 is never piloted."""
+    """Scripted validation losses: λ = 0.1 is within 0.03 of λ = 0, λ = 1 is not, so λ = 10 is never piloted."""
     tr = _trainer(tmp_path, "stop", taujp_lambda="auto", taujp_lambda_grid=[0.1, 1.0, 10.0], taujp_auto_pilot=0.25)
     scores = iter([0.50, 0.52, 0.60, 0.40])
     piloted = []
@@ -75,7 +77,7 @@ def test_a_lambda_that_breaks_the_tolerance_ends_the_search(tmp_path, monkeypatc
                                       (dict(taujp_lambda="auto", taujp_lambda_grid=[0.0, 1.0]), "grid"),
                                       (dict(taujp_lambda="auto", taujp_lambda_grid=[]), "grid"),
                                       (dict(taujp_lambda="auto", taujp_auto_pilot=0.0), "pilot"),
-                                      (dict(taujp_lambda="auto", taujp_auto_tolerance=1.5), "tolerance"),
+                                      (dict(taujp_lambda="auto", taujp_auto_tolerance=-0.1), "tolerance"),
                                       (dict(taujp_lambda=True), "taujp_lambda")])
 def test_bad_auto_settings_are_named_errors(tmp_path, kw, match):
     with pytest.raises(TauJpConfigError, match=match):

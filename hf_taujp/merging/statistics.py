@@ -30,6 +30,11 @@ class Statistics:
     or (in, in) (Gram of a linear layer's inputs, keyed ``<module>.weight``); ``num_examples`` = s_t."""
 
     kind = "fisher"
+    # what the card and the error messages call them, and the hf-taujp methods that use them
+    # (a subclass of another kind sets its own: e.g. hf_taujp.trainer.curvature.KFACStatistics)
+    label = "Fisher statistics"
+    card_what = "Diagonal Fisher"
+    card_use = "merging with hf-taujp (fisher_average, gradient_matching)"
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, num_examples: int, base_model: str | None = None,
                  base_fingerprint: str | None = None, task: str | None = None, extra: dict | None = None):
@@ -49,14 +54,16 @@ class Statistics:
     def save_pretrained(self, save_directory, max_shard_size="5GB") -> None:
         with hub.atomic_dir(save_directory) as tmp:
             hub.save_safetensors_sharded({k: v.contiguous() for k, v in self.tensors.items()}, tmp,
-                                         prefix=_PREFIX[self.kind], max_shard_size=max_shard_size)
+                                         prefix=_PREFIX.get(self.kind, self.kind), max_shard_size=max_shard_size)
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.config(), f, indent=2)
-            what = "Diagonal Fisher" if self.kind == "fisher" else "Input Gram matrices (RegMean)"
-            use = "fisher_average, gradient_matching" if self.kind == "fisher" else "regmean"
             hub.model_card(f"{self.kind} statistics",
-                           f"{what} of {f'task `{self.task}`' if self.task else 'an unnamed task'} over {self.num_examples} examples, for merging with hf-taujp ({use}).",
+                           f"{self.card_what} of {f'task `{self.task}`' if self.task else 'an unnamed task'} over {self.num_examples} examples, for {self.card_use}.{self.card_extra()}",
                            base_model=self.base_model, tags=[self.kind]).save(os.path.join(tmp, "README.md"))
+
+    def card_extra(self) -> str:
+        """More of the card's body after its first sentence (none for Fisher / Gram statistics)."""
+        return ""
 
     @classmethod
     def from_pretrained(cls, repo_id_or_dir, revision: str | None = None, token: str | bool | None = None, *,
@@ -71,7 +78,7 @@ class Statistics:
         d = hub.resolve_pretrained_dir(repo_id_or_dir, revision=revision, token=token, subfolder=subfolder, **kw)
         sub = hub.normalize_subfolder(subfolder)
         where = hub._where(os.fspath(repo_id_or_dir), sub, revision)
-        what = "Fisher statistics" if cls.kind == "fisher" else "Gram statistics"
+        what = cls.label
         cfg_path = os.path.join(d, "config.json")
         if not os.path.isfile(cfg_path):
             hint = hub.artifact_folders_hint(repo_id_or_dir, revision=revision, token=token, under=sub, kind=what)
@@ -80,7 +87,7 @@ class Statistics:
         if cfg.get("format") != f"hf-taujp/{cls.kind}":
             hint = hub.artifact_folders_hint(repo_id_or_dir, revision=revision, token=token, under=sub, kind=what)
             raise hub.CorruptFileError(f"{where} is not a {cls.kind} folder (format {cfg.get('format')!r}).{hint}")
-        tensors = hub.load_safetensors(d, _PREFIX[cls.kind])
+        tensors = hub.load_safetensors(d, _PREFIX.get(cls.kind, cls.kind))
         extra = {k: v for k, v in cfg.items() if k not in ("format", "format_version", "num_examples", "base_model",
                                                           "base_fingerprint", "task")}
         return cls(tensors, num_examples=cfg["num_examples"], base_model=cfg.get("base_model"),
@@ -103,6 +110,9 @@ class FisherStatistics(Statistics):
 
 class GramStatistics(Statistics):
     kind = "gram"
+    label = "Gram statistics"
+    card_what = "Input Gram matrices (RegMean)"
+    card_use = "merging with hf-taujp (regmean)"
 
 
 def example_batches(

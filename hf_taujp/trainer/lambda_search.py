@@ -36,6 +36,8 @@ DEFAULT_LAMBDA_GRIDS = {
     "rms": (1e-1, 1.0, 10.0, 100.0),
     "relative": (1e-1, 1.0, 10.0, 100.0),
     "kl": (1e-1, 1.0, 10.0, 100.0),
+    # taujp_regularizer="kfac": a decade either side of the reference's λ = 500 (Porrello et al. 2026)
+    "kfac": (5.0, 50.0, 500.0, 5000.0),
 }
 
 
@@ -52,10 +54,10 @@ def lambda_grid(norm: str, grid: Sequence[float] | None = None) -> list[float]:
 
 
 def within_tolerance(score: float, reference: float, tolerance: float, greater_is_better: bool) -> bool:
-    """True when ``score`` is at most ``tolerance`` × |reference| worse than ``reference`` (relative, in the
-    direction that is worse: lower accuracy, higher loss)."""
-    slack = tolerance * abs(reference)
-    return score >= reference - slack if greater_is_better else score <= reference + slack
+    """True when ``score`` is at most ``tolerance`` worse than ``reference``, in the metric's own units (accuracy
+    or correlation points, nats of eval loss), in the direction that is worse (lower score, higher loss).
+    Absolute, not relative: a relative slack vanishes for metrics near 0 (a Matthews correlation of −0.1)."""
+    return score >= reference - tolerance if greater_is_better else score <= reference + tolerance
 
 
 def choose_lambda(curve: Sequence[dict], tolerance: float, greater_is_better: bool) -> float:
@@ -105,7 +107,7 @@ def search_lambda(trainer) -> dict:
         greater = args.greater_is_better is not False
     else:
         greater = bool(args.greater_is_better) if args.greater_is_better is not None else not key.endswith("loss")
-    grid = lambda_grid(args.taujp_norm, args.taujp_lambda_grid)
+    grid = lambda_grid(args.taujp_grid_key, args.taujp_lambda_grid)
     steps = pilot_steps(trainer)
     # Initial state: what a pilot changes (trainable parameters, the optimizer / scheduler the caller gave).
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -7,6 +7,10 @@ Yoshida et al., "Mastering Task Arithmetic: τJp as a Key Indicator for Weight D
 
 with the unsquared L2 norm over the output vector, averaged over examples (and valid tokens),
 as in the authors' code. Every field below defaults to the value the paper used.
+
+``taujp_regularizer="kfac"`` replaces the other tasks' inputs by their published KFAC curvature factors
+(Porrello et al., "Dataless Weight Disentanglement in Task Arithmetic via Kronecker-Factored Approximate
+Curvature", ICLR 2026): R = Σ_layers tr(G·ΔW̃·A·ΔW̃ᵀ) (hf_taujp.trainer.kfac_regularizer), λ default 500 (theirs).
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from transformers import TrainingArguments
 from ..errors import HfTaujpError, TauJpConfigError
 from .penalty import TAUJP_NORMS
 
-__all__ = ["TauJpConfig", "TauJpConfigError", "TAUJP_MODES", "TAUJP_NORMS"]
+__all__ = ["TauJpConfig", "TauJpConfigError", "TAUJP_MODES", "TAUJP_NORMS", "TAUJP_REGULARIZERS", "DEFAULT_LAMBDA",
+           "KFAC_AGGREGATIONS"]
 
 TAUJP_MODES = ("cyclic", "strict")
+TAUJP_REGULARIZERS = ("taujp", "kfac")
+# how the other tasks' KFAC factors combine (hf_taujp.trainer.curvature.aggregate_kfac)
+KFAC_AGGREGATIONS = ("merged", "per_task")
+# λ when taujp_lambda is not given: the τJp paper's 0.1 (Yoshida et al. 2025), the KFAC reference's 500
+# (aimagelab/mammoth models/tak.py --reg_lambda; CLIP ViT, f = the normalised image embedding)
+DEFAULT_LAMBDA = {"taujp": 0.1, "kfac": 500.0}
 
 
 @dataclass
@@ -32,12 +43,21 @@ class TauJpConfig(TrainingArguments):
     Reg batch size per device = ceil(taujp_batch_ratio × per_device_train_batch_size).
     """
 
-    taujp_lambda: float | str = field(
-        default=0.1,
-        metadata={"help": "λ, weight of the τJp penalty (paper: 0.1 for vision and GLUE; grid 1e-3, 1e-2, 1e-1; "
-                  "GPT-2 toxicity used 0.01). 0 disables the penalty. 'auto': chosen on eval_dataset by pilot "
-                  "runs — the largest λ of taujp_lambda_grid whose validation score stays within "
-                  "taujp_auto_tolerance of λ = 0's (hf_taujp.trainer.lambda_search)."},
+    taujp_regularizer: str = field(
+        default="taujp",
+        metadata={"help": "'taujp': λ·E‖J f(x'; θ0)·τ‖ on the other tasks' inputs (regularization_datasets; Yoshida "
+                  "et al. 2025). 'kfac': the dataless λ·Σ_layers tr(G·ΔW̃·A·ΔW̃ᵀ) with the other tasks' KFAC factors "
+                  "(taujp_curvature; Porrello et al. 2026): no other task's data, constant cost in their number; "
+                  "taujp_mode / taujp_norm / taujp_batch_ratio do not apply to it."},
+    )
+    taujp_lambda: float | str | None = field(
+        default=None,
+        metadata={"help": "λ, weight of the penalty; default (None) per regularizer: 0.1 for 'taujp' (paper: 0.1 "
+                  "for vision and GLUE; grid 1e-3, 1e-2, 1e-1; GPT-2 toxicity used 0.01), 500 for 'kfac' (the "
+                  "reference's, for the normalised CLIP image embedding; its scale follows f's: squared drift, "
+                  "mean over the other tasks' tokens, summed over tasks). 0 disables the penalty. 'auto': chosen "
+                  "on eval_dataset by pilot runs — the largest λ of taujp_lambda_grid whose validation score stays "
+                  "within taujp_auto_tolerance of λ = 0's (hf_taujp.trainer.lambda_search)."},
     )
     taujp_lambda_grid: list[float] | None = field(
         default=None,
@@ -49,9 +69,9 @@ class TauJpConfig(TrainingArguments):
         metadata={"help": "Length of each taujp_lambda='auto' pilot as a fraction of the run's steps, in (0, 1]."},
     )
     taujp_auto_tolerance: float = field(
-        default=0.05,
-        metadata={"help": "taujp_lambda='auto': how much worse than λ = 0's validation score a λ may be, relative "
-                  "to |score(λ = 0)| (0.05: 5%, e.g. accuracy 0.80 → 0.76, or eval loss 0.50 → 0.525)."},
+        default=0.03,
+        metadata={"help": "taujp_lambda='auto': how much worse than λ = 0's validation score a λ may be, in the "
+                  "metric's own units (0.03: accuracy 0.80 → 0.77, or eval loss 0.50 → 0.53 nats)."},
     )
     taujp_mode: str = field(
         default="cyclic",
@@ -81,8 +101,38 @@ class TauJpConfig(TrainingArguments):
                   "be set instead with TauJpTrainer(taujp_output_fn=...)."},
     )
 
+    taujp_curvature: list[str] | None = field(
+        default=None,
+        metadata={"help": "taujp_regularizer='kfac': the *other* tasks' KFAC factors, folders or Hub repo ids of "
+                  "KFACStatistics (hf_taujp.trainer.estimate_kfac(...).save_pretrained / push_to_hub). Loaded "
+                  "objects can be passed as TauJpTrainer(curvature=[...]) instead."},
+    )
+    taujp_kfac_aggregation: str = field(
+        default="merged",
+        metadata={"help": "How the other tasks' factors combine: 'merged' (paper Eq. 8, the reference's default): "
+                  "A = Σ_s (n_s/N)·A_s, G = Σ_s G_s, one Kronecker term per layer; 'per_task' (Eq. 7): "
+                  "Σ_s tr(G_s·ΔW̃·A_s·ΔW̃ᵀ), cost × number of tasks."},
+    )
+    taujp_task_name: str | None = field(
+        default=None,
+        metadata={"help": "Name of the task being trained: factors whose card names this task (its own) are "
+                  "refused as 'other tasks' (OwnCurvatureError)."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.taujp_regularizer not in TAUJP_REGULARIZERS:
+            raise TauJpConfigError(f"taujp_regularizer must be one of {TAUJP_REGULARIZERS}, got {self.taujp_regularizer!r}")
+        if self.taujp_lambda is None:
+            self.taujp_lambda = DEFAULT_LAMBDA[self.taujp_regularizer]
+        if self.taujp_kfac_aggregation not in KFAC_AGGREGATIONS:
+            raise TauJpConfigError(f"taujp_kfac_aggregation must be one of {KFAC_AGGREGATIONS}, got "
+                                   f"{self.taujp_kfac_aggregation!r}")
+        if isinstance(self.taujp_curvature, str):
+            self.taujp_curvature = [self.taujp_curvature]
+        if self.taujp_curvature is not None and not all(isinstance(c, str) and c for c in self.taujp_curvature):
+            raise TauJpConfigError("taujp_curvature must be a list of folders / Hub repo ids (pass loaded "
+                                   "KFACStatistics as TauJpTrainer(curvature=[...]))")
         if isinstance(self.taujp_lambda, str) and self.taujp_lambda != "auto":
             try:  # from the command line (HfArgumentParser gives a str for float | str)
                 self.taujp_lambda = float(self.taujp_lambda)
@@ -95,13 +145,14 @@ class TauJpConfig(TrainingArguments):
             from .lambda_search import lambda_grid
 
             try:
-                lambda_grid(self.taujp_norm if self.taujp_norm in TAUJP_NORMS else "l2", self.taujp_lambda_grid)
+                lambda_grid(self.taujp_grid_key, self.taujp_lambda_grid)
             except HfTaujpError as e:
                 raise TauJpConfigError(str(e)) from None
         if not isinstance(self.taujp_auto_pilot, (int, float)) or not 0 < self.taujp_auto_pilot <= 1:
             raise TauJpConfigError(f"taujp_auto_pilot must lie in (0, 1], got {self.taujp_auto_pilot!r}")
-        if not isinstance(self.taujp_auto_tolerance, (int, float)) or not 0 <= self.taujp_auto_tolerance < 1:
-            raise TauJpConfigError(f"taujp_auto_tolerance must lie in [0, 1), got {self.taujp_auto_tolerance!r}")
+        if (isinstance(self.taujp_auto_tolerance, bool) or not isinstance(self.taujp_auto_tolerance, (int, float))
+                or not 0 <= self.taujp_auto_tolerance < math.inf):
+            raise TauJpConfigError(f"taujp_auto_tolerance must be a finite number >= 0, got {self.taujp_auto_tolerance!r}")
         if self.taujp_mode not in TAUJP_MODES:
             raise TauJpConfigError(f"taujp_mode must be one of {TAUJP_MODES}, got {self.taujp_mode!r}")
         if self.taujp_norm not in TAUJP_NORMS:
@@ -113,6 +164,13 @@ class TauJpConfig(TrainingArguments):
         if not isinstance(self.taujp_output, str) or not re.fullmatch(r"[A-Za-z_]\w*(\[-?\d+\])?", self.taujp_output):
             raise TauJpConfigError(
                 f"taujp_output must be an output field name, optionally indexed ('hidden_states[-1]'), got {self.taujp_output!r}")
+
+    @property
+    def taujp_grid_key(self) -> str:
+        """The key of ``lambda_search.DEFAULT_LAMBDA_GRIDS`` for this run: "kfac", or the τJp norm."""
+        if self.taujp_regularizer == "kfac":
+            return "kfac"
+        return self.taujp_norm if self.taujp_norm in TAUJP_NORMS else "l2"
 
     @property
     def taujp_reg_batch_size(self) -> int:

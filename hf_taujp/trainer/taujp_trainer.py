@@ -2,6 +2,10 @@
 
     loss = L_task(θ) + λ · R,   R = mean_{x' ∼ other tasks} ‖ J_θ f(x'; θ0) · (θ − θ0) ‖      (Eq. 10 / 11)
 
+or, with ``taujp_regularizer="kfac"``, the dataless R = Σ_layers tr(G·ΔW̃·A·ΔW̃ᵀ) of the other tasks' KFAC
+factors (Porrello et al., ICLR 2026; :mod:`hf_taujp.trainer.kfac_regularizer`): no other task's inputs, no
+jvp, one cost per step whatever the number of tasks.
+
 Two ways to obtain J f(x'; θ0)·τ:
 
 * **Linearized models** (`hf_taujp.linearize(...)` or a PEFT model with `LinearizedConfig`): the model
@@ -26,19 +30,23 @@ from __future__ import annotations
 import inspect
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.func import functional_call
 from torch.utils.data import DataLoader, RandomSampler
 from transformers import Trainer
+from transformers.utils import logging
 
 from ..attention import forward_ad_attention
-from ..errors import (HfTaujpError, MissingRegularizationDataError, RegularizationInputError,
+from ..errors import (MissingRegularizationDataError, RegularizationInputError,
                       TauJpUnsupportedError)
 from ..linearize import _accepts, jvp_ready, linearized_forward, refuse_sharded
 from .penalty import output_mask, prepare_reg_batch, select_output, taujp_penalty
+from .tangents import adapter_type, is_peft, linearized_jvp, lora_primals_tangents
 from .taujp_config import TauJpConfig, TauJpConfigError
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "TauJpTrainer",
@@ -46,17 +54,6 @@ __all__ = [
     "MissingRegularizationDataError",
     "RegularizationInputError",
 ]
-
-
-
-def _linearized_jvp(model: torch.nn.Module) -> Callable | None:
-    """The `.jvp` of a linearized model (LinearizedModule, or a PeftModel around a LinearizedModel)."""
-    if callable(getattr(model, "jvp", None)):
-        return model.jvp
-    inner = getattr(model, "base_model", None)
-    if inner is not None and inner is not model and callable(getattr(inner, "jvp", None)):
-        return inner.jvp
-    return None
 
 
 def _refuse_sharding(args, fsdp: bool = False, deepspeed: bool = False) -> None:
@@ -95,91 +92,6 @@ def _named_datasets(datasets) -> dict[str, object]:
     )
 
 
-def _adapter_type(model: torch.nn.Module) -> str | None:
-    """None for a plain model, "LINEARIZED" or "LORA" for the PEFT adapters the penalty supports.
-
-    Raises `TauJpUnsupportedError` for other adapters (IA3, prompts, ...), LoRA variants (DoRA, ...)
-    and LoRA with trained biases: θ − θ0 of their parameters is not the weight change the task vector
-    holds, and the penalty of that change is not implemented for them.
-    """
-    if not _is_peft(model):
-        return None
-    types = {str(getattr(c, "peft_type", "")).split(".")[-1].upper() for c in model.peft_config.values()}
-    if types == {"LINEARIZED"}:
-        return "LINEARIZED"
-    if types == {"LORA"}:
-        for a, c in model.peft_config.items():
-            bad = [k for k in ("use_dora", "lora_bias") if getattr(c, k, False)]
-            if bad:
-                raise TauJpUnsupportedError(f"τJp with LoRA {bad} (adapter {a!r}) is not supported: only ΔW = s·B·A is penalised.")
-        return "LORA"
-    raise TauJpUnsupportedError(
-        f"τJp with a {'/'.join(sorted(types))} adapter is not supported: the penalty needs the weight change ΔW its "
-        "parameters stand for. Use LinearizedConfig (the paper's setting), LoRA, a plain model, or taujp_lambda=0."
-    )
-
-
-def _lora_primals_tangents(model, theta0: Mapping[str, torch.Tensor]) -> tuple[dict, dict, list]:
-    """θ0 and τ of a LoRA PeftModel as *weights*, evaluated with the adapters disabled (the model at θ0).
-
-    Each LoRA Linear / Conv1D / Embedding layer's ΔW = s·B·A is a low-rank tangent
-    (:class:`hf_taujp.low_rank.LowRankFactors` on its ``base_layer``, summed over the active adapters): the
-    same forward-mode code path as a low-rank linearized adapter, no (out × in) ΔW is formed. Other LoRA
-    layer types (Conv2d, ...) get PEFT's own ``get_delta_weight`` as a full-size tangent of
-    ``base_layer.weight``. ``modules_to_save`` heads h0 → h − h0; other trainable parameters θ0 → θ − θ0.
-    Returns ``(primals, tangents, low_rank factors)``; everything is differentiable in A and B."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
-
-    from ..low_rank import LowRankFactors, layer_kind
-
-    params = dict(model.named_parameters())
-    primals: dict[str, torch.Tensor] = {}
-    tangents: dict[str, torch.Tensor] = {}
-    factors: list = []
-    active = model.active_adapters
-    covered: set[str] = set()
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            key = f"{path}.base_layer.weight"
-            try:
-                kind = layer_kind(module.base_layer)
-            except HfTaujpError:
-                kind = None
-            for a in active:
-                if a in module.lora_A or a in getattr(module, "lora_embedding_A", {}):
-                    if getattr(module, "lora_variant", {}).get(a) is not None:
-                        raise TauJpUnsupportedError(f"τJp with a LoRA variant at {path!r} is not supported (only ΔW = s·B·A).")
-                    # Views taken now, while the factors require grad: the jvp runs inside PEFT's disable_adapter,
-                    # which switches requires_grad off on the leaves until the block ends (views keep the graph).
-                    if kind == "embedding":
-                        A, B = module.lora_embedding_A[a], module.lora_embedding_B[a]
-                    elif kind is not None and a in module.lora_A:
-                        A, B = module.lora_A[a].weight, module.lora_B[a].weight
-                    if kind is not None:
-                        factors.append(LowRankFactors(module.base_layer, A.view(A.shape), B.view(B.shape), module.scaling[a]))
-                    else:
-                        d = module.get_delta_weight(a)
-                        tangents[key] = tangents[key] + d if key in tangents else d
-                        primals[key] = params[key]
-            covered.update(f"{path}.{n}" for n, _ in module.named_parameters() if "lora_" in n)
-        elif isinstance(module, ModulesToSaveWrapper):
-            for a in active:
-                if a in module.modules_to_save:
-                    h0 = dict(module.original_module.named_parameters())
-                    for pname, h in module.modules_to_save[a].named_parameters():
-                        key = f"{path}.original_module.{pname}"
-                        primals[key] = h0[pname]
-                        tangents[key] = h - h0[pname]
-                        covered.add(f"{path}.modules_to_save.{a}.{pname}")
-    for n, t0 in theta0.items():
-        if n not in covered and n in params:
-            primals[n] = t0
-            tangents[n] = params[n] - t0
-    tangents = {n: tangents[n].to(primals[n].dtype) for n in primals}
-    return primals, tangents, factors
-
-
 def _stackable(batches: list[dict]) -> bool:
     """Same keys, all tensors, same shapes after the batch dim and same dtypes: safe to concatenate."""
     keys = list(batches[0])
@@ -191,14 +103,6 @@ def _stackable(batches: list[dict]) -> bool:
             if not (isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[1:] == v0.shape[1:] and v.dtype == v0.dtype):
                 return False
     return bool(keys)
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
 
 
 class TauJpTrainer(Trainer):
@@ -218,9 +122,18 @@ class TauJpTrainer(Trainer):
         taujp_auto_score: optional `fn(trainer) -> float`, the validation score of the model being trained,
             used by `taujp_lambda="auto"` instead of `evaluate()` (e.g. a recipe's accuracy on its validation
             split; greater is better unless `args.greater_is_better` is False).
+        curvature: ``taujp_regularizer="kfac"``: the other tasks' factors as loaded
+            :class:`~hf_taujp.trainer.curvature.KFACStatistics` (or folders / repo ids), in addition to
+            ``args.taujp_curvature``.
 
-    Logged (in `state.log_history`): `taujp_penalty` (R, mean over the logging window, averaged over
-    processes) and `task_loss`. `taujp_visits` lists the reg task(s) used at each of the last 1024 penalised steps
+    With ``taujp_regularizer="kfac"`` (λ > 0) the factors are checked before training (named errors, all
+    :class:`~hf_taujp.errors.CurvatureError`: an empty list, another base, a trained linear layer missing or of
+    another size, NaN / inf, the task's own factors by ``taujp_task_name``), aggregated once
+    (``taujp_kfac_aggregation``) over the trained nn.Linear / Conv1D layers and kept on the device; other trained
+    tensors (embeddings, norms) are not penalised (a warning names them). No regularization_datasets.
+
+    Logged (in `state.log_history`): `taujp_penalty` (R — τJp's, or R_KFAC with "kfac" —, mean over the logging
+    window, averaged over processes) and `task_loss`. `taujp_visits` lists the reg task(s) used at each of the last 1024 penalised steps
     (bounded, so long runs do not grow it).
     """
 
@@ -231,6 +144,7 @@ class TauJpTrainer(Trainer):
         regularization_collators: Mapping[str, Callable] | None = None,
         taujp_output_fn: Callable | None = None,
         taujp_auto_score: Callable | None = None,
+        curvature: Sequence[object] | None = None,
         **kwargs,
     ):
         # Named errors before the (costly) Trainer set-up: wrong args class, FSDP / DeepSpeed requested.
@@ -242,7 +156,7 @@ class TauJpTrainer(Trainer):
         # An accelerate config (`accelerate launch --use_fsdp ...`) can enable them without the args saying so.
         _refuse_sharding(self.args, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
         inner = getattr(self.model, "base_model", None)
-        if self.args.label_names is None and not self.label_names and inner is not None and not _is_peft(self.model) \
+        if self.args.label_names is None and not self.label_names and inner is not None and not is_peft(self.model) \
                 and callable(getattr(self.model, "jvp", None)):
             # LinearizedModule.forward(*args, **kwargs) hides the base model's label names: without them
             # evaluate() reports no eval_loss. Read them from the wrapped model (as the signature columns).
@@ -263,7 +177,11 @@ class TauJpTrainer(Trainer):
         if auto and self.eval_dataset is None and taujp_auto_score is None:
             raise TauJpConfigError("taujp_lambda='auto' chooses λ on the validation split: give eval_dataset=... "
                                    "(or taujp_auto_score=)")
-        if auto or self._taujp_lambda > 0:
+        kfac = self.args.taujp_regularizer == "kfac"
+        if kfac and self.regularization_datasets:
+            raise TauJpConfigError("taujp_regularizer='kfac' uses the other tasks' KFAC factors (taujp_curvature), not "
+                                   "regularization_datasets: drop them, or use taujp_regularizer='taujp'")
+        if (auto or self._taujp_lambda > 0) and not kfac:
             if not self.regularization_datasets:
                 raise MissingRegularizationDataError(
                     f"taujp_lambda={self.args.taujp_lambda} but no regularization_datasets were given "
@@ -281,14 +199,19 @@ class TauJpTrainer(Trainer):
         self.taujp_visits: deque[tuple[str, ...]] = deque(maxlen=1024)
         self._theta0: dict[str, torch.Tensor] | None = None
         self._adapter: str | None = None
+        self._kfac: dict | None = None  # {layer: [(A, G), ...]}, the aggregated factors on the device
+        self.kfac_statistics: list = []  # the other tasks' factors as loaded (task names, examples, cards)
         if auto or self._taujp_lambda > 0:
             base = self.accelerator.unwrap_model(self.model)
             refuse_sharded(base)  # a model already sharded by FSDP2 / DTensor: refused before the first step
-            self._adapter = _adapter_type(base)
-            if _linearized_jvp(base) is None:
+            self._adapter = adapter_type(base)
+            if linearized_jvp(base) is None:
                 # Frozen θ0 of the trainable parameters (the non-linear path's memory cost).
                 self._theta0 = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
-            self._taujp_check_inputs()
+            if kfac:
+                self._kfac_setup(base, curvature)
+            else:
+                self._taujp_check_inputs()
 
     # ---------------------------------------------------------------- data
     def _set_signature_columns_if_needed(self) -> None:
@@ -296,7 +219,7 @@ class TauJpTrainer(Trainer):
         Trainer would drop every column: read them from the wrapped base model instead."""
         inner = getattr(self.model, "base_model", None)
         if self._signature_columns is None and callable(getattr(self.model, "jvp", None)) and inner is not None:
-            if not _is_peft(self.model):
+            if not is_peft(self.model):
                 names = list(inspect.signature(inner.forward).parameters)
                 self._signature_columns = names + list({"label", "label_ids", *self.label_names})
                 return
@@ -366,12 +289,51 @@ class TauJpTrainer(Trainer):
         # forward declares it (one rule: linearize._accepts). Cached per model.
         cache = self.__dict__.setdefault("_taujp_use_cache", {})
         if id(model) not in cache:
-            cache[id(model)] = _linearized_jvp(model) is None and _accepts(model, "use_cache")
+            cache[id(model)] = linearized_jvp(model) is None and _accepts(model, "use_cache")
         out = {**batch, "use_cache": False} if cache[id(model)] else batch
         if self.taujp_output_fn is None and self.args.taujp_output.startswith(("hidden_states", "attentions")):
             # a tuple output the model only returns when asked (e.g. taujp_output="hidden_states[-1]")
             out = {**out, f"output_{self.args.taujp_output.split('[')[0]}": True}
         return out
+
+    # ---------------------------------------------------------------- KFAC
+    def _kfac_setup(self, base: torch.nn.Module, curvature) -> None:
+        """Load, check and aggregate the other tasks' factors over the trained linear layers (before training)."""
+        from ..errors import CurvatureLayerMismatchError
+        from .kfac_regularizer import load_curvature, prepare_curvature
+        from .tangents import layer_deltas, theta0_fingerprint
+
+        stats = load_curvature(list(self.args.taujp_curvature or []) + list(curvature or []))
+        deltas, other = layer_deltas(base, self._theta0, self._adapter)
+        if not deltas:
+            raise CurvatureLayerMismatchError("the model trains no nn.Linear / Conv1D layer: the KFAC penalty has "
+                                              f"nothing to regularize (trained: {other[:5]})")
+        if other:
+            logger.warning(f"taujp_regularizer='kfac' penalises linear layers only; not penalised: {other[:5]}"
+                           + (f" and {len(other) - 5} more" if len(other) > 5 else ""))
+        f64 = any(t is not None and t.dtype == torch.float64 for d in deltas.values() for t in (d.weight, d.bias))
+        f64 = f64 or any(b.dtype == torch.float64 for d in deltas.values() for b, _, _ in d.factors)
+        cfg = getattr(base, "config", None)
+        self._kfac = prepare_curvature(
+            stats, deltas, fingerprint=theta0_fingerprint(base, self._adapter),
+            base_model=getattr(cfg, "_name_or_path", None) or None, task_name=self.args.taujp_task_name,
+            aggregation=self.args.taujp_kfac_aggregation, device=self.args.device,
+            dtype=torch.float64 if f64 else torch.float32)
+        self.kfac_statistics = stats
+        outputs = {s.task: s.extra.get("output") for s in stats}
+        if len(set(outputs.values())) > 1:  # the penalty never runs f; but a mix sums drifts of different outputs
+            logger.warning(f"the other tasks' KFAC factors were estimated for different outputs f: {outputs}")
+
+    def kfac_penalty_on(self, model: torch.nn.Module) -> torch.Tensor:
+        """R_KFAC = Σ_layers Σ_terms tr(G·ΔW̃·A·ΔW̃ᵀ) of the current τ (:func:`~hf_taujp.trainer.kfac_regularizer.kfac_penalty`),
+        in float32 (float64 for float64 models) outside autocast."""
+        from .kfac_regularizer import kfac_penalty
+        from .tangents import layer_deltas
+
+        base = self.accelerator.unwrap_model(model)
+        with torch.autocast(self.args.device.type, enabled=False):
+            deltas, _ = layer_deltas(base, self._theta0, self._adapter)
+            return kfac_penalty(deltas, self._kfac)
 
     # ---------------------------------------------------------------- penalty
     def _taujp_select(self, outputs, batch) -> torch.Tensor:
@@ -383,7 +345,7 @@ class TauJpTrainer(Trainer):
         """(f(x'; θ0), J f(x'; θ0)·τ) for one reg batch: the jvp's primal and tangent of the selected output
         (the primal is free: forward-mode AD computes it anyway; the "relative" / "kl" forms need it)."""
         kwargs = self._with_no_cache(base, batch)
-        jvp = _linearized_jvp(base)
+        jvp = linearized_jvp(base)
         if jvp is not None:
             # linearized_forward already switches checkpointing off and routes attention for the jvp;
             # walking the module tree twice more per step is measurable on small models.
@@ -397,7 +359,7 @@ class TauJpTrainer(Trainer):
             # hf_taujp.low_rank. Built before disabling: PEFT's disable_adapter sets requires_grad=False on the
             # adapter until the block ends.
             with self.accelerator.autocast():
-                primals, tangents, factors = _lora_primals_tangents(base, self._theta0)
+                primals, tangents, factors = lora_primals_tangents(base, self._theta0)
             with self.accelerator.autocast(), base.disable_adapter():
                 return linearized_forward(base, primals, tangents, kwargs=kwargs, mode="eval", low_rank=factors,
                                           method=lambda **kw: self._taujp_select(base(**kw), batch))
@@ -446,16 +408,21 @@ class TauJpTrainer(Trainer):
         """Task loss (the stock `Trainer.compute_loss`) + λ·R while training."""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         a = self.args
-        if model.training and self._taujp_lambda > 0 and self.state.global_step >= a.taujp_start_step and self._taujp_names:
-            n = len(self._taujp_names)
-            if a.taujp_mode == "cyclic":  # Eq. 11: one other task per step, in turn
-                names = (self._taujp_names[self.state.global_step % n],)
-            else:  # Eq. 10: every other task each step, penalties averaged
-                names = tuple(self._taujp_names)
-            self.taujp_visits.append(names)
-            penalty = self.taujp_penalties_on(model, [self._taujp_next(t) for t in names]).mean()
+        penalised = self._kfac is not None or self._taujp_names
+        if model.training and self._taujp_lambda > 0 and self.state.global_step >= a.taujp_start_step and penalised:
+            if self._kfac is not None:  # dataless: a function of τ alone
+                penalty = self.kfac_penalty_on(model)
+            else:
+                n = len(self._taujp_names)
+                if a.taujp_mode == "cyclic":  # Eq. 11: one other task per step, in turn
+                    names = (self._taujp_names[self.state.global_step % n],)
+                else:  # Eq. 10: every other task each step, penalties averaged
+                    names = tuple(self._taujp_names)
+                self.taujp_visits.append(names)
+                penalty = self.taujp_penalties_on(model, [self._taujp_next(t) for t in names]).mean()
             if self._loss_scaled_for_ga(num_items_in_batch):
-                # The Trainer will not divide this loss by the GA steps; R is a per-batch mean, so we do.
+                # The Trainer will not divide this loss by the GA steps; R is a per-batch mean (R_KFAC: one per
+                # micro-batch), so we do.
                 ga_penalty = penalty / self.current_gradient_accumulation_steps
             else:
                 ga_penalty = penalty
