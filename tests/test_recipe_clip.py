@@ -454,3 +454,48 @@ def test_compare_merges_in_the_clip_recipe(tmp_path, monkeypatch):
     with pytest.raises(HfTaujpError, match="compare_sets"):
         C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, methods="linear", compare_merges="tsv",
                    compare_sets="taujp", output_dir=str(tmp_path / "o"))
+
+
+def test_statistics_merges_in_the_clip_recipe(tmp_path, monkeypatch):
+    """`--merge-methods` (issue 25): the non-linear vectors merged by fisher_average / gradient_matching / regmean
+    with each task's Fisher (its classifier's logits w.r.t. the image encoder) and Grams at θ0 + τ_t, the base
+    Fisher at θ0; reported beside task addition, statistics saved keyed like the task vectors."""
+    from hf_taujp.merging.statistics import FisherStatistics, GramStatistics
+
+    merges = ("fisher_average", "gradient_matching", "regmean")
+    _fake_hub(monkeypatch, {"ylecun/mnist": _image_set(24, 10, seed=1),
+                            "zalando-datasets/fashion_mnist": _image_set(24, 10, seed=2)})
+    out = tmp_path / "run"
+    r = C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, methods="nonlinear", output_dir=str(out), steps=1,
+                   batch_size=4, warmup_steps=0, learning_rate=1e-3, alphas=(0.0, 1.0), shape_alphas=(),
+                   eval_batch_size=64, matrix_examples=4, negation_control="none", merge_methods=",".join(merges),
+                   fisher_examples=3, fisher_samples=2)
+    assert sorted(r["merges"]) == sorted(f"non-linear FT · {m}" for m in merges)
+    method = r["methods"]["non-linear FT"]
+    at0 = method["curve"][0]
+    assert at0["alpha"] == 0.0
+    for key, res in r["merges"].items():
+        assert res["single"] == method["single"]
+        c0 = res["curve"][0]  # α = 0 is θ0, the zero-shot model, for every merge
+        assert c0["alpha"] == 0.0 and c0["abs"] == pytest.approx(at0["abs"])
+        if res["best_alpha"] == 0.0:
+            assert res["best"]["abs"] == pytest.approx(r["zero_shot"])
+    assert [row["method"] for row in r["table"]][2:] == [f"non-linear FT · {m}" for m in merges]
+    gm = r["merges"]["non-linear FT · gradient_matching"]["merge"]
+    assert gm["s_t"] == [4, 4] and gm["s0"] == 4.0 and r["statistics"]["s0_default"]
+    st = out / "statistics"
+    for t in ("mnist", "fashion_mnist"):
+        tv = TaskVector.from_pretrained(str(out / "task_vectors" / "nonlinear" / t))
+        f = FisherStatistics.from_pretrained(str(st), subfolder=f"fisher/nonlinear/{t}")
+        assert set(f.tensors) == set(tv.keys()) and f.num_examples == 6 and f.task == t  # 3 examples × 2 samples
+        assert f.base_fingerprint == tv.base_fingerprint and f.extra["at"] == "θ0 + τ_t"
+        assert float(sum(v.sum() for v in f.tensors.values())) > 0
+        g = GramStatistics.from_pretrained(str(st / "gram" / "nonlinear" / t))
+        assert g.num_examples == 3 and g.tensors and set(g.tensors) <= set(tv.keys())
+    h0 = FisherStatistics.from_pretrained(str(st / "fisher" / "base"))
+    assert h0.num_examples == 12 and h0.extra["at"] == "θ0"
+    assert "non-linear FT · regmean" in (out / "results.md").read_text()
+    with pytest.raises(HfTaujpError, match="non-linear"):  # checked before any data or model is loaded
+        C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, methods="linear", merge_methods="regmean",
+                   output_dir=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

@@ -21,6 +21,12 @@
    ImageNet online, as the authors, a held-out task offline, :func:`negation_control_task`),
    absolute and normalized accuracy (merged / single-task accuracy of the same method), results table,
    JSON and α-curve PNG (:mod:`hf_taujp.recipes.report`).
+5. opt-in (`--merge-methods fisher_average,gradient_matching,regmean`): the non-linear vectors also merged by
+   the statistics-based methods (:mod:`hf_taujp.recipes.runner`, "Statistics-based merges"), as the GLUE
+   recipe does: each task's Fisher — of the classifier's logits with the task's frozen head, w.r.t. the image
+   encoder's parameters — at θ0 + τ_t, the base Fisher at θ0 (each task's examples with its own head) and the
+   Grams of the encoder's Linear layers, on `--fisher-examples` training examples per task, saved under
+   `statistics/` keyed like the task vectors; each merge's α searched on validation like task addition.
 
 Task vectors are keyed by the image tower's parameter names (`vision_model.*`, `visual_projection.weight`,
 the CLIPModel's own) and fingerprinted on it: they apply to `CLIPVisionModelWithProjection.from_pretrained(model)`
@@ -72,7 +78,9 @@ from ..task_vector import fingerprint
 from .glue import SHAPE_ALPHAS, _rows, _threads, _weights_of
 from .imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 from .report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, per_task_rows, write_report
-from .runner import METHODS, Method, compare_and_save, finetune, parse_compare_options, parse_methods
+from .runner import (METHODS, STATISTICS_MERGES, Method, add_statistics_arguments, check_statistics_options,
+                     compare_and_save, estimate_statistics, finetune, parse_compare_options, parse_merge_methods,
+                     parse_methods, statistics_batches, statistics_merge)
 from .tasks import split_train_val
 
 __all__ = ["VisionTask", "VISION_TASKS", "IDX_FILES", "TINY", "IMAGENET", "run_clip", "negation_control_task",
@@ -646,6 +654,10 @@ def run_clip(
     seed: int = 0,
     compare_merges: str | Sequence[str] | None = None,
     compare_sets: str | Sequence[str] = "linear,taujp",
+    merge_methods: str | Sequence[str] | None = None,
+    fisher_examples: int = 32,
+    fisher_samples: int = 1,
+    base_fisher_weight: float | None = None,
 ) -> dict:
     """Run the CLIP vision recipe; returns the results dict (also `<output_dir>/results.json`).
 
@@ -668,6 +680,16 @@ def run_clip(
         compare_merges, compare_sets: merge methods compared on the vectors of those methods
             (:func:`hf_taujp.evaluation.compare_merges`, chosen on validation; "default" = its DEFAULT_METHODS),
             saved under ``<output_dir>/merge_bench/<method>/`` and in ``results["merge_bench"]`` (main process).
+        merge_methods: statistics-based merges of the non-linear vectors, names from
+            :data:`hf_taujp.recipes.runner.STATISTICS_MERGES` (comma list; default none). Each task's true Fisher
+            (labels sampled from the model) of its zero-shot classifier's logits w.r.t. the image encoder's
+            parameters / the Grams of the encoder's Linear layers, at θ0 + τ_t on its first ``fisher_examples``
+            training examples (``fisher_samples`` label draws per example), and the base Fisher at θ0 (every
+            task's examples, each with its own head); saved (main process) in ``statistics/fisher/<method>/<task>``,
+            ``statistics/fisher/base``, ``statistics/gram/<method>/<task>``, keyed by the encoder's parameter
+            names as the task vectors. Reported as "<method label> · <merge>" rows in ``results["merges"]``.
+        base_fisher_weight: gradient matching's s0 (the tasks' s_t are their training examples; default: the
+            mean s_t): large s0 gives task arithmetic, s0 = 0 Fisher averaging.
     Raises HfTaujpError for bad input (unknown task / method, < 2 tasks, bad control, missing data, splits or
     class names, labels outside the class names, images of another shape / channel count, a batch size that
     the processes do not divide), before any training.
@@ -680,6 +702,8 @@ def run_clip(
     t_start = time.time()
     method_list = parse_methods(methods)
     bench_list, bench_sets = parse_compare_options(compare_merges, compare_sets, method_list)
+    merge_list = parse_merge_methods(merge_methods)
+    check_statistics_options(merge_list, method_list, fisher_examples, fisher_samples, base_fisher_weight)
     task_names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     unknown = [t for t in task_names if t not in VISION_TASKS]
     if unknown:
@@ -788,6 +812,24 @@ def run_clip(
                    "zero_shot": acc(control, "test", emb0[(control, "test")])}}
     if is_main:
         _save_heads(output_dir, heads, classnames, eval_names)
+    if merge_list:  # statistics-based merges of the non-linear vectors (opt-in)
+        sizes = {n: len(train_rows[n]) for n in task_names}  # s_t: the examples each vector was trained on
+        s0 = float(base_fisher_weight) if base_fisher_weight is not None else sum(sizes.values()) / len(sizes)
+        stats_ctx = dict(merge_list=merge_list, samples=fisher_samples, sizes=sizes, base_weight=s0,
+                         output_dir=output_dir, seed=seed, base_fisher=None, save=is_main,
+                         heads={n: (clf.task_names.index(n), heads[n].shape[0]) for n in task_names},
+                         batches={n: statistics_batches(train_rows[n], collator, eval_batch_size, fisher_examples)
+                                  for n in task_names},
+                         meta={"base_model": model_name, "base_fingerprint": fp, "recipe": "clip",
+                               "examples": fisher_examples})
+        results["merges"] = {}
+        results["statistics"] = {
+            "merge_methods": merge_list, "fisher_examples": fisher_examples, "fisher_samples": fisher_samples,
+            "fisher": "true Fisher (labels sampled from the model) of the zero-shot classifier's logits (the task's "
+                      "frozen head) w.r.t. the image encoder's parameters, at θ0 + τ_t; base at θ0",
+            "gram": "inputs of the image encoder's Linear layers, at θ0 + τ_t",
+            "task_sizes_s_t": sizes, "base_fisher_weight_s0": s0, "s0_default": base_fisher_weight is None,
+            "seconds": 0.0}
     for m in method_list:
         vectors, seconds = {}, []
         for n in task_names:
@@ -815,11 +857,15 @@ def run_clip(
             results["negation"][m.label] = _evaluate_negation(encoder, m, vectors, task_names, control,
                                                               pix, acc, alphas, eval_batch_size)
         say(f"[hf-taujp clip] {m.label}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
+        if merge_list and not m.linear:  # every process computes and evaluates (_embed is collective); main writes
+            _statistics_merges(clf, m.label, m.name.replace("+", "_"), vectors, res["single"], task_names, stats_ctx,
+                               results, pix, acc, alphas, shape_alphas, eval_batch_size, say)
         if bench_list and m.name in bench_sets:  # every process evaluates (_embed is collective); the main one writes
             compare_and_save(encoder, m.label, m.name.replace("+", "_"), vectors, res["single"], bench_list,
                              _merged_accuracy(m, encoder, task_names, pix, acc, eval_batch_size), output_dir, results,
                              prefix="[hf-taujp clip]", save=is_main)
-    rows_ = addition_rows(results["methods"], zero_shot)
+    shown = {**results["methods"], **results.get("merges", {})}
+    rows_ = addition_rows(shown, zero_shot)
     if len(rows_) > 1:  # format_table takes its columns from the first row: the zero-shot row gets them all
         rows_[0] = {k: rows_[0].get(k) for k in rows_[1]}
     results["table"] = rows_
@@ -835,13 +881,24 @@ def run_clip(
         f"negation: θ0 − α τ_target, α minimising target accuracy (val) with control ≥ 0.95 × base control; "
         f"control = {control or 'none (skipped)'}, a task held out of the targets",
     ]
-    extra = [("Per-task normalized accuracy at α = 1 (test)", per_task_rows(results["methods"], task_names)),
-             ("Per-task normalized accuracy at best α (test)", per_task_rows(results["methods"], task_names, "best"))]
+    if "statistics" in results:
+        st = results["statistics"]
+        notes.append(
+            "<method> · <merge>: that method's vectors merged by fisher_average (θ0 + α·T·Σ F_t τ_t / Σ F_s), "
+            "gradient_matching (Daheim et al.: θ0 + Σ_t α(s0·H0 + s_t F_t)/(s0·H0 + α Σ_s s_s F_s) τ_t) or regmean "
+            f"(θ0 + α·T·(Σ G_t)⁻¹ Σ G_t τ_t), statistics on {st['fisher_examples']} training examples per task "
+            "(Fisher of the classifier's logits with the task's frozen head, w.r.t. the image encoder); "
+            f"s_t = training examples per task, s0 = {st['base_fisher_weight_s0']:g}"
+            + (" (default: the mean s_t)" if st["s0_default"] else "")
+            + ": large s0 → task arithmetic, s0 = 0 → Fisher averaging, no principled value when the pretraining "
+              "data is unseen")
+    extra = [("Per-task normalized accuracy at α = 1 (test)", per_task_rows(shown, task_names)),
+             ("Per-task normalized accuracy at best α (test)", per_task_rows(shown, task_names, "best"))]
     if neg_rows:
         extra.append(("Task negation (test; mean over targets)", neg_rows))
     if is_main:  # every process holds the same results (gathered evaluation); one writes them
         paths = write_report(output_dir, results, rows_, f"CLIP task addition ({model_name.split('/')[-1]})",
-                             results["methods"], extra_tables=extra, notes=notes)
+                             shown, extra_tables=extra, notes=notes)
         print("\nTask addition (test split; α chosen on validation held out from train)\n" + format_table(rows_))
         if neg_rows:
             print("\nTask negation (test split)\n" + format_table(neg_rows))
@@ -849,7 +906,9 @@ def run_clip(
             from .. import hub
 
             hub.push_folder_to_hub(os.path.join(output_dir, "task_vectors"), push_to_hub)
-            print(f"pushed task vectors to {push_to_hub}")
+            if merge_list:
+                hub.push_folder_to_hub(os.path.join(output_dir, "statistics"), push_to_hub, subfolder="statistics")
+            print(f"pushed task vectors{' and statistics' if merge_list else ''} to {push_to_hub}")
         print(f"\nsaved: {paths['json']}, {paths['markdown']}, {paths['png']}, task vectors in {output_dir}/task_vectors/")
     _barrier()  # when run_clip returns on any process, the main process has written everything
     return results
@@ -915,6 +974,111 @@ def _evaluate_addition(encoder, method, vectors, tasks, pix, emb0, acc, alphas, 
                                   extra_alphas=shape_alphas)
 
 
+class _TaskLogits(nn.Module):
+    """The zero-shot classifier of one task from ``pixel_values`` alone: ``clf``'s logits with task ``task_id``'s
+    frozen head, its ``num_classes`` classes only (no padded class to sample) — the model whose Fisher the
+    statistics merges take (estimate_fisher passes a batch's model inputs, not its ``task_ids``). Its parameters
+    are ``clf``'s: the encoder's parameter ``n`` is ``PREFIX + n`` here."""
+
+    PREFIX = "clf.image_encoder."
+
+    def __init__(self, clf: ZeroShotCLIP, task_id: int, num_classes: int):
+        super().__init__()
+        self.clf, self.task_id, self.num_classes = clf, int(task_id), int(num_classes)
+
+    @property
+    def config(self):
+        return self.clf.config
+
+    def forward(self, pixel_values, **_):
+        emb = self.clf.image_encoder(pixel_values=pixel_values).image_embeds
+        ids = torch.full((emb.shape[0],), self.task_id, dtype=torch.long, device=emb.device)
+        return ZeroShotOutput(logits=self.clf.classify(emb, ids)[:, :self.num_classes])
+
+
+def _encoder_fisher(clf, task_id, num_classes, batches, names, *, task, seed, meta):
+    """The Fisher of one task's classifier (:class:`_TaskLogits`) w.r.t. the image encoder's parameters ``names``,
+    keyed by the encoder's names (the task vectors' keys)."""
+    pre = _TaskLogits.PREFIX
+    st = estimate_statistics(_TaskLogits(clf, task_id, num_classes), "fisher", batches, [pre + n for n in names],
+                             task=task, seed=seed, meta=meta, output_type="sequence_classification")
+    assert all(k.startswith(pre) for k in st.tensors)  # exactly the names asked for, each with the prefix
+    st.tensors = {k[len(pre):]: v for k, v in st.tensors.items()}
+    return st
+
+
+def _statistics_merges(clf, label, folder, vectors, single, tasks, ctx, results, pix, acc, alphas, shape_alphas, bs,
+                       say) -> None:
+    """The statistics-based merges of one non-linear method's vectors (run_clip's ``merge_methods``; run_glue's
+    protocol): estimate (every process) and save (the main one) the statistics they need — the base Fisher once,
+    at θ0 —, then evaluate each merge like task addition (same single-task scores, α on validation, test at the
+    best α and at α = 1)."""
+    from ..merging.statistics import FisherStatistics
+
+    encoder = clf.image_encoder
+    t0 = time.time()
+    need = {STATISTICS_MERGES[m] for m in ctx["merge_list"]}
+    root = os.path.join(ctx["output_dir"], "statistics")
+    samples = ctx["samples"]
+    stats: dict[str, dict] = {}
+    for i, t in enumerate(tasks):
+        tv = vectors[t]
+        names = list(tv.keys())
+        with _weights_of(encoder) as set_weights:
+            set_weights(1.0, tv)  # θ0 + τ_t: the fine-tuned model the statistics describe
+            for kind in sorted(need):
+                meta = {**ctx["meta"], "at": "θ0 + τ_t", "vectors": folder,
+                        **({"samples_per_example": samples} if kind == "fisher" else {})}
+                if kind == "fisher":
+                    st = _encoder_fisher(clf, *ctx["heads"][t], ctx["batches"][t] * samples, names, task=t,
+                                         seed=ctx["seed"] + 1000 + i, meta=meta)
+                else:  # the encoder's Linear inputs do not depend on the head: the encoder itself, on its pixels
+                    st = estimate_statistics(encoder, "gram", [{"pixel_values": b["pixel_values"]}
+                                                               for b in ctx["batches"][t]],
+                                             names, task=t, seed=ctx["seed"] + 1000 + i, meta=meta)
+                if ctx["save"]:
+                    st.save_pretrained(os.path.join(root, kind, folder, t))
+                stats.setdefault(kind, {})[t] = st
+    if "gradient_matching" in ctx["merge_list"] and ctx["base_fisher"] is None:
+        # H0 at θ0 over every task's examples, each read through its own head: the per-task means, pooled
+        names = list(vectors[tasks[0]].keys())
+        parts = [_encoder_fisher(clf, *ctx["heads"][t], ctx["batches"][t] * samples, names, task=None,
+                                 seed=ctx["seed"] + 999 + 7919 * i, meta={}) for i, t in enumerate(tasks)]
+        total = sum(p.num_examples for p in parts)
+        h0 = FisherStatistics({k: sum(p.tensors[k] * (p.num_examples / total) for p in parts) for k in names},
+                              num_examples=total, base_model=ctx["meta"]["base_model"],
+                              base_fingerprint=ctx["meta"]["base_fingerprint"], task=None,
+                              extra={**{k: v for k, v in ctx["meta"].items() if k not in ("base_model", "base_fingerprint")},
+                                     "at": "θ0", "samples_per_example": samples, "empirical": False,
+                                     "tasks": list(tasks)})
+        if ctx["save"]:
+            h0.save_pretrained(os.path.join(root, "fisher", "base"))
+        ctx["base_fisher"] = h0
+    results["statistics"]["seconds"] = round(results["statistics"]["seconds"] + time.time() - t0, 1)
+    say(f"[hf-taujp clip] {label}: {' and '.join(sorted(need))} statistics in {time.time() - t0:.1f} s"
+        + (f", saved in {root}/" if ctx["save"] else ""))
+    vecs = [vectors[t] for t in tasks]
+    for method in ctx["merge_list"]:
+        kind = STATISTICS_MERGES[method]
+        delta = statistics_merge(encoder, vecs, method, [stats[kind][t] for t in tasks],
+                                 sizes=[ctx["sizes"][t] for t in tasks], base_fisher=ctx["base_fisher"],
+                                 base_weight=ctx["base_weight"])
+        with _weights_of(encoder) as set_weights:
+            def model_fn(alpha):
+                set_weights(1.0, delta(alpha))
+                return encoder
+
+            res = _addition_protocol(tasks, single, [float(a) for a in alphas], False,
+                                     lambda a, t, s, m: acc(t, s, _embed(m, pix[(t, s)], bs)), model_fn,
+                                     extra_alphas=shape_alphas)
+        res["merge"] = {"method": method, "vectors": label,
+                        **({"s0": ctx["base_weight"], "s_t": [ctx["sizes"][t] for t in tasks]}
+                           if method == "gradient_matching" else {})}
+        key = f"{label} · {method}"
+        results["merges"][key] = res
+        say(f"[hf-taujp clip] {key}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
+
+
 def _evaluate_negation(encoder, method, vectors, tasks, control, pix, acc, alphas, bs) -> dict:
     """θ0 − α τ_t for every target task t (:func:`hf_taujp.evaluation.evaluate_task_negation`; the control is held
     out of the targets), plus the normalized target accuracy (negated / zero-shot) and control accuracy relative
@@ -978,6 +1142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--compare-merges", default=None, metavar="METHODS",
                    help="also compare these merge methods (comma list, or 'default') on the vectors of --compare-sets")
     p.add_argument("--compare-sets", default="linear,taujp", help="methods whose vectors --compare-merges merges")
+    add_statistics_arguments(p)
     p.add_argument("--push-to-hub", default=None, metavar="REPO")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,
@@ -995,7 +1160,9 @@ def main(argv=None) -> dict:
                        taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
                        negation_control=a.negation_control, max_train=a.max_train, max_test=a.max_test,
                        eval_batch_size=a.eval_batch_size, push_to_hub=a.push_to_hub, seed=a.seed,
-                       compare_merges=a.compare_merges, compare_sets=a.compare_sets)
+                       compare_merges=a.compare_merges, compare_sets=a.compare_sets, merge_methods=a.merge_methods,
+                       fisher_examples=a.fisher_examples, fisher_samples=a.fisher_samples,
+                       base_fisher_weight=a.base_fisher_weight)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

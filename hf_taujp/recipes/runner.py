@@ -329,18 +329,20 @@ def statistics_batches(examples: Sequence, collate_fn: Callable, batch_size: int
 
 
 def estimate_statistics(model: nn.Module, kind: str, batches: Sequence[dict], names: Sequence[str], *, task: str | None,
-                        seed: int, meta: Mapping | None = None):
+                        seed: int, meta: Mapping | None = None, output_type: str | None = None):
     """Fisher (``kind="fisher"``: :func:`~hf_taujp.merging.fisher.estimate_fisher`, labels sampled from the model,
     of the parameters ``names``) or Gram (``"gram"``: :func:`~hf_taujp.merging.regmean.estimate_gram` of the
     Linear / Conv1D layers whose weight is in ``names``) of ``model`` at its current weights over ``batches``.
     ``meta``: base_model / base_fingerprint recorded on the statistics (the base θ0, not the fine-tuned weights
-    they are taken at) and any other config entries."""
+    they are taken at) and any other config entries. ``output_type``: the Fisher's, for a model that
+    :func:`~hf_taujp.merging.fisher.output_type_of` cannot tell (default: read from the model)."""
     from ..merging import estimate_fisher, estimate_gram
     from ..merging.regmean import linear_layers
 
     meta = dict(meta or {})
     if kind == "fisher":
-        st = estimate_fisher(model, batches, parameters=list(names), seed=seed, task=task, progress=False)
+        st = estimate_fisher(model, batches, parameters=list(names), seed=seed, task=task, progress=False,
+                             output_type=output_type)
     else:
         wanted = set(names)
         modules = [p for p in linear_layers(model) if f"{p}.weight" in wanted]
