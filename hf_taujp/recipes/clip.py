@@ -75,12 +75,12 @@ from ..evaluation import DEFAULT_ALPHAS, _addition_protocol, evaluate_task_negat
 from ..hub import HfTaujpError, check_repo_id
 from ..linearize import LinearizedModule, linearized_forward
 from ..task_vector import fingerprint
-from .glue import SHAPE_ALPHAS, _rows, _threads, _weights_of
+from .glue import SHAPE_ALPHAS, _rows, _threads, _weights_of, evaluate_statistics_merges
 from .imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES
 from .report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, per_task_rows, write_report
 from .runner import (METHODS, STATISTICS_MERGES, Method, add_statistics_arguments, check_statistics_options,
                      compare_and_save, estimate_statistics, finetune, parse_compare_options, parse_merge_methods,
-                     parse_methods, statistics_batches, statistics_merge)
+                     parse_methods, statistics_batches)
 from .tasks import split_train_val
 
 __all__ = ["VisionTask", "VISION_TASKS", "IDX_FILES", "TINY", "IMAGENET", "run_clip", "negation_control_task",
@@ -1057,26 +1057,9 @@ def _statistics_merges(clf, label, folder, vectors, single, tasks, ctx, results,
     results["statistics"]["seconds"] = round(results["statistics"]["seconds"] + time.time() - t0, 1)
     say(f"[hf-taujp clip] {label}: {' and '.join(sorted(need))} statistics in {time.time() - t0:.1f} s"
         + (f", saved in {root}/" if ctx["save"] else ""))
-    vecs = [vectors[t] for t in tasks]
-    for method in ctx["merge_list"]:
-        kind = STATISTICS_MERGES[method]
-        delta = statistics_merge(encoder, vecs, method, [stats[kind][t] for t in tasks],
-                                 sizes=[ctx["sizes"][t] for t in tasks], base_fisher=ctx["base_fisher"],
-                                 base_weight=ctx["base_weight"])
-        with _weights_of(encoder) as set_weights:
-            def model_fn(alpha):
-                set_weights(1.0, delta(alpha))
-                return encoder
-
-            res = _addition_protocol(tasks, single, [float(a) for a in alphas], False,
-                                     lambda a, t, s, m: acc(t, s, _embed(m, pix[(t, s)], bs)), model_fn,
-                                     extra_alphas=shape_alphas)
-        res["merge"] = {"method": method, "vectors": label,
-                        **({"s0": ctx["base_weight"], "s_t": [ctx["sizes"][t] for t in tasks]}
-                           if method == "gradient_matching" else {})}
-        key = f"{label} · {method}"
-        results["merges"][key] = res
-        say(f"[hf-taujp clip] {key}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
+    evaluate_statistics_merges(encoder, label, vectors, tasks, single, stats, ctx, results,
+                               lambda a, t, s, m: acc(t, s, _embed(m, pix[(t, s)], bs)), alphas, shape_alphas,
+                               say=say, prefix="[hf-taujp clip]")
 
 
 def _evaluate_negation(encoder, method, vectors, tasks, control, pix, acc, alphas, bs) -> dict:

@@ -654,6 +654,16 @@ def _statistics_merges(model, label, folder, vectors, single, tasks, ctx, result
         ctx["base_fisher"] = h0
     results["statistics"]["seconds"] = round(results["statistics"]["seconds"] + time.time() - t0, 1)
     print(f"[hf-taujp glue] {label}: {' and '.join(sorted(need))} statistics in {time.time() - t0:.1f} s, saved in {root}/")
+    evaluate_statistics_merges(model, label, vectors, tasks, single, stats, ctx, results,
+                               lambda a, t, s, m: metric(t, s, choices_scores(s, t)), alphas, shape_alphas,
+                               say=print, prefix="[hf-taujp glue]")
+
+
+def evaluate_statistics_merges(model, label, vectors, tasks, single, stats, ctx, results, score, alphas, shape_alphas,
+                               *, say, prefix: str) -> None:
+    """Each of ``ctx["merge_list"]`` on one method's (non-linear) vectors with their statistics, evaluated by
+    the task-addition protocol over α (θ0 + Δ(α) written into ``model``; ``score(α, task, split, model)``
+    is the recipe's score); recorded in ``results["merges"]["<label> · <merge>"]``. Shared by GLUE and CLIP."""
     vecs = [vectors[t] for t in tasks]
     for method in ctx["merge_list"]:
         kind = STATISTICS_MERGES[method]
@@ -665,15 +675,14 @@ def _statistics_merges(model, label, folder, vectors, single, tasks, ctx, result
                 set_weights(1.0, delta(alpha))
                 return model
 
-            res = _addition_protocol(tasks, single, [float(a) for a in alphas], False,
-                                     lambda a, t, s, m: metric(t, s, choices_scores(s, t)), model_fn,
+            res = _addition_protocol(tasks, single, [float(a) for a in alphas], False, score, model_fn,
                                      extra_alphas=shape_alphas)
         res["merge"] = {"method": method, "vectors": label,
                         **({"s0": ctx["base_weight"], "s_t": [ctx["sizes"][t] for t in tasks]}
                            if method == "gradient_matching" else {})}
         key = f"{label} · {method}"
         results["merges"][key] = res
-        print(f"[hf-taujp glue] {key}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
+        say(f"{prefix} {key}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
 
 
 def _evaluate_addition(model, method, vectors, tasks, choices_scores, metric, alphas, shape_alphas) -> dict:
