@@ -131,7 +131,7 @@ def _build_keep(mode: str, batch: int, seq: int, layers: int, vocab: int, keep: 
     if mode == "normal (contiguous)":
         lin_mod.contiguous_head_input(model)
     if mode == "linearized (strided)":
-        lin_mod.contiguous_head_input = lambda model: None  # this subprocess only: the forward before the fix
+        importlib.import_module("hf_taujp.jvp_context").contiguous_head_input = lambda model: None  # this subprocess only: the forward before the fix
     net = lin_mod.linearize(model) if mode.startswith("linearized") else model
 
     def step():

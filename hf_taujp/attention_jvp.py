@@ -51,7 +51,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import HfTaujpError, UnsupportedAttentionError
+from .attention_blocks import _blockwise_grads, _tangent, default_chunk_size
+from .attention_shapes import _as_batched, _check_inputs
+from .errors import HfTaujpError, UnsupportedAttentionError  # noqa: F401  (HfTaujpError: still importable from here)
 
 __all__ = ["linearized_sdpa", "UnsupportedAttentionError", "default_chunk_size"]
 
@@ -59,13 +61,6 @@ _ALL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
                  SDPBackend.MATH]
 # Tests set this to False to exercise the device-agnostic path (F.sdpa + recompute backward) on CPU.
 _USE_CPU_FLASH = True
-
-
-def default_chunk_size(batch_heads: int, q_len: int, k_len: int, head_dim: int) -> int:
-    """Query rows per block: one (B·H, chunk, Lk) block holds about as many elements as Q itself
-    (B·H·Lq·E), at least 2^18 elements, so the tangent's extra memory stays O(L) (a few Q-sized blocks)."""
-    budget = max(batch_heads * q_len * head_dim, 1 << 18)
-    return max(1, min(q_len, budget // max(1, batch_heads * k_len)))
 
 
 def _cpu_flash(q: torch.Tensor) -> bool:
@@ -129,127 +124,6 @@ def _fused_backward(g, q, k, v, mask, out, lse, is_causal, scale):
         return torch.autograd.grad(o, qkv, g)
 
 
-# Blocks of query rows. With GQA (Hq = g·Hk) the query-side tensors of a block are regrouped by key head,
-# (B, Hq, c, ·) → (B, Hk, g·c, ·), so every block is one batched matmul against the Hk key/value heads and
-# K, V, tK, tV are never repeated (the CPU flash kernels take Hq ≠ Hk natively).
-def _rows(x, i0, i1, hk):
-    """Query-side rows i0:i1 of x (B, Hq, Lq, ·), grouped by key head: (B, Hk, g·(i1−i0), ·)."""
-    return x.unflatten(1, (hk, -1))[..., i0:i1, :].flatten(2, 3)
-
-
-def _join_rows(blocks, hk):
-    """Inverse of `_rows` over consecutive blocks [(i1 − i0, (B, Hk, g·c, ·)), ...]: (B, Hq, Lq, ·).
-    Concatenated rather than written in place, so that the op also runs under torch.func.vmap."""
-    return torch.cat([b.unflatten(2, (-1, c)) for c, b in blocks], dim=3).flatten(1, 2)
-
-
-def _block_mask(mask, is_causal, i0, i1, hk, lk, device):
-    """Mask of query rows i0:i1, broadcastable to the grouped scores (B, Hk, g, c, n); bool or additive.
-
-    Causal: a block only sees keys 0:i1 (n = i1: the keys after it are skipped, halving the work as the
-    fused kernels do), and only its diagonal (c, c) part is masked: returned as the bool triangle."""
-    if is_causal:  # upper-left aligned, as SDPA
-        return torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=device).tril_()
-    if mask is None:
-        return None
-    m = mask[..., i0:i1, :] if mask.shape[-2] != 1 else mask
-    return m.unsqueeze(2) if m.shape[1] == 1 else m.unflatten(1, (hk, -1))
-
-
-def _scores(q_c, k, scale, m_c, c, causal):
-    """S = scale·q_c·kᵀ (+ mask) of a grouped block: (B, Hk, g·c, n)."""
-    s = torch.matmul(q_c, k.transpose(-2, -1))
-    s = s.mul_(scale) if not s.requires_grad else s * scale
-    if m_c is None:
-        return s
-    s5 = s.unflatten(2, (-1, c))
-    if causal:  # the last c keys are the block's own rows: mask their upper triangle in place
-        s5[..., -c:].masked_fill_(~m_c, float("-inf"))
-        return s
-    s5 = s5.masked_fill(~m_c, float("-inf")) if m_c.dtype == torch.bool else s5 + m_c
-    return s5.flatten(2, 3)
-
-
-def _probs(s, lse_c):
-    """P = exp(S − lse) of a block (rows that are fully masked give 0, as the fused kernels do)."""
-    if lse_c is None:
-        lse_c = torch.logsumexp(s, dim=-1, keepdim=True)
-        lse_c = lse_c.masked_fill(torch.isinf(lse_c), 0.0)
-    return torch.exp(s - lse_c) if s.requires_grad else s.sub_(lse_c).exp_()
-
-
-def _tangent_block(q_c, k, v, o_c, lse_c, m_c, tq_c, tk, tv, tm_c, scale, c, causal, kk=None):
-    """tO of one grouped block of query rows (differentiable ops; o_c / lse_c None: recomputed).
-
-    k, v, tk, tv: the keys the block sees; kk: optionally cat([k, tk], -1), so that
-    tQ·Kᵀ + Q·tKᵀ = cat([tQ, Q], -1)·kkᵀ is one matmul (worth its copy of K and tK when several blocks
-    share it); without it, two matmuls."""
-    p = _probs(_scores(q_c, k, scale, m_c, c, causal), lse_c)
-    if o_c is None:
-        o_c = torch.matmul(p, v)
-    ts = None
-    if tq_c is not None and tk is not None and kk is not None:
-        ts = torch.matmul(torch.cat([tq_c, q_c], -1), kk.transpose(-2, -1))
-    elif tq_c is not None and tk is not None:
-        ts = torch.matmul(tq_c, k.transpose(-2, -1))
-        ts = ts.add_(torch.matmul(q_c, tk.transpose(-2, -1))) if not ts.requires_grad else \
-            ts + torch.matmul(q_c, tk.transpose(-2, -1))
-    elif tq_c is not None:
-        ts = torch.matmul(tq_c, k.transpose(-2, -1))
-    elif tk is not None:
-        ts = torch.matmul(q_c, tk.transpose(-2, -1))
-    own = ts is not None  # ts is a fresh tensor (not a view of tM): may be reused in place
-    if ts is not None:
-        ts = ts.mul_(scale) if not ts.requires_grad else ts * scale
-    if tm_c is not None:
-        ts5 = tm_c.expand(p.unflatten(2, (-1, c)).shape) if ts is None else ts.unflatten(2, (-1, c)) + tm_c
-        ts = ts5.flatten(2, 3)
-    to = torch.matmul(p, tv) if tv is not None else None
-    if ts is not None:
-        a = ts.mul_(p) if own and not (p.requires_grad or ts.requires_grad) else p * ts
-        part = torch.matmul(a, v) - a.sum(-1, keepdim=True) * o_c
-        to = part if to is None else to + part
-    return to
-
-
-def _blocks(lq, chunk):
-    return [(i, min(lq, i + chunk)) for i in range(0, lq, chunk)]
-
-
-def _keys(x, n):
-    return x if x is None or x.shape[-2] == n else x[..., :n, :]
-
-
-def _tangent(q, k, v, mask, out, lse, tq, tk, tv, tm, is_causal, scale, chunk):
-    """tO over query blocks, without autograd (the linear map applied to (tq, tk, tv, tm))."""
-    lq, lk, hk = q.shape[-2], k.shape[-2], k.shape[1]
-    if tq is None and tk is None and tv is None and tm is None:
-        return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    blocks = []
-    dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16):  # blocks in float32 (as the fused kernels accumulate): O(L) copies
-        q, k, v, out, tq, tk, tv, tm = (None if t is None else t.float() if t.is_floating_point() else t
-                                        for t in (q, k, v, out, tq, tk, tv, tm))
-        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
-    with torch.no_grad():
-        blocks_ = _blocks(lq, chunk)
-        # One (B, H, Lk, 2E) copy shared by the blocks; a single block (a decoding step) is cheaper without it.
-        kk = torch.cat([k, tk], -1) if tq is not None and tk is not None and len(blocks_) > 1 else None
-        # One block with as many query as key heads (a decoding step): the block is the whole tensor, no regrouping.
-        whole = len(blocks_) == 1 and q.shape[1] == hk
-        rows = (lambda x, i0, i1: x) if whole else (lambda x, i0, i1: _rows(x, i0, i1, hk))  # noqa: E731
-        for i0, i1 in blocks_:
-            n = i1 if is_causal else lk
-            m_c = _block_mask(mask, is_causal, i0, i1, hk, lk, q.device)
-            tm_c = None if tm is None else _block_mask(tm, False, i0, i1, hk, lk, q.device)
-            lse_c = None if lse is None else rows(lse[..., None], i0, i1).to(q.dtype)
-            to = _tangent_block(rows(q, i0, i1), _keys(k, n), _keys(v, n), rows(out, i0, i1), lse_c, m_c,
-                                None if tq is None else rows(tq, i0, i1), _keys(tk, n), _keys(tv, n), tm_c,
-                                scale, i1 - i0, is_causal, _keys(kk, n))
-            blocks.append((i1 - i0, to))
-        return (blocks[0][1] if whole else _join_rows(blocks, hk)).to(dtype)
-
-
 class _AttentionTangent(torch.autograd.Function):
     """tO = J_attn(Q, K, V, M)·(tQ, tK, tV, tM); backward = the attention vjp at (Q, K, V) when only the
     tangents need grad, else a per-block recomputation with autograd (second-order terms included)."""
@@ -279,40 +153,6 @@ class _AttentionTangent(torch.autograd.Function):
             grads[6], grads[7], grads[8] = (dq if need[6] else None), (dk if need[7] else None), (dv if need[8] else None)
             return tuple(grads)
         return _blockwise_grads(g, need, q, k, v, mask, tq, tk, tv, tm, ctx.is_causal, ctx.scale, ctx.chunk)
-
-
-def _blockwise_grads(g, need, q, k, v, mask, tq, tk, tv, tm, is_causal, scale, chunk, primal=False):
-    """Gradients of ⟨g, tO⟩ (or ⟨g, O⟩ with ``primal=True``) for every input that needs one, query block by
-    query block with autograd on the recomputed block (O(chunk·L) memory; input indices as in
-    `_AttentionTangent.forward`)."""
-    idx = {0: q, 1: k, 2: v, 3: mask, 6: tq, 7: tk, 8: tv, 9: tm}
-    wanted = [i for i, t in idx.items() if need[i] and t is not None]
-    grads: list = [None] * 13
-    for i in wanted:
-        grads[i] = torch.zeros_like(idx[i])
-    lq, lk, hk = q.shape[-2], k.shape[-2], k.shape[1]
-    for i0, i1 in _blocks(lq, chunk):
-        with torch.enable_grad():
-            leaves = {i: idx[i].detach().requires_grad_() for i in wanted}
-            get = lambda i: leaves.get(i, idx[i])  # noqa: E731
-            qq, tqq, mm, tmm, c = get(0), get(6), get(3), get(9), i1 - i0
-            n = i1 if is_causal else lk
-            m_c = _block_mask(mm, is_causal, i0, i1, hk, lk, q.device)
-            q_c = _rows(qq, i0, i1, hk)
-            if primal:
-                to = torch.matmul(_probs(_scores(q_c, _keys(get(1), n), scale, m_c, c, is_causal), None),
-                                  _keys(get(2), n))
-            else:
-                tm_c = None if tmm is None else _block_mask(tmm, False, i0, i1, hk, lk, q.device)
-                to = _tangent_block(q_c, _keys(get(1), n), _keys(get(2), n), None, None, m_c,
-                                    None if tqq is None else _rows(tqq, i0, i1, hk), _keys(get(7), n),
-                                    _keys(get(8), n), tm_c, scale, c, is_causal)
-            ins = [leaves[i] for i in wanted]
-            gs = torch.autograd.grad(to, ins, _rows(g, i0, i1, hk), allow_unused=True)
-        for i, gi in zip(wanted, gs):
-            if gi is not None:
-                grads[i] += gi
-    return tuple(grads)
 
 
 class _LinearizedSDPA(torch.autograd.Function):
@@ -392,110 +232,6 @@ def linearized_sdpa(
     q, k, v, mask, shape = _as_batched(query, key, value, attn_mask, enable_gqa)
     out = _attention(q, k, v, mask, bool(is_causal), scale, chunk_size)
     return out if shape is None else out.reshape(shape)
-
-
-def _check_inputs(q, k, v, mask, is_causal) -> None:
-    """One-line errors for what SDPA itself refuses, before any kernel runs (the CPU flash kernel's own
-    messages name neither the argument nor the fix)."""
-    if min(q.dim(), k.dim(), v.dim()) < 2:
-        raise HfTaujpError(f"linearized_sdpa: query, key and value need at least (L, E) dims, got {q.dim()}, "
-                           f"{k.dim()}, {v.dim()}-D")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise HfTaujpError(f"linearized_sdpa: query, key and value must share one floating dtype, got {q.dtype}, "
-                           f"{k.dtype}, {v.dtype}")
-    if q.shape[-1] != k.shape[-1]:
-        raise HfTaujpError(f"linearized_sdpa: query head size {q.shape[-1]} vs key head size {k.shape[-1]} "
-                           "(they must agree; the value's may differ)")
-    if k.shape[-2] != v.shape[-2]:
-        raise HfTaujpError(f"linearized_sdpa: {k.shape[-2]} keys vs {v.shape[-2]} values")
-    if mask is not None:
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise HfTaujpError(f"linearized_sdpa: attn_mask must be bool (True = attend) or float (added to the "
-                               f"scores), got {mask.dtype}")
-        if is_causal:
-            raise HfTaujpError("linearized_sdpa: is_causal and attn_mask together (SDPA's math kernel refuses them "
-                               "too): put the causal pattern into attn_mask")
-
-
-def _as_batched(q, k, v, mask, enable_gqa):
-    """(q, k, v, mask, shape): the inputs as the 4-D core takes them, and the output shape to give back
-    (None: the core's own).
-
-    Core shapes: q (N, Hq, Lq, E), k (N, Hk, Lk, E), v (N, Hk, Lk, Ev) with Hq a multiple of Hk, mask
-    (N | 1, Hq | 1, Lq | 1, Lk | 1) in the query dtype. SDPA's broadcasting (its math kernel's batched matmuls)
-    is rebuilt with differentiable views before the op: singleton dims are prepended up to 4-D, broadcast dims
-    expanded, leading dims flattened. A view of an expanded dim is free; flattening it copies (O(L) for q, k, v;
-    a mask is expanded only where its own leading dims are not all 1). Autograd and forward AD see only these
-    views, so gradients and tangents of a broadcast input are summed over its copies as SDPA's are. The common
-    call (4-D, one batch size, Hq = Hk or GQA, a 4-D mask) takes none of these ops: linearized generation
-    calls this once per layer and token.
-    """
-    hq, hk, hv = (x.shape[-3] if x.dim() > 2 else 1 for x in (q, k, v))
-    if enable_gqa and not hq == hk == hv:
-        if hk != hv:
-            raise UnsupportedAttentionError(f"linearized_sdpa: enable_gqa with {hk} key heads vs {hv} value heads "
-                                            "is not covered")
-        if hk == 0 or hq % hk:
-            raise HfTaujpError(f"linearized_sdpa: {hq} query heads are not a multiple of {hk} key/value heads "
-                               "(enable_gqa=True)")
-        h, gqa = hq, True
-    else:
-        h = _broadcast((hq, hk, hv), "query, key and value head counts (enable_gqa=True for grouped-query attention)")
-        gqa = hk == hv == 1 and h > 1  # one key/value head for every query head: the GQA path, K and V not copied
-    lq, lk, ev = q.shape[-2], k.shape[-2], v.shape[-1]
-    if (q.dim() == k.dim() == v.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0] and hq == h
-            and (gqa or hk == hv == h) and (mask is None or mask.dim() == 4 and mask.dtype in (torch.bool, q.dtype))):
-        _check_mask(mask, (q.shape[0], h, lq, lk))
-        return q, k, v, mask, None  # the common call: nothing to do
-    out_nd = max(q.dim(), k.dim(), v.dim())
-    nd = max(4, out_nd)
-    q, k, v = (_lift(x, nd) for x in (q, k, v))
-    if hq != h:  # one query head for several key/value heads
-        q = q.expand(q.shape[:-3] + (h,) + q.shape[-2:])
-    if not gqa:
-        k, v = (x if x.shape[-3] == h else x.expand(x.shape[:-3] + (h,) + x.shape[-2:]) for x in (k, v))
-    lead = _broadcast_shapes((q.shape[:-3], k.shape[:-3], v.shape[:-3]), "query, key and value batch dims")
-    n = math.prod(lead)
-
-    def flat(x):
-        return x.expand(lead + x.shape[-3:]).reshape((n,) + x.shape[-3:])
-
-    q, k, v = flat(q), flat(k), flat(v)
-    if mask is not None:
-        if mask.dim() > out_nd:
-            raise HfTaujpError(f"linearized_sdpa: attn_mask has {mask.dim()} dims, the inputs {out_nd}")
-        mask = _lift(mask, nd)
-        _check_mask(mask, lead + (h, lq, lk))
-        if mask.is_floating_point() and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)  # the scores' dtype: the flash kernel takes no other
-        mask = mask.reshape((1,) + mask.shape[-3:]) if all(d == 1 for d in mask.shape[:-3]) else flat(mask)
-    shape = (lead + (h, lq, ev))[nd - out_nd:]
-    return q, k, v, mask, None if shape == (n, h, lq, ev) else shape
-
-
-def _lift(x, nd):
-    """x with singleton dims prepended up to nd dims (a view)."""
-    return x if x.dim() == nd else x.reshape((1,) * (nd - x.dim()) + tuple(x.shape))
-
-
-def _broadcast(sizes, what):
-    return _broadcast_shapes(tuple((s,) for s in sizes), what)[0]
-
-
-def _broadcast_shapes(shapes, what):
-    try:
-        return tuple(torch.broadcast_shapes(*shapes))
-    except RuntimeError:
-        raise HfTaujpError(f"linearized_sdpa: {what} do not broadcast: {', '.join(str(tuple(s)) for s in shapes)}") \
-            from None
-
-
-def _check_mask(mask, scores):
-    """HfTaujpError unless ``mask`` broadcasts to the scores' shape without enlarging it (as SDPA requires)."""
-    if mask is not None and (mask.dim() > len(scores)
-                             or any(m not in (1, e) for m, e in zip(reversed(mask.shape), reversed(scores)))):
-        raise HfTaujpError(f"linearized_sdpa: attn_mask of shape {tuple(mask.shape)} does not broadcast to the "
-                           f"scores {tuple(scores)}")
 
 
 def _attention(q, k, v, mask, is_causal, scale, chunk_size):

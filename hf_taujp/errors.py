@@ -99,6 +99,11 @@ class CurvatureValueError(CurvatureError):
     """Factors holding NaN or inf."""
 
 
+class CurvatureUnitsError(CurvatureError):
+    """Other tasks' factors estimated for different outputs f or with different probes (Gaussian vs Fisher):
+    their penalties are in different units, and their sum measures nothing."""
+
+
 class OwnCurvatureError(CurvatureError):
     """The training task's own factors (or one task's twice) passed among the *other* tasks' factors."""
 

@@ -65,6 +65,7 @@ from torch.overrides import TorchFunctionMode
 
 from .attention import forward_ad_attention
 from .errors import HfTaujpError
+from .jvp_context import jvp_ready  # one implementation of the checkpointing / eval-mode switch
 
 __all__ = ["linearized_generate", "FastForwardAD"]
 
@@ -414,7 +415,6 @@ def linearized_generate(
     """
     _check_kwargs(model, args, kwargs)
     _check_tangents(model, primals, tangents)
-    from .linearize import jvp_ready  # one implementation of the checkpointing / eval-mode switch
 
     with contextlib.ExitStack() as stack:
         level = stack.enter_context(fwAD.dual_level())

@@ -9,13 +9,11 @@ of an ordinary step; the part above 5/3 is forward-AD's extra element-wise kerne
 rule alone is ~15 kernels). The wrapper itself costs nothing measurable over a bare ``torch.func.jvp``.
 
 Parameters are always keyed by the base model's own names (``base.named_parameters()``, tied
-weights once, under their first name): see docs/design.md.
+weights once, under their first name): see docs/modules.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -26,7 +24,34 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .attention import forward_ad_attention
 from .errors import HfTaujpError
+from .generation import linearized_generate
 from .low_rank import LowRankFactors, low_rank_hook
+
+# Split out by concept, re-exported here (every `from hf_taujp.linearize import ...` keeps working):
+# the inputs a forward accepts / that trigger a loss, the state of a forward-mode pass, and the
+# outputs' arithmetic and task losses.
+from .forward_inputs import (  # noqa: F401
+    _RENAMED_LABEL_KEYS,
+    _SIGNATURES,
+    _UNSUPPORTED_LOSS_KEYS,
+    LOSS_KEYS,
+    _accepts,
+    _explicit_params,
+)
+from .jvp_context import (  # noqa: F401
+    _REQUIRE_GRADS_HOOKS,
+    LINEARIZATION_MODES,
+    _contiguous_input,
+    contiguous_head_input,
+    jvp_ready,
+)
+from .linearized_outputs import (  # noqa: F401
+    _decoder_inputs_from_labels,
+    add_outputs,
+    linearized_loss,
+    prepare_linearized_inputs,
+    with_loss,
+)
 
 __all__ = [
     "linearized_forward",
@@ -37,154 +62,6 @@ __all__ = [
     "match_parameter_names",
     "contiguous_head_input",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs: which keywords a forward accepts, which ones trigger a loss
-# --------------------------------------------------------------------------------------------
-# Inputs that make a transformers model compute a loss (or are a loss's arguments). The one list of
-# the package: the linearized forward pops them before the jvp (the loss must be taken of the
-# linearized outputs, not linearized itself), the τJp trainer and `taujp_matrix` strip them from
-# regularization batches, and evaluation reads gold labels from the first three.
-LOSS_KEYS = (
-    "labels", "label", "label_ids",          # label names ("label"/"label_ids": before the collator renames them)
-    "start_positions", "end_positions",      # extractive question answering
-    "next_sentence_label", "mc_labels", "sentence_order_label",  # pre-training heads (not supported linearized)
-    "return_loss",                           # CLIP-style contrastive loss
-    "num_items_in_batch",                    # the Trainer's loss normaliser
-)
-_UNSUPPORTED_LOSS_KEYS = ("next_sentence_label", "mc_labels", "sentence_order_label")
-_RENAMED_LABEL_KEYS = ("label", "label_ids")
-
-LINEARIZATION_MODES = ("eval", "train")
-
-
-def _explicit_params(fn: Callable) -> frozenset[str]:
-    """Names of the parameters ``fn`` declares (``**kwargs`` excluded); cached per underlying function."""
-    target = fn.forward if isinstance(fn, nn.Module) else fn
-    key = getattr(target, "__func__", target)
-    try:
-        return _SIGNATURES[key]
-    except (KeyError, TypeError):
-        pass
-    try:
-        params = inspect.signature(target).parameters
-        names = frozenset(n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
-    except (TypeError, ValueError):
-        names = frozenset()
-    try:
-        _SIGNATURES[key] = names
-    except TypeError:  # unhashable callable
-        pass
-    return names
-
-
-_SIGNATURES: dict = {}
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-    """True when ``fn`` (a callable, or a module: its ``forward``) declares the keyword ``name``.
-
-    Only an explicit parameter counts: a ``**kwargs`` catch-all does not prove the keyword is
-    understood (a strict inner forward behind it would raise), so such a keyword is not passed.
-    """
-    return name in _explicit_params(fn)
-
-
-# --------------------------------------------------------------------------------------------
-# The output layer's input layout
-# --------------------------------------------------------------------------------------------
-def _contiguous_input(module: nn.Module, args: tuple):
-    """Forward pre-hook: the first positional input made contiguous (same values, other layout)."""
-    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
-        return (args[0].contiguous(), *args[1:])
-    return None
-
-
-def contiguous_head_input(model: nn.Module):
-    """Give the model's output layer (``model.get_output_embeddings()``, e.g. ``lm_head``) a contiguous input.
-
-    transformers' causal LMs slice the hidden states before the head (``hidden_states[:, -k:, :]`` for
-    ``logits_to_keep=k``, ``logits_to_keep=1`` at a batched generation's first step): a (B, k, H) view that is
-    not contiguous for B > 1. ``F.linear`` on such a 3-D view cannot fold it into one matrix product and takes
-    a batched path that runs the (vocab × H) weight once per batch row: on CPU (hidden 576, vocab 49152,
-    32 × 2 kept positions) 0.55 s against 0.046 s for the contiguous copy, and 2.9 s against 0.19 s under
-    ``torch.func.jvp`` (``benchmarks/bench_linearized_step.py --keep``). A forward pre-hook copies the slice
-    (B·k·H values) first; outputs are unchanged up to float rounding.
-
-    Every forward-mode pass of the package gets it (:func:`jvp_ready` installs it for the pass); call it
-    directly to keep it on a model for its ordinary forwards too (the recipes do).
-
-    Returns:
-        The hook's ``RemovableHandle`` (``.remove()`` takes it off), or None when the model has no output
-        layer or the hook is already on it.
-    """
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        head = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):  # models without an output-embedding accessor
-        head = None
-    if not isinstance(head, nn.Module):
-        return None
-    if any(h is _contiguous_input for h in head._forward_pre_hooks.values()):
-        return None
-    return head.register_forward_pre_hook(_contiguous_input)
-
-
-# Forward hooks that call ``output.requires_grad_(True)`` on the input embeddings, registered by
-# transformers' `enable_input_require_grads` (called by `gradient_checkpointing_enable` and PEFT)
-# and by PEFT's own fallback. Inside a functorch transform that call raises.
-_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
-
-
-@contextlib.contextmanager
-def jvp_ready(module: nn.Module, mode: str = "eval"):
-    """Put ``module`` in the state a forward-mode pass needs, and restore it afterwards.
-
-    - ``mode="eval"`` (default, the authors' linearization point: ``init_model.eval()``): every
-      submodule in train mode is switched to eval for the block, so no dropout (and BatchNorm's
-      running statistics) inside f(x; θ0) and J. ``mode="train"`` leaves the modes alone (dropout
-      active in train mode, one mask shared by primal and tangent).
-    - Activation checkpointing off (``gradient_checkpointing`` flags), and the embedding hooks of
-      ``enable_input_require_grads`` detached: both break jvp (checkpoint recomputation does not
-      replay dual tensors; the hook calls ``requires_grad_`` inside a functorch transform). Neither is
-      needed inside the jvp: the penalty / linearized forward keeps its activations anyway.
-    - The output layer takes a contiguous input (:func:`contiguous_head_input`): the ``logits_to_keep``
-      slice otherwise sends ``F.linear`` to a slow batched path, 15× under ``torch.func.jvp``.
-
-    One walk over the modules per call; everything changed is put back, also when the call raises.
-    """
-    if mode not in LINEARIZATION_MODES:
-        raise HfTaujpError(f"Unknown linearization mode {mode!r} (expected one of {LINEARIZATION_MODES}).")
-    to_eval, flagged, hooked = [], [], []
-    for m in module.modules():
-        if mode == "eval" and m.training:
-            to_eval.append(m)
-        if getattr(m, "gradient_checkpointing", False) is True:
-            flagged.append(m)
-        if m._forward_hooks and any(getattr(h, "__name__", "") in _REQUIRE_GRADS_HOOKS for h in m._forward_hooks.values()):
-            hooked.append((m, dict(m._forward_hooks)))
-    for m in to_eval:
-        m.training = False
-    for m in flagged:
-        m.gradient_checkpointing = False
-    head_hook = contiguous_head_input(module)
-    for m, hooks in hooked:
-        for k, h in hooks.items():
-            if getattr(h, "__name__", "") in _REQUIRE_GRADS_HOOKS:
-                del m._forward_hooks[k]
-    try:
-        yield
-    finally:
-        if head_hook is not None:
-            head_hook.remove()
-        for m in to_eval:
-            m.training = True
-        for m in flagged:
-            m.gradient_checkpointing = True
-        for m, hooks in hooked:  # same hooks, same order
-            m._forward_hooks.clear()
-            m._forward_hooks.update(hooks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,139 +219,6 @@ def refuse_sharded(module: nn.Module, parameters: Iterable[tuple[str, torch.Tens
 
 
 # --------------------------------------------------------------------------------------------
-# Output arithmetic and task losses of the linearized outputs
-# --------------------------------------------------------------------------------------------
-def add_outputs(primal: Any, tangent: Any, alpha: float = 1.0) -> Any:
-    """``primal + alpha·tangent`` leaf by leaf, keeping the output class (ModelOutput, tuple, tensor)."""
-    if isinstance(primal, torch.Tensor):
-        if not primal.is_floating_point() and not primal.is_complex():
-            return primal
-        return primal + alpha * tangent if alpha != 1.0 else primal + tangent
-    if isinstance(primal, Mapping):
-        fields = {k: add_outputs(v, tangent[k], alpha) for k, v in primal.items()}
-        return type(primal)(**fields)
-    if isinstance(primal, (tuple, list)):
-        return type(primal)(add_outputs(p, t, alpha) for p, t in zip(primal, tangent))
-    return primal
-
-
-def linearized_loss(model: nn.Module, outputs: Any, labels: torch.Tensor | None = None, *, return_loss: bool = False,
-                    num_items_in_batch: Any = None, start_positions: torch.Tensor | None = None,
-                    end_positions: torch.Tensor | None = None) -> torch.Tensor:
-    """The task loss evaluated on linearized outputs (not the linearization of the loss).
-
-    The loss functions are transformers' own, applied to the f_lin outputs:
-
-    - question answering (``start_positions`` and ``end_positions``): ``ForQuestionAnsweringLoss``
-      on ``start_logits`` / ``end_logits`` (mean of the two cross-entropies, positions outside the
-      sequence ignored), as ``*ForQuestionAnswering`` models compute it.
-    - CLIP-like (``return_loss`` and ``logits_per_text``): contrastive ``clip_loss`` (Radford et al. 2021).
-    - encoder-decoder (T5, BART): token cross-entropy over the decoder logits, ``ignore_index=-100``.
-    - otherwise ``model.loss_function`` (causal LM: shifted CE; sequence classification: MSE / CE /
-      BCE by ``problem_type``; token classification; masked LM).
-
-    Raises:
-        HfTaujpError: no labels (and no CLIP ``return_loss``), only one of the two QA positions,
-            outputs without the fields the loss needs.
-    """
-    if start_positions is not None or end_positions is not None:
-        if start_positions is None or end_positions is None:
-            raise HfTaujpError("Question answering needs both start_positions and end_positions.")
-        if not (isinstance(outputs, Mapping) and "start_logits" in outputs and "end_logits" in outputs):
-            raise HfTaujpError("start_positions / end_positions given, but the model returns no start_logits / end_logits.")
-        from transformers.loss.loss_utils import ForQuestionAnsweringLoss
-
-        return ForQuestionAnsweringLoss(outputs["start_logits"], outputs["end_logits"], start_positions, end_positions)
-    if return_loss and isinstance(outputs, Mapping) and "logits_per_text" in outputs:
-        # CLIP's symmetric InfoNCE (the helper's import path moved between transformers versions).
-        lt = outputs["logits_per_text"]
-        target = torch.arange(lt.shape[0], device=lt.device)
-        return (nn.functional.cross_entropy(lt, target) + nn.functional.cross_entropy(lt.t(), target)) / 2
-    if labels is None:
-        raise HfTaujpError("linearized_loss needs labels, start_positions / end_positions, or return_loss=True for a "
-                           "CLIP-like model.")
-    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "is_encoder_decoder", False):
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), labels.to(logits.device).reshape(-1), ignore_index=-100,
-            reduction="sum" if num_items_in_batch is not None else "mean",
-        )
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
-        return loss
-    if not hasattr(model, "loss_function"):
-        raise HfTaujpError(f"{type(model).__name__} has no `loss_function`; compute the loss from the outputs yourself.")
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is None and config is not None and hasattr(config, "get_text_config"):
-        vocab = getattr(config.get_text_config(), "vocab_size", None)
-    return model.loss_function(
-        logits=logits, labels=labels, pooled_logits=logits, vocab_size=vocab, config=config,
-        num_items_in_batch=num_items_in_batch,
-    )
-
-
-def _decoder_inputs_from_labels(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    if hasattr(model, "prepare_decoder_input_ids_from_labels"):
-        return model.prepare_decoder_input_ids_from_labels(labels=labels)
-    if hasattr(model, "_shift_right"):
-        return model._shift_right(labels)
-    raise HfTaujpError(f"{type(model).__name__} is encoder-decoder but cannot build decoder_input_ids from labels.")
-
-
-def prepare_linearized_inputs(model: nn.Module, kwargs: dict) -> tuple[dict, dict]:
-    """Split ``kwargs`` into model inputs and loss arguments (every key of :data:`LOSS_KEYS`).
-
-    The loss-triggering inputs never reach the jvp: inside it the model would return the
-    linearization of its loss, L(θ0) + ∇L·τ, which has no lower bound. For encoder-decoder models
-    ``decoder_input_ids`` are built from ``labels`` (the model's own shift) when not given.
-
-    Raises:
-        HfTaujpError: a loss input the linearized model cannot compute on its outputs
-            (``next_sentence_label``, ``mc_labels``, ``sentence_order_label``), or ``label`` /
-            ``label_ids`` (models name it ``labels``; the Trainer's collator renames it).
-    """
-    kwargs = dict(kwargs)
-    popped = {k: kwargs.pop(k) for k in LOSS_KEYS if k in kwargs}
-    bad = [k for k in _UNSUPPORTED_LOSS_KEYS if popped.get(k) is not None]
-    if bad:
-        raise HfTaujpError(f"{bad} trigger(s) a loss the linearized model cannot take of its outputs (supported: labels, "
-                           "start_positions / end_positions, return_loss); compute that loss from the outputs yourself.")
-    renamed = [k for k in _RENAMED_LABEL_KEYS if popped.get(k) is not None]
-    if renamed:
-        raise HfTaujpError(f"Pass the targets as `labels`, not {renamed} (the Trainer's data collator renames them).")
-    loss_args = {
-        "labels": popped.get("labels"),
-        "start_positions": popped.get("start_positions"),
-        "end_positions": popped.get("end_positions"),
-        "return_loss": bool(popped.get("return_loss") or False),
-        "num_items_in_batch": popped.get("num_items_in_batch"),
-    }
-    config = getattr(model, "config", None)
-    labels = loss_args["labels"]
-    if (labels is not None and config is not None and getattr(config, "is_encoder_decoder", False)
-            and kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None):
-        kwargs["decoder_input_ids"] = _decoder_inputs_from_labels(model, labels)
-    return kwargs, loss_args
-
-
-def with_loss(model: nn.Module, outputs: Any, loss_args: dict) -> Any:
-    """Attach the linearized task loss to ``outputs`` (ModelOutput) when a loss input was given."""
-    if all(loss_args.get(k) is None for k in ("labels", "start_positions", "end_positions")) and not loss_args["return_loss"]:
-        return outputs
-    loss = linearized_loss(model, outputs, loss_args["labels"], return_loss=loss_args["return_loss"],
-                           num_items_in_batch=loss_args["num_items_in_batch"],
-                           start_positions=loss_args.get("start_positions"), end_positions=loss_args.get("end_positions"))
-    if isinstance(outputs, Mapping):
-        fields = dict(outputs)
-        fields.pop("loss", None)
-        return type(outputs)(loss=loss, **fields)
-    if isinstance(outputs, tuple):
-        return (loss, *outputs)
-    return (loss, outputs)
-
-
-# --------------------------------------------------------------------------------------------
 # Choosing parameters
 # --------------------------------------------------------------------------------------------
 def _module_matches(module_name: str, target: str | Iterable[str]) -> bool:
@@ -627,10 +371,7 @@ def _set_tangents(names: list[str], slots: list[torch.Tensor], tangents: Mapping
 
 def _generate(base: nn.Module, primals: Mapping[str, torch.Tensor], tangents: Mapping[str, torch.Tensor],
               args: tuple, kwargs: Mapping[str, Any]):
-    """Decoding from f_lin: see :func:`hf_taujp.generation.linearized_generate` (imported here lazily,
-    generation builds on this module)."""
-    from .generation import linearized_generate
-
+    """Decoding from f_lin: see :func:`hf_taujp.generation.linearized_generate`."""
     return linearized_generate(base, primals, tangents, *args, **kwargs)
 
 

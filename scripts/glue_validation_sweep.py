@@ -14,7 +14,9 @@ import time
 
 import torch
 
-from hf_taujp.recipes.glue import _prompt_part, _rows, _trained_names, _weights_of
+from hf_taujp.recipes.common import subsample as _rows, weights_of as _weights_of
+from hf_taujp.recipes.glue_parts import _prompt_part
+from hf_taujp.recipes.models import trained_parameter_names as _trained_names
 from hf_taujp.recipes.models import SMOLLM2, load_text_model
 from hf_taujp.recipes.runner import finetune, parse_methods
 from hf_taujp.recipes.tasks import GLUE_TASKS, load_task_data, split_train_val

@@ -11,13 +11,14 @@ from clip_offline import offline_data_dir, write_fake_task, write_idx
 
 from hf_taujp.errors import CorruptFileError, HfTaujpError
 from hf_taujp.recipes import clip as C
+from hf_taujp.recipes import clip_recipe, vision_tasks
 
 
 def _no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the data were checked")
 
-    monkeypatch.setattr(C, "load_clip", refuse)
+    monkeypatch.setattr(clip_recipe, "load_clip", refuse)  # where ClipRecipe loads the model
 
 
 def test_empty_and_class_folders_are_named(tmp_path, monkeypatch):
@@ -67,6 +68,6 @@ def test_corrupt_truncated_and_unreadable_idx_files(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(C.gzip, "open", denied)  # root ignores chmod, so the refusal is simulated
+    monkeypatch.setattr(vision_tasks.gzip, "open", denied)  # root ignores chmod, so the refusal is simulated
     with pytest.raises(CorruptFileError, match=r"good\.gz: cannot be read as gzip \(PermissionError"):
         C.read_idx(str(good))

@@ -74,10 +74,11 @@ CLIP_WORKER = textwrap.dedent('''
     import torch.distributed as dist
     from hf_taujp import TaskVector
     from hf_taujp.recipes import clip as C
+    from hf_taujp.recipes import clip_recipe as CR  # where ClipRecipe finds what is spied on
 
     out, data, tag = sys.argv[1:4]
     tau, writes = {}, []
-    finetune = C.finetune_clip
+    finetune = CR.finetune_clip
 
     def spy(clf, method, rows, args, **kw):  # every process's own task vector, before anything is written
         tv, stats = finetune(clf, method, rows, args, **kw)
@@ -90,9 +91,9 @@ CLIP_WORKER = textwrap.dedent('''
             return fn(*a, **k)
         return wrapped
 
-    C.finetune_clip = spy
-    C._save_heads = record("heads", C._save_heads)
-    C.write_report = record("report", C.write_report)
+    CR.finetune_clip = spy
+    CR._save_heads = record("heads", CR._save_heads)
+    CR.write_report = record("report", CR.write_report)
     TaskVector.save_pretrained = record("task_vector", TaskVector.save_pretrained)
     common = ["--model", "tiny", "--tasks", "mnist,fashion_mnist", "--data-dir", data, "--batch-size", "8",
               "--lr", "1e-3", "--warmup-steps", "1", "--reg-ratio", "0.25", "--threads", "1"]
@@ -132,9 +133,9 @@ def test_clip_recipe_under_ddp_matches_one_process(tmp_path):
     the task vectors agree up to float summation order, the two processes' vectors agree exactly. Validation
     (11 rows) and test (15 rows, 9 for the held-out control) do not split evenly over 2 processes: evaluation
     pads the shares and gathers; both processes return the same results as the single process. Only rank 0
-    writes (heads, 4 task vectors, one report), and every file is in place when the processes return. Before
-    it, a run in the same processes has fewer training rows than steps × batch, split unevenly (5 batches of 4
-    over 2 processes): it finishes and the processes agree."""
+    writes (heads, 4 task vectors, the report after each of the 2 methods), and every file is in place when the
+    processes return. Before it, a run in the same processes has fewer training rows than steps × batch, split
+    unevenly (5 batches of 4 over 2 processes): it finishes and the processes agree."""
     from clip_offline import offline_data_dir
 
     data = offline_data_dir(tmp_path)  # MNIST-shaped stand-ins for mnist, fashion_mnist + a fake held-out control "svhn"
@@ -155,7 +156,7 @@ def test_clip_recipe_under_ddp_matches_one_process(tmp_path):
     assert r0["results"]["taujp"]["reg_batch_size"] == one["results"]["taujp"]["reg_batch_size"] == 2
     # only the main process writes; when the processes return, everything is there and no temporary file is left
     assert r1["writes"] == [] and one["writes"] == r0["writes"]
-    assert sorted(r0["writes"]) == ["heads", "report"] + ["task_vector"] * 4
+    assert sorted(r0["writes"]) == ["heads"] + ["report"] * 2 + ["task_vector"] * 4  # a report after each method
     assert r0["listing"] == r1["listing"] == one["listing"]
     assert {"results.json", "results.md", "alpha_curves.png", "zero_shot_heads.safetensors", "task_vectors"} <= set(
         r0["listing"]) and not any("tmp" in f for f in r0["listing"])

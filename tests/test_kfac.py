@@ -109,6 +109,28 @@ def test_penalty_equals_the_kronecker_quadratic_form(aggregation):
     assert float(kfac_penalty_v(deltas, terms)) == pytest.approx(brute_force(dense, tau, model), rel=1e-10)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_penalty_gradient_equals_the_brute_force_gradient(bias):
+    """d/dΔW̃ of tr(G·ΔW̃·A·ΔW̃ᵀ) (the dense path's own backward, 2·G·ΔW̃·A) equals autograd of the brute-force
+    vec(ΔW̃)ᵀ (A ⊗ G) vec(ΔW̃) in float64."""
+    g = torch.Generator().manual_seed(3)
+    out, inn = 5, 4
+    a_f, g_f = psd(inn + 1, g), psd(out, g)
+    w = torch.randn(out, inn, generator=g, dtype=D, requires_grad=True)
+    b = torch.randn(out, generator=g, dtype=D, requires_grad=True) if bias else None
+    pen = kfac_quadratic(Factor(dense=a_f), Factor(dense=g_f), LayerDelta(out, inn, weight=w, bias=b))
+    got = torch.autograd.grad(pen, [w] + ([b] if bias else []))
+    w2 = w.detach().clone().requires_grad_(True)
+    b2 = b.detach().clone().requires_grad_(True) if bias else None
+    x = torch.cat([w2, b2[:, None]], dim=1) if bias else w2
+    a_used = a_f if bias else a_f[:inn, :inn]
+    ref = vec(x) @ torch.kron(a_used, g_f) @ vec(x)
+    want = torch.autograd.grad(ref, [w2] + ([b2] if bias else []))
+    assert float(pen) == pytest.approx(float(ref), rel=1e-12)
+    for x_, y_ in zip(got, want):
+        torch.testing.assert_close(x_, y_, rtol=1e-12, atol=1e-12)
+
+
 def test_aggregation_equals_its_formula():
     """merged (Eq. 8): A = Σ (n_s/N)·A_s, G = Σ G_s; per_task (Eq. 7): the (A_s, G_s) themselves; compressed roots
     aggregate exactly (side by side: Σ w_s·F_s·F_sᵀ)."""
@@ -198,6 +220,31 @@ def test_gaussian_probe_is_an_unbiased_estimate_of_the_exact_g():
         e, m = exact.tensors[f"{p}.G"], mc.tensors[f"{p}.G"]
         assert float((m - e).norm() / e.norm()) < 0.15
     assert mc.extra["samples"] == 400 and exact.extra["samples"] is None
+
+
+def test_fisher_probe_is_an_unbiased_estimate_of_the_softmax_ggn():
+    """probe="fisher" (y ∼ softmax(f), ε = onehot(y) − p): E[g gᵀ] = J_yᵀ (diag(p) − p pᵀ) J_y. Reference: the
+    exact probe on f' = H^½·f per position, H = diag(p) − p pᵀ of the detached logits (float64 eigh), whose
+    sum over output entries is exactly J_yᵀ H J_y; many Fisher samples agree within Monte-Carlo error."""
+    model = gpt2()
+    batches = token_batches(n_batches=1, length=4)
+    layers = ["transformer.h.0.mlp.c_proj", "lm_head"]
+
+    def rooted(outputs, batch):
+        f = outputs.logits
+        p = torch.softmax(f.detach(), -1)
+        h = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+        w, v = torch.linalg.eigh(h)
+        root = v @ torch.diag_embed(w.clamp_min(0).sqrt()) @ v.transpose(-1, -2)
+        return (root @ f[..., None]).squeeze(-1)
+
+    exact = estimate_kfac(model, batches, probe="exact", output_fn=rooted, layers=layers, progress=False)
+    mc = estimate_kfac(model, batches, probe="fisher", samples=400, layers=layers, progress=False)
+    for p in layers:
+        torch.testing.assert_close(mc.tensors[f"{p}.A"], exact.tensors[f"{p}.A"])
+        e, m = exact.tensors[f"{p}.G"], mc.tensors[f"{p}.G"]
+        assert float((m - e).norm() / e.norm()) < 0.15
+    assert mc.extra["probe"] == "fisher" and mc.extra["samples"] == 400
 
 
 # ------------------------------------------------------------------ low-rank τ = s·B·A

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_taujp.errors import (BaseModelMismatchError, CurvatureBaseMismatchError, CurvatureLayerMismatchError,
-                             CurvatureValueError, MissingCurvatureError, MissingRegularizationDataError,
+                             CurvatureUnitsError, CurvatureValueError, MissingCurvatureError, MissingRegularizationDataError,
                              OwnCurvatureError)
 from hf_taujp.linearize import linearize
 from hf_taujp.trainer import KFACStatistics, TauJpConfigError, TauJpTrainer, aggregate_kfac, estimate_kfac
@@ -200,6 +200,13 @@ def test_bad_curvature_is_refused_before_training(tmp_path):
                      curvature=[ok, factors(data=TRAIN, task="a")])
     with pytest.raises(OwnCurvatureError, match="twice"):
         TauJpTrainer(model=model, args=args, train_dataset=TRAIN, curvature=[ok, factors()])
+    # factors in different units: a Gaussian-probe task beside a Fisher-probe one, or another output f
+    with pytest.raises(CurvatureUnitsError, match="probes"):
+        TauJpTrainer(model=model, args=args, train_dataset=TRAIN,
+                     curvature=[ok, factors(data=TRAIN, task="c", probe="fisher")])
+    with pytest.raises(CurvatureUnitsError, match="outputs"):
+        TauJpTrainer(model=model, args=args, train_dataset=TRAIN,
+                     curvature=[ok, factors(data=TRAIN, task="c", output_fn=lambda o, b: o.logits[:, :1])])
 
 
 def test_gradient_accumulation_is_equivalent_to_a_big_batch(tmp_path):

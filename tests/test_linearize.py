@@ -343,7 +343,7 @@ def test_logits_to_keep_slice_reaches_the_head_contiguous_with_unchanged_lineari
     assert out.logits.shape == (3, 2, 100)
     torch.testing.assert_close(out.logits.double(), base64 + dir64, atol=1e-4, rtol=1e-4)
     with monkeypatch.context() as mp:  # and the linearized pass without the hook (the strided slow path)
-        mp.setattr(sys.modules["hf_taujp.linearize"], "contiguous_head_input", lambda model: None)
+        mp.setattr(sys.modules["hf_taujp.jvp_context"], "contiguous_head_input", lambda model: None)
         seen.clear()
         strided = lin(input_ids=x, logits_to_keep=2).logits
         assert seen == [False]

@@ -13,6 +13,7 @@ from hf_taujp import HfTaujpError, TaskVector
 from hf_taujp.evaluation import _addition_protocol, evaluate_task_negation
 from hf_taujp.linearize import linearize
 from hf_taujp.recipes import clip as C
+from hf_taujp.recipes import clip_recipe
 from hf_taujp.recipes.runner import METHODS
 
 
@@ -276,7 +277,7 @@ def _no_model(monkeypatch):
     def load_clip(*a, **k):
         raise AssertionError("the model was loaded: the bad input was not caught before training")
 
-    monkeypatch.setattr(C, "load_clip", load_clip)
+    monkeypatch.setattr(clip_recipe, "load_clip", load_clip)  # where ClipRecipe loads the model
 
 
 def test_bad_data_fails_before_the_model_loads(tmp_path, monkeypatch):
@@ -499,3 +500,52 @@ def test_statistics_merges_in_the_clip_recipe(tmp_path, monkeypatch):
         C.run_clip(C.TINY, "mnist,fashion_mnist", data_dir=C.HUB, methods="linear", merge_methods="regmean",
                    output_dir=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def _kfac_penalty_of(tv, others):
+    """R_KFAC of a saved encoder vector under saved factors of the classifier's ``image_encoder.*`` layers."""
+    from hf_taujp.trainer import aggregate_kfac, kfac_penalty
+    from hf_taujp.trainer.tangents import LayerDelta
+
+    terms = aggregate_kfac(others, dtype=torch.float64)
+    deltas = {}
+    for p in terms:
+        w = tv[p.removeprefix("image_encoder.") + ".weight"].double()
+        bias = p.removeprefix("image_encoder.") + ".bias"
+        b = tv[bias] if bias in tv else None
+        deltas[p] = LayerDelta(w.shape[0], w.shape[1], weight=w, bias=None if b is None else b.double())
+    return float(kfac_penalty(deltas, terms))
+
+
+def test_kfac_methods_in_the_clip_recipe(tmp_path, monkeypatch):
+    """`--methods kfac` (issue 23): each task's KFAC factors of the image encoder's Linear layers at θ0 (f =
+    image_embeds, Gaussian probe), saved under curvature/<task>; each task trained against the other's. λ = 0
+    reproduces linear FT exactly; non-linear FT + KFAC at a large λ lowers the vector's penalty under the other
+    task's saved factors (recomputed here from the saved files) against plain non-linear FT."""
+    from hf_taujp.trainer import KFACStatistics
+
+    _fake_hub(monkeypatch, {"ylecun/mnist": _image_set(24, 10, seed=1),
+                            "zalando-datasets/fashion_mnist": _image_set(24, 10, seed=2)})
+    kw = dict(data_dir=C.HUB, steps=4, batch_size=4, warmup_steps=0, learning_rate=1e-3, alphas=(0.0, 1.0),
+              shape_alphas=(), eval_batch_size=64, matrix_examples=4, negation_control="none", kfac_examples=8)
+    out = tmp_path / "a"
+    r = C.run_clip(C.TINY, "mnist,fashion_mnist", methods="linear,kfac", output_dir=str(out), kfac_lambda=0.0, **kw)
+    assert set(r["methods"]) == {"linear FT", "linear FT + KFAC"} and r["curvature"]["probe"] == "gaussian"
+    for t, o in (("mnist", "fashion_mnist"), ("fashion_mnist", "mnist")):
+        st = KFACStatistics.from_pretrained(str(out / "curvature" / t))
+        assert st.task == t and st.num_examples == 8 and all(p.startswith("image_encoder.") for p in st.layers)
+        lin = TaskVector.from_pretrained(str(out / "task_vectors" / "linear" / t))
+        zero = TaskVector.from_pretrained(str(out / "task_vectors" / "kfac" / t))
+        assert zero.training["curvature_tasks"] == [o]
+        for k in lin:
+            torch.testing.assert_close(zero[k], lin[k], rtol=1e-5, atol=1e-7)
+    out = tmp_path / "b"
+    C.run_clip(C.TINY, "mnist,fashion_mnist", methods="nonlinear,nonlinear+kfac", output_dir=str(out),
+               kfac_lambda=1e4, **kw)
+    for t, o in (("mnist", "fashion_mnist"), ("fashion_mnist", "mnist")):
+        other = [KFACStatistics.from_pretrained(str(out / "curvature" / o))]
+        plain = TaskVector.from_pretrained(str(out / "task_vectors" / "nonlinear" / t))
+        reg = TaskVector.from_pretrained(str(out / "task_vectors" / "nonlinear_kfac" / t))
+        assert _kfac_penalty_of(reg, other) < 0.5 * _kfac_penalty_of(plain, other)
+    with pytest.raises(HfTaujpError, match="one kfac_lambda"):
+        C.run_clip(C.TINY, "mnist,fashion_mnist", methods="kfac", kfac_lambda=[1.0, 2.0], output_dir=str(tmp_path / "o"))

@@ -15,6 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from hf_taujp import linearize
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.recipes import glue as glue_recipe
+from hf_taujp.recipes import glue_parts, glue_report
 from hf_taujp.recipes.tasks import (GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load_task_spec,
                                     split_train_val)
 from hf_taujp.recipes.text_to_text import FrozenPrefix, TextToTextEncoder, rank_scores
@@ -228,13 +229,13 @@ def test_left_padding_gives_the_unpadded_scores_and_finite_linearized_gradients(
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_whole_recipe_on_tiny_models(tmp_path, kind, monkeypatch):
     captured = {}
-    real_finetune = glue_recipe.finetune
+    real_finetune = glue_parts.finetune
 
     def spy(base, names, method, train, args, **kw):
         captured.setdefault(method.name, []).append((train, kw.get("regularization_datasets")))
         return real_finetune(base, names, method, train, args, **kw)
 
-    monkeypatch.setattr(glue_recipe, "finetune", spy)
+    monkeypatch.setattr(glue_parts, "finetune", spy)
     out = tmp_path / "out"
     res = glue_recipe.run_glue(
         tiny_model_dir(tmp_path, kind), ("sst2", "cola", "rte"), methods="nonlinear,linear,taujp", output_dir=str(out),
@@ -295,13 +296,13 @@ def test_recipe_lambda_auto_chooses_per_task_on_validation(tmp_path, monkeypatch
     from hf_taujp.trainer.lambda_search import choose_lambda
 
     scored = []
-    real = glue_recipe._validation_score
+    real = glue_parts._validation_score
 
     def spy(method, name, model, choices_scores, metric):
         fn = real(method, name, model, choices_scores, metric)
         return lambda tensors: (scored.append(name), fn(tensors))[1]
 
-    monkeypatch.setattr(glue_recipe, "_validation_score", spy)
+    monkeypatch.setattr(glue_parts, "_validation_score", spy)
     out = tmp_path / "out"
     res = glue_recipe.run_glue(
         tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="linear,taujp", output_dir=str(out),
@@ -347,12 +348,12 @@ def test_compare_merges_in_the_recipe_and_merge_bench_on_its_saved_vectors(tmp_p
     assert set(mb["methods"]) == {"task_arithmetic", "tsv"}
     assert (out / "merge_bench" / "linear" / "merge_bench.json").is_file()
     calls = []
-    real = glue_recipe.finetune
-    glue_recipe.finetune = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = glue_parts.finetune
+    glue_parts.finetune = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         res2 = glue_recipe.merge_bench_main([str(out), "--methods", "task_arithmetic,tsv"])
     finally:
-        glue_recipe.finetune = real
+        glue_parts.finetune = real
     assert not calls and res2["vectors_from"] == str(out)
     mb2 = res2["merge_bench"]["linear FT"]["methods"]
     for m in ("task_arithmetic", "tsv"):
@@ -368,14 +369,14 @@ def test_report_titles_and_reading_name_the_tasks_and_the_split():
     """A --task-spec run is not called GLUE; the first lines say what the numbers are and what α = 0 means."""
     res = {"model": "/models/SmolLM2-135M", "sizes": {"reviews": {"val": 100}, "sst2": {"val": 120}},
            "tasks": {"reviews": {"source": "task spec"}, "sst2": {"source": "glue"}}}
-    assert glue_recipe._title(res, ["sst2", "reviews"]) == "Task addition: sst2, reviews (SmolLM2-135M)"
-    text = glue_recipe._reading(res, ["sst2", "reviews"])
+    assert glue_report._title(res, ["sst2", "reviews"]) == "Task addition: sst2, reviews (SmolLM2-135M)"
+    text = glue_report._reading(res, ["sst2", "reviews"])
     assert "tasks' test split" in text and "100–120 rows per task" in text and "best α = 0.00" in text
     res["tasks"]["reviews"]["source"] = "glue"
     res["tasks"]["rte"] = {"source": "glue"}
     res["sizes"]["rte"] = {"val": 100}
-    assert glue_recipe._title(res, ["sst2", "rte"]).startswith("GLUE task addition: sst2, rte")
-    assert "GLUE dev set" in glue_recipe._reading(res, ["sst2", "rte"])
+    assert glue_report._title(res, ["sst2", "rte"]).startswith("GLUE task addition: sst2, rte")
+    assert "GLUE dev set" in glue_report._reading(res, ["sst2", "rte"])
 
 
 def test_rank_and_dtype_bad_input_is_refused_before_loading(tmp_path):
@@ -391,14 +392,14 @@ def test_rank_and_dtype_bad_input_is_refused_before_loading(tmp_path):
 def test_a_glue_run_that_stops_keeps_the_methods_it_finished(tmp_path, monkeypatch):
     """The report is rewritten after every method: a run that dies in the second method leaves the first
     method's results, marked incomplete, in results.json and results.md."""
-    real_finetune = glue_recipe.finetune
+    real_finetune = glue_parts.finetune
 
     def finetune_then_die(base, names, method, *a, **kw):
         if method.name == "linear":
             raise RuntimeError("stopped in the second method")
         return real_finetune(base, names, method, *a, **kw)
 
-    monkeypatch.setattr(glue_recipe, "finetune", finetune_then_die)
+    monkeypatch.setattr(glue_parts, "finetune", finetune_then_die)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="second method"):
         glue_recipe.run_glue(tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="nonlinear,linear",

@@ -7,6 +7,7 @@ import torch
 from hf_taujp.hub import HfTaujpError
 from hf_taujp.merging.statistics import FisherStatistics, GramStatistics
 from hf_taujp.recipes import glue as glue_recipe
+from hf_taujp.recipes import glue_evaluation
 from hf_taujp.task_vector import TaskVector
 from tests.test_recipe_glue import tiny_model_dir
 
@@ -15,13 +16,13 @@ MERGES = ("fisher_average", "gradient_matching", "regmean")
 
 def test_recipe_merges_its_own_vectors_with_fisher_and_gram_statistics(tmp_path, monkeypatch):
     seen = []
-    real = glue_recipe.estimate_statistics
+    real = glue_evaluation.estimate_statistics
 
     def spy(model, kind, batches, names, **kw):
         seen.append((kind, batches, kw["task"]))
         return real(model, kind, batches, names, **kw)
 
-    monkeypatch.setattr(glue_recipe, "estimate_statistics", spy)
+    monkeypatch.setattr(glue_evaluation, "estimate_statistics", spy)
     out = tmp_path / "out"
     res = glue_recipe.run_glue(
         tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="nonlinear,linear", output_dir=str(out), steps=2,

@@ -1,7 +1,8 @@
-"""Merge library: the method registry (``methods``; the SVD family in ``svd_methods``; model_stock, slerp,
-DELLA, breadcrumbs and TALL-mask consensus in ``sparse_methods``), in-memory ``merge``
-and out-of-core ``merge_streaming``, per-task statistics (Fisher, Gram), YAML recipes and the coefficient
-search."""
+"""Merge library: the method registry (``methods``, re-exporting ``registry`` and the families
+``linear_methods``, ``ties_dare_methods`` and ``statistics_methods``; the SVD family in ``svd_methods``;
+model_stock, slerp, DELLA, breadcrumbs and TALL-mask consensus in ``sparse_methods``), in-memory ``merge``
+and out-of-core ``merge_streaming`` (its plan in ``streaming_plan``), per-task statistics (Fisher, Gram),
+YAML recipes and the coefficient search."""
 from .methods import (
     MERGE_METHODS,
     METHOD_SPECS,

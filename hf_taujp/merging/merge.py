@@ -189,6 +189,145 @@ def _base_state(base: Any, trust_remote_code: bool):
     raise MergeConfigError(f"cannot use {type(base).__name__} as a base model")
 
 
+def _load_statistics(spec: MethodSpec, method: str, fishers, grams, base_fisher, num_examples, weight_layout,
+                     module, groups, labels: Sequence[str], params: dict):
+    """merge()'s statistics step: (per-vector statistics by canonical name or None, Gram layouts, base Fisher
+    by canonical name or None) for a method that needs statistics; fills ``params``' dataset sizes."""
+    needs = spec.needs
+    stats, layouts, bfd = None, {}, None
+    if needs:
+        given = fishers if needs == "fisher" else grams
+        require_statistics(method, spec, given, len(labels), base_fisher)
+        pairs = [_load_stat(f, needs) for f in given]
+        for f in given:
+            layouts.update((getattr(f, "extra", None) or {}).get("weight_layout") or {})
+        if needs == "gram" and module is not None:  # the module itself says which layers are Conv1D
+            layouts.update(module_layouts(module))
+        if isinstance(weight_layout, Mapping):  # the caller's word wins
+            canon = {n: g[0] for g in groups for n in g}
+            layouts.update({canon.get(n, n): lay for n, lay in weight_layout.items()})
+        stats = [canonical_tensors(p[0], groups, label=f"{needs} of {lab}") for p, lab in zip(pairs, labels)]
+        bf, bn = _load_stat(base_fisher, "fisher")
+        if bf is not None:
+            bfd = canonical_tensors(bf, groups, label="base fisher")
+        if num_examples is not None:
+            params["num_examples"] = list(num_examples)
+        statistics_sizes(spec, [p[1] for p in pairs], bn, bf is not None, params, labels)
+    return stats, layouts, bfd
+
+
+def _tensor_layouts(spec: MethodSpec, method: str, tvs, module, weight_layout, groups, base_sd, names) -> dict:
+    """merge()'s layout step: name -> "out_in" / "in_out" of each merged 2-D tensor, for the methods whose
+    result depends on it (RegMean's come from its Grams)."""
+    layout_of = {}  # name -> layout of each 2-D tensor, for the methods whose result depends on it
+    if "layout" in spec.driver_args and spec.needs != "gram":
+        direct = [k for tv in tvs for k, e in tv.entries.items() if isinstance(e, LowRankTau) and not e.transposed]
+        table = WeightLayouts.build(modules=None if module is None else module_layouts(module), given=weight_layout,
+                                    direct=direct, canon={n: g[0] for g in groups for n in g},
+                                    why="the base is a state dict, whose tensors do not say which are Conv1D weights")
+        layout_of = {n: table.of(n, base_sd[n].shape, method) for n in names if base_sd[n].dim() == 2}
+    return layout_of
+
+
+def _factored_delta(name: str, entries, weights, params: dict, device) -> LowRankTau:
+    """Δ = λ Σ_t α_t τ_t of factored τ_t, again factored (exact); see merge()'s docstring."""
+    alphas = _per_vector(1.0 if weights is None else weights, len(entries), "weights")
+    lam = float(params.get("lambda_", 1.0))
+    delta = low_rank_sum([(lam * a, e) for a, e in zip(alphas, entries) if e is not None]).to(device=device)
+    if not delta.is_finite():
+        raise HfTaujpError(f"merge produced NaN/inf in {name}")
+    return delta
+
+
+def _dense_taus(entries, b: torch.Tensor) -> list[torch.Tensor]:
+    """Each vector's full τ for one parameter (zeros where a vector lacks it), on ``b``'s device, float32 / float64."""
+    taus = []
+    for tau in entries:
+        if tau is None:
+            tau = torch.zeros_like(b)
+        elif isinstance(tau, LowRankTau):
+            tau = tau.full()  # the full tensor, now that this parameter is merged (never truncated)
+        taus.append(tau.to(device=b.device, dtype=torch.float64 if tau.dtype == torch.float64 else torch.float32))
+    return taus
+
+
+def _method_kwargs(spec: MethodSpec, name: str, b: torch.Tensor, params: dict, seed, stats, bfd, layouts: dict,
+                   layout_of: dict, weight_layout) -> dict:
+    """The keywords of the method's call for parameter ``name``: its parameters, the per-parameter seed, the
+    statistics (``MissingStatisticsError`` for one missing at ``name``), the layout and the name."""
+    needs = spec.needs
+    kw = dict(params)
+    if seed is not None:
+        kw["seed"] = parameter_seed(seed, name)  # by name: same masks in memory and streaming
+    if stats is not None and needs == "gram":
+        have = [name in st for st in stats]
+        if any(have):
+            if not all(have):
+                raise MissingStatisticsError(f"gram of task vector {have.index(False)} has no entry for {name} (others do)")
+            kw["grams"] = [st[name] for st in stats]
+            kw["layout"] = _gram_layout(name, layouts, b.shape, kw["grams"][0].shape,
+                                        weight_layout if isinstance(weight_layout, str) else None)
+    elif stats is not None:
+        fs = []
+        for k, s in enumerate(stats):
+            if name not in s:
+                raise MissingStatisticsError(f"{needs} of task vector {k} has no entry for {name}")
+            fs.append(s[name])
+        kw["fishers"] = fs
+        if bfd is not None:
+            if name not in bfd:
+                raise MissingStatisticsError(f"base fisher has no entry for {name}")
+            kw["base_fisher"] = bfd[name]
+    if name in layout_of:
+        kw["layout"] = layout_of[name]
+    if "name" in spec.driver_args:
+        kw["name"] = name
+    return kw
+
+
+def _merged_task_vector(merged: dict, target: dict, metas, labels, module, method: str, weights, params: dict, seed,
+                        kind: str) -> TaskVector:
+    """merge()'s TaskVector output: Δ in the target dtypes, with the vectors' base and the merge recipe."""
+    tensors = {n: d.to(target[n]) for n, d in merged.items()}
+    known = [m for m in metas if m.get("base_fingerprint") or m.get("base_model")]
+    m0 = known[0] if known else {}
+    base_name = m0.get("base_model") or (getattr(getattr(module, "config", None), "_name_or_path", None) or None)
+    recipe = {"method": method, "weights": weights if not torch.is_tensor(weights) else weights.tolist(),
+              "params": {k: v for k, v in {**params, "seed": seed}.items()
+                         if v is not None and isinstance(v, (int, float, str, bool, list))},
+              "sources": [m.get("task") or lab for m, lab in zip(metas, labels)]}
+    return TaskVector(tensors, base_model=base_name, base_model_revision=m0.get("base_model_revision"),
+                      base_fingerprint=m0.get("base_fingerprint") or (fingerprint(module) if module is not None else None),
+                      kind=kind, task=f"merge:{method}", training={"merge": recipe})
+
+
+def _merged_model(merged: dict, target: dict, groups, base_sd, module, out_dtype):
+    """merge()'s weight output: θ0 + Δ as a state dict (a state-dict base) or a merged deep copy of the module."""
+    # the merged value of a tied group lands in every name the output holds (rule 4 of hf_taujp.tied)
+    for g in groups:
+        canon = next((n for n in g if n in merged), None)
+        if canon is not None:
+            for n in g:
+                if n != canon and n in base_sd:
+                    merged[n] = merged[canon]
+                    target[n] = target[canon]
+    new_sd = {}
+    for n, b in base_sd.items():
+        if n in merged:
+            new_sd[n] = (b.to(merged[n].dtype) + merged[n]).to(target[n])
+        else:
+            new_sd[n] = b if out_dtype is None or not b.is_floating_point() else b.to(out_dtype)
+    if module is None:
+        return new_sd
+    out = copy.deepcopy(module)
+    if out_dtype is not None:
+        out.to(out_dtype)
+    missing = out.load_state_dict({n: new_sd[n] for n in merged}, strict=False)
+    if missing.unexpected_keys:
+        raise HfTaujpError(f"unexpected keys while loading the merged weights: {missing.unexpected_keys[:5]}")
+    return out
+
+
 def merge(
     base: Any,
     vectors: Sequence[Any],
@@ -279,39 +418,15 @@ def merge(
     groups = tied_groups(module if module is not None else base_sd)
     loaded = [merge_entries(tv, groups, lab) for tv, lab in zip(tvs, labels)]
 
-    needs = spec.needs
-    stats, layouts, bfd = None, {}, None
-    if needs:
-        given = fishers if needs == "fisher" else grams
-        require_statistics(method, spec, given, len(vectors), base_fisher)
-        pairs = [_load_stat(f, needs) for f in given]
-        for f in given:
-            layouts.update((getattr(f, "extra", None) or {}).get("weight_layout") or {})
-        if needs == "gram" and module is not None:  # the module itself says which layers are Conv1D
-            layouts.update(module_layouts(module))
-        if isinstance(weight_layout, Mapping):  # the caller's word wins
-            canon = {n: g[0] for g in groups for n in g}
-            layouts.update({canon.get(n, n): lay for n, lay in weight_layout.items()})
-        stats = [canonical_tensors(p[0], groups, label=f"{needs} of {lab}") for p, lab in zip(pairs, labels)]
-        bf, bn = _load_stat(base_fisher, "fisher")
-        if bf is not None:
-            bfd = canonical_tensors(bf, groups, label="base fisher")
-        if num_examples is not None:
-            params["num_examples"] = list(num_examples)
-        statistics_sizes(spec, [p[1] for p in pairs], bn, bf is not None, params, labels)
+    stats, layouts, bfd = _load_statistics(spec, method, fishers, grams, base_fisher, num_examples, weight_layout,
+                                           module, groups, labels, params)
 
     for t, lab in zip(loaded, labels):
         extra = set(t) - set(base_sd)
         if extra:
             raise BaseModelMismatchError(f"{lab} has parameters missing from the base: {sorted(extra)[:5]}")
     names = [n for n in base_sd if any(n in t for t in loaded)]
-    layout_of = {}  # name -> layout of each 2-D tensor, for the methods whose result depends on it
-    if "layout" in spec.driver_args and needs != "gram":
-        direct = [k for tv in tvs for k, e in tv.entries.items() if isinstance(e, LowRankTau) and not e.transposed]
-        table = WeightLayouts.build(modules=None if module is None else module_layouts(module), given=weight_layout,
-                                    direct=direct, canon={n: g[0] for g in groups for n in g},
-                                    why="the base is a state dict, whose tensors do not say which are Conv1D weights")
-        layout_of = {n: table.of(n, base_sd[n].shape, method) for n in names if base_sd[n].dim() == 2}
+    layout_of = _tensor_layouts(spec, method, tvs, module, weight_layout, groups, base_sd, names)
     seed = params.pop("seed", None)
     keep_factors = method in FACTORED_METHODS and (return_task_vector or kind == "linear")
     merged: dict[str, torch.Tensor | LowRankTau] = {}
@@ -323,86 +438,18 @@ def merge(
                 raise BaseModelMismatchError(f"{name}: task vector {k} has shape {tuple(tau.shape)}, base {tuple(b.shape)}")
         if keep_factors and all(e is None or isinstance(e, LowRankTau) for e in entries):
             # Δ = λ Σ_t α_t τ_t of factored τ_t is again factored (exact); see the docstring
-            alphas = _per_vector(1.0 if weights is None else weights, len(entries), "weights")
-            lam = float(params.get("lambda_", 1.0))
-            delta = low_rank_sum([(lam * a, e) for a, e in zip(alphas, entries) if e is not None]).to(device=b.device)
-            if not delta.is_finite():
-                raise HfTaujpError(f"merge produced NaN/inf in {name}")
-            merged[name] = delta
+            merged[name] = _factored_delta(name, entries, weights, params, b.device)
             continue
-        taus = []
-        for tau in entries:
-            if tau is None:
-                tau = torch.zeros_like(b)
-            elif isinstance(tau, LowRankTau):
-                tau = tau.full()  # the full tensor, now that this parameter is merged (never truncated)
-            taus.append(tau.to(device=b.device, dtype=torch.float64 if tau.dtype == torch.float64 else torch.float32))
-        kw = dict(params)
-        if seed is not None:
-            kw["seed"] = parameter_seed(seed, name)  # by name: same masks in memory and streaming
-        if stats is not None and needs == "gram":
-            have = [name in st for st in stats]
-            if any(have):
-                if not all(have):
-                    raise MissingStatisticsError(f"gram of task vector {have.index(False)} has no entry for {name} (others do)")
-                kw["grams"] = [st[name] for st in stats]
-                kw["layout"] = _gram_layout(name, layouts, b.shape, kw["grams"][0].shape,
-                                            weight_layout if isinstance(weight_layout, str) else None)
-        elif stats is not None:
-            fs = []
-            for k, s in enumerate(stats):
-                if name not in s:
-                    raise MissingStatisticsError(f"{needs} of task vector {k} has no entry for {name}")
-                fs.append(s[name])
-            kw["fishers"] = fs
-            if bfd is not None:
-                if name not in bfd:
-                    raise MissingStatisticsError(f"base fisher has no entry for {name}")
-                kw["base_fisher"] = bfd[name]
-        if name in layout_of:
-            kw["layout"] = layout_of[name]
-        if "name" in spec.driver_args:
-            kw["name"] = name
+        taus = _dense_taus(entries, b)
+        kw = _method_kwargs(spec, name, b, params, seed, stats, bfd, layouts, layout_of, weight_layout)
         delta = fn(b, taus, weights=weights, **kw)
         check_finite(delta, name)
         merged[name] = delta
     target = {n: (out_dtype or base_sd[n].dtype) for n in merged}
     if return_task_vector or kind == "linear":
-        tensors = {n: d.to(target[n]) for n, d in merged.items()}
-        known = [m for m in metas if m.get("base_fingerprint") or m.get("base_model")]
-        m0 = known[0] if known else {}
-        base_name = m0.get("base_model") or (getattr(getattr(module, "config", None), "_name_or_path", None) or None)
-        recipe = {"method": method, "weights": weights if not torch.is_tensor(weights) else weights.tolist(),
-                  "params": {k: v for k, v in {**params, "seed": seed}.items()
-                             if v is not None and isinstance(v, (int, float, str, bool, list))},
-                  "sources": [m.get("task") or lab for m, lab in zip(metas, labels)]}
-        tv = TaskVector(tensors, base_model=base_name, base_model_revision=m0.get("base_model_revision"),
-                        base_fingerprint=m0.get("base_fingerprint") or (fingerprint(module) if module is not None else None),
-                        kind=kind, task=f"merge:{method}", training={"merge": recipe})
+        tv = _merged_task_vector(merged, target, metas, labels, module, method, weights, params, seed, kind)
         if return_task_vector:
             return tv
         # a tangent is applied in the tangent space: f(x; θ0) + J f(x; θ0)·Δ
         return tv.apply_to(module, 1.0, linear=True, check_base=False)
-    # the merged value of a tied group lands in every name the output holds (rule 4 of hf_taujp.tied)
-    for g in groups:
-        canon = next((n for n in g if n in merged), None)
-        if canon is not None:
-            for n in g:
-                if n != canon and n in base_sd:
-                    merged[n] = merged[canon]
-                    target[n] = target[canon]
-    new_sd = {}
-    for n, b in base_sd.items():
-        if n in merged:
-            new_sd[n] = (b.to(merged[n].dtype) + merged[n]).to(target[n])
-        else:
-            new_sd[n] = b if out_dtype is None or not b.is_floating_point() else b.to(out_dtype)
-    if module is None:
-        return new_sd
-    out = copy.deepcopy(module)
-    if out_dtype is not None:
-        out.to(out_dtype)
-    missing = out.load_state_dict({n: new_sd[n] for n in merged}, strict=False)
-    if missing.unexpected_keys:
-        raise HfTaujpError(f"unexpected keys while loading the merged weights: {missing.unexpected_keys[:5]}")
-    return out
+    return _merged_model(merged, target, groups, base_sd, module, out_dtype)

@@ -17,8 +17,10 @@ from numbers import Real
 import torch
 
 from ..errors import HfTaujpError, MergeConfigError
-from .methods import (_densities, _generator, _majority_sign, _on_meta, _per_vector, _signed, _stack, _weights,
-                      kth_largest, register_merge_method, ties)
+from .method_helpers import _densities, _on_meta, _per_vector, _signed, _stack, _weights
+from .registry import register_merge_method
+from .sparsify import _generator, _majority_sign, kth_largest
+from .ties_dare_methods import ties
 
 SLERP_DOT_THRESHOLD = 0.9995  # mergekit merge_methods/slerp.py: |cos| above it → linear interpolation
 SLERP_EPS = 1e-8  # mergekit's normalize(): a vector of norm ≤ eps is not normalised

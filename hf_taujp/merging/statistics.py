@@ -1,6 +1,6 @@
 """Per-task statistics (diagonal Fisher, RegMean Gram matrices) as shareable Hub artifacts.
 
-Folder layout = the TaskVector layout (docs/design.md) with prefix ``fisher`` or ``gram``:
+Folder layout = the TaskVector layout (docs/modules.md) with prefix ``fisher`` or ``gram``:
 ``config.json`` ({"format": "hf-taujp/fisher" | "hf-taujp/gram", "format_version": 1, "num_examples",
 "base_model", "base_fingerprint", "task", "empirical"}), ``fisher.safetensors`` (or shards + index),
 ``README.md``.

@@ -36,7 +36,8 @@ from typing import Sequence
 import torch
 
 from ..errors import MergeConfigError
-from .methods import _on_meta, _per_vector, register_merge_method
+from .method_helpers import _on_meta, _per_vector
+from .registry import register_merge_method
 
 __all__ = ["tsv", "iso_c", "iso_cts", "wudi", "LAYOUTS"]
 

@@ -19,7 +19,8 @@ import tempfile
 from ..hub import HfTaujpError
 from ..linearize import contiguous_head_input
 
-__all__ = ["SMOLLM2", "smollm2_gguf_path", "load_smollm2", "load_text_model", "model_family", "cache_root"]
+__all__ = ["SMOLLM2", "smollm2_gguf_path", "load_smollm2", "load_text_model", "model_family", "cache_root",
+           "trained_parameter_names"]
 
 SMOLLM2 = "smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,3 +150,30 @@ def load_text_model(name_or_path: str, *, dtype=None, revision: str | None = Non
         # survives deepcopy (the task vectors' fine-tuned copies) and leaves the parameters and their ties alone.
         contiguous_head_input(model)
     return model, tokenizer, family
+
+
+def trained_parameter_names(model, family: str, layers: int | None, target_modules) -> list[str]:
+    """The parameters a text recipe trains: those matching ``target_modules`` (PEFT-style names / regex), else
+    every parameter of the last ``layers`` decoder layers (causal LMs; None or ≤ 0: every parameter).
+
+    Raises:
+        HfTaujpError: --layers on an encoder-decoder, more layers than the model has, or nothing selected.
+    """
+    from ..linearize import match_parameter_names
+    from .text_to_text import decoder_layers
+
+    if target_modules is not None:
+        names = match_parameter_names(model, target_modules)
+    elif layers is None or layers <= 0:
+        names = [n for n, _ in model.named_parameters()]
+    else:
+        mods, path = decoder_layers(model) if family == "causal" else (None, None)
+        if mods is None:
+            raise HfTaujpError("--layers needs a decoder-only model; give --target-modules for encoder-decoders")
+        if layers > len(mods):
+            raise HfTaujpError(f"--layers {layers} but the model has {len(mods)} decoder layers")
+        keep = tuple(f"{path}.{i}." for i in range(len(mods) - layers, len(mods)))
+        names = [n for n, _ in model.named_parameters() if n.startswith(keep)]
+    if not names:
+        raise HfTaujpError("no parameter selected for training")
+    return names

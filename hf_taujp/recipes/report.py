@@ -68,7 +68,9 @@ def write_report(output_dir: str, results: dict, rows: list[dict], title: str, c
         paths["png"] = plot_alpha_curves(curves, os.path.join(output_dir, "alpha_curves.png"), title=title)
     except Exception as e:  # noqa: BLE001 - matplotlib is an optional extra; say so instead of failing the run
         paths["png"] = None
-        results.setdefault("warnings", []).append(f"no α-curve plot: {e}")
+        warning = f"no α-curve plot: {e}"
+        if warning not in results.setdefault("warnings", []):  # the report is rewritten after every run
+            results["warnings"].append(warning)
     save_json(results, paths["json"])
     text = [f"# {title}", "", "```", table(rows), "```", ""]
     for name, rows_ in extra_tables:

@@ -1,398 +1,163 @@
-"""The train-each-method loop shared by the recipes: one fine-tune per (method, task) through
-`TauJpTrainer`, returned as a `TaskVector` keyed by the base model's parameter names.
+"""The one recipe shape. Every recipe (GLUE, toxicity, CLIP) tells the same story —
 
-Methods (Yoshida et al. 2025, Table 1 and Sec. 5; Ortiz-Jiménez et al. 2023):
+    tasks and data → model → encode → fine-tune every task with every run → compose → evaluate → report
 
-| name              | model                                  | penalty                              |
-|-------------------|----------------------------------------|--------------------------------------|
-| `nonlinear`       | θ0 + τ, ordinary fine-tuning           | none                                 |
-| `linear`          | f(x; θ0) + J f(x; θ0)·τ (linearized)   | none                                 |
-| `taujp`           | linearized                             | λ·E_{x'∼other tasks} ‖J f(x'; θ0)·τ‖ |
-| `nonlinear+taujp` | θ0 + τ                                 | same penalty (the authors' open question) |
+— and fills in only its own parts as a :class:`Recipe`: its constructor loads and checks the tasks, the data
+and the model and encodes the examples (everything before training, so bad input fails before any of it);
+``train(run, task)`` fine-tunes one task vector; ``evaluate(run, vectors)`` composes and scores them;
+``after_run`` adds what a run's vectors also feed (statistics merges, merge comparisons, negation); and
+``report(complete)`` writes the results files. :func:`run_methods` owns the loop over the runs — training
+each task, saving each vector, the partial-results write after every run — and :func:`push_outputs` the Hub
+push; :func:`plan_runs` turns (methods × their λ) into :class:`Run` s with distinct labels and folders, and
+:func:`lambda_selection` marks the λ chosen on validation when a method ran at several. The α choice on
+validation is the evaluation protocols' (:mod:`hf_taujp.evaluation`).
 
-Statistics-based merges of the recipes' own non-linear vectors (opt-in, ``--merge-methods``), beside the
-recipes' task addition θ0 + α Σ_t τ_t; each is searched over the same α grid on validation:
+What the recipes' parts share is re-exported here (one import for a recipe): the fine-tuning methods
+(:mod:`.finetuning`), the statistics-based merges (:mod:`.statistics_merges`), the kfac methods' curvature
+(:mod:`.curvature`), and the merge-method comparison of a run's vectors (below). Where a new piece goes:
 
-| name                | statistics (on each task's training examples)          | merged model at α                       |
-|---------------------|--------------------------------------------------------|-----------------------------------------|
-| `fisher_average`    | diagonal Fisher F_t at θ0 + τ_t                        | θ0 + α·T·Σ_t F_t τ_t / Σ_s F_s          |
-| `gradient_matching` | F_t at θ0 + τ_t, base Fisher H0 at θ0                  | θ0 + Σ_t α(P + s_t F_t)/(P + α Σ_s s_s F_s) τ_t, P = s0·H0 |
-| `regmean`           | input Grams G_t of the trained Linear layers at θ0 + τ_t | θ0 + α·T·(Σ_t G_t)⁻¹ Σ_t G_t τ_t (per layer) |
-
-The averaging methods are scaled by T so that equal statistics give task arithmetic θ0 + α Σ_t τ_t at the
-same α; gradient matching's α is Daheim et al.'s own global α (λ of ``merging.methods.gradient_matching``),
-which also reduces to task arithmetic for equal Fishers when s0·H0 dominates.
+* a fine-tuning method or a knob of every fine-tune: :data:`.finetuning.METHODS` / :func:`.finetuning.finetune`;
+* a regularizer: :mod:`hf_taujp.trainer` (a ``TauJpConfig`` field), then a method in ``METHODS``;
+* a recipe: one module with a :class:`Recipe` subclass and its CLI (``add_arguments`` / ``main``).
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from ..hub import HfTaujpError
-from ..linearize import linearize
 from ..task_vector import TaskVector
+from .common import jsonable, subsample, torch_threads, weights_of
+from .curvature import KFAC_PROBES, add_kfac_arguments, check_kfac_options, estimate_curvature, kfac_note
+from .finetuning import (DTYPES, METHODS, Method, add_low_rank_arguments, check_rank_and_dtype, finetune,
+                         low_rank_targets, parse_methods)
+from .statistics_merges import (STATISTICS_MERGES, add_statistics_arguments, check_statistics_options,
+                                estimate_statistics, evaluate_statistics_merges, parse_merge_methods,
+                                statistics_batches, statistics_merge)
 
-__all__ = ["METHODS", "Method", "parse_methods", "finetune", "STATISTICS_MERGES", "parse_merge_methods",
-           "statistics_batches", "estimate_statistics", "statistics_merge", "add_statistics_arguments"]
+__all__ = ["METHODS", "Method", "parse_methods", "finetune", "estimate_curvature", "STATISTICS_MERGES", "parse_merge_methods",
+           "statistics_batches", "estimate_statistics", "statistics_merge", "add_statistics_arguments",
+           "KFAC_PROBES", "add_kfac_arguments", "check_kfac_options", "kfac_note", "low_rank_targets", "DTYPES",
+           "check_rank_and_dtype", "add_low_rank_arguments", "check_statistics_options", "parse_compare_options",
+           "compare_and_save", "Run", "plan_runs", "Recipe", "run_methods", "lambda_selection", "push_outputs",
+           "subsample", "weights_of", "jsonable", "torch_threads", "evaluate_statistics_merges", "SHAPE_ALPHAS"]
+
+SHAPE_ALPHAS = (1.1, 1.2, 1.3, 1.4, 1.5)  # α beyond 1 the recipes plot (the curve's shape), never chosen
 
 
+# ------------------------------------------------------------------------------------------ the shape
 @dataclass(frozen=True)
-class Method:
-    name: str
+class Run:
+    """One fine-tuning configuration of a recipe: ``method`` at ``lam`` (its penalty weight; unused by methods
+    without one), reported as ``label`` (``results["methods"]`` key), saved under ``task_vectors/<folder>``."""
+
+    method: Method
+    lam: float | str | None
     label: str
-    linear: bool
-    taujp: bool
-
-    @property
-    def kind(self) -> str:
-        return "linear" if self.linear else "nonlinear"
+    folder: str
 
 
-METHODS: dict[str, Method] = {
-    "nonlinear": Method("nonlinear", "non-linear FT", linear=False, taujp=False),
-    "linear": Method("linear", "linear FT", linear=True, taujp=False),
-    "taujp": Method("taujp", "linear FT + τJp", linear=True, taujp=True),
-    "nonlinear+taujp": Method("nonlinear+taujp", "non-linear FT + τJp", linear=False, taujp=True),
-}
-
-
-def parse_methods(methods: str | Sequence[str]) -> list[Method]:
-    """Methods from a comma list / sequence of names in :data:`METHODS`; unknown or repeated names raise."""
-    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-    names = [m for m in names if m]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise HfTaujpError(f"unknown method(s) {unknown or names}; choose from {list(METHODS)}")
-    if len(set(names)) != len(names):
-        raise HfTaujpError(f"a method is listed twice: {names}")
-    return [METHODS[m] for m in names]
-
-
-def finetune(
-    base: nn.Module,
-    parameter_names: Sequence[str],
-    method: Method,
-    train_dataset,
-    args,
-    *,
-    data_collator: Callable | None = None,
-    regularization_datasets: Mapping[str, object] | None = None,
-    taujp_output_fn: Callable | None = None,
-    submodule: str | None = None,
-    meta: Mapping | None = None,
-    rank: int | None = None,
-    lora_alpha: float | None = None,
-    lambda_score: Callable[[Mapping[str, torch.Tensor]], float] | None = None,
-) -> tuple[TaskVector, dict]:
-    """Fine-tune a copy of ``base`` on one task with ``method``; returns (task vector, stats).
-
-    Args:
-        base: θ0 (never modified: the run works on a deep copy).
-        parameter_names: the parameters that are trained (non-linear) or linearized (linear); the others
-            stay at θ0. Names of ``submodule`` when it is given, else of ``base``.
-        args: a :class:`~hf_taujp.TauJpConfig`; its ``taujp_lambda`` is used for methods with τJp and
-            forced to 0 for the others. AdamW decays every trained tensor alike (``args.weight_decay``):
-            the Trainer's default exempts biases and norm weights by module type, which τ of a
-            linearized model (one parameter list) would not get, so the two readings would differ.
-        regularization_datasets: ``{other task: inputs}`` for the τJp penalty (required with τJp).
-        submodule: path of the module that is trained / linearized inside ``base`` (e.g. CLIP's
-            ``"image_encoder"``, so the head on top stays non-linear, as in tangent_task_arithmetic);
-            None = ``base`` itself. The task vector is keyed by that module's parameter names.
-        meta: TaskVector metadata (base_model, base_fingerprint, task, training).
-        rank: low-rank fine-tuning of the nn.Linear / Conv1D layers among ``parameter_names`` (their biases, norms
-            and embeddings stay at θ0; the output layer too): linear methods train a low-rank tangent
-            (``LinearizedConfig(r=rank)``, τ_W = s·B·A), non-linear ones PEFT LoRA with the same r and targets.
-            The task vector is τ = s·B·A either way (full tensors, rank ≤ r). None: every parameter in
-            ``parameter_names`` is trained at full size.
-        lora_alpha: s = lora_alpha / r (default 2·rank).
-        lambda_score: ``fn(task vector tensors) -> validation score`` (greater is better) for
-            ``args.taujp_lambda == "auto"``: the recipe's own metric on its validation split, computed on the
-            vector a pilot run has trained so far (:mod:`hf_taujp.trainer.lambda_search`).
-    Returns:
-        (TaskVector of kind "linear" or "nonlinear", {"seconds_per_step", "train_loss", "log_history"}).
-    """
-    from ..trainer import TauJpTrainer
-
-    if method.taujp and not regularization_datasets:
-        raise HfTaujpError(f"method {method.name!r} needs regularization datasets (the other tasks' inputs)")
-    run_args = copy.deepcopy(args)
-    if not method.taujp:
-        run_args.taujp_lambda = 0.0
-    model = copy.deepcopy(base)
-    model.requires_grad_(False)
-    target = model.get_submodule(submodule) if submodule else model
-    base_target = base.get_submodule(submodule) if submodule else base
-    pm = None
-    if rank is not None:
-        if submodule:
-            raise HfTaujpError("rank (low-rank fine-tuning) is not supported with a submodule (the CLIP recipe) yet")
-        lora_alpha = 2 * rank if lora_alpha is None else lora_alpha
-        pm = _low_rank_model(model, parameter_names, method, rank, lora_alpha)
-        train_model = pm
-    elif method.linear:
-        lin = linearize(target, parameter_names=list(parameter_names))
-        if submodule:
-            parent, _, attr = submodule.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, lin)
-            train_model = model
-        else:
-            train_model = lin
-    else:
-        params = dict(target.named_parameters())
-        for n in parameter_names:
-            params[n].requires_grad_(True)
-        train_model = model
-    trained = [p for p in train_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=run_args.learning_rate, weight_decay=run_args.weight_decay,
-                                  betas=(run_args.adam_beta1, run_args.adam_beta2), eps=run_args.adam_epsilon)
-    def current() -> dict[str, torch.Tensor]:
-        """τ trained so far."""
-        if pm is not None:
-            return pm.base_model.get_tangents() if method.linear else dict(TaskVector.from_peft(pm).tensors)
-        if method.linear:
-            return lin.get_tangents()
-        b = dict(base_target.named_parameters())
-        p = dict(target.named_parameters())
-        return {n: (p[n].detach() - b[n].detach()) for n in parameter_names}
-
-    auto = method.taujp and run_args.taujp_lambda == "auto"
-    if auto and lambda_score is None:
-        raise HfTaujpError(f"{method.label}: taujp_lambda='auto' needs the recipe's validation score (lambda_score=)")
-    trainer = TauJpTrainer(
-        model=train_model, args=run_args, train_dataset=train_dataset, data_collator=data_collator,
-        regularization_datasets=regularization_datasets if method.taujp else None,
-        taujp_output_fn=taujp_output_fn if method.taujp else None, optimizers=(optimizer, None),
-        taujp_auto_score=(lambda tr: lambda_score(current())) if auto else None,
-    )
-    t0 = time.perf_counter()
-    result = trainer.train()
-    wall = time.perf_counter() - t0
-    steps = max(1, trainer.state.global_step)
-    runtime = result.metrics.get("train_runtime", float("nan"))
-    tensors = current()
-    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise HfTaujpError(f"{method.label}: training diverged (non-finite task vector in {bad[:3]}); lower the learning rate")
-    meta = dict(meta or {})
-    training = {"method": method.name, "steps": steps, "learning_rate": run_args.learning_rate,
-                "batch_size": run_args.per_device_train_batch_size,
-                "taujp_lambda": trainer.taujp_lambda_search["chosen"] if auto else run_args.taujp_lambda,
-                **({"taujp_mode": run_args.taujp_mode, "taujp_batch_ratio": run_args.taujp_batch_ratio,
-                    "taujp_norm": run_args.taujp_norm,
-                    "taujp_start_step": run_args.taujp_start_step} if method.taujp else {}),
-                **dict(meta.pop("training", {}) or {})}
-    if rank is not None:
-        training.update(rank=rank, lora_alpha=lora_alpha,
-                        adapter="LINEARIZED" if method.linear else "LORA")
-    tv = TaskVector(tensors, kind=method.kind, training=training, **meta)
-    stats = {"seconds_per_step": runtime / steps if math.isfinite(runtime) else None,
-             "train_loss": result.training_loss, "log_history": trainer.state.log_history,
-             "seconds": wall, "lambda_search": trainer.taujp_lambda_search}
-    del trainer, train_model, model
-    return tv, stats
-
-
-def low_rank_targets(model: nn.Module, parameter_names: Sequence[str]) -> list[str]:
-    """The module paths a recipe's ``--rank`` trains: every nn.Linear / Conv1D whose ``weight`` is among
-    ``parameter_names``, except the output layer (PEFT's ``all-linear`` rule; it is tied to the embeddings in
-    most LMs). Raises when there is none."""
-    from ..low_rank import layer_kind
-
-    names = set(parameter_names)
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    out = []
-    for path, m in model.named_modules():
-        if f"{path}.weight" not in names or m is head:
-            continue
-        try:
-            kind = layer_kind(m)
-        except HfTaujpError:
-            continue
-        if kind != "embedding":
-            out.append(path)
-    if not out:
-        raise HfTaujpError("--rank: the trained parameters contain no nn.Linear / Conv1D weight to give a low-rank τ")
-    return out
-
-
-def _low_rank_model(model: nn.Module, parameter_names: Sequence[str], method: Method, rank: int, lora_alpha: float):
-    """A PEFT model of ``model``: a low-rank linearized adapter (linear methods) or LoRA (non-linear ones), same
-    r, lora_alpha and targets (:func:`low_rank_targets`)."""
-    import re
-
-    import peft
-
-    from ..task_vector import _task_type_of
-    from ..tuners.linearized import LinearizedConfig
-
-    targets = "(?:" + "|".join(re.escape(m) for m in low_rank_targets(model, parameter_names)) + ")"
-    kw = dict(r=rank, lora_alpha=lora_alpha, target_modules=targets, task_type=_task_type_of(model))
-    if method.linear:
-        config = LinearizedConfig(**kw)
-    else:
-        from transformers.pytorch_utils import Conv1D
-
-        config = peft.LoraConfig(lora_dropout=0.0, fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()), **kw)
-    return peft.get_peft_model(model, config)
-
-
-DTYPES = ("fp32", "bf16")
-
-
-def check_rank_and_dtype(rank: int | None, lora_alpha: float | None, dtype: str, methods: Sequence[Method]):
-    """``(torch dtype of --dtype, lora_alpha)`` after checking ``--rank`` / ``--lora-alpha`` / ``--dtype`` together;
-    lora_alpha defaults to 2·rank (None without a rank).
+def plan_runs(methods: Sequence[Method], lambdas_of: Callable[[Method], Sequence] | None = None,
+              lambda_text: Callable[[object], str] = str) -> list[Run]:
+    """One :class:`Run` per (method, λ of ``lambdas_of(method)``; default one run with λ None). A method with
+    several λ is labelled "<label> (λ=<λ>)" and saved under "<name>_lambda<λ>"; "+" in a name becomes "_".
 
     Raises:
-        HfTaujpError: rank ≤ 0 or not an integer, lora_alpha ≤ 0 or without rank, an unknown dtype, bf16 with a
-            non-linear method at full rank (AdamW updates of bf16 weights round away: use ``--rank``).
+        HfTaujpError: two runs that would share a label or a folder (nothing is overwritten).
     """
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise HfTaujpError(f"--rank must be a positive integer, got {rank!r}")
-    if lora_alpha is not None:
-        if rank is None:
-            raise HfTaujpError("--lora-alpha applies to low-rank fine-tuning only: give --rank too")
-        if not lora_alpha > 0:
-            raise HfTaujpError(f"--lora-alpha must be > 0, got {lora_alpha!r}")
-    if dtype not in DTYPES:
-        raise HfTaujpError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-    if dtype == "bf16" and rank is None:
-        full = [m.name for m in methods if not m.linear]
-        if full:
-            raise HfTaujpError(f"--dtype bf16 with the non-linear method(s) {full} at full rank would train bf16 weights "
-                               "(AdamW updates round away): add --rank R (LoRA, float32 factors) or use --dtype fp32")
-    alpha = None if rank is None else (2 * rank if lora_alpha is None else lora_alpha)
-    return (torch.bfloat16 if dtype == "bf16" else torch.float32), alpha
+    runs = []
+    for m in methods:
+        lams = list(lambdas_of(m)) if lambdas_of is not None else [None]
+        several = len(lams) > 1
+        for lam in lams:
+            runs.append(Run(m, lam, f"{m.label} (λ={lambda_text(lam)})" if several else m.label,
+                            m.name.replace("+", "_") + (f"_lambda{lambda_text(lam)}" if several else "")))
+    for field_ in ("label", "folder"):
+        names = [getattr(r, field_) for r in runs]
+        if len(set(names)) != len(names):
+            shared = sorted({n for n in names if names.count(n) > 1})
+            raise HfTaujpError(f"λ {[r.lam for r in runs]}: two runs would share the {field_} {shared}")
+    return runs
 
 
-def add_low_rank_arguments(p) -> None:
-    """The recipes' ``--rank``, ``--lora-alpha`` and ``--dtype`` flags (one definition for GLUE and toxicity)."""
-    p.add_argument("--rank", type=int, default=None,
-                   help="low-rank fine-tuning of the trained Linear / Conv1D layers: LoRA (non-linear methods) or the "
-                        "low-rank tangent τ_W = s·B·A (linear methods) of this rank; default: full-size τ")
-    p.add_argument("--lora-alpha", type=float, default=None, help="s = lora_alpha / rank (default 2·rank)")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES,
-                   help="base weights' dtype (bf16: factors and linearized τ stay float32)")
+class Recipe:
+    """A recipe's own parts; :func:`run_methods` runs them. The constructor does everything before training
+    (checks, data, model, encoding) and sets ``tasks``, ``output_dir`` and ``results`` (with a ``"methods"``
+    dict that :func:`run_methods` fills in)."""
+
+    tasks: list[str]
+    output_dir: str
+    results: dict
+
+    def train(self, run: Run, task: str) -> tuple[TaskVector, dict]:
+        """Fine-tune (or load) ``task``'s vector for ``run``: (TaskVector, stats of :func:`finetune`)."""
+        raise NotImplementedError
+
+    def vector_dir(self, run: Run, task: str) -> str | None:
+        """Where ``task``'s vector of ``run`` is saved (None: not saved, e.g. loaded or a non-main process)."""
+        return os.path.join(self.output_dir, "task_vectors", run.folder, task)
+
+    def evaluate(self, run: Run, vectors: Mapping[str, TaskVector], stats: Mapping[str, dict]) -> dict:
+        """Compose ``vectors`` and score them: the run's entry of ``results["methods"]``."""
+        raise NotImplementedError
+
+    def after_run(self, run: Run, vectors: Mapping[str, TaskVector], res: dict) -> None:
+        """What a run's vectors also feed (statistics merges, merge comparisons, negation); default nothing."""
+
+    def report(self, complete: bool) -> None:
+        """(Re)write the results files from ``results``; ``complete`` is False for a partial write."""
+        raise NotImplementedError
 
 
-# ------------------------------------------------------------------------------------------ statistics merges
-STATISTICS_MERGES = {"fisher_average": "fisher", "gradient_matching": "fisher", "regmean": "gram"}
+def run_methods(recipe: Recipe, runs: Sequence[Run]) -> dict:
+    """Train every task with every run, save each vector, evaluate and extend each run, and rewrite the report
+    after every run (a long run that stops early keeps what it finished). Returns ``recipe.results``."""
+    for run in runs:
+        vectors, stats = {}, {}
+        for task in recipe.tasks:
+            tv, st = recipe.train(run, task)
+            folder = recipe.vector_dir(run, task)
+            if folder is not None:
+                tv.save_pretrained(folder)
+            vectors[task], stats[task] = tv, st
+        res = recipe.evaluate(run, vectors, stats)
+        recipe.results["methods"][run.label] = res
+        recipe.after_run(run, vectors, res)
+        recipe.report(complete=len(recipe.results["methods"]) == len(runs))
+    return recipe.results
 
 
-def parse_merge_methods(merge_methods: str | Sequence[str] | None) -> list[str]:
-    """Statistics-based merge methods from a comma list / sequence of names in :data:`STATISTICS_MERGES`
-    (empty for None / ""); unknown or repeated names raise."""
-    if merge_methods is None:
-        return []
-    names = [m.strip() for m in merge_methods.split(",")] if isinstance(merge_methods, str) else list(merge_methods)
-    names = [m for m in names if m]
-    unknown = [m for m in names if m not in STATISTICS_MERGES]
-    if unknown:
-        raise HfTaujpError(f"unknown merge method(s) {unknown}; choose from {list(STATISTICS_MERGES)} (task arithmetic is "
-                           "the recipe's own task addition, always run)")
-    if len(set(names)) != len(names):
-        raise HfTaujpError(f"a merge method is listed twice: {names}")
-    return names
+def lambda_selection(results: Mapping, runs: Sequence[Run], score: Callable[[dict], float]) -> dict:
+    """``{method label: {criterion, validation_score_at_alpha_1, chosen}}`` for every method run at several λ:
+    the λ whose finished run has the highest validation ``score(results["methods"][label])`` (ties: the smaller
+    λ). Never chosen on the reported split."""
+    selection = {}
+    for m in dict.fromkeys(r.method for r in runs):
+        lams = [(r.lam, r.label) for r in runs if r.method is m]
+        if len(lams) < 2:
+            continue
+        val = {lam: score(results["methods"][label]) for lam, label in lams if label in results["methods"]}
+        if val:
+            selection[m.label] = {"criterion": "mean validation score at α = 1 (validation split held out from train)",
+                                  "validation_score_at_alpha_1": val,
+                                  "chosen": max(val, key=lambda k: (round(val[k], 9), -k))}
+    return selection
 
 
-def check_statistics_options(merge_methods: Sequence[str], methods: Sequence[Method], fisher_examples: int,
-                             fisher_samples: int, base_fisher_weight: float | None) -> None:
-    """Raise HfTaujpError for statistics options that cannot run or would mean nothing (before any training)."""
-    for flag, v in (("--fisher-examples", fisher_examples), ("--fisher-samples", fisher_samples)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise HfTaujpError(f"{flag} must be a positive integer, got {v!r}")
-    if base_fisher_weight is not None:
-        if "gradient_matching" not in merge_methods:
-            raise HfTaujpError("--base-fisher-weight (s0) applies to gradient_matching only: add it to --merge-methods")
-        if not (float(base_fisher_weight) >= 0 and math.isfinite(float(base_fisher_weight))):
-            raise HfTaujpError(f"--base-fisher-weight must be a finite number >= 0, got {base_fisher_weight!r}")
-    if merge_methods and not any(not m.linear for m in methods):
-        raise HfTaujpError(f"--merge-methods {','.join(merge_methods)} merges non-linear vectors (θ0 + τ_t is the model "
-                           "whose statistics are taken): add nonlinear (or nonlinear+taujp) to --methods")
+def push_outputs(output_dir: str, repo_id: str, subfolders: Iterable[str] = ()) -> list[str]:
+    """Push ``<output_dir>/task_vectors`` to ``repo_id`` and each existing ``<output_dir>/<subfolder>`` (statistics,
+    curvature) under that subfolder; returns what was pushed."""
+    from .. import hub
 
-
-def statistics_batches(examples: Sequence, collate_fn: Callable, batch_size: int, n: int, samples: int = 1) -> list[dict]:
-    """The first ``n`` of ``examples`` collated in batches of ``batch_size`` — the batches the recipe's own
-    forward reads (``input_ids`` or cached ``inputs_embeds``, mask, position ids, ``logits_to_keep``) —,
-    repeated ``samples`` times (each pass draws new labels for the true Fisher)."""
-    chosen = list(examples[:n])
-    batches = [collate_fn(chosen[i:i + batch_size]) for i in range(0, len(chosen), batch_size)]
-    return batches * samples
-
-
-def estimate_statistics(model: nn.Module, kind: str, batches: Sequence[dict], names: Sequence[str], *, task: str | None,
-                        seed: int, meta: Mapping | None = None, output_type: str | None = None):
-    """Fisher (``kind="fisher"``: :func:`~hf_taujp.merging.fisher.estimate_fisher`, labels sampled from the model,
-    of the parameters ``names``) or Gram (``"gram"``: :func:`~hf_taujp.merging.regmean.estimate_gram` of the
-    Linear / Conv1D layers whose weight is in ``names``) of ``model`` at its current weights over ``batches``.
-    ``meta``: base_model / base_fingerprint recorded on the statistics (the base θ0, not the fine-tuned weights
-    they are taken at) and any other config entries. ``output_type``: the Fisher's, for a model that
-    :func:`~hf_taujp.merging.fisher.output_type_of` cannot tell (default: read from the model)."""
-    from ..merging import estimate_fisher, estimate_gram
-    from ..merging.regmean import linear_layers
-
-    meta = dict(meta or {})
-    if kind == "fisher":
-        st = estimate_fisher(model, batches, parameters=list(names), seed=seed, task=task, progress=False,
-                             output_type=output_type)
-    else:
-        wanted = set(names)
-        modules = [p for p in linear_layers(model) if f"{p}.weight" in wanted]
-        if not modules:
-            raise HfTaujpError("regmean: no trained parameter is a Linear / Conv1D weight (nothing to take Grams of)")
-        st = estimate_gram(model, batches, modules=modules, task=task, progress=False)
-    st.base_model = meta.pop("base_model", st.base_model)
-    st.base_fingerprint = meta.pop("base_fingerprint", st.base_fingerprint)
-    st.extra.update(meta)
-    return st
-
-
-def statistics_merge(base: nn.Module, vectors: Sequence[TaskVector], method: str, stats: Sequence, *,
-                     sizes: Sequence[float] | None = None, base_fisher=None, base_weight: float | None = None
-                     ) -> Callable[[float], dict[str, torch.Tensor]]:
-    """α → the merged Δ of ``method`` (table in the module docstring), {name: tensor}. ``stats``: one Fisher
-    (fisher_average, gradient_matching) or Gram (regmean) per vector; gradient matching also takes the tasks'
-    dataset sizes s_t (``sizes``), the base Fisher H0 and s0 (``base_weight``). ``base`` holds θ0 for every
-    name in the vectors (the recipes' frozen-prefix model does; its fingerprint is not the full model's, so it
-    is not compared). The averaging methods are merged once and scaled; gradient matching is merged per α."""
-    from ..merging import merge
-
-    common = dict(return_task_vector=True, check_base_model=False, progress=False)
-    T = len(vectors)
-    if method == "gradient_matching":  # α enters the precision sum: one (elementwise, cheap) merge per α
-        def at(alpha: float) -> dict[str, torch.Tensor]:
-            return merge(base, list(vectors), method, fishers=list(stats), base_fisher=base_fisher,
-                         num_examples=list(sizes), base_num_examples=float(base_weight), lambda_=float(alpha),
-                         **common).tensors
-
-        return at
-    kw = {"fishers": list(stats)} if method == "fisher_average" else {"grams": list(stats)}
-    delta = merge(base, list(vectors), method, **kw, **common).tensors
-    return lambda alpha: {k: (float(alpha) * T) * v for k, v in delta.items()}
-
-
-def add_statistics_arguments(p) -> None:
-    """The recipes' ``--merge-methods``, ``--fisher-examples``, ``--fisher-samples`` and ``--base-fisher-weight``."""
-    p.add_argument("--merge-methods", default=None,
-                   help=f"comma list from {', '.join(STATISTICS_MERGES)}: also merge the non-linear vectors with these "
-                        "(each task's Fisher / Grams at θ0 + τ_t, the base Fisher at θ0, on training examples; saved "
-                        "under <output-dir>/statistics/), α chosen on validation like task addition; default: none")
-    p.add_argument("--fisher-examples", type=int, default=32,
-                   help="training examples per task for each Fisher / Gram (and per task for the base Fisher)")
-    p.add_argument("--fisher-samples", type=int, default=1,
-                   help="labels sampled from the model per example for the Fisher (the true Fisher's Monte-Carlo size)")
-    p.add_argument("--base-fisher-weight", type=float, default=None, metavar="S0",
-                   help="gradient_matching's s0, how much the base Fisher counts against the tasks' s_t (their training "
-                        "examples): large s0 → task arithmetic, s0 = 0 → Fisher averaging; no principled value when "
-                        "the pretraining data is unseen; default: the mean s_t")
+    hub.push_folder_to_hub(os.path.join(output_dir, "task_vectors"), repo_id)
+    pushed = ["task vectors"]
+    for sub in subfolders:
+        if os.path.isdir(os.path.join(output_dir, sub)):
+            hub.push_folder_to_hub(os.path.join(output_dir, sub), repo_id, subfolder=sub)
+            pushed.append(sub)
+    return pushed
 
 
 def parse_compare_options(compare_merges, compare_sets, method_list) -> tuple[list[str], list[str]]:

@@ -10,8 +10,14 @@ forward and one (Gaussian probe) or several (exact) backward passes through the 
 * the probe: ``"gaussian"`` (the reference, ``fisher_num_samples_expectation`` = 1): ε ∼ N(0, I) of f's
   shape, zero at padded output positions, g = ∂(εᵀ f)/∂y, so E_ε[g·gᵀ] = J_yᵀ J_y (J_y = ∂f/∂y);
   ``samples`` > 1 averages the samples (the reference *sums* them without dividing: its G grows with the
-  number of samples). ``"exact"``: one backward per entry of the per-example output (a sum over output
-  dimensions instead of a probe; cost × that size — for small outputs and tests);
+  number of samples). ``"fisher"``: the categorical (true) Fisher of f read as logits — y ∼ softmax(f) over the
+  last dimension, ε = onehot(y) − softmax(f), so E_y[ε·εᵀ] = diag(p) − p·pᵀ, the Hessian of the softmax
+  cross-entropy in the logits (Martens & Grosse 2015, Sec. 5; the GGN), and E[g·gᵀ] = J_yᵀ (diag(p) − p·pᵀ) J_y:
+  the penalty then approximates Σ_s E_x tᵀ(diag(p) − p·pᵀ)t = 2·Σ_s KL₂, twice the second-order
+  KL(softmax(f) ‖ softmax(f + t)) of ``taujp_norm="kl"`` summed over the other tasks — in nats, whatever the
+  vocabulary size; ``samples`` average as for the Gaussian probe. ``"exact"``: one backward per entry of the
+  per-example output (a sum over output dimensions instead of a probe; cost × that size — for small outputs
+  and tests);
 * rows (token positions) where the mask that fits the input's leading dims is 0 are excluded; for an
   encoder-decoder, encoder-side inputs take ``attention_mask`` and decoder-side ones
   ``decoder_attention_mask`` (as :func:`~hf_taujp.merging.regmean.estimate_gram` decides).
@@ -34,7 +40,7 @@ from .penalty import output_mask, prepare_reg_batch, select_output
 
 __all__ = ["estimate_kfac", "KFAC_PROBES"]
 
-KFAC_PROBES = ("gaussian", "exact")
+KFAC_PROBES = ("gaussian", "fisher", "exact")
 
 
 class _Rows:
@@ -96,12 +102,23 @@ def _probe(f: torch.Tensor, mask, zs: list, probe: str, samples: int, gen: torch
     """Backward passes of the probe through f, handing each pass's ∂/∂(layer outputs) and its weight to ``add_g``.
 
     ``"gaussian"``: ``samples`` passes of εᵀ f, ε ∼ N(0, I) (zero at the padded positions of ``mask``), weight
-    1 / samples each. ``"exact"``: one pass per entry j of the per-example output, Σ_n f[n, j], weight 1 (so
+    1 / samples each. ``"fisher"``: ``samples`` passes of εᵀ f, ε = onehot(y) − p, y ∼ p = softmax(f) (last
+    dimension; zero at padded positions), weight 1 / samples each. ``"exact"``: one pass per entry j of the per-example output, Σ_n f[n, j], weight 1 (so
     Σ_j g_j g_jᵀ = J_yᵀ J_y exactly; examples do not interact in eval mode)."""
     m = None if mask is None else mask.to(f.dtype).reshape(mask.shape + (1,) * (f.dim() - mask.dim()))
     if probe == "gaussian":
         for s in range(samples):
             eps = torch.randn(f.shape, generator=gen, dtype=torch.float32).to(f.device, f.dtype)
+            eps = eps * m if m is not None else eps
+            add_g(torch.autograd.grad((eps * f).sum(), zs, retain_graph=s < samples - 1, allow_unused=True),
+                  1.0 / samples)
+        return
+    if probe == "fisher":
+        p = torch.softmax(f.detach().to(torch.float32), dim=-1).cpu()
+        flat = p.reshape(-1, p.shape[-1])
+        for s in range(samples):
+            y = torch.multinomial(flat, 1, generator=gen).reshape(p.shape[:-1])
+            eps = (torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype) - p).to(f.device, f.dtype)
             eps = eps * m if m is not None else eps
             add_g(torch.autograd.grad((eps * f).sum(), zs, retain_graph=s < samples - 1, allow_unused=True),
                   1.0 / samples)
@@ -145,8 +162,10 @@ def estimate_kfac(
         layers: module paths of the layers (default: every nn.Linear / Conv1D layer of the model). G is
             out × out: leave out layers too wide to store (an LM head over a large vocabulary).
         max_examples: examples used at most (the reference: 128–256 suffice).
-        probe: "gaussian" (ε ∼ N(0, I), the reference) or "exact" (sum over the output's entries).
-        samples: Gaussian samples per batch (reference: 1).
+        probe: "gaussian" (ε ∼ N(0, I), the reference: G in the output's own units, squared), "fisher" (f read as
+            logits, y ∼ softmax(f): G in nats, independent of the vocabulary size — for LM logits) or "exact"
+            (sum over the output's entries).
+        samples: probe samples per batch ("gaussian", "fisher"; reference: 1).
         seed: seed of the probe's generator.
         task: the task's name, recorded in the card (the trainer refuses a task's own factors by it).
     Returns:
@@ -246,6 +265,6 @@ def estimate_kfac(
         info[p] = {"in_features": int(in_f), "out_features": int(out_f), "layout": layout, "rows": int(rows_n[p])}
     cfg = getattr(model, "config", None)
     extra = {"layers": info, "output": "custom" if output_fn is not None else output, "probe": probe,
-             "samples": samples if probe == "gaussian" else None, "seed": int(seed), "compression": None}
+             "samples": samples if probe != "exact" else None, "seed": int(seed), "compression": None}
     return KFACStatistics(tensors, num_examples=count, base_model=getattr(cfg, "_name_or_path", None) or None,
                           base_fingerprint=fingerprint(model), task=task, extra=extra)

@@ -197,6 +197,9 @@ def layer_deltas(model: torch.nn.Module, theta0: Mapping[str, torch.Tensor] | No
     """
     from ..low_rank import layer_kind
 
+    nested = [(p, m) for p, m in model.named_modules() if p and isinstance(m, LinearizedModule)]
+    if nested and adapter is None and not isinstance(model, LinearizedModule):
+        return _nested_deltas(model, nested)
     root, tangents, factors, rename = _sources(model, theta0, adapter)
     paths = {id(m): p for p, m in root.named_modules()}
     # every (module path, attribute) holding each parameter: a tied weight (GPT-2's wte / lm_head) has two
@@ -243,6 +246,24 @@ def layer_deltas(model: torch.nn.Module, theta0: Mapping[str, torch.Tensor] | No
             other.append(rename(path) + ".weight")
             continue
         slot(path, f.module, kind).factors.append((f.B, f.A, float(f.scaling)))
+    return deltas, other
+
+
+def _nested_deltas(model, nested) -> tuple[dict[str, LayerDelta], list[str]]:
+    """layer_deltas of a model holding linearized submodules (CLIP's classifier around a linearized image
+    encoder): each one's deltas under its path (its wrapped base's module paths, as the plain model names
+    them). A trainable parameter outside them is an error (its change would go unpenalised)."""
+    deltas: dict[str, LayerDelta] = {}
+    other: list[str] = []
+    for path, module in nested:
+        d, o = layer_deltas(module)
+        deltas.update({f"{path}.{k}": v for k, v in d.items()})
+        other += [f"{path}.{k}" for k in o]
+    inside = {id(p) for _, m in nested for p in m.parameters()}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        raise HfTaujpError(f"the model trains parameters outside its linearized submodules ({outside[:5]}): the "
+                           "KFAC penalty covers one kind of τ per model; linearize the whole trained part")
     return deltas, other
 
 

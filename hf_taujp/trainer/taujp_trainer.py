@@ -299,11 +299,16 @@ class TauJpTrainer(Trainer):
     # ---------------------------------------------------------------- KFAC
     def _kfac_setup(self, base: torch.nn.Module, curvature) -> None:
         """Load, check and aggregate the other tasks' factors over the trained linear layers (before training)."""
-        from ..errors import CurvatureLayerMismatchError
+        from ..errors import CurvatureLayerMismatchError, CurvatureUnitsError
         from .kfac_regularizer import load_curvature, prepare_curvature
         from .tangents import layer_deltas, theta0_fingerprint
 
         stats = load_curvature(list(self.args.taujp_curvature or []) + list(curvature or []))
+        for key in ("output", "probe"):  # the penalty never runs f; but a mix sums drifts in different units
+            seen = {s.task: s.extra.get(key) for s in stats}
+            if len(set(seen.values())) > 1:
+                raise CurvatureUnitsError(f"the other tasks' KFAC factors were estimated with different {key}s: "
+                                          f"{seen} (estimate every task's factors with the same output f and probe)")
         deltas, other = layer_deltas(base, self._theta0, self._adapter)
         if not deltas:
             raise CurvatureLayerMismatchError("the model trains no nn.Linear / Conv1D layer: the KFAC penalty has "
@@ -320,9 +325,6 @@ class TauJpTrainer(Trainer):
             aggregation=self.args.taujp_kfac_aggregation, device=self.args.device,
             dtype=torch.float64 if f64 else torch.float32)
         self.kfac_statistics = stats
-        outputs = {s.task: s.extra.get("output") for s in stats}
-        if len(set(outputs.values())) > 1:  # the penalty never runs f; but a mix sums drifts of different outputs
-            logger.warning(f"the other tasks' KFAC factors were estimated for different outputs f: {outputs}")
 
     def kfac_penalty_on(self, model: torch.nn.Module) -> torch.Tensor:
         """R_KFAC = Σ_layers Σ_terms tr(G·ΔW̃·A·ΔW̃ᵀ) of the current τ (:func:`~hf_taujp.trainer.kfac_regularizer.kfac_penalty`),

@@ -5,7 +5,7 @@ its state-dict key is ``<module path>.linearized_tau.<adapter>.<pname>`` and PEF
 ``base_model.model.<module path>.linearized_tau.<pname>`` (adapter name stripped). The module is
 not replaced and its forward is untouched: the linearization happens once for the whole model in
 :class:`~hf_taujp.tuners.linearized.model.LinearizedModel`, so base parameter names stay exactly
-``base.named_parameters()`` names (the contract of docs/design.md).
+``base.named_parameters()`` names (the contract of docs/modules.md).
 """
 
 from __future__ import annotations
