@@ -455,3 +455,33 @@ def test_encoder_decoder_rows_follow_their_side():
     assert rows == {"encoder.block.0.layer.0.SelfAttention.q": 8, "decoder.block.0.layer.1.EncDecAttention.k": 8,
                     "decoder.block.0.layer.1.EncDecAttention.q": 5, "lm_head": 5}
     assert float(st.tensors["lm_head.G"].abs().sum()) > 0 and float(st.tensors["encoder.block.0.layer.0.SelfAttention.q.G"].abs().sum()) > 0
+
+
+def test_rows_of_tensors_with_a_collate_fn_are_examples_and_bad_values_are_named():
+    """A list of example dicts holding 1-D tensors (tokenizer rows) with collate_fn is batched by it (the same
+    factors as the pre-batched list); an output_fn that returns no tensor, compressing twice, num_examples < 1
+    and a factor with a negative diagonal (not PSD) are named errors."""
+    from transformers import default_data_collator
+
+    model = gpt2()
+    batches = token_batches(n_batches=2, b=4)
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+    kw = dict(probe="exact", progress=False, layers=["transformer.h.0.mlp.c_proj"])
+    ref = estimate_kfac(model, batches, **kw)
+    got = estimate_kfac(model, rows, collate_fn=default_data_collator, batch_size=4, **kw)
+    for k in ref.tensors:
+        torch.testing.assert_close(got.tensors[k], ref.tensors[k])
+    assert got.num_examples == 8
+    with pytest.raises(HfTaujpError, match="must be a tensor"):
+        estimate_kfac(model, batches, output_fn=lambda o, b: (o.logits,), progress=False)
+    with pytest.raises(HfTaujpError, match="layers is empty"):
+        estimate_kfac(model, batches, layers=[], progress=False)
+    small = ref.compress(rank=2)
+    with pytest.raises(HfTaujpError, match="already compressed"):
+        small.compress(rank=1)
+    with pytest.raises(CurvatureValueError, match="num_examples"):
+        KFACStatistics(ref.tensors, num_examples=0, extra=ref.extra)
+    bad = dict(ref.tensors)
+    bad["transformer.h.0.mlp.c_proj.A"] = -bad["transformer.h.0.mlp.c_proj.A"]
+    with pytest.raises(CurvatureValueError, match="positive semi-definite"):
+        KFACStatistics(bad, num_examples=8, extra=ref.extra)

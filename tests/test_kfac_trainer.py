@@ -250,3 +250,16 @@ def test_per_task_aggregation_and_lambda_auto(tmp_path, monkeypatch):
     rec = tr.taujp_lambda_search
     assert [c["lambda"] for c in rec["curve"]] == [0.0, 5.0, 50.0, 500.0] and rec["chosen"] == 50.0
     assert rec["curve"][1]["taujp_penalty"] is not None
+
+
+def test_factors_in_other_units_or_dropped_inputs_are_errors(tmp_path):
+    """Unnamed factors of different probes are still told apart (by position); curvature given to a τJp run, or
+    taujp_curvature in a τJp config, is an error, never ignored."""
+    model = tiny_bert()
+    with pytest.raises(CurvatureUnitsError, match="probes"):
+        TauJpTrainer(model=model, args=kcfg(tmp_path), train_dataset=TRAIN,
+                     curvature=[factors(task=None), factors(data=TRAIN, task=None, probe="fisher")])
+    with pytest.raises(TauJpConfigError, match="curvature= .*taujp_regularizer='kfac'"):
+        TauJpTrainer(model=model, args=cfg(tmp_path, taujp_lambda=0.0), train_dataset=TRAIN, curvature=[factors()])
+    with pytest.raises(TauJpConfigError, match="taujp_curvature is for"):
+        cfg(tmp_path, taujp_curvature=["org/kfac-b"])

@@ -85,3 +85,21 @@ def test_kfac_options_are_checked_before_the_model_is_loaded(tmp_path, kw, match
         glue_recipe.run_glue(str(tmp_path / "no-model"), ("sst2", "cola"), methods="kfac",
                              output_dir=str(tmp_path / "o"), **kw)
     assert not (tmp_path / "o").exists()
+
+
+def test_kfac_with_a_trained_lm_head_fails_before_any_training(tmp_path):
+    """--layers 0 trains the (tied) LM head, whose G would be vocabulary²: refused before the first run trains."""
+    out = tmp_path / "o"
+    with pytest.raises(HfTaujpError, match="output layer frozen"):
+        glue_recipe.run_glue(tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="nonlinear,kfac", layers=0,
+                             output_dir=str(out), steps=1, batch_size=4, max_train=40, max_dev=8, alphas=(0.0, 1.0),
+                             shape_alphas=(), kfac_examples=4, eval_batch_size=8)
+    assert not (out / "task_vectors").exists()
+
+
+def test_cli_empty_kfac_lambda_is_a_one_line_error(capsys):
+    from hf_taujp.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["glue", "--methods", "kfac", "--kfac-lambda", ","])
+    assert e.value.code == 2 and "--kfac-lambda" in capsys.readouterr().err

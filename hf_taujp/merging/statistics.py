@@ -129,7 +129,8 @@ def example_batches(
 
     ``data``: a DataLoader or any iterable (list, generator) of *batches* (dicts of tensors with a
     leading batch dimension), or a ``datasets.Dataset`` / torch ``Dataset`` / list of *examples* (dicts
-    of un-batched values: ints, lists, 0-d tensors), batched here with ``collate_fn`` (default
+    of un-batched values: ints, lists, 0-d tensors; with ``collate_fn`` given, any list of dicts — e.g. rows of
+    1-D tensors — is read as examples), batched here with ``collate_fn`` (default
     transformers' ``default_data_collator``) in batches of ``batch_size``. Yields ``(batch, n)``: the
     batch without the keys in ``drop``, its tensors moved to ``device``, cut so that at most
     ``max_examples`` examples come out in all; ``n`` = its examples (the leading dimension).
@@ -138,9 +139,10 @@ def example_batches(
         HfTaujpError: a batch that is not a dict, holds a tensor without a batch dimension, or no tensor;
             no example at all (``who`` names the caller).
     """
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and not any(
-            isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[0].values()):
-        data = list(data)  # a list of examples (no batched tensor in them): batched like a dataset
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], dict) and (collate_fn is not None or not any(
+            isinstance(v, torch.Tensor) and v.dim() > 0 for v in data[0].values())):
+        # a list of examples: no batched tensor in them, or a collate_fn given to batch them (1-D tensor rows)
+        data = list(data)
     elif not (hasattr(data, "column_names") or isinstance(data, torch.utils.data.Dataset)):
         yield from _cut(data, max_examples, device, drop, who)  # already batches
         return

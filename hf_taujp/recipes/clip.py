@@ -218,7 +218,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--compare-sets", default="linear,taujp", help="methods whose vectors --compare-merges merges")
     add_statistics_arguments(p)
     add_kfac_arguments(p, default_lambda=CLIP_KFAC_LAMBDA, default_probe="gaussian",
-                       why="default 500, the reference's (Porrello et al. 2026, CLIP ViT)")
+                       why="default 500, the reference's (Porrello et al. 2026, CLIP ViT)", several=False)
     p.add_argument("--push-to-hub", default=None, metavar="REPO")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0,

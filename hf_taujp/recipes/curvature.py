@@ -13,9 +13,29 @@ from collections.abc import Callable, Mapping, Sequence
 from torch import nn
 
 from ..hub import HfTaujpError
+from .finetuning import low_rank_targets
 from .statistics_merges import statistics_batches
 
-__all__ = ["estimate_curvature", "kfac_note", "KFAC_PROBES", "add_kfac_arguments", "check_kfac_options"]
+__all__ = ["estimate_curvature", "kfac_layers", "kfac_note", "KFAC_PROBES", "add_kfac_arguments", "check_kfac_options"]
+
+
+def kfac_layers(model: nn.Module, parameter_names: Sequence[str]) -> list[str]:
+    """The layers whose factors a recipe's kfac methods need: every nn.Linear / Conv1D whose weight is trained.
+
+    Raises:
+        HfTaujpError: the output layer (LM head) is trained — directly or through embeddings tied to it — since its
+            G would be vocabulary × vocabulary (49k² floats for SmolLM2); or no Linear / Conv1D weight is trained.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        trained = set(parameter_names)
+        tied = [n for n, p in model.named_parameters() if p is head.weight and n in trained]
+        if tied:
+            raise HfTaujpError(f"the kfac methods need the output layer frozen: {tied[0]} (the LM head, or embeddings "
+                               "tied to it) is trained, and its KFAC factor G would be vocabulary × vocabulary; train "
+                               "the last decoder layers (--layers N) or --target-modules without the head / embeddings")
+    return low_rank_targets(model, parameter_names)
 
 
 def estimate_curvature(model: nn.Module, data: Mapping[str, object], layers: Sequence[str], *, output_dir: str,
@@ -71,8 +91,10 @@ def kfac_note(curvature: Mapping) -> str:
     """The report's note on the kfac methods, from ``results["curvature"]`` (:func:`estimate_curvature`'s info)."""
     tasks = curvature["tasks"]
     mib = sum(t["bytes"] for t in tasks.values()) / len(tasks) / 2**20
+    used = sorted({t["examples"] for t in tasks.values()})
+    used = f"{used[0]}" if len(used) == 1 else f"{used[0]}–{used[-1]}"
     return (f"+ KFAC: the dataless penalty λ·Σ_layers tr(G·ΔW̃·A·ΔW̃ᵀ) (Porrello et al. 2026) with the other tasks' "
-            f"KFAC factors of {curvature['output']} ({curvature['probe']} probe, {curvature['examples']} training "
+            f"KFAC factors of {curvature['output']} ({curvature['probe']} probe, {used} training "
             f"inputs per task, {curvature['aggregation']}), no other task's data; factors {mib:.1f} MiB per task on "
             f"disk, estimated in {sum(t['seconds'] for t in tasks.values()):.0f} s for all tasks")
 
@@ -80,12 +102,12 @@ def kfac_note(curvature: Mapping) -> str:
 KFAC_PROBES = ("fisher", "gaussian")
 
 
-def add_kfac_arguments(p, *, default_lambda: float, default_probe: str, why: str) -> None:
+def add_kfac_arguments(p, *, default_lambda: float, default_probe: str, why: str, several: bool = True) -> None:
     """The recipes' ``--kfac-lambda``, ``--kfac-probe``, ``--kfac-examples`` and ``--kfac-aggregation`` (the ``kfac``
-    methods); ``why`` says where the recipe's default λ comes from."""
+    methods); ``why`` says where the recipe's default λ comes from; ``several``: the recipe takes a λ list."""
     p.add_argument("--kfac-lambda", type=_float_list, default=[default_lambda],
-                   help=f"λ of the kfac methods ({why}); a comma list trains them once per λ and marks the one chosen "
-                        "on validation")
+                   help=f"λ of the kfac methods ({why})" + ("; a comma list trains them once per λ and marks the one "
+                                                           "chosen on validation" if several else ""))
     p.add_argument("--kfac-probe", default=default_probe, choices=list(KFAC_PROBES),
                    help="G's probe: fisher (y ∼ softmax(f): the KL's curvature, in nats; for logits) or gaussian "
                         "(ε ∼ N(0, I): the reference's, for an embedding)")
@@ -100,9 +122,12 @@ def _float_list(text: str) -> list[float]:
     import argparse
 
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {text!r}") from None
+        out = []
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {text!r}")
+    return out
 
 
 def check_kfac_options(kfac_lambda, kfac_probe: str, kfac_examples: int, kfac_aggregation: str) -> list[float]:

@@ -20,7 +20,7 @@ from .glue_evaluation import _compare_merges, _evaluate_addition, _statistics_me
 from .glue_report import _report
 from .models import load_text_model, trained_parameter_names
 from .runner import (Recipe, Run, check_kfac_options, check_rank_and_dtype, check_statistics_options, estimate_curvature,
-                     finetune, jsonable, low_rank_targets, parse_compare_options, parse_merge_methods, parse_methods,
+                     finetune, jsonable, kfac_layers, parse_compare_options, parse_merge_methods, parse_methods,
                      plan_runs, statistics_batches, subsample, weights_of)
 from .tasks import GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load_task_spec, split_train_val
 from .text_to_text import (FrozenPrefix, TextToTextEncoder, answer_logits_output, first_trained_layer, generate_scores,
@@ -303,14 +303,15 @@ class GlueRecipe(Recipe):
             return
         print(f"{SAY} KFAC factors ({o.kfac_probe} probe) of each task on {o.kfac_examples} training prompts")
         self.curvature, info = estimate_curvature(
-            self.eval_model, {n: self.ex[n]["reg"] for n in self.tasks}, low_rank_targets(self.eval_model, self.names),
+            self.eval_model, {n: self.ex[n]["reg"] for n in self.tasks}, kfac_layers(self.eval_model, self.names),
             output_dir=o.output_dir, probe=o.kfac_probe, seed=o.seed, output_fn=answer_logits_output,
             collate_fn=self.encoder.collate, batch_size=o.eval_batch_size, max_examples=o.kfac_examples,
             meta={"base_model": self.model_name})
         kl = self.kfac_lambdas
         self.results["curvature"] = {"probe": o.kfac_probe, "examples": o.kfac_examples,
                                      "aggregation": o.kfac_aggregation, "lambda": kl if len(kl) > 1 else kl[0],
-                                     "output": "answer-position logits", "tasks": info}
+                                     "output": "answer-position logits" if o.penalized_output == "answer"
+                                     else "prompt-token logits", "tasks": info}
 
     # ------------------------------------------------------------------------------ scores
     def choices_scores(self, split, name, tangents=None, alphas_=(1.0,), model=None):

@@ -67,6 +67,9 @@ def _notes(results, task_names, batch_size) -> list[str]:
               "pretraining data is unseen")
     if "curvature" in results:
         notes.append(kfac_note(results["curvature"]))
+    for label, sel in results.get("lambda_selection", {}).items():
+        notes.append(f"{label}: λ = {sel['chosen']:g} chosen on validation (the best mean validation score at α = 1 "
+                     "among its runs)")
     return notes
 
 

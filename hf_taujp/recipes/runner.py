@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ..hub import HfTaujpError
 from ..task_vector import TaskVector
 from .common import jsonable, subsample, torch_threads, weights_of
-from .curvature import KFAC_PROBES, add_kfac_arguments, check_kfac_options, estimate_curvature, kfac_note
+from .curvature import KFAC_PROBES, add_kfac_arguments, check_kfac_options, estimate_curvature, kfac_layers, kfac_note
 from .finetuning import (DTYPES, METHODS, Method, add_low_rank_arguments, check_rank_and_dtype, finetune,
                          low_rank_targets, parse_methods)
 from .statistics_merges import (STATISTICS_MERGES, add_statistics_arguments, check_statistics_options,
@@ -39,7 +39,7 @@ from .statistics_merges import (STATISTICS_MERGES, add_statistics_arguments, che
 
 __all__ = ["METHODS", "Method", "parse_methods", "finetune", "estimate_curvature", "STATISTICS_MERGES", "parse_merge_methods",
            "statistics_batches", "estimate_statistics", "statistics_merge", "add_statistics_arguments",
-           "KFAC_PROBES", "add_kfac_arguments", "check_kfac_options", "kfac_note", "low_rank_targets", "DTYPES",
+           "KFAC_PROBES", "add_kfac_arguments", "check_kfac_options", "kfac_note", "kfac_layers", "low_rank_targets", "DTYPES",
            "check_rank_and_dtype", "add_low_rank_arguments", "check_statistics_options", "parse_compare_options",
            "compare_and_save", "Run", "plan_runs", "Recipe", "run_methods", "lambda_selection", "push_outputs",
            "subsample", "weights_of", "jsonable", "torch_threads", "evaluate_statistics_merges", "SHAPE_ALPHAS"]

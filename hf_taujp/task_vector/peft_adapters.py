@@ -109,7 +109,7 @@ class TaskVectorPeftAdapters:
         bias via PEFT's ``bias="lora_only"``, any other module whole in ``modules_to_save`` at θ0 + τ).
         ``task_type``: PEFT's; ``"auto"`` (default) the one the base class implies (as :meth:`to_peft`), ``None`` a
         plain ``PeftModel``. SEQ_CLS / TOKEN_CLS / QUESTION_ANS heads are saved whole by PEFT. A ``"linear"`` vector is refused unless ``allow_linear=True`` (a LoRA gives its weight
-        reading f(θ0 + τ); :meth:`to_peft` gives the linearized model). hf_taujp/lora_extraction.py has the details.
+        reading f(θ0 + τ); :meth:`to_peft` gives the linearized model). hf_taujp/lora_extraction/ has the details.
 
         Returns a ``peft.PeftModel`` (``save_pretrained`` / ``PeftModel.from_pretrained(base, dir)``).
         Raises ``HfTaujpError`` for a bad rank rule, another base (``BaseModelMismatchError``), keys / shapes that

@@ -107,6 +107,15 @@ class KFACStatistics(Statistics):
         if bad:
             raise CurvatureValueError(f"KFAC factors of task {task!r} hold NaN or inf in {bad[:5]}"
                                       + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+            raise CurvatureValueError(f"KFAC factors of task {task!r}: num_examples must be an integer >= 1 (it "
+                                      f"weighs A in the aggregation), got {num_examples!r}")
+        # second moments are positive semi-definite: a negative diagonal entry is not one (the penalty could go < 0)
+        neg = [k for k, t in tensors.items() if not k.endswith("_root") and t.dim() == 2
+               and float(torch.diagonal(t).min()) < 0]
+        if neg:
+            raise CurvatureValueError(f"KFAC factors of task {task!r} are not positive semi-definite (negative "
+                                      f"diagonal) in {neg[:5]}")
         super().__init__(tensors, num_examples=num_examples, base_model=base_model,
                          base_fingerprint=base_fingerprint, task=task, extra=extra)
         if not self.layers:
@@ -153,9 +162,10 @@ class KFACStatistics(Statistics):
             f"- task: `{self.task}`; examples used: {self.num_examples}",
             f"- layers ({len(names)}, {self.nbytes() / 2 ** 20:.3g} MiB of factors): {shown}",
             f"- penalised output f: `{e.get('output')}`; probe: {e.get('probe')} "
-            f"({e.get('samples')} Monte-Carlo sample(s) per batch, seed {e.get('seed')})",
+            + (f"({e.get('samples')} Monte-Carlo sample(s) per batch, seed {e.get('seed')})" if e.get("samples")
+               else "(exact: one backward per output entry)"),
             "- A = mean over valid input rows (tokens) of [x; 1][x; 1]ᵀ, G = mean over the same rows of g gᵀ, "
-            "g = ∂(εᵀ f)/∂(layer output), ε ∼ N(0, I)",
+            + _PROBE_TEXT.get(e.get("probe"), "g = ∂(εᵀ f)/∂(layer output)"),
             f"- compression: {comp if comp else 'none (dense float factors)'}",
             "", "Use: `TauJpConfig(taujp_regularizer=\"kfac\", taujp_curvature=[\"<this repo>\", ...])` while training "
             "*another* task: the penalty λ·Σ_layers tr(G·ΔW̃·A·ΔW̃ᵀ) keeps that task's vector from moving f on this "
@@ -182,6 +192,9 @@ class KFACStatistics(Statistics):
         """
         if rank is None and energy is None and dtype is None:
             raise HfTaujpError("compress() needs rank=, energy= or dtype=")
+        if self.extra.get("compression"):  # its record would no longer say what the tensors are
+            raise HfTaujpError(f"these factors are already compressed ({self.extra['compression']}): compress the "
+                               "dense factors once, with every option")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise HfTaujpError(f"rank must be an integer >= 1, got {rank!r}")
         if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
@@ -204,6 +217,13 @@ class KFACStatistics(Statistics):
                                 "dtype": str(dtype).replace("torch.", "") if dtype is not None else None}
         return KFACStatistics(tensors, num_examples=self.num_examples, base_model=self.base_model,
                               base_fingerprint=self.base_fingerprint, task=self.task, extra=extra)
+
+
+_PROBE_TEXT = {
+    "gaussian": "g = ∂(εᵀ f)/∂(layer output), ε ∼ N(0, I)",
+    "fisher": "g = ∂(εᵀ f)/∂(layer output), ε = onehot(y) − softmax(f), y ∼ softmax(f) (the categorical Fisher)",
+    "exact": "Σ_j g_j g_jᵀ, g_j = ∂f_j/∂(layer output) (every output entry, no probe)",
+}
 
 
 def _truncate(m: torch.Tensor, rank: int | None, energy: float | None) -> Factor:

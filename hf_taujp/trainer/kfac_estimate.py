@@ -82,6 +82,9 @@ class _Rows:
 def _layers(model, layers):
     from ..merging.regmean import linear_layers
 
+    layers = None if layers is None else list(layers)
+    if layers is not None and not layers:
+        raise HfTaujpError("layers is empty: name the Linear / Conv1D layers to estimate (None: all of them)")
     found = linear_layers(model, layers)
     if not found:
         raise HfTaujpError("the model has no nn.Linear / Conv1D layers: no KFAC factors to estimate")
@@ -181,8 +184,8 @@ def estimate_kfac(
     if isinstance(model, LinearizedModule):
         model = model.base_model
     if hasattr(model, "peft_config"):
-        raise HfTaujpError("estimate_kfac needs the base model θ0, not a PEFT model: pass peft_model.get_base_model() "
-                           "of an adapter-free model (or the model before get_peft_model)")
+        raise HfTaujpError("estimate_kfac needs the base model θ0, not a PEFT model: pass the model before "
+                           "get_peft_model (a LoRA model: peft_model.unload() gives it back without the adapters)")
     if probe not in KFAC_PROBES:
         raise HfTaujpError(f"unknown probe {probe!r} (expected one of {KFAC_PROBES})")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -241,6 +244,9 @@ def estimate_kfac(
             with torch.enable_grad():
                 outputs = model(**batch)
                 f = output_fn(outputs, batch) if output_fn is not None else select_output(outputs, output)
+                if not isinstance(f, torch.Tensor):
+                    raise HfTaujpError(f"the penalised output f must be a tensor, got {type(f).__name__}"
+                                       + (" from output_fn" if output_fn is not None else f" for output={output!r}"))
                 mask = output_mask(model, batch, f, None if output_fn is not None else output)
                 _probe(f, mask, [z for _, z, _ in calls], probe, samples, gen, add_g)
             calls.clear()

@@ -130,6 +130,8 @@ class TauJpConfig(TrainingArguments):
                                    f"{self.taujp_kfac_aggregation!r}")
         if isinstance(self.taujp_curvature, str):
             self.taujp_curvature = [self.taujp_curvature]
+        if self.taujp_curvature and self.taujp_regularizer != "kfac":  # never dropped silently
+            raise TauJpConfigError(f"taujp_curvature is for taujp_regularizer='kfac', not {self.taujp_regularizer!r}")
         if self.taujp_curvature is not None and not all(isinstance(c, str) and c for c in self.taujp_curvature):
             raise TauJpConfigError("taujp_curvature must be a list of folders / Hub repo ids (pass loaded "
                                    "KFACStatistics as TauJpTrainer(curvature=[...]))")

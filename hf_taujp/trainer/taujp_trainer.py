@@ -178,6 +178,9 @@ class TauJpTrainer(Trainer):
             raise TauJpConfigError("taujp_lambda='auto' chooses λ on the validation split: give eval_dataset=... "
                                    "(or taujp_auto_score=)")
         kfac = self.args.taujp_regularizer == "kfac"
+        if curvature and not kfac:  # never dropped silently
+            raise TauJpConfigError("curvature= (KFAC factors) is for taujp_regularizer='kfac'; this run's regularizer is "
+                                   f"{self.args.taujp_regularizer!r}")
         if kfac and self.regularization_datasets:
             raise TauJpConfigError("taujp_regularizer='kfac' uses the other tasks' KFAC factors (taujp_curvature), not "
                                    "regularization_datasets: drop them, or use taujp_regularizer='taujp'")
@@ -305,7 +308,7 @@ class TauJpTrainer(Trainer):
 
         stats = load_curvature(list(self.args.taujp_curvature or []) + list(curvature or []))
         for key in ("output", "probe"):  # the penalty never runs f; but a mix sums drifts in different units
-            seen = {s.task: s.extra.get(key) for s in stats}
+            seen = {f"#{i} ({s.task or 'no task name'})": s.extra.get(key) for i, s in enumerate(stats)}
             if len(set(seen.values())) > 1:
                 raise CurvatureUnitsError(f"the other tasks' KFAC factors were estimated with different {key}s: "
                                           f"{seen} (estimate every task's factors with the same output f and probe)")
