@@ -34,6 +34,7 @@ METHODS = {
     "non-linear + τJp cyclic": ("nonlinear", 0.1, "cyclic"),
     "linear + KFAC": ("linear", 500.0, "kfac"),
     "non-linear + KFAC": ("nonlinear", 500.0, "kfac"),
+    "linear + KFAC (energy 0.99)": ("linear", 500.0, "kfac0.99"),
 }
 
 
@@ -52,20 +53,22 @@ def child(a) -> dict:
                      n_positions=a.seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg)
     curvature = None
-    if mode == "kfac":  # the other tasks' published factors, estimated at θ0 before (and outside) the timing
+    if mode.startswith("kfac"):  # the other tasks' published factors, estimated at θ0 before (and outside) the timing
         from hf_taujp.trainer import estimate_kfac
 
         gk = torch.Generator().manual_seed(1)
         curvature = [estimate_kfac(model, [{"input_ids": torch.randint(0, a.vocab, (a.batch, a.seq), generator=gk)}
                                            for _ in range(2)], progress=False, task=f"task{i}", seed=i)
                      for i in range(3)]
+        if mode != "kfac":  # compressed: each factor's root keeping that share of its trace (KFACStatistics.compress)
+            curvature = [c.compress(energy=float(mode[4:])) for c in curvature]
     if kind == "linear":
         model = linearize(model)  # every parameter
     g = torch.Generator().manual_seed(0)
     n = a.batch * (a.steps + 2)
     train = [{"input_ids": (x := torch.randint(0, a.vocab, (a.seq,), generator=g)), "labels": x} for _ in range(n)]
     regs = {f"task{i}": [{"input_ids": torch.randint(0, a.vocab, (a.seq,), generator=g)} for _ in range(64)]
-            for i in range(3)} if lam > 0 and mode != "kfac" else None
+            for i in range(3)} if lam > 0 and not mode.startswith("kfac") else None
     times, cpu = [], []
 
     class Timer(TrainerCallback):
@@ -79,8 +82,8 @@ def child(a) -> dict:
     with tempfile.TemporaryDirectory() as d:
         args = TauJpConfig(output_dir=d, max_steps=a.steps + 2, per_device_train_batch_size=a.batch,
                            learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True,
-                           logging_steps=10_000, taujp_lambda=lam, taujp_mode="cyclic" if mode == "kfac" else mode,
-                           taujp_regularizer="kfac" if mode == "kfac" else "taujp", taujp_batch_ratio=a.ratio,
+                           logging_steps=10_000, taujp_lambda=lam, taujp_mode="cyclic" if mode.startswith("kfac") else mode,
+                           taujp_regularizer="kfac" if mode.startswith("kfac") else "taujp", taujp_batch_ratio=a.ratio,
                            use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
         tr = TauJpTrainer(model=model, args=args, train_dataset=train, regularization_datasets=regs,
                           curvature=curvature, callbacks=[Timer()])
@@ -141,14 +144,19 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default); on a "
                    "shared machine 1 avoids the OpenMP oversubscription that makes 2-thread timings meaningless")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all methods; the fastest round counts")
+    p.add_argument("--methods", default=None, help=f"comma list of the methods to run (default all: {', '.join(METHODS)})")
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.method:
         print("RESULT " + json.dumps(child(a)))
         return
     load0 = os.getloadavg()[0]
-    best = best_of_rounds(os.path.abspath(__file__), list(METHODS), a.repeats,
-                          [f"--{k}={v}" for k, v in vars(a).items() if k not in ("method", "repeats")])
+    chosen = [m.strip() for m in a.methods.split(",")] if a.methods else list(METHODS)
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    best = best_of_rounds(os.path.abspath(__file__), chosen, a.repeats,
+                          [f"--{k}={v}" for k, v in vars(a).items() if k not in ("method", "repeats", "methods")])
     rows = [best[m] for m in METHODS if m in best]
     from hf_taujp.evaluation import format_table
 
