@@ -178,9 +178,9 @@ class TauJpTrainer(Trainer):
             raise TauJpConfigError("taujp_lambda='auto' chooses λ on the validation split: give eval_dataset=... "
                                    "(or taujp_auto_score=)")
         kfac = self.args.taujp_regularizer == "kfac"
-        if curvature and not kfac:  # never dropped silently
-            raise TauJpConfigError("curvature= (KFAC factors) is for taujp_regularizer='kfac'; this run's regularizer is "
-                                   f"{self.args.taujp_regularizer!r}")
+        if (curvature or self.args.taujp_curvature) and not kfac:  # never dropped silently
+            raise TauJpConfigError("curvature= / taujp_curvature (KFAC factors) is for taujp_regularizer='kfac'; this "
+                                   f"run's regularizer is {self.args.taujp_regularizer!r}")
         if kfac and self.regularization_datasets:
             raise TauJpConfigError("taujp_regularizer='kfac' uses the other tasks' KFAC factors (taujp_curvature), not "
                                    "regularization_datasets: drop them, or use taujp_regularizer='taujp'")
