@@ -97,9 +97,11 @@ def test_kfac_with_a_trained_lm_head_fails_before_any_training(tmp_path):
     assert not (out / "task_vectors").exists()
 
 
-def test_cli_empty_kfac_lambda_is_a_one_line_error(capsys):
+@pytest.mark.parametrize("flag", ["--kfac-lambda", "--lambda", "--lambda-grid"])
+def test_cli_empty_number_list_is_a_one_line_error(capsys, flag):
+    """One parser for the recipes' comma lists of numbers: an empty one is argparse's error, never a traceback."""
     from hf_taujp.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["glue", "--methods", "kfac", "--kfac-lambda", ","])
-    assert e.value.code == 2 and "--kfac-lambda" in capsys.readouterr().err
+        main(["glue", "--methods", "kfac", flag, ","])
+    assert e.value.code == 2 and flag in capsys.readouterr().err

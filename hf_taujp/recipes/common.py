@@ -1,5 +1,5 @@
 """Small helpers every recipe uses: seeded subsampling, θ0 + α·τ written into a model in place, arguments as
-JSON, and the number of torch threads a shared machine can take."""
+JSON, the number of torch threads a shared machine can take, and the CLI's comma lists of numbers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["subsample", "weights_of", "jsonable", "torch_threads"]
+__all__ = ["subsample", "weights_of", "jsonable", "torch_threads", "float_list"]
 
 
 def subsample(rows: Sequence, n: int | None, seed: int) -> list:
@@ -81,3 +81,17 @@ def torch_threads(threads: int) -> int:
         except OSError:
             idle = cores
     return max(1, min(cores, int(idle + 0.5)))
+
+
+def float_list(text: str) -> list[float]:
+    """A CLI comma list of numbers ("0.1,1,10") as floats (argparse ``type=``); an empty list is an error too
+    (the recipes index its first entry)."""
+    import argparse
+
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {text!r}")
+    return out

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from torch import nn
 
 from ..hub import HfTaujpError
+from .common import float_list
 from .finetuning import low_rank_targets
 from .statistics_merges import statistics_batches
 
@@ -105,7 +106,7 @@ KFAC_PROBES = ("fisher", "gaussian")
 def add_kfac_arguments(p, *, default_lambda: float, default_probe: str, why: str, several: bool = True) -> None:
     """The recipes' ``--kfac-lambda``, ``--kfac-probe``, ``--kfac-examples`` and ``--kfac-aggregation`` (the ``kfac``
     methods); ``why`` says where the recipe's default λ comes from; ``several``: the recipe takes a λ list."""
-    p.add_argument("--kfac-lambda", type=_float_list, default=[default_lambda],
+    p.add_argument("--kfac-lambda", type=float_list, default=[default_lambda],
                    help=f"λ of the kfac methods ({why})" + ("; a comma list trains them once per λ and marks the one "
                                                            "chosen on validation" if several else ""))
     p.add_argument("--kfac-probe", default=default_probe, choices=list(KFAC_PROBES),
@@ -116,18 +117,6 @@ def add_kfac_arguments(p, *, default_lambda: float, default_probe: str, why: str
     p.add_argument("--kfac-aggregation", default="merged", choices=["merged", "per_task"],
                    help="how the other tasks' factors combine: merged (paper Eq. 8, the reference's default: A weighted "
                         "by examples, G summed) or per_task (Eq. 7: one term per task)")
-
-
-def _float_list(text: str) -> list[float]:
-    import argparse
-
-    try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {text!r}")
-    return out
 
 
 def check_kfac_options(kfac_lambda, kfac_probe: str, kfac_examples: int, kfac_aggregation: str) -> list[float]:

@@ -39,7 +39,7 @@ from .glue_parts import EMBEDDED, GLUE_KFAC_LAMBDA, GLUE_KFAC_LAMBDA_WHY, HUB, G
 from .glue_report import _summary
 from .models import SMOLLM2
 from .runner import (METHODS, SHAPE_ALPHAS, add_kfac_arguments, add_low_rank_arguments, add_statistics_arguments,
-                     parse_methods, push_outputs, run_methods, torch_threads)
+                     float_list, parse_methods, push_outputs, run_methods, torch_threads)
 from .tasks import GLUE_TASKS
 
 __all__ = ["run_glue", "main", "merge_bench_main", "add_arguments", "SHAPE_ALPHAS", "EMBEDDED", "HUB"]
@@ -169,14 +169,7 @@ def run_glue(
 
 
 def _lambdas(text: str) -> list[float] | list[str]:
-    return ["auto"] if text.strip() == "auto" else _floats(text)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, got {text!r}") from None
+    return ["auto"] if text.strip() == "auto" else float_list(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -196,7 +189,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "0.01 here, the paper's 0.1 with T5); a comma list trains τJp once per λ and marks the one "
                         "chosen on validation; 'auto': each task's λ chosen on its validation split by pilot runs "
                         "(the largest λ of --lambda-grid whose validation score is at most 0.03 below λ = 0's)")
-    p.add_argument("--lambda-grid", type=_floats, default=None,
+    p.add_argument("--lambda-grid", type=float_list, default=None,
                    help="λ grid of --lambda auto (default per --taujp-norm: l2 1e-3,1e-2,0.1,1; kl/rms/relative 0.1..100)")
     p.add_argument("--taujp-norm", default="l2", choices=["l2", "sq_l2", "rms", "relative", "kl"],
                    help="penalty form per position (t = J·τ): l2 ‖t‖ (authors), sq_l2, rms ‖t‖/√D, relative ‖t‖/‖f‖, "

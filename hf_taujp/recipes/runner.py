@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..hub import HfTaujpError
 from ..task_vector import TaskVector
-from .common import jsonable, subsample, torch_threads, weights_of
+from .common import float_list, jsonable, subsample, torch_threads, weights_of
 from .curvature import KFAC_PROBES, add_kfac_arguments, check_kfac_options, estimate_curvature, kfac_layers, kfac_note
 from .finetuning import (DTYPES, METHODS, Method, add_low_rank_arguments, check_rank_and_dtype, finetune,
                          low_rank_targets, parse_methods)
@@ -42,7 +42,7 @@ __all__ = ["METHODS", "Method", "parse_methods", "finetune", "estimate_curvature
            "KFAC_PROBES", "add_kfac_arguments", "check_kfac_options", "kfac_note", "kfac_layers", "low_rank_targets", "DTYPES",
            "check_rank_and_dtype", "add_low_rank_arguments", "check_statistics_options", "parse_compare_options",
            "compare_and_save", "Run", "plan_runs", "Recipe", "run_methods", "lambda_selection", "push_outputs",
-           "subsample", "weights_of", "jsonable", "torch_threads", "evaluate_statistics_merges", "SHAPE_ALPHAS"]
+           "subsample", "weights_of", "jsonable", "torch_threads", "float_list", "evaluate_statistics_merges", "SHAPE_ALPHAS"]
 
 SHAPE_ALPHAS = (1.1, 1.2, 1.3, 1.4, 1.5)  # α beyond 1 the recipes plot (the curve's shape), never chosen
 
