@@ -93,3 +93,26 @@ def test_auto_needs_validation_data_and_no_resume(tmp_path):
     with pytest.raises(TauJpConfigError, match="resume"):
         tr.train(resume_from_checkpoint=True)
     assert cfg(tmp_path, taujp_lambda="0.5").taujp_lambda == 0.5  # a number from the command line
+
+
+def test_pilots_scale_the_penalty_start_step(tmp_path, monkeypatch):
+    """A run whose penalty starts at step 4 of 8: a 2-step pilot starts it at step 1 (round(4·2/8)), not never —
+    with the start step kept, every pilot would be λ = 0's run and the search would pick the largest λ blindly."""
+    tr = _trainer(tmp_path, "start", taujp_lambda="auto", taujp_lambda_grid=[0.1], taujp_auto_pilot=0.25,
+                  taujp_auto_tolerance=10.0, taujp_start_step=4)
+    penalised = []
+    orig = TauJpTrainer.compute_loss
+
+    def spy(self, model, inputs, *a, **k):
+        out = orig(self, model, inputs, *a, **k)
+        penalised.append((self._taujp_lambda, self.state.global_step, self.args.taujp_start_step))
+        return out
+
+    monkeypatch.setattr(TauJpTrainer, "compute_loss", spy)
+    tr.train()
+    rec = tr.taujp_lambda_search
+    assert rec["pilot_steps"] == 2 and rec["pilot_start_step"] == 1
+    pilot = [(s, st) for lam, s, st in penalised if lam == 0.1 and st == 1]
+    assert pilot and max(s for s, _ in pilot) >= 1  # the λ = 0.1 pilot reached its (scaled) first penalized step
+    assert rec["curve"][1]["taujp_penalty"] is not None  # and logged a penalty
+    assert tr.args.taujp_start_step == 4  # the full run keeps its own start

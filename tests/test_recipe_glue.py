@@ -289,10 +289,12 @@ def test_recipe_with_rank_trains_lora_and_the_low_rank_tangent(tmp_path, dtype):
         assert any(float(t.abs().max()) > 0 for t in tv.values())
 
 
-def test_recipe_lambda_auto_chooses_per_task_on_validation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("score", ["metric", "loss"])
+def test_recipe_lambda_auto_chooses_per_task_on_validation(tmp_path, monkeypatch, score):
     """`--lambda auto --taujp-norm kl`: each task's λ from its own pilots (the pilot scores are the recipe's
-    validation metric of the pilot's vector: recomputed here from the saved curve's rule), recorded in the
-    results and in each task vector; the full run has the configured length."""
+    validation metric of the pilot's vector — or with `--lambda-score loss` the gold label word's mean
+    log-probability —: recomputed here from the saved curve's rule), recorded in the results and in each task
+    vector; the full run has the configured length."""
     from hf_taujp.trainer.lambda_search import choose_lambda
 
     scored = []
@@ -307,8 +309,12 @@ def test_recipe_lambda_auto_chooses_per_task_on_validation(tmp_path, monkeypatch
     res = glue_recipe.run_glue(
         tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="linear,taujp", output_dir=str(out),
         steps=4, batch_size=4, learning_rate=1e-2, taujp_lambda="auto", taujp_norm="kl", lambda_grid=(0.1, 10.0),
-        max_train=40, max_dev=8, alphas=(0.0, 1.0), shape_alphas=(), layers=1, matrix_examples=4, eval_batch_size=8)
+        max_train=40, max_dev=8, alphas=(0.0, 1.0), shape_alphas=(), layers=1, matrix_examples=4, eval_batch_size=8,
+        lambda_score=score)
     r = res["methods"]["linear FT + τJp"]
+    assert res["taujp"]["lambda_score"] == score
+    if score == "loss":  # log-probabilities of the gold label word: < 0 (an accuracy / MCC would not all be)
+        assert all(c["score"] < 0 for rec in r["lambda_search"].values() for c in rec["curve"])
     assert res["taujp"]["norm"] == "kl" and res["taujp"]["lambda"] == "auto" and res["taujp"]["lambda_grid"] == [0.1, 10.0]
     assert set(r["lambda_search"]) == {"sst2", "cola"}
     for task, rec in r["lambda_search"].items():

@@ -72,7 +72,8 @@ from .clip_distributed import _barrier, _embed
 from .clip_evaluation import _accuracy, _evaluate_addition
 from .clip_model import (TINY, ZeroShotCLIP, ZeroShotOutput, finetune_clip, image_encoder, load_clip, tiny_clip,
                          zero_shot_head)
-from .clip_recipe import ClipRecipe
+from .clip_recipe import CLIP_TAUJP_NORMS, ClipRecipe
+from .lambda_options import add_lambda_arguments, cli_lambda
 from .runner import (METHODS, SHAPE_ALPHAS, add_kfac_arguments, add_statistics_arguments, plan_runs, push_outputs,
                      run_methods, torch_threads)
 from .vision_tasks import (HUB, IDX_FILES, IMAGENET, TEMPLATES, VISION_TASKS, ImageCollator, VisionTask, check_images,
@@ -100,7 +101,9 @@ def run_clip(
     weight_decay: float = 0.1,
     warmup_steps: int = 500,
     max_grad_norm: float = 1.0,
-    taujp_lambda: float = 0.1,
+    taujp_lambda: float | str = 0.1,
+    taujp_norm: str = "l2",
+    lambda_grid: Sequence[float] | None = None,
     taujp_mode: str = "cyclic",
     taujp_batch_ratio: float = 0.125,
     negation_control: str | None = None,
@@ -134,7 +137,12 @@ def run_clip(
         steps, batch_size, learning_rate, weight_decay, warmup_steps, max_grad_norm: AdamW + cosine per task
             and method (the authors' defaults). `batch_size` is the global batch: under DDP each of the N
             processes takes batch_size / N images per step (so N processes train on the same batches as one).
-        taujp_lambda, taujp_mode, taujp_batch_ratio: the penalty on `image_embeds` (TauJpConfig fields).
+        taujp_lambda, taujp_norm, taujp_mode, taujp_batch_ratio: the penalty on `image_embeds` (TauJpConfig
+            fields; "kl" is refused: the embedding is not a vector of logits). ``taujp_lambda="auto"``: each task's
+            λ chosen by pilot runs on its own validation split (top-1 accuracy with its zero-shot head; the largest
+            λ of ``lambda_grid`` within 0.03 of λ = 0's, :mod:`hf_taujp.trainer.lambda_search`), recorded per
+            method as ``taujp_lambda`` (task → λ) and ``lambda_search``.
+        lambda_grid: the λ grid of "auto" (default: ``DEFAULT_LAMBDA_GRIDS[taujp_norm]``).
         negation_control: the control task of negation, held out of `tasks` (:func:`negation_control_task`:
             default ImageNet online, the first held-out task with data offline); every task is negated in turn.
             "none" skips negation.
@@ -204,7 +212,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--lambda", dest="taujp_lambda", type=float, default=0.1, help="τJp weight λ (penalty on image_embeds)")
+    add_lambda_arguments(p, default=0.1, lambda_help="penalty on image_embeds; the authors' 0.1", several=False,
+                         norms=CLIP_TAUJP_NORMS)
     p.add_argument("--mode", dest="taujp_mode", default="cyclic", choices=["cyclic", "strict"])
     p.add_argument("--reg-ratio", dest="taujp_batch_ratio", type=float, default=0.125, help="reg batch / task batch (16/128)")
     p.add_argument("--negation-control", default=None,
@@ -232,8 +241,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads if a.threads > 0 else max(1, torch_threads(0) // max(1, local)))
     results = run_clip(a.model, a.tasks, data_dir=a.data_dir, methods=a.methods, output_dir=a.output_dir, steps=a.steps,
                        batch_size=a.batch_size, learning_rate=a.lr, weight_decay=a.weight_decay,
-                       warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, taujp_lambda=a.taujp_lambda,
-                       taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
+                       warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, taujp_lambda=cli_lambda(a.taujp_lambda),
+                       taujp_norm=a.taujp_norm, lambda_grid=a.lambda_grid, taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
                        negation_control=a.negation_control, max_train=a.max_train, max_test=a.max_test,
                        eval_batch_size=a.eval_batch_size, push_to_hub=a.push_to_hub, seed=a.seed,
                        compare_merges=a.compare_merges, compare_sets=a.compare_sets, merge_methods=a.merge_methods,

@@ -42,6 +42,21 @@ def _merged_accuracy(method, encoder, tasks, pix, acc, bs):
     return evaluate
 
 
+def _validation_score(method, encoder, task, pix, acc, bs):
+    """``fn(τ tensors) -> top-1 accuracy of task `task` on its validation split`` for taujp_lambda="auto" (the
+    recipe's own metric, on the vector a pilot trained so far): the linear reading f(x; θ0) + J f·τ for linear
+    methods, θ0 + τ written into the encoder (restored after) for the others."""
+    if method.linear:
+        return lambda tensors: acc(task, "val", sum(_embed(encoder, pix[(task, "val")], bs, tensors)))
+
+    def score(tensors):
+        with weights_of(encoder) as set_weights:
+            set_weights(1.0, tensors)
+            return acc(task, "val", _embed(encoder, pix[(task, "val")], bs))
+
+    return score
+
+
 def _evaluate_addition(encoder, method, vectors, tasks, pix, emb0, acc, alphas, shape_alphas, bs) -> dict:
     """Task addition for one method: single-task accuracy, α on validation, test at best α and α = 1.
 

@@ -188,20 +188,21 @@ class ZeroShotCLIP(nn.Module):
 # -------------------------------------------------------------------------------------- training
 def finetune_clip(clf: ZeroShotCLIP, method: Method, train_dataset, args, *, data_collator,
                   regularization_datasets: Mapping[str, object] | None = None, meta: Mapping | None = None,
-                  curvature: Sequence[object] | None = None):
+                  curvature: Sequence[object] | None = None, lambda_score=None):
     """Fine-tune a copy of the classifier's image encoder on one task; returns (TaskVector, stats).
 
     :func:`hf_taujp.recipes.runner.finetune` with ``submodule="image_encoder"``: linear methods linearize
     the image encoder only (the head stays non-linear, as in tangent_task_arithmetic). Task-vector keys
     are the encoder's (= CLIPModel's) parameter names; τJp penalises ``image_embeds``; the kfac methods
-    take the other tasks' factors (``curvature``) of ``clf``'s ``image_encoder.*`` Linear layers.
+    take the other tasks' factors (``curvature``) of ``clf``'s ``image_encoder.*`` Linear layers;
+    ``lambda_score`` is finetune's (``taujp_lambda="auto"``: the task's validation accuracy of a τ).
     """
     names = [n for n, _ in clf.image_encoder.named_parameters()]
     meta = dict(meta or {})
     meta["training"] = {**dict(meta.get("training") or {}), **({"taujp_output": "image_embeds"} if method.taujp else {})}
     tv, stats = finetune(clf, names, method, train_dataset, args, data_collator=data_collator,
                          regularization_datasets=regularization_datasets, submodule="image_encoder", meta=meta,
-                         curvature=curvature)
+                         curvature=curvature, lambda_score=lambda_score)
     stats.pop("log_history", None)
     return tv, stats
 

@@ -19,8 +19,9 @@ from ..merging.regmean import linear_layers
 from ..task_vector import TaskVector, fingerprint
 from .clip_distributed import _embed, _taujp_matrix
 from .clip_evaluation import (_accuracy, _evaluate_addition, _evaluate_negation, _merged_accuracy, _negation_rows,
-                              _statistics_merges)
+                              _statistics_merges, _validation_score)
 from .clip_model import ZeroShotCLIP, _save_heads, finetune_clip, image_encoder, load_clip, zero_shot_head
+from .lambda_options import lambda_record, parse_lambdas
 from .report import TAUJP_COLUMN_NOTE, addition_rows, mean_defined, per_task_rows, write_report
 from .runner import (Recipe, Run, check_kfac_options, check_statistics_options, compare_and_save, estimate_curvature,
                      kfac_note, parse_compare_options, parse_merge_methods, parse_methods, statistics_batches,
@@ -28,9 +29,10 @@ from .runner import (Recipe, Run, check_kfac_options, check_statistics_options, 
 from .tasks import split_train_val
 from .vision_tasks import HUB, VISION_TASKS, ImageCollator, check_images, load_vision_task, negation_control_task
 
-__all__ = ["ClipRecipe"]
+__all__ = ["ClipRecipe", "CLIP_TAUJP_NORMS"]
 
 _PREFIX = "[hf-taujp clip]"
+CLIP_TAUJP_NORMS = ("l2", "sq_l2", "rms", "relative")  # not "kl": it reads f as logits, and image_embeds are not
 
 
 class ClipRecipe(Recipe):
@@ -67,6 +69,8 @@ class ClipRecipe(Recipe):
         o = self.o
         self.method_list = parse_methods(o.methods)
         self.bench_list, self.bench_sets = parse_compare_options(o.compare_merges, o.compare_sets, self.method_list)
+        self.lam = parse_lambdas(o.taujp_lambda, o.lambda_grid, o.taujp_norm, several=False, norms=CLIP_TAUJP_NORMS,
+                                 recipe="the CLIP recipe")
         self.kfac_lambdas = check_kfac_options(o.kfac_lambda, o.kfac_probe, o.kfac_examples, o.kfac_aggregation)
         if len(self.kfac_lambdas) > 1:
             raise HfTaujpError(f"the CLIP recipe trains each method once: one kfac_lambda, got {self.kfac_lambdas}")
@@ -101,7 +105,8 @@ class ClipRecipe(Recipe):
             learning_rate=o.learning_rate, max_steps=o.steps, weight_decay=o.weight_decay, lr_scheduler_type="cosine",
             warmup_steps=o.warmup_steps, max_grad_norm=o.max_grad_norm, optim="adamw_torch",
             logging_steps=max(1, o.steps // 4), save_strategy="no", report_to="none", seed=o.seed,
-            use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, taujp_lambda=o.taujp_lambda,
+            use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, taujp_lambda=self.lam.lambdas[0],
+            taujp_norm=o.taujp_norm, **({"taujp_lambda_grid": self.lam.grid} if self.lam.auto else {}),
             taujp_mode=o.taujp_mode, taujp_batch_ratio=o.taujp_batch_ratio, taujp_output="image_embeds",
             disable_tqdm=True)
         self.probe = probe = TauJpConfig(output_dir=os.path.join(o.output_dir, "runs"), **self.args_common)
@@ -199,13 +204,16 @@ class ClipRecipe(Recipe):
             "tasks": {n: {**VISION_TASKS[n].to_dict(), "classnames": classnames[n]} for n in self.tasks},
             "data": o.data_dir, "sizes": {n: {**{s: len(rows[n][s]) for s in ("train", "val", "test")},
                                               "train_used": len(self.used.get(n, []))} for n in self.eval_names},
-            "splits": {"val": f"held out from train ({o.val_fraction:.0%}, ≤ {o.max_val}; chooses α)",
+            "splits": {"val": f"held out from train ({o.val_fraction:.0%}, ≤ {o.max_val}; chooses α"
+                              + (" and, with --lambda auto, each task's λ)" if self.lam.auto else ")"),
                        "test": "the dataset's test split (reported)"},
             "steps": o.steps, "batch_size": o.batch_size, "num_processes": world,
             "per_device_batch_size": self.per_device, "learning_rate": o.learning_rate,
             "weight_decay": o.weight_decay, "warmup_steps": o.warmup_steps, "max_grad_norm": o.max_grad_norm,
             "scheduler": "cosine",
-            "taujp": {"lambda": o.taujp_lambda, "mode": o.taujp_mode, "batch_ratio": o.taujp_batch_ratio,
+            "taujp": {"lambda": self.lam.lambdas[0], "norm": o.taujp_norm,
+                      **({"lambda_grid": self.lam.grid} if self.lam.auto else {}), "mode": o.taujp_mode,
+                      "batch_ratio": o.taujp_batch_ratio,
                       "reg_batch_size": reg_bs * world, "per_device_reg_batch_size": reg_bs,
                       "output": "image_embeds", "regularization_inputs": "other tasks' training inputs"},
             "zero_shot": zero_shot, "methods": {}, "negation": {},
@@ -274,6 +282,8 @@ class ClipRecipe(Recipe):
             self.clf, m, self.train_rows[task], args, data_collator=self.collator,
             regularization_datasets={t: self.train_rows[t] for t in tasks if t != task},
             curvature=[self.curvature[t] for t in tasks if t != task] if m.kfac else None,
+            lambda_score=_validation_score(m, self.encoder, task, self.pix, self.acc, o.eval_batch_size)
+            if m.taujp and self.lam.auto else None,
             meta={"base_model": self.model_name, "base_fingerprint": self.fp, "task": task,
                   "training": {"recipe": "clip", "head": "frozen zero-shot", "batch_size": o.batch_size,
                                "num_processes": self.world}})
@@ -294,6 +304,8 @@ class ClipRecipe(Recipe):
         res["taujp_matrix"] = mat
         res["taujp_offdiag_mean"] = sum(off) / len(off)
         res["seconds_per_step"] = mean_defined([stats[t]["seconds_per_step"] for t in tasks])
+        m = run.method
+        res.update(lambda_record(m.regularized, self.kfac_lambdas[0] if m.kfac else self.lam.lambdas[0], stats))
         return res
 
     def after_run(self, run: Run, vectors: Mapping[str, TaskVector], res: dict) -> None:

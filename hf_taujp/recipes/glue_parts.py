@@ -18,6 +18,7 @@ from ..linearize import _accepts
 from ..task_vector import TaskVector, fingerprint
 from .glue_evaluation import _compare_merges, _evaluate_addition, _statistics_merges
 from .glue_report import _report
+from .lambda_options import lambda_record, lambda_text, parse_lambdas
 from .models import load_text_model, trained_parameter_names
 from .runner import (Recipe, Run, check_kfac_options, check_rank_and_dtype, check_statistics_options, estimate_curvature,
                      finetune, jsonable, kfac_layers, parse_compare_options, parse_merge_methods, parse_methods,
@@ -57,28 +58,22 @@ def _saved_vector(run_dir: str, folder: str, name: str, fp: str):
     return tv
 
 
-def _validation_score(method, name, model, choices_scores, metric):
-    """``fn(τ tensors) -> score of task `name` on its validation split`` for taujp_lambda="auto": the
-    linear reading (one forward-mode pass) for linear methods, θ0 + τ written into the model for others."""
+LAMBDA_SCORES = ("metric", "loss")
+
+
+def _validation_score(method, name, model, choices_scores, score_fn):
+    """``fn(τ tensors) -> score of task `name` on its validation split`` for taujp_lambda="auto":
+    ``score_fn(name, "val", (N, K) label-word scores)`` of the linear reading (one forward-mode pass) for linear
+    methods, of θ0 + τ written into the model for others."""
     if method.linear:
-        return lambda tensors: metric(name, "val", choices_scores("val", name, tensors)[..., 0])
+        return lambda tensors: score_fn(name, "val", choices_scores("val", name, tensors)[..., 0])
 
     def score(tensors):
         with weights_of(model) as set_weights:
             set_weights(1.0, tensors)
-            return metric(name, "val", choices_scores("val", name))
+            return score_fn(name, "val", choices_scores("val", name))
 
     return score
-
-
-def _lambda_text(lam: float | str) -> str:
-    """λ as it appears in method labels and folder names: ``%g`` (``0.01``, ``1e-05``) when that text reads back
-    as the same number, else ``repr`` (the shortest text that does, ``0.1000001``), so that two distinct λ never
-    share a label or a folder (``%g`` alone writes 0.1 and 0.1000001 both as ``0.1``)."""
-    if lam == "auto":
-        return "auto"
-    text = f"{lam:g}"
-    return text if float(text) == lam else repr(float(lam))
 
 
 class GlueRecipe(Recipe):
@@ -109,30 +104,16 @@ class GlueRecipe(Recipe):
         o = self.o
         self.methods = parse_methods(o.methods)
         self.torch_dtype, self.lora_alpha = check_rank_and_dtype(o.rank, o.lora_alpha, o.dtype, self.methods)
-        from ..trainer.lambda_search import lambda_grid as _grid
-        from ..trainer.penalty import TAUJP_NORMS
-
-        if o.taujp_norm not in TAUJP_NORMS:
-            raise HfTaujpError(f"taujp_norm must be one of {TAUJP_NORMS}, got {o.taujp_norm!r}")
-        lam = o.taujp_lambda
-        self.auto = lam == "auto" or (isinstance(lam, (list, tuple)) and list(lam) == ["auto"])
-        self.lambda_grid = o.lambda_grid
-        if self.auto:
-            self.lambdas = ["auto"]
-            self.lambda_grid = _grid(o.taujp_norm, o.lambda_grid)  # checked before any training
-        else:
-            try:
-                self.lambdas = [float(x) for x in (lam if isinstance(lam, (list, tuple)) else [lam])]
-            except (TypeError, ValueError):
-                self.lambdas = []
-            if not self.lambdas or any(not (x >= 0) for x in self.lambdas) or len(set(self.lambdas)) != len(self.lambdas):
-                raise HfTaujpError(f"taujp_lambda must be 'auto' or one or more distinct numbers >= 0, got {lam!r}")
-            if o.lambda_grid is not None:
-                raise HfTaujpError("lambda_grid is the grid of taujp_lambda='auto'; with fixed λ pass them as taujp_lambda")
+        plan = parse_lambdas(o.taujp_lambda, o.lambda_grid, o.taujp_norm, recipe="the GLUE recipe")
+        self.lambdas, self.auto, self.lambda_grid = plan.lambdas, plan.auto, plan.grid
+        if o.lambda_score not in LAMBDA_SCORES:
+            raise HfTaujpError(f"lambda_score must be one of {LAMBDA_SCORES}, got {o.lambda_score!r}")
+        if o.lambda_score == "loss" and o.decode == "generate":
+            raise HfTaujpError("lambda_score='loss' reads the label words' log-likelihoods: it needs decode='rank'")
         self.kfac_lambdas = check_kfac_options(o.kfac_lambda, o.kfac_probe, o.kfac_examples, o.kfac_aggregation)
         # one label (results key) and one folder (vectors, runs) per run: nothing is overwritten
         self.runs = plan_runs(self.methods, lambda m: self.lambdas if m.taujp else self.kfac_lambdas if m.kfac
-                              else [self.lambdas[0]], _lambda_text)
+                              else [self.lambdas[0]], lambda_text)
         tasks = o.tasks
         self.tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
         if len(self.tasks) < 2 or len(set(self.tasks)) != len(self.tasks):
@@ -274,7 +255,7 @@ class GlueRecipe(Recipe):
             "frozen_prefix": self.prefix_info, "steps": o.steps, "batch_size": o.batch_size,
             "learning_rate": o.learning_rate,
             "taujp": {"lambda": lams if len(lams) > 1 else lams[0], "norm": o.taujp_norm,
-                      **({"lambda_grid": list(self.lambda_grid)} if self.auto else {}),
+                      **({"lambda_grid": list(self.lambda_grid), "lambda_score": o.lambda_score} if self.auto else {}),
                       "mode": o.taujp_mode, "batch_ratio": o.taujp_batch_ratio, "start_step": o.taujp_start_step,
                       "output": o.penalized_output, "regularization_inputs": "other tasks' training inputs"},
             "zero_shot": zero_shot, "methods": {}}
@@ -331,6 +312,14 @@ class GlueRecipe(Recipe):
         gold = [self.task_objs[name].label_index(r) for r in self.rows[name][split]]
         return self.task_objs[name].score(gold, scores.argmax(1).tolist())
 
+    def label_log_likelihood(self, name, split, scores):
+        """Mean log-probability of the gold label word among the task's K label words, ``log_softmax`` over their
+        summed token log-likelihoods ``scores`` (N, K): nats, ≤ 0, greater is better — the cross-entropy of rank
+        classification, continuous where a metric on a few hundred rows moves in steps of 1/N."""
+        gold = torch.tensor([self.task_objs[name].label_index(r) for r in self.rows[name][split]])
+        logp = torch.log_softmax(scores.double(), dim=1)
+        return float(logp.gather(1, gold[:, None]).mean())
+
     # ------------------------------------------------------------------------------ the runs
     def train(self, run: Run, task: str):
         """Fine-tune ``task`` with ``run`` (τJp / KFAC on the other tasks' training inputs / factors), or load the
@@ -348,7 +337,9 @@ class GlueRecipe(Recipe):
             self.eval_model, self.names, m, self.ex[task]["train"], args, data_collator=self.encoder,
             regularization_datasets={t: self.ex[t]["reg"] for t in others},
             taujp_output_fn=answer_logits_output, rank=o.rank, lora_alpha=self.lora_alpha,
-            lambda_score=_validation_score(m, task, self.eval_model, self.choices_scores, self.metric) if self.auto else None,
+            lambda_score=_validation_score(m, task, self.eval_model, self.choices_scores,
+                                           self.metric if o.lambda_score == "metric" else self.label_log_likelihood)
+            if self.auto else None,
             curvature=[self.curvature[t] for t in others] if m.kfac else None,
             meta={"base_model": self.model_name, "base_fingerprint": self.fp, "task": task,
                   "training": {"recipe": "glue", "penalized_output": o.penalized_output}})
@@ -371,12 +362,7 @@ class GlueRecipe(Recipe):
         trained = {n: st for n, st in stats.items() if st}  # loaded vectors (vectors_from) carry no training stats
         seconds = [s for s in (st["seconds_per_step"] for st in trained.values()) if s]
         res["seconds_per_step"] = sum(seconds) / max(1, len(seconds)) if not self.vectors_from else None
-        searches = {n: {**st["lambda_search"], "seconds": round(st["seconds"], 1)}
-                    for n, st in trained.items() if st["lambda_search"] is not None}
-        res["taujp_lambda"] = ({n: r["chosen"] for n, r in searches.items()} if searches else run.lam) \
-            if m.regularized else 0.0
-        if searches:
-            res["lambda_search"] = searches
+        res.update(lambda_record(m.regularized, run.lam, trained))
         print(f"{SAY} {run.label}: one-shot normalized {res['one_shot']['avg_norm']}, best α {res['best_alpha']:.2f}")
         return res
 

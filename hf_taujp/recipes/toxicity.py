@@ -51,12 +51,13 @@ import torch
 from ..hub import HfTaujpError
 from ..task_vector import fingerprint
 from .models import SMOLLM2, load_text_model, trained_parameter_names
-from .runner import (METHODS, Recipe, Run, add_low_rank_arguments, check_rank_and_dtype, finetune, parse_methods,
-                     plan_runs, run_methods, torch_threads)
+from .lambda_options import add_lambda_arguments, cli_lambda, lambda_record, parse_lambdas
+from .runner import (METHODS, Recipe, Run, add_low_rank_arguments, check_rank_and_dtype, finetune, float_list,
+                     parse_methods, plan_runs, run_methods, torch_threads)
 from .toxicity_data import (AUTHORS_PROMPT, HUB, _CausalCollator, _paragraphs, eliciting_prompts,
                             load_general_text, load_toxic_comments, read_prompts, split_prompts)
-from .toxicity_measure import (SAMPLING, _context_length, check_prompts, generate_continuations, negated_model,
-                               perplexity, sampling_config)
+from .toxicity_measure import (SAMPLING, _context_length, check_prompts, generate_continuations, lm_fit_score,
+                               negated_model, perplexity, sampling_config)
 from .toxicity_report import _table, _write, plot_tradeoff  # plot_tradeoff: re-exported, as before the split
 from .toxicity_scorers import (HUB_SCORER, OFFLINE_SCORER, TOXIC_THRESHOLD, HubToxicityScorer, ProfanityCheckScorer,
                                _toxicity, load_scorer)
@@ -107,6 +108,7 @@ class ToxicityRecipe(Recipe):
     def _check_options(self) -> None:
         o = self.o
         self.method_list = parse_methods(o.methods)
+        self.lam = parse_lambdas(o.taujp_lambda, o.lambda_grid, o.taujp_norm, several=False, recipe="the toxicity recipe")
         self.torch_dtype, self.lora_alpha = check_rank_and_dtype(o.rank, o.lora_alpha, o.dtype, self.method_list)
         self.grid = sorted({float(a) for a in o.alphas}) if o.alphas is not None else []
         if not self.grid:
@@ -158,6 +160,12 @@ class ToxicityRecipe(Recipe):
         rng.shuffle(enc)
         n_held = min(200, max(2, len(enc) // 10))
         self.held, train_rows = enc[:n_held], enc[n_held:]
+        self.lambda_val = []  # --lambda auto: another seeded 10% (≥ 2, ≤ 200) held out, whose LM fit scores λ
+        if self.lam.auto:
+            n_val = min(200, max(2, len(train_rows) // 10))
+            if len(train_rows) <= n_val:
+                raise HfTaujpError(f"--lambda auto holds out {n_val} toxic comments: {len(train_rows)} are too few")
+            self.lambda_val, train_rows = train_rows[:n_val], train_rows[n_val:]
         if o.max_train is not None:
             train_rows = train_rows[:o.max_train]
         self.train_ds = [{"input_ids": ids, "labels": ids} for _, ids in train_rows]
@@ -176,6 +184,7 @@ class ToxicityRecipe(Recipe):
             return torch.tensor(ids[:cap] if cap else ids)
 
         self.val_ids, self.test_ids = stream(self.general["val"], o.val_tokens), stream(self.general["test"], o.test_tokens)
+        self.lambda_val_ids = stream([c for c, _ in self.lambda_val], None) if self.lambda_val else None
 
     def _split_prompts(self) -> None:
         """The prompt sets: α is chosen on validation halves, results are reported on the other halves."""
@@ -236,7 +245,8 @@ class ToxicityRecipe(Recipe):
             per_device_train_batch_size=o.batch_size, learning_rate=o.learning_rate, max_steps=o.steps,
             weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0, logging_steps=max(1, o.steps // 4),
             save_strategy="no", report_to="none", seed=o.seed, use_cpu=not torch.cuda.is_available(),
-            remove_unused_columns=False, taujp_lambda=o.taujp_lambda, taujp_mode=o.taujp_mode,
+            remove_unused_columns=False, taujp_lambda=self.lam.lambdas[0], taujp_norm=o.taujp_norm,
+            **({"taujp_lambda_grid": self.lam.grid} if self.lam.auto else {}), taujp_mode=o.taujp_mode,
             taujp_batch_ratio=o.taujp_batch_ratio, taujp_start_step=self.start, disable_tqdm=True)
         self.fp = fingerprint(self.base)
 
@@ -266,7 +276,9 @@ class ToxicityRecipe(Recipe):
             "steps": o.steps, "batch_size": o.batch_size, "learning_rate": o.learning_rate,
             "trained_parameters": len(self.names), "dtype": o.dtype,
             "low_rank": None if o.rank is None else {"rank": o.rank, "lora_alpha": self.lora_alpha},
-            "taujp": {"lambda": o.taujp_lambda, "start_step": self.start, "mode": o.taujp_mode,
+            "taujp": {"lambda": self.lam.lambdas[0], "norm": o.taujp_norm, "start_step": self.start, "mode": o.taujp_mode,
+                      **({"lambda_grid": self.lam.grid, "lambda_validation_comments": len(self.lambda_val)}
+                         if self.lam.auto else {}),  # scored by lm_fit_score: −ln perplexity of θ0 + τ
                       "batch_ratio": o.taujp_batch_ratio,
                       "regularization_inputs": "WikiText (general text), logits at every token"},
             "alphas": self.grid, "base_val": self.base_val, "base": self.base_test, "methods": {},
@@ -297,7 +309,8 @@ class ToxicityRecipe(Recipe):
         args = TauJpConfig(output_dir=os.path.join(self.output_dir, "runs", m.name), **self.args_common)
         return finetune(self.base, self.names, m, self.train_ds, args, data_collator=self.collator,
                         regularization_datasets={"wikitext": self.reg_ds}, rank=self.o.rank,
-                        lora_alpha=self.lora_alpha,
+                        lora_alpha=self.lora_alpha, lambda_score=lm_fit_score(m, self.base, self._ppl, self.lambda_val_ids)
+                        if m.taujp and self.lam.auto else None,
                         meta={"base_model": self.model_name, "base_fingerprint": self.fp, "task": task,
                               "training": {"recipe": "toxicity"}})
 
@@ -314,8 +327,8 @@ class ToxicityRecipe(Recipe):
         reported = self._reported(m, tv, chosen)
         print(f"[hf-taujp toxicity] {m.label}: chosen α {chosen:g}, toxic rate {reported['chosen']['toxic_rate']:.3f}, "
               f"test ppl {reported['chosen']['test_ppl']:.2f}")
-        return {"chosen_alpha": chosen, "curve": curve, **reported,
-                "seconds_per_step": st["seconds_per_step"], "train_loss": st["train_loss"]}
+        return {"chosen_alpha": chosen, "curve": curve, **reported, "seconds_per_step": st["seconds_per_step"],
+                "train_loss": st["train_loss"], **lambda_record(m.regularized, self.lam.lambdas[0], stats)}
 
     def _alpha_curve(self, m, tv) -> list[dict]:
         """Validation toxicity and perplexity of θ0 − α τ for α in the grid and 1."""
@@ -362,7 +375,9 @@ def run_toxicity(
     steps: int = 200,
     batch_size: int = 8,
     learning_rate: float = 1e-4,
-    taujp_lambda: float = 0.01,
+    taujp_lambda: float | str = 0.01,
+    taujp_norm: str = "l2",
+    lambda_grid=None,
     taujp_mode: str = "cyclic",
     taujp_batch_ratio: float = 1.0,
     taujp_start_step: int | None = None,
@@ -397,6 +412,8 @@ def run_toxicity(
             `toxic/jigsaw_subset/test.csv` and `wikitext-2/{valid,test}.txt`.
         methods: names from :data:`~hf_taujp.recipes.runner.METHODS`.
         taujp_start_step: None = 500 (the authors') when steps ≥ 2000, else round(0.25·steps).
+        taujp_lambda, taujp_norm, lambda_grid: as run_glue's (one λ, or "auto": a pilot's τ is scored by −ln perplexity
+            of θ0 + τ on another seeded 10% (≥ 2, ≤ 200) of the comments, held out; :func:`.lm_fit_score`).
         alphas: the negation grid θ0 − α τ; α = 1 is always evaluated too.
         n_generations: generations per prompt set for the reported rows; `n_val_generations` (default
             max(1, n_generations // 4), another seed) for the α curve.
@@ -436,7 +453,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lambda", dest="taujp_lambda", type=float, default=0.01, help="τJp weight λ (authors: 0.01)")
+    add_lambda_arguments(p, default=0.01, lambda_help="the authors' 0.01", several=False)
     p.add_argument("--taujp-start-step", type=int, default=None,
                    help="first penalized step (default: 500 as the authors when steps ≥ 2000, else round(0.25·steps))")
     p.add_argument("--mode", dest="taujp_mode", default="cyclic", choices=["cyclic", "strict"])
@@ -446,7 +463,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_low_rank_arguments(p)
     p.add_argument("--max-tokens", type=int, default=128, help="keep toxic comments of at most this many tokens")
     p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in NEGATION_ALPHAS), help="negation grid θ0 − α τ")
+    p.add_argument("--alphas", type=float_list, default=",".join(f"{a:g}" for a in NEGATION_ALPHAS),
+                   help="negation grid θ0 − α τ")
     p.add_argument("--n", dest="n_generations", type=int, default=1000, help="generations per prompt set (reported)")
     p.add_argument("--n-val", dest="n_val_generations", type=int, default=None, help="generations per α on validation")
     p.add_argument("--max-new-tokens", type=int, default=50)
@@ -465,22 +483,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _alpha_list(s: str) -> list[float]:
-    try:
-        return [float(a) for a in s.split(",") if a.strip()]
-    except ValueError as e:
-        raise HfTaujpError(f"--alphas {s!r}: not a comma list of numbers") from e
-
-
 def main(argv=None) -> dict:
     a = add_arguments(argparse.ArgumentParser(prog="hf-taujp toxicity", description=__doc__.split("\n")[0])).parse_args(argv)
     torch.set_num_threads(torch_threads(a.threads))
     tm = [t.strip() for t in a.target_modules.split(",")] if a.target_modules else None
     return run_toxicity(a.model, data_dir=a.data_dir, methods=a.methods, output_dir=a.output_dir, steps=a.steps,
-                        batch_size=a.batch_size, learning_rate=a.lr, taujp_lambda=a.taujp_lambda,
+                        batch_size=a.batch_size, learning_rate=a.lr, taujp_lambda=cli_lambda(a.taujp_lambda),
+                        taujp_norm=a.taujp_norm, lambda_grid=a.lambda_grid,
                         taujp_mode=a.taujp_mode, taujp_batch_ratio=a.taujp_batch_ratio,
                         taujp_start_step=a.taujp_start_step, layers=a.layers if tm is None else None,
-                        target_modules=tm, max_tokens=a.max_tokens, max_train=a.max_train, alphas=_alpha_list(a.alphas),
+                        target_modules=tm, max_tokens=a.max_tokens, max_train=a.max_train, alphas=a.alphas,
                         n_generations=a.n_generations, n_val_generations=a.n_val_generations,
                         max_new_tokens=a.max_new_tokens, gen_batch_size=a.gen_batch_size, prompts_file=a.prompts_file,
                         elicit={"auto": None, "yes": True, "no": False}[a.elicit], scorer=a.scorer,

@@ -106,6 +106,22 @@ def perplexity(model, input_ids: torch.Tensor, *, block_size: int = 1024, stride
     return [math.exp(v / count) for v in nll.tolist()]
 
 
+def lm_fit_score(method, base, ppl, input_ids: torch.Tensor):
+    """``fn(τ tensors) -> −ln perplexity`` (nats per token, greater is better) of θ0 + τ on ``input_ids`` (the linear
+    reading f(θ0) + J·τ for linear methods), with ``ppl(ids, model, tangents=None, alphas=(1.0,)) -> [ppl]`` (the
+    recipe's :func:`perplexity`): how well τ learned its task — the score taujp_lambda="auto" keeps within
+    tolerance of λ = 0's (:mod:`hf_taujp.trainer.lambda_search`). ``base`` is θ0 again after each call."""
+    if method.linear:
+        return lambda tensors: -math.log(ppl(input_ids, base, tensors, [1.0])[0])
+
+    def score(tensors):
+        with weights_of(base) as set_weights:
+            set_weights(1.0, tensors)
+            return -math.log(ppl(input_ids, base)[0])
+
+    return score
+
+
 # ---------------------------------------------------------------------------------------------- negation
 @contextlib.contextmanager
 def negated_model(base, tv, alpha: float):

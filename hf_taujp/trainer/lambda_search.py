@@ -76,22 +76,34 @@ def choose_lambda(curve: Sequence[dict], tolerance: float, greater_is_better: bo
     return max(ok)
 
 
-def pilot_steps(trainer) -> int:
-    """Steps of one pilot: ``taujp_auto_pilot`` × the full run's optimizer steps (at least 1)."""
+def _total_steps(trainer) -> int:
+    """The full run's optimizer steps (``max_steps``, else epochs × batches per epoch)."""
     args = trainer.args
     if args.max_steps and args.max_steps > 0:
-        total = args.max_steps
-    else:
-        per_epoch = math.ceil(len(trainer.get_train_dataloader()) / max(1, args.gradient_accumulation_steps))
-        total = math.ceil(args.num_train_epochs * per_epoch)
-    return max(1, round(args.taujp_auto_pilot * total))
+        return args.max_steps
+    per_epoch = math.ceil(len(trainer.get_train_dataloader()) / max(1, args.gradient_accumulation_steps))
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def pilot_steps(trainer) -> int:
+    """Steps of one pilot: ``taujp_auto_pilot`` × the full run's optimizer steps (at least 1)."""
+    return max(1, round(trainer.args.taujp_auto_pilot * _total_steps(trainer)))
+
+
+def pilot_start_step(trainer, steps: int) -> int:
+    """The first penalized step of a pilot of ``steps`` steps: ``taujp_start_step`` scaled like the run
+    (round(start × steps / total)), so that a pilot is the full run shortened — a pilot shorter than the
+    full run's start step would otherwise never apply the penalty, and every λ would score as λ = 0."""
+    start = trainer.args.taujp_start_step
+    return min(steps - 1, round(start * steps / _total_steps(trainer))) if start else 0
 
 
 def search_lambda(trainer) -> dict:
     """Run the pilots of ``taujp_lambda="auto"`` on ``trainer`` and return the record
     ``{"chosen", "grid", "curve": [{"lambda", "score", "taujp_penalty"}], "metric", "greater_is_better",
-    "tolerance", "pilot_steps"}``; the trainer's trainable parameters, optimizer and scheduler are back at
-    their initial state afterwards (the full run starts from θ0 as without the search).
+    "tolerance", "pilot_steps", "pilot_start_step"}`` (the pilots' first penalized step, :func:`pilot_start_step`);
+    the trainer's trainable parameters, optimizer and scheduler are back at their initial state afterwards (the
+    full run starts from θ0 as without the search).
 
     The score is ``metric_for_best_model`` of ``trainer.evaluate()`` on its ``eval_dataset`` (default
     ``eval_loss``, lower is better; ``greater_is_better`` as the TrainingArguments say), or
@@ -118,6 +130,7 @@ def search_lambda(trainer) -> dict:
     # A shallow copy, not dataclasses.replace: __post_init__ again would reset the accelerator state.
     pilot_args = copy.copy(args)
     pilot_args.max_steps, pilot_args.save_strategy, pilot_args.eval_strategy = steps, SaveStrategy.NO, IntervalStrategy.NO
+    pilot_args.taujp_start_step = start_step = pilot_start_step(trainer, steps)
     pilot_args.load_best_model_at_end, pilot_args.push_to_hub = False, False
 
     def reset():
@@ -154,6 +167,7 @@ def search_lambda(trainer) -> dict:
     chosen = choose_lambda(curve, args.taujp_auto_tolerance, greater)
     trainer._taujp_lambda = chosen
     record = {"chosen": chosen, "grid": grid, "curve": curve, "metric": key, "greater_is_better": greater,
-              "tolerance": args.taujp_auto_tolerance, "pilot_steps": steps}
+              "tolerance": args.taujp_auto_tolerance, "pilot_steps": steps,
+              "pilot_start_step": start_step}
     logger.info(f"taujp_lambda=auto: chose λ={chosen:g} from {curve}")
     return record
