@@ -6,15 +6,15 @@ import json
 from test_recipe_glue import tiny_model_dir
 
 from hf_taujp.recipes import glue as glue_recipe
-from hf_taujp.recipes import glue_parts
+from hf_taujp.recipes.lambda_options import lambda_text
 
 
 def test_lambda_text_reads_back_as_the_same_number():
     for lam in (0.01, 0.1, 0.1000001, 1.0, 1e-5, 2.5e-7, 0.123456789, 1234567.0, 3.0000000000000004):
-        text = glue_parts._lambda_text(lam)
+        text = lambda_text(lam)
         assert float(text) == lam
-    assert glue_parts._lambda_text(0.1) == "0.1" and glue_parts._lambda_text(1.0) == "1"  # %g where exact
-    assert glue_parts._lambda_text(0.1000001) == "0.1000001" != f"{0.1000001:g}"
+    assert lambda_text(0.1) == "0.1" and lambda_text(1.0) == "1"  # %g where exact
+    assert lambda_text(0.1000001) == "0.1000001" != f"{0.1000001:g}"
 
 
 def test_lambdas_that_format_alike_get_their_own_label_and_folder(tmp_path):

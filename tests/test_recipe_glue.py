@@ -310,15 +310,15 @@ def test_recipe_lambda_auto_chooses_per_task_on_validation(tmp_path, monkeypatch
         tiny_model_dir(tmp_path, "llama"), ("sst2", "cola"), methods="linear,taujp", output_dir=str(out),
         steps=4, batch_size=4, learning_rate=1e-2, taujp_lambda="auto", taujp_norm="kl", lambda_grid=(0.1, 10.0),
         max_train=40, max_dev=8, alphas=(0.0, 1.0), shape_alphas=(), layers=1, matrix_examples=4, eval_batch_size=8,
-        lambda_score=score)
+        lambda_score=score, lambda_pilot=0.25 if score == "metric" else 0.5)
     r = res["methods"]["linear FT + τJp"]
-    assert res["taujp"]["lambda_score"] == score
+    assert res["taujp"]["lambda_score"] == score and res["taujp"]["lambda_pilot"] == (0.25 if score == "metric" else 0.5)
     if score == "loss":  # log-probabilities of the gold label word: < 0 (an accuracy / MCC would not all be)
         assert all(c["score"] < 0 for rec in r["lambda_search"].values() for c in rec["curve"])
     assert res["taujp"]["norm"] == "kl" and res["taujp"]["lambda"] == "auto" and res["taujp"]["lambda_grid"] == [0.1, 10.0]
     assert set(r["lambda_search"]) == {"sst2", "cola"}
     for task, rec in r["lambda_search"].items():
-        assert rec["pilot_steps"] == 1 and rec["curve"][0]["lambda"] == 0.0
+        assert rec["pilot_steps"] == (1 if score == "metric" else 2) and rec["curve"][0]["lambda"] == 0.0
         assert rec["chosen"] == choose_lambda(rec["curve"], 0.03, True) == r["taujp_lambda"][task]
         tv = TaskVector.from_pretrained(str(out / "task_vectors" / "taujp" / task))
         assert tv.training["taujp_lambda"] == rec["chosen"] and tv.training["taujp_norm"] == "kl"

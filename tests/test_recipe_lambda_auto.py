@@ -217,4 +217,8 @@ def test_glue_lambda_score_option_is_checked(tmp_path):
     with pytest.raises(HfTaujpError, match="needs decode='rank'"):
         run_glue("unused", "cola,sst2", lambda_score="loss", decode="generate", taujp_lambda="auto",
                  output_dir=str(tmp_path / "o"))
+    with pytest.raises(HfTaujpError, match="lambda_pilot"):
+        run_glue("unused", "cola,sst2", lambda_pilot=0.0, taujp_lambda="auto", output_dir=str(tmp_path / "o"))
+    with pytest.raises(HfTaujpError, match="lambda_tolerance"):
+        run_glue("unused", "cola,sst2", lambda_tolerance=-1, taujp_lambda="auto", output_dir=str(tmp_path / "o"))
     assert not os.path.exists(str(tmp_path / "o"))

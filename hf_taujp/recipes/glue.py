@@ -61,6 +61,8 @@ def run_glue(
     taujp_norm: str = "l2",
     lambda_grid: Sequence[float] | None = None,
     lambda_score: str = "metric",
+    lambda_pilot: float = 0.25,
+    lambda_tolerance: float = 0.03,
     taujp_mode: str = "cyclic",
     taujp_batch_ratio: float = 0.25,
     taujp_start_step: int = 0,
@@ -118,6 +120,8 @@ def run_glue(
         lambda_score: what "auto" scores a pilot's vector by on validation: "metric" (the task's metric; tolerance
             0.03 in its units) or "loss" (the mean log-probability of the gold label word among the label words,
             nats: continuous, less noisy on a small validation split; tolerance 0.03 nats).
+        lambda_pilot, lambda_tolerance: "auto"'s pilot length (fraction of the run's steps) and tolerance
+            (``TauJpConfig.taujp_auto_pilot`` / ``taujp_auto_tolerance``).
         penalized_output: "answer" (logits predicting the answer) or "all" (logits at every prompt token).
         layers: train / linearize the last `layers` decoder layers (causal LMs); None or 0 = every parameter.
         target_modules: PEFT-style module names or regex instead of `layers`.
@@ -190,6 +194,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lambda-score", default="metric", choices=["metric", "loss"],
                    help="--lambda auto scores a pilot on validation by the task's metric, or by 'loss': the mean "
                         "log-probability of the gold label word among the label words (nats; continuous)")
+    p.add_argument("--lambda-pilot", type=float, default=0.25,
+                   help="--lambda auto: each pilot's length as a fraction of the run's steps, in (0, 1]")
+    p.add_argument("--lambda-tolerance", type=float, default=0.03,
+                   help="--lambda auto: how far below λ = 0's validation score a λ may be (the score's units)")
     p.add_argument("--mode", dest="taujp_mode", default="cyclic", choices=["cyclic", "strict"])
     p.add_argument("--reg-ratio", dest="taujp_batch_ratio", type=float, default=0.25, help="reg batch / task batch")
     p.add_argument("--taujp-start-step", type=int, default=0)
@@ -231,7 +239,7 @@ def main(argv=None) -> dict:
                     output_dir=a.output_dir, steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr,
                     taujp_lambda=cli_lambda(a.taujp_lambda),
                     taujp_norm=a.taujp_norm, lambda_grid=a.lambda_grid, lambda_score=a.lambda_score,
-                    taujp_mode=a.taujp_mode,
+                    lambda_pilot=a.lambda_pilot, lambda_tolerance=a.lambda_tolerance, taujp_mode=a.taujp_mode,
                     taujp_batch_ratio=a.taujp_batch_ratio,
                     taujp_start_step=a.taujp_start_step, penalized_output=a.penalized_output,
                     layers=a.layers if tm is None else None, target_modules=tm, max_length=a.max_length,

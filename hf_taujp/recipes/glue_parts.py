@@ -108,6 +108,11 @@ class GlueRecipe(Recipe):
         self.lambdas, self.auto, self.lambda_grid = plan.lambdas, plan.auto, plan.grid
         if o.lambda_score not in LAMBDA_SCORES:
             raise HfTaujpError(f"lambda_score must be one of {LAMBDA_SCORES}, got {o.lambda_score!r}")
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        if not (number(o.lambda_pilot) and 0 < o.lambda_pilot <= 1):
+            raise HfTaujpError(f"lambda_pilot must lie in (0, 1], got {o.lambda_pilot!r}")
+        if not (number(o.lambda_tolerance) and 0 <= o.lambda_tolerance < float("inf")):
+            raise HfTaujpError(f"lambda_tolerance must be a finite number >= 0, got {o.lambda_tolerance!r}")
         if o.lambda_score == "loss" and o.decode == "generate":
             raise HfTaujpError("lambda_score='loss' reads the label words' log-likelihoods: it needs decode='rank'")
         self.kfac_lambdas = check_kfac_options(o.kfac_lambda, o.kfac_probe, o.kfac_examples, o.kfac_aggregation)
@@ -238,7 +243,8 @@ class GlueRecipe(Recipe):
             weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0, logging_steps=max(1, o.steps // 4),
             save_strategy="no", report_to="none", seed=o.seed, use_cpu=not torch.cuda.is_available(),
             remove_unused_columns=False, taujp_mode=o.taujp_mode, taujp_norm=o.taujp_norm,
-            **({"taujp_lambda_grid": list(self.lambda_grid)} if self.auto else {}),
+            **({"taujp_lambda_grid": list(self.lambda_grid), "taujp_auto_pilot": o.lambda_pilot,
+                "taujp_auto_tolerance": o.lambda_tolerance} if self.auto else {}),
             taujp_batch_ratio=o.taujp_batch_ratio, taujp_start_step=o.taujp_start_step, disable_tqdm=False)
         arguments = {k: v for k, v in vars(o).items() if k not in ("compare_merges", "compare_sets", "vectors_from")}
         lams = self.lambdas
@@ -255,7 +261,8 @@ class GlueRecipe(Recipe):
             "frozen_prefix": self.prefix_info, "steps": o.steps, "batch_size": o.batch_size,
             "learning_rate": o.learning_rate,
             "taujp": {"lambda": lams if len(lams) > 1 else lams[0], "norm": o.taujp_norm,
-                      **({"lambda_grid": list(self.lambda_grid), "lambda_score": o.lambda_score} if self.auto else {}),
+                      **({"lambda_grid": list(self.lambda_grid), "lambda_score": o.lambda_score,
+                          "lambda_pilot": o.lambda_pilot, "lambda_tolerance": o.lambda_tolerance} if self.auto else {}),
                       "mode": o.taujp_mode, "batch_ratio": o.taujp_batch_ratio, "start_step": o.taujp_start_step,
                       "output": o.penalized_output, "regularization_inputs": "other tasks' training inputs"},
             "zero_shot": zero_shot, "methods": {}}
