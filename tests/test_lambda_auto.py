@@ -29,7 +29,9 @@ def test_the_rule_is_the_largest_lambda_within_tolerance():
              {"lambda": 1.0, "score": 0.77}]
     # tolerance 0.04 below 0.80: 0.79 and 0.77 pass, 0.70 does not; the largest passing λ wins
     assert choose_lambda(curve, 0.04, greater_is_better=True) == 1.0
-    assert choose_lambda(curve, 0.0, greater_is_better=True) == 0.0
+    # none within: the grid's smallest λ, never λ = 0 (the reference run, not a τJp run)
+    assert choose_lambda(curve, 0.0, greater_is_better=True) == 0.01
+    assert choose_lambda([curve[0], {"lambda": 1.0, "score": 0.1}, {"lambda": 0.5, "score": 0.2}], 0.03, True) == 0.5
     loss = [{"lambda": 0.0, "score": 0.50}, {"lambda": 0.1, "score": 0.52}, {"lambda": 1.0, "score": 0.60}]
     assert choose_lambda(loss, 0.025, greater_is_better=False) == 0.1  # 0.52 ≤ 0.525 < 0.60
     assert within_tolerance(0.525, 0.5, 0.025, False) and not within_tolerance(0.526, 0.5, 0.025, False)
@@ -38,7 +40,9 @@ def test_the_rule_is_the_largest_lambda_within_tolerance():
     with pytest.raises(HfTaujpError, match="λ = 0"):
         choose_lambda(curve[1:], 0.05, True)
     with pytest.raises(HfTaujpError, match="not finite"):
-        choose_lambda([{"lambda": 0.0, "score": float("nan")}], 0.05, True)
+        choose_lambda([{"lambda": 0.0, "score": float("nan")}, {"lambda": 1.0, "score": 0.5}], 0.05, True)
+    with pytest.raises(HfTaujpError, match="no λ > 0"):
+        choose_lambda(curve[:1], 0.05, True)
     assert lambda_grid("kl") == list(DEFAULT_LAMBDA_GRIDS["kl"]) and lambda_grid("l2", [1, 0.1]) == [0.1, 1.0]
 
 

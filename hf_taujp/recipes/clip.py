@@ -140,7 +140,7 @@ def run_clip(
         taujp_lambda, taujp_norm, taujp_mode, taujp_batch_ratio: the penalty on `image_embeds` (TauJpConfig
             fields; "kl" is refused: the embedding is not a vector of logits). ``taujp_lambda="auto"``: each task's
             λ chosen by pilot runs on its own validation split (top-1 accuracy with its zero-shot head; the largest
-            λ of ``lambda_grid`` within 0.03 of λ = 0's, :mod:`hf_taujp.trainer.lambda_search`), recorded per
+            λ of ``lambda_grid`` within 0.03 of λ = 0's, else its smallest, :mod:`hf_taujp.trainer.lambda_search`), recorded per
             method as ``taujp_lambda`` (task → λ) and ``lambda_search``.
         lambda_grid: the λ grid of "auto" (default: ``DEFAULT_LAMBDA_GRIDS[taujp_norm]``).
         negation_control: the control task of negation, held out of `tasks` (:func:`negation_control_task`:

@@ -113,7 +113,7 @@ def run_glue(
             in full, so distinct λ never share one); the λ with the best mean *validation* score at α = 1 is
             marked as chosen (never chosen on dev). "auto": each task's λ chosen on its own validation split by
             pilot runs (:mod:`hf_taujp.trainer.lambda_search`: the largest λ of ``lambda_grid`` whose validation
-            score is at most 0.03 below λ = 0's), recorded in the results as ``lambda_search``.
+            score is at most 0.03 below λ = 0's, else the grid's smallest), recorded in the results as ``lambda_search``.
         taujp_norm: the penalty's per-position form (``TauJpConfig.taujp_norm``: "l2", "sq_l2", "rms",
             "relative", "kl").
         lambda_grid: the λ grid of "auto" (default: ``DEFAULT_LAMBDA_GRIDS[taujp_norm]``).

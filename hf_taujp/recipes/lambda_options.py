@@ -6,7 +6,7 @@ labels and folders (:func:`lambda_text`); and what a run's results record of the
 
 ``auto`` is :mod:`hf_taujp.trainer.lambda_search`'s rule — each task's λ is the largest of the grid whose
 validation score (the recipe's own metric on its validation split, computed on the vector a pilot run trained)
-stays within ``TauJpConfig.taujp_auto_tolerance`` of λ = 0's.
+stays within ``TauJpConfig.taujp_auto_tolerance`` of λ = 0's, else the grid's smallest.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def add_lambda_arguments(p: argparse.ArgumentParser, *, default: float, lambda_h
     p.add_argument("--lambda", dest="taujp_lambda", type=_lambda_values, default=[default],
                    help=f"τJp weight λ ({lambda_help}){lists}; 'auto': each task's λ chosen on its validation split "
                         "by pilot runs (the largest λ of --lambda-grid whose validation score is at most 0.03 below "
-                        "λ = 0's)")
+                        "λ = 0's, else the grid's smallest)")
     p.add_argument("--lambda-grid", type=float_list, default=None,
                    help="λ grid of --lambda auto (default per --taujp-norm: l2 1e-3,1e-2,0.1,1; sq_l2 1e-4..0.1; "
                         "kl/rms/relative 0.1..100)")

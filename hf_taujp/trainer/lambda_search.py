@@ -1,10 +1,13 @@
 """`taujp_lambda="auto"`: λ chosen on the validation split by short pilot runs (issue 21).
 
 The rule (one place, used by the trainer and the recipes): **the largest λ of the grid whose validation
-score stays within a tolerance of λ = 0's** (λ = 0 is plain — linearized — fine-tuning of the same
-task). More λ means less interference with the other tasks (smaller ‖J·τ‖ on their inputs, the quantity
-τJp trades against the task loss), so among the λ that keep the task's own accuracy, the largest is the
-most disentangled. It needs nothing but the task's own validation data — the author of one task vector
+score stays within a tolerance of λ = 0's, and the grid's smallest λ when none does** (λ = 0 is plain —
+linearized — fine-tuning of the same task: the reference, never the answer, since a τJp run that came back
+unpenalized would be a different method under τJp's name; measured, README "A λ that transfers": one task
+of four at λ = 0 was enough to sink the merge). More λ means less interference with the other tasks
+(smaller ‖J·τ‖ on their inputs, the quantity τJp trades against the task loss), so among the λ that keep
+the task's own accuracy, the largest is the most disentangled; the grid's lower end is the weakest penalty
+the user accepts. It needs nothing but the task's own validation data — the author of one task vector
 never needs the other tasks' labels or the merged model (the Hub setting), and the same rule gives each
 task its own λ.
 
@@ -61,19 +64,21 @@ def within_tolerance(score: float, reference: float, tolerance: float, greater_i
 
 
 def choose_lambda(curve: Sequence[dict], tolerance: float, greater_is_better: bool) -> float:
-    """The largest λ of ``curve`` (``[{"lambda": λ, "score": s}, ...]``, λ = 0 first) whose score is within
-    ``tolerance`` of λ = 0's (see :func:`within_tolerance`); 0 when none is.
+    """The largest λ > 0 of ``curve`` (``[{"lambda": λ, "score": s}, ...]``, λ = 0 first) whose score is within
+    ``tolerance`` of λ = 0's (see :func:`within_tolerance`); the smallest λ > 0 of the curve when none is.
 
     Raises:
-        HfTaujpError: the curve has no λ = 0 entry first, or a score is NaN.
+        HfTaujpError: the curve has no λ = 0 entry first or no λ > 0, or a score is NaN.
     """
     if not curve or curve[0]["lambda"] != 0:
         raise HfTaujpError("the λ curve must start with λ = 0 (the reference run)")
+    if len(curve) < 2:
+        raise HfTaujpError("the λ curve has no λ > 0 to choose")
     if any(not math.isfinite(c["score"]) for c in curve):
         raise HfTaujpError(f"a validation score is not finite: {[c['score'] for c in curve]}")
     ref = curve[0]["score"]
-    ok = [c["lambda"] for c in curve if within_tolerance(c["score"], ref, tolerance, greater_is_better)]
-    return max(ok)
+    ok = [c["lambda"] for c in curve[1:] if within_tolerance(c["score"], ref, tolerance, greater_is_better)]
+    return max(ok) if ok else min(c["lambda"] for c in curve[1:])
 
 
 def _total_steps(trainer) -> int:

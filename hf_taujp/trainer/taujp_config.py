@@ -57,7 +57,7 @@ class TauJpConfig(TrainingArguments):
                   "reference's, for the normalised CLIP image embedding; its scale follows f's: squared drift, "
                   "mean over the other tasks' tokens, summed over tasks). 0 disables the penalty. 'auto': chosen "
                   "on eval_dataset by pilot runs — the largest λ of taujp_lambda_grid whose validation score stays "
-                  "within taujp_auto_tolerance of λ = 0's (hf_taujp.trainer.lambda_search)."},
+                  "within taujp_auto_tolerance of λ = 0's, else the grid's smallest (hf_taujp.trainer.lambda_search)."},
     )
     taujp_lambda_grid: list[float] | None = field(
         default=None,
