@@ -18,6 +18,7 @@ from torch import nn
 from ..evaluation import _addition_protocol, evaluate_task_negation
 from .clip_distributed import _embed
 from .clip_model import ZeroShotCLIP, ZeroShotOutput
+from .lambda_options import vector_score
 from .report import mean_defined
 from .runner import STATISTICS_MERGES, estimate_statistics, evaluate_statistics_merges, weights_of
 
@@ -46,15 +47,9 @@ def _validation_score(method, encoder, task, pix, acc, bs):
     """``fn(τ tensors) -> top-1 accuracy of task `task` on its validation split`` for taujp_lambda="auto" (the
     recipe's own metric, on the vector a pilot trained so far): the linear reading f(x; θ0) + J f·τ for linear
     methods, θ0 + τ written into the encoder (restored after) for the others."""
-    if method.linear:
-        return lambda tensors: acc(task, "val", sum(_embed(encoder, pix[(task, "val")], bs, tensors)))
-
-    def score(tensors):
-        with weights_of(encoder) as set_weights:
-            set_weights(1.0, tensors)
-            return acc(task, "val", _embed(encoder, pix[(task, "val")], bs))
-
-    return score
+    x = pix[(task, "val")]
+    return vector_score(method, encoder, lambda tensors: acc(task, "val", sum(_embed(encoder, x, bs, tensors))),
+                        lambda: acc(task, "val", _embed(encoder, x, bs)))
 
 
 def _evaluate_addition(encoder, method, vectors, tasks, pix, emb0, acc, alphas, shape_alphas, bs) -> dict:

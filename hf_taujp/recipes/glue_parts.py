@@ -16,13 +16,14 @@ from ..evaluation import taujp_matrix
 from ..hub import HfTaujpError, check_repo_id
 from ..linearize import _accepts
 from ..task_vector import TaskVector, fingerprint
+from ..trainer.lambda_search import check_auto_settings
 from .glue_evaluation import _compare_merges, _evaluate_addition, _statistics_merges
 from .glue_report import _report
-from .lambda_options import lambda_record, lambda_text, parse_lambdas
+from .lambda_options import lambda_record, lambda_text, parse_lambdas, vector_score
 from .models import load_text_model, trained_parameter_names
 from .runner import (Recipe, Run, check_kfac_options, check_rank_and_dtype, check_statistics_options, estimate_curvature,
                      finetune, jsonable, kfac_layers, parse_compare_options, parse_merge_methods, parse_methods,
-                     plan_runs, statistics_batches, subsample, weights_of)
+                     plan_runs, statistics_batches, subsample)
 from .tasks import GLUE_TASKS, TextTask, embedded_glue_dir, load_task_data, load_task_spec, split_train_val
 from .text_to_text import (FrozenPrefix, TextToTextEncoder, answer_logits_output, first_trained_layer, generate_scores,
                            rank_scores)
@@ -65,15 +66,8 @@ def _validation_score(method, name, model, choices_scores, score_fn):
     """``fn(τ tensors) -> score of task `name` on its validation split`` for taujp_lambda="auto":
     ``score_fn(name, "val", (N, K) label-word scores)`` of the linear reading (one forward-mode pass) for linear
     methods, of θ0 + τ written into the model for others."""
-    if method.linear:
-        return lambda tensors: score_fn(name, "val", choices_scores("val", name, tensors)[..., 0])
-
-    def score(tensors):
-        with weights_of(model) as set_weights:
-            set_weights(1.0, tensors)
-            return score_fn(name, "val", choices_scores("val", name))
-
-    return score
+    return vector_score(method, model, lambda tensors: score_fn(name, "val", choices_scores("val", name, tensors)[..., 0]),
+                        lambda: score_fn(name, "val", choices_scores("val", name)))
 
 
 class GlueRecipe(Recipe):
@@ -108,11 +102,7 @@ class GlueRecipe(Recipe):
         self.lambdas, self.auto, self.lambda_grid = plan.lambdas, plan.auto, plan.grid
         if o.lambda_score not in LAMBDA_SCORES:
             raise HfTaujpError(f"lambda_score must be one of {LAMBDA_SCORES}, got {o.lambda_score!r}")
-        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-        if not (number(o.lambda_pilot) and 0 < o.lambda_pilot <= 1):
-            raise HfTaujpError(f"lambda_pilot must lie in (0, 1], got {o.lambda_pilot!r}")
-        if not (number(o.lambda_tolerance) and 0 <= o.lambda_tolerance < float("inf")):
-            raise HfTaujpError(f"lambda_tolerance must be a finite number >= 0, got {o.lambda_tolerance!r}")
+        check_auto_settings(o.lambda_pilot, o.lambda_tolerance, ("lambda_pilot", "lambda_tolerance"))
         if o.lambda_score == "loss" and o.decode == "generate":
             raise HfTaujpError("lambda_score='loss' reads the label words' log-likelihoods: it needs decode='rank'")
         self.kfac_lambdas = check_kfac_options(o.kfac_lambda, o.kfac_probe, o.kfac_examples, o.kfac_aggregation)

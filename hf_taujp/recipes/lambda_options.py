@@ -12,13 +12,14 @@ stays within ``TauJpConfig.taujp_auto_tolerance`` of λ = 0's, else the grid's s
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..hub import HfTaujpError
-from .common import float_list
+from .common import float_list, weights_of
 
-__all__ = ["LambdaPlan", "parse_lambdas", "add_lambda_arguments", "cli_lambda", "lambda_text", "lambda_record"]
+__all__ = ["LambdaPlan", "parse_lambdas", "add_lambda_arguments", "cli_lambda", "lambda_text", "lambda_record",
+           "vector_score"]
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,10 @@ def parse_lambdas(lam, lambda_grid: Sequence[float] | None, norm: str, *, severa
         raise HfTaujpError(f"taujp_norm must be one of {allowed} in {recipe}, got {norm!r}")
     if lam == "auto" or (isinstance(lam, (list, tuple)) and list(lam) == ["auto"]):
         return LambdaPlan(["auto"], True, checked_grid(norm, lambda_grid))
+    values = list(lam) if isinstance(lam, (list, tuple)) else [lam]
     try:
-        lams = [float(x) for x in (lam if isinstance(lam, (list, tuple)) else [lam])]
+        lams = [] if any(isinstance(x, bool) for x in values) else [float(x) for x in values]
     except (TypeError, ValueError):
-        lams = []
-    if any(isinstance(x, bool) for x in (lam if isinstance(lam, (list, tuple)) else [lam])):
         lams = []
     if not lams or any(not (x >= 0) or x == float("inf") for x in lams) or len(set(lams)) != len(lams):
         raise HfTaujpError(f"taujp_lambda must be 'auto' or {'one or more distinct numbers' if several else 'a number'}"
@@ -106,6 +106,21 @@ def lambda_text(lam: float | str) -> str:
         return "auto"
     text = f"{lam:g}"
     return text if float(text) == lam else repr(float(lam))
+
+
+def vector_score(method, model, linear_score: Callable[[Mapping], float], model_score: Callable[[], float]):
+    """``fn(τ tensors) -> score`` for taujp_lambda="auto" (``finetune(lambda_score=)``), one rule for every recipe:
+    a linear method's τ is read linearly, ``linear_score(τ)`` (the recipe's f(x; θ0) + J f·τ); any other is written
+    into ``model`` as θ0 + τ for ``model_score()`` and θ0 restored after (:func:`~.common.weights_of`)."""
+    if method.linear:
+        return linear_score
+
+    def score(tensors):
+        with weights_of(model) as set_weights:
+            set_weights(1.0, tensors)
+            return model_score()
+
+    return score
 
 
 def lambda_record(regularized: bool, lam, stats: Mapping[str, dict]) -> dict:

@@ -13,6 +13,7 @@ import torch
 from ..hub import HfTaujpError
 from ..linearize import linearize, linearized_forward
 from .common import weights_of
+from .lambda_options import vector_score
 
 # Every generation setting that shapes transformers' sampling, set explicitly: top-k 50 at temperature 1, all
 # other filters and penalties off. generate() fills any setting left unset from the model's own
@@ -111,15 +112,8 @@ def lm_fit_score(method, base, ppl, input_ids: torch.Tensor):
     reading f(θ0) + J·τ for linear methods), with ``ppl(ids, model, tangents=None, alphas=(1.0,)) -> [ppl]`` (the
     recipe's :func:`perplexity`): how well τ learned its task — the score taujp_lambda="auto" keeps within
     tolerance of λ = 0's (:mod:`hf_taujp.trainer.lambda_search`). ``base`` is θ0 again after each call."""
-    if method.linear:
-        return lambda tensors: -math.log(ppl(input_ids, base, tensors, [1.0])[0])
-
-    def score(tensors):
-        with weights_of(base) as set_weights:
-            set_weights(1.0, tensors)
-            return -math.log(ppl(input_ids, base)[0])
-
-    return score
+    return vector_score(method, base, lambda tensors: -math.log(ppl(input_ids, base, tensors, [1.0])[0]),
+                        lambda: -math.log(ppl(input_ids, base)[0]))
 
 
 # ---------------------------------------------------------------------------------------------- negation

@@ -56,6 +56,22 @@ def lambda_grid(norm: str, grid: Sequence[float] | None = None) -> list[float]:
     return sorted(float(x) for x in g)
 
 
+def check_auto_settings(pilot, tolerance, names: tuple[str, str] = ("taujp_auto_pilot", "taujp_auto_tolerance")) -> None:
+    """Check ``taujp_lambda="auto"``'s pilot length (a fraction of the run's steps, in (0, 1]) and tolerance (a
+    finite number ≥ 0, the score's units); ``names`` are the option names the errors give.
+
+    Raises:
+        HfTaujpError: either out of range, or not a number (bool included).
+    """
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not (number(pilot) and 0 < pilot <= 1):
+        raise HfTaujpError(f"{names[0]} must lie in (0, 1], got {pilot!r}")
+    if not (number(tolerance) and 0 <= tolerance < math.inf):
+        raise HfTaujpError(f"{names[1]} must be a finite number >= 0, got {tolerance!r}")
+
+
 def within_tolerance(score: float, reference: float, tolerance: float, greater_is_better: bool) -> bool:
     """True when ``score`` is at most ``tolerance`` worse than ``reference``, in the metric's own units (accuracy
     or correlation points, nats of eval loss), in the direction that is worse (lower score, higher loss).

@@ -150,11 +150,12 @@ class TauJpConfig(TrainingArguments):
                 lambda_grid(self.taujp_grid_key, self.taujp_lambda_grid)
             except HfTaujpError as e:
                 raise TauJpConfigError(str(e)) from None
-        if not isinstance(self.taujp_auto_pilot, (int, float)) or not 0 < self.taujp_auto_pilot <= 1:
-            raise TauJpConfigError(f"taujp_auto_pilot must lie in (0, 1], got {self.taujp_auto_pilot!r}")
-        if (isinstance(self.taujp_auto_tolerance, bool) or not isinstance(self.taujp_auto_tolerance, (int, float))
-                or not 0 <= self.taujp_auto_tolerance < math.inf):
-            raise TauJpConfigError(f"taujp_auto_tolerance must be a finite number >= 0, got {self.taujp_auto_tolerance!r}")
+        from .lambda_search import check_auto_settings
+
+        try:
+            check_auto_settings(self.taujp_auto_pilot, self.taujp_auto_tolerance)
+        except HfTaujpError as e:
+            raise TauJpConfigError(str(e)) from None
         if self.taujp_mode not in TAUJP_MODES:
             raise TauJpConfigError(f"taujp_mode must be one of {TAUJP_MODES}, got {self.taujp_mode!r}")
         if self.taujp_norm not in TAUJP_NORMS:
